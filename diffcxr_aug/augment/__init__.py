@@ -1,0 +1,1 @@
+"""Real/synthetic mixing, sweeps and reports."""

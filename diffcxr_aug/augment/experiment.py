@@ -1,0 +1,96 @@
+"""The whole loop from one recipe: prepare, filter, train-generator, synthesize, train-classifier, evaluate."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from diffcxr_aug.config import Recipe, write_resolved_recipe
+
+logger = logging.getLogger(__name__)
+
+
+def experiment_paths(recipe: Recipe) -> dict[str, Path]:
+    """Where each step of a recipe writes, under ``recipe.output_dir``."""
+    root = recipe.output_dir
+    return {
+        "data": root / "data",
+        "filtered": root / "filtered",
+        "generator": root / "generator",
+        "synthetic": root / "synthetic",
+        "classifiers": root / "classifiers",
+        "evaluation": root / "evaluation",
+    }
+
+
+def run_experiment(recipe: Recipe) -> Path:
+    """Run the steps the recipe lists, in order. Each step is resumable, so rerunning finishes the job."""
+    resolved = write_resolved_recipe(recipe)
+    logger.info("Resolved recipe written to %s", resolved)
+    paths = experiment_paths(recipe)
+    seed = recipe.seed
+    training_data = paths["data"]
+
+    if "prepare" in recipe.steps:
+        from diffcxr_aug.data.prepare import prepare_dataset
+
+        d = recipe.data
+        prepare_dataset(
+            d.dataset,
+            out=paths["data"],
+            root=d.root,
+            size=d.size,
+            seed=seed,
+            n=d.n,
+            csv=d.csv,
+            image_col=d.image_col,
+            label_cols=d.label_cols,
+            report_col=d.report_col,
+            patient_col=d.patient_col,
+            view_col=d.view_col,
+        )
+    if "filter" in recipe.steps and recipe.filter.enabled:
+        from diffcxr_aug.generator.noise_filter import run_filter
+
+        run_filter(paths["data"], paths["filtered"], recipe.filter, vae=None, device=recipe.device, seed=seed)
+        if recipe.generator.use_filtered:
+            training_data = paths["filtered"]
+    if "train-generator" in recipe.steps:
+        from diffcxr_aug.generator.training import train_generator
+
+        train_generator(
+            training_data,
+            paths["generator"],
+            recipe.generator,
+            stage=1,
+            resume="latest",
+            device=recipe.device,
+            seed=seed,
+        )
+        if recipe.generator.dkim and recipe.generator.stage2_steps > 0:
+            train_generator(
+                training_data,
+                paths["generator"],
+                recipe.generator,
+                stage=2,
+                resume="latest",
+                device=recipe.device,
+                seed=seed,
+            )
+    if "synthesize" in recipe.steps:
+        from diffcxr_aug.generator.synthesize import synthesize
+
+        section = recipe.synthesize
+        if section.prompts is None:
+            section = section.model_copy(update={"prompts": paths["data"]})
+        synthesize(paths["generator"], paths["synthetic"], section, device=recipe.device, seed=seed)
+    if "train-classifier" in recipe.steps:
+        from diffcxr_aug.classifiers.sweep import run_sweep
+
+        synthetic = paths["synthetic"] if (paths["synthetic"] / "manifest.csv").is_file() else None
+        run_sweep(paths["data"], paths["classifiers"], recipe.classifier, synthetic=synthetic, device=recipe.device)
+    if "evaluate" in recipe.steps and recipe.evaluate.enabled:
+        from diffcxr_aug.evaluation.report import evaluate
+
+        evaluate(paths["data"], paths["synthetic"], paths["evaluation"], device=recipe.device, seed=seed)
+    return recipe.output_dir

@@ -1,0 +1,1 @@
+"""timm classifiers, their training loop and metrics."""

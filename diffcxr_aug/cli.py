@@ -1,0 +1,318 @@
+"""The ``diffcxr-aug`` command line: a thin typer layer over plain functions that tests call in-process.
+
+Each command validates its arguments, then hands over to the library. Bad input (a missing file, a
+malformed manifest or recipe) ends with exit code 2 and a one-line reason on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from diffcxr_aug import __version__
+from diffcxr_aug.config import (
+    ClassifierSection,
+    FilterSection,
+    GeneratorSection,
+    RecipeError,
+    Section,
+    SynthesizeSection,
+    load_recipe,
+)
+
+app = typer.Typer(
+    name="diffcxr-aug",
+    help="Diff-CXR report-to-X-ray generation and synthetic-data augmentation for chest X-ray classifiers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+logger = logging.getLogger("diffcxr_aug")
+
+DATASETS = ("phantom", "mimic-cxr", "iu-xray", "nih-cxr14", "csv")
+MODES = ("mix", "pretrain-finetune")
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="random seed (reproduces the run)")]
+RecipeOpt = Annotated[
+    Path | None, typer.Option("--recipe", help="YAML recipe whose section supplies the defaults", dir_okay=False)
+]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _call(fn, *args: Any, **kwargs: Any) -> Any:
+    """Run a library entry point, turning bad input into a one-line error and exit code 2."""
+    from diffcxr_aug.data.images import ImageReadError
+    from diffcxr_aug.data.manifest import ManifestError
+
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError as err:
+        _fail(f"not implemented yet: {err}")
+    except (
+        RecipeError,
+        ManifestError,
+        ImageReadError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        KeyError,
+    ) as err:
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        _fail(message)
+
+
+def _merge(section: Section, **updates: Any) -> Section:
+    """Command-line options (those given) over the recipe section, validated together."""
+    given = {k: v for k, v in updates.items() if v is not None}
+    try:
+        return type(section).model_validate({**section.model_dump(), **given})
+    except Exception as err:  # pydantic.ValidationError: report as bad input
+        _fail(f"invalid option value: {err}")
+        raise
+
+
+def _recipe(path: Path | None):
+    try:
+        return load_recipe(path)
+    except RecipeError as err:
+        _fail(str(err))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"diffcxr-aug {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    from diffcxr_aug.runtime import setup_logging
+
+    setup_logging(verbose)
+
+
+@app.command()
+def prepare(
+    dataset: Annotated[str, typer.Argument(help=f"one of: {', '.join(DATASETS)}")],
+    out: Annotated[Path, typer.Option("--out", help="output folder for manifest.csv, rejected.csv and images")],
+    root: Annotated[Path | None, typer.Option("--root", help="dataset folder (not for phantom)")] = None,
+    size: Annotated[int, typer.Option("--size", min=32, max=1024, help="image side in pixels for the cache")] = 128,
+    seed: SeedOpt = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="phantom: number of images")] = 2000,
+    csv: Annotated[Path | None, typer.Option("--csv", help="csv: the label table")] = None,
+    image_col: Annotated[str, typer.Option("--image-col", help="csv: column holding image paths")] = "image",
+    label_cols: Annotated[str | None, typer.Option("--label-cols", help='csv: label columns, "A,B"')] = None,
+    report_col: Annotated[str | None, typer.Option("--report-col")] = None,
+    patient_col: Annotated[str | None, typer.Option("--patient-col")] = None,
+    view_col: Annotated[str | None, typer.Option("--view-col")] = None,
+) -> None:
+    """Index a dataset into the common manifest (phantom needs no --root)."""
+    if dataset not in DATASETS:
+        _fail(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if dataset != "phantom" and root is None:
+        _fail(f"prepare {dataset} needs --root (the dataset folder)")
+    if root is not None and not root.exists():
+        _fail(f"--root {root}: no such folder")
+    if dataset == "csv" and (csv is None or not label_cols):
+        _fail("prepare csv needs --csv FILE and --label-cols 'A,B'")
+    from diffcxr_aug.data.prepare import prepare_dataset
+
+    path = _call(
+        prepare_dataset,
+        dataset,
+        out=out,
+        root=root,
+        size=size,
+        seed=0 if seed is None else seed,
+        n=n,
+        csv=csv,
+        image_col=image_col,
+        label_cols=[c.strip() for c in label_cols.split(",") if c.strip()] if label_cols else [],
+        report_col=report_col,
+        patient_col=patient_col,
+        view_col=view_col,
+    )
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def label(
+    reports: Annotated[Path, typer.Option("--reports", exists=True, dir_okay=False, help="CSV of reports")],
+    out: Annotated[Path, typer.Option("--out", dir_okay=False, help="output CSV: id + 14 CheXpert labels")],
+    text_col: Annotated[str, typer.Option("--text-col")] = "report",
+    id_col: Annotated[str, typer.Option("--id-col")] = "ID",
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="CheXbert checkpoint (default: offline rule-based labeler)")
+    ] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Label free-text reports with the 14 CheXpert observations."""
+    from diffcxr_aug.data.labeler import label_reports_file
+
+    path = _call(
+        label_reports_file, reports, out, text_col=text_col, id_col=id_col, checkpoint=checkpoint, device=device
+    )
+    typer.echo(f"wrote {path}")
+
+
+@app.command(name="filter")
+def filter_(
+    data: Annotated[Path, typer.Option("--data", help="folder with manifest.csv")],
+    out: Annotated[Path, typer.Option("--out", help="output folder (scores.csv, kept manifest.csv, montage)")],
+    vae: Annotated[Path | None, typer.Option("--vae", help="VAE folder or hub id to encode with")] = None,
+    contamination: Annotated[float | None, typer.Option("--contamination", min=0.0, max=0.5)] = None,
+    n_clusters: Annotated[int | None, typer.Option("--n-clusters", min=2)] = None,
+    recipe: RecipeOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = None,
+) -> None:
+    """Latent Noise Filtering (LNFS): drop noisy training images in the VAE latent space."""
+    rec = _recipe(recipe)
+    section: FilterSection = _merge(rec.filter, contamination=contamination, n_clusters=n_clusters)
+    from diffcxr_aug.generator.noise_filter import run_filter
+
+    path = _call(run_filter, data, out, section, vae=vae, device=device, seed=rec.seed if seed is None else seed)
+    typer.echo(f"wrote {path}")
+
+
+@app.command(name="train-generator")
+def train_generator(
+    data: Annotated[Path, typer.Option("--data", help="folder with manifest.csv")],
+    out: Annotated[Path, typer.Option("--out", help="pipeline folder (from_pretrained-loadable) and checkpoints")],
+    recipe: RecipeOpt = None,
+    stage: Annotated[int, typer.Option("--stage", min=1, max=2, help="1: LDM + AVA-TLS; 2: DKIM adapter")] = 1,
+    resume: Annotated[str | None, typer.Option("--resume", help="'latest' or a checkpoint folder")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="registered generator config")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = None,
+) -> None:
+    """Train Diff-CXR (stage 1: text-conditioned LDM with AVA-TLS; stage 2: DKIM adapter)."""
+    rec = _recipe(recipe)
+    section: GeneratorSection = _merge(rec.generator, config=config, max_steps=max_steps, batch_size=batch_size)
+    from diffcxr_aug.generator.training import train_generator as _train
+
+    path = _call(
+        _train, data, out, section, stage=stage, resume=resume, device=device, seed=rec.seed if seed is None else seed
+    )
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def synthesize(
+    n: Annotated[int, typer.Option("--n", min=1, help="number of images to generate")],
+    generator: Annotated[Path, typer.Option("--generator", help="trained pipeline folder")],
+    out: Annotated[Path, typer.Option("--out", help="output folder (manifest.csv, images, preview grid)")],
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="manifest or CSV of reports to draw from")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1)] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", min=0.0)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    recipe: RecipeOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = None,
+) -> None:
+    """Generate N labelled CXRs; rerunning the same command after an interruption finishes the job."""
+    rec = _recipe(recipe)
+    section: SynthesizeSection = _merge(
+        rec.synthesize, n=n, steps=steps, guidance=guidance, batch_size=batch_size, prompts=prompts
+    )
+    from diffcxr_aug.generator.synthesize import synthesize as _synthesize
+
+    path = _call(_synthesize, generator, out, section, device=device, seed=rec.seed if seed is None else seed)
+    typer.echo(f"wrote {path}")
+
+
+@app.command(name="train-classifier")
+def train_classifier(
+    data: Annotated[Path, typer.Option("--data", help="folder with the real manifest.csv")],
+    real_frac: Annotated[float, typer.Option("--real-frac", min=0.0, max=1.0, help="share of the real train split")],
+    out: Annotated[Path, typer.Option("--out", help="output folder (results.csv, summary.md)")],
+    synthetic: Annotated[Path | None, typer.Option("--synthetic", help="folder with a synthetic manifest")] = None,
+    n_synthetic: Annotated[int | None, typer.Option("--n-synthetic", min=1)] = None,
+    mode: Annotated[str, typer.Option("--mode", help="mix | pretrain-finetune (with --synthetic)")] = "mix",
+    model: Annotated[str | None, typer.Option("--model", help="any timm model name")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", help='comma-separated, e.g. "0,1,2"')] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
+    recipe: RecipeOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train timm classifiers on a fraction of the real train split (optionally with synthetic data)."""
+    if real_frac <= 0.0:
+        _fail("--real-frac must be greater than 0")
+    if mode not in MODES:
+        _fail(f"unknown --mode {mode!r}; choose one of: {', '.join(MODES)}")
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
+    except ValueError:
+        _fail(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2")
+    rec = _recipe(recipe)
+    modes = [mode] if synthetic is not None else ["real"]
+    section: ClassifierSection = _merge(
+        rec.classifier,
+        model=model,
+        real_fracs=[real_frac],
+        modes=modes,
+        seeds=seed_list,
+        epochs=epochs,
+        batch_size=batch_size,
+        n_synthetic=n_synthetic,
+        pretrained=pretrained,
+    )
+    from diffcxr_aug.classifiers.sweep import run_sweep
+
+    path = _call(run_sweep, data, out, section, synthetic=synthetic, device=device)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def evaluate(
+    real: Annotated[Path, typer.Option("--real", help="folder with the real manifest.csv")],
+    synthetic: Annotated[Path, typer.Option("--synthetic", help="folder with the synthetic manifest.csv")],
+    out: Annotated[Path, typer.Option("--out", help="output folder (report.json, report.md, figures)")],
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = None,
+) -> None:
+    """Fidelity, faithfulness, privacy and compute report of a synthetic set against the real one."""
+    from diffcxr_aug.evaluation.report import evaluate as _evaluate
+
+    path = _call(_evaluate, real, synthetic, out, device=device, seed=0 if seed is None else seed)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe", dir_okay=False)],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a recipe key, e.g. --set classifier.epochs=3")
+    ] = None,
+) -> None:
+    """Run the whole loop from one recipe (the resolved recipe is written next to the outputs first)."""
+    try:
+        rec = load_recipe(recipe, set_ or [])
+    except RecipeError as err:
+        _fail(str(err))
+    from diffcxr_aug.augment.experiment import run_experiment
+
+    path = _call(run_experiment, rec)
+    typer.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

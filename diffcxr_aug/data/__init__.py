@@ -1,0 +1,1 @@
+"""Datasets, the common manifest, the phantom world, report parsing and labelling."""

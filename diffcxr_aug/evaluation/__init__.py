@@ -1,0 +1,1 @@
+"""Fidelity, faithfulness, privacy and compute evaluation of synthetic sets."""

@@ -1,0 +1,44 @@
+"""Process-level settings shared by every command: device choice, seeding and logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Literal
+
+import numpy as np
+import torch
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map ``auto|cpu|cuda[:N]`` onto a ``torch.device``; ``cuda`` without a GPU is an error, not a fallback."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {device} was asked for, but torch sees no CUDA device; use --device cpu or auto"
+            )
+        return torch.device(device)
+    raise ValueError(f"Unknown device {device!r}; choose one of: auto, cpu, cuda, cuda:N")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices). Library code takes explicit generators instead."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Third-party chatter (HTTP retries, tokenizer fork warnings) hides the messages users need.
+    for noisy in ("urllib3", "httpx", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from diffcxr_aug.config import (
+    PIPELINE_STEPS,
+    RESOLVED_RECIPE_NAME,
+    Recipe,
+    RecipeError,
+    load_recipe,
+    write_resolved_recipe,
+)
+
+
+def test_every_shipped_recipe_validates(recipes_dir):
+    recipes = sorted(recipes_dir.glob("*.yaml"))
+    assert recipes, "recipes/ holds no YAML"
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert isinstance(recipe, Recipe)
+        assert recipe.name
+
+
+def test_misspelled_key_names_key_file_and_allowed(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("generator:\n  max_step: 10\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert "generator.max_step" in message
+    assert str(path) in message
+    assert "max_steps" in message  # the allowed keys are listed
+
+
+def test_unknown_top_level_section(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("classifer:\n  epochs: 2\n")
+    with pytest.raises(RecipeError, match="unknown key 'classifer'.*classifier"):
+        load_recipe(path)
+
+
+def test_wrong_type_is_reported(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("classifier:\n  epochs: many\n")
+    with pytest.raises(RecipeError, match="classifier.epochs"):
+        load_recipe(path)
+
+
+def test_fraction_out_of_range(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("classifier:\n  real_fracs: [0.0, 2.0]\n")
+    with pytest.raises(RecipeError, match="real_fracs"):
+        load_recipe(path)
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="mapping"):
+        load_recipe(path)
+    path.write_text("a: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="no such recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_overrides_keep_types_and_reject_unknown(recipes_dir):
+    recipe = load_recipe(recipes_dir / "smoke.yaml", ["classifier.epochs=3", "classifier.seeds=[4, 5]", "seed=7"])
+    assert recipe.classifier.epochs == 3
+    assert recipe.classifier.seeds == [4, 5]
+    assert recipe.seed == 7
+    with pytest.raises(RecipeError, match="classifier.epoch"):
+        load_recipe(recipes_dir / "smoke.yaml", ["classifier.epoch=3"])
+    with pytest.raises(RecipeError, match="key=value"):
+        load_recipe(recipes_dir / "smoke.yaml", ["classifier.epochs"])
+
+
+def test_steps_must_be_in_order():
+    with pytest.raises(Exception, match="pipeline order"):
+        Recipe(steps=["synthesize", "prepare"])
+    assert Recipe().steps == list(PIPELINE_STEPS)
+
+
+def test_resolved_recipe_round_trips(tmp_path, recipes_dir):
+    recipe = load_recipe(recipes_dir / "smoke.yaml", [f"output_dir={tmp_path}"])
+    path = write_resolved_recipe(recipe)
+    assert path == tmp_path / RESOLVED_RECIPE_NAME
+    again = Recipe.model_validate(yaml.safe_load(path.read_text()))
+    assert again == recipe

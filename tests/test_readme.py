@@ -1,0 +1,26 @@
+"""The README's two quick-start commands are the ones CI and users actually run."""
+
+from __future__ import annotations
+
+import re
+
+from tests.conftest import REPO_ROOT
+
+
+def _bash_blocks(text: str) -> list[str]:
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
+
+
+def test_readme_opens_with_two_commands_and_ci_runs_the_second():
+    blocks = _bash_blocks((REPO_ROOT / "README.md").read_text())
+    install_and_run, install_and_test = blocks[0], blocks[1]
+    assert "pip install" in install_and_run and "diffcxr-aug run recipes/" in install_and_run
+    assert "pip install" in install_and_test and "pytest" in install_and_test
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    assert install_and_test in ci.splitlines()
+
+
+def test_readme_recipe_exists():
+    blocks = _bash_blocks((REPO_ROOT / "README.md").read_text())
+    recipe = re.search(r"diffcxr-aug run (\S+)", blocks[0]).group(1)
+    assert (REPO_ROOT / recipe).is_file()
