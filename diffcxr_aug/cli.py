@@ -23,6 +23,7 @@ from diffcxr_aug.config import (
     SynthesizeSection,
     load_recipe,
 )
+from diffcxr_aug.data.prepare import DATASETS
 
 app = typer.Typer(
     name="diffcxr-aug",
@@ -33,7 +34,7 @@ app = typer.Typer(
 )
 logger = logging.getLogger("diffcxr_aug")
 
-DATASETS = ("phantom", "mimic-cxr", "iu-xray", "nih-cxr14", "csv")
+
 MODES = ("mix", "pretrain-finetune")
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]

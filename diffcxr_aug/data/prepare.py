@@ -1,11 +1,57 @@
-"""``prepare``: index a dataset into the common manifest (dispatch to the adapters)."""
+"""``prepare``: index a dataset into the common manifest, one adapter per dataset layout."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+DATASETS = ("phantom", "mimic-cxr", "iu-xray", "nih-cxr14", "csv")
+
 
 def prepare_dataset(
-    dataset: str, out: Path, root: Path | None = None, size: int = 128, seed: int = 0, n: int = 2000, **csv_options
+    dataset: str,
+    out: Path,
+    root: Path | None = None,
+    size: int = 128,
+    seed: int = 0,
+    n: int = 2000,
+    **csv_options,
 ) -> Path:
-    raise NotImplementedError(f"prepare {dataset} (issue #3 / #4)")
+    """Write ``out/manifest.csv`` (plus ``rejected.csv`` and the image cache) for one dataset.
+
+    Args:
+        dataset: one of ``phantom``, ``mimic-cxr``, ``iu-xray``, ``nih-cxr14``, ``csv``.
+        out: output folder.
+        root: the dataset's folder in its official layout (all but phantom).
+        size: image side of the cache built after indexing.
+        seed: drives the phantom world and the patient-level splitter.
+        n: phantom only, number of images.
+        **csv_options: csv only: ``csv``, ``image_col``, ``label_cols``, ``report_col``, ``patient_col``,
+            ``view_col``.
+
+    Returns:
+        The path of the written manifest.
+    """
+    out = Path(out)
+    if dataset == "phantom":
+        from diffcxr_aug.data.phantom import prepare_phantom
+
+        return prepare_phantom(out, n=n, size=size, seed=seed)
+    if root is None:
+        raise ValueError(f"prepare {dataset} needs root (the dataset folder)")
+    if dataset == "mimic-cxr":
+        from diffcxr_aug.data.adapters.mimic import prepare_mimic
+
+        return prepare_mimic(root, out, size=size, seed=seed)
+    if dataset == "iu-xray":
+        from diffcxr_aug.data.adapters.iu_xray import prepare_iu_xray
+
+        return prepare_iu_xray(root, out, size=size, seed=seed)
+    if dataset == "nih-cxr14":
+        from diffcxr_aug.data.adapters.nih import prepare_nih
+
+        return prepare_nih(root, out, size=size, seed=seed)
+    if dataset == "csv":
+        from diffcxr_aug.data.adapters.csv_folder import prepare_csv
+
+        return prepare_csv(root, out, size=size, seed=seed, **csv_options)
+    raise ValueError(f"Unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")

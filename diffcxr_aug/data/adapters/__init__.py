@@ -1,0 +1,1 @@
+"""Adapters from official dataset layouts to the common manifest."""
