@@ -53,6 +53,7 @@ class FilterSection(Section):
     """Latent Noise Filtering (LNFS)."""
 
     enabled: bool = True
+    vae: str | None = Field(None, description="VAE hub id or folder; None trains a small KL-VAE on the data")
     n_clusters: int = Field(8, ge=2)
     contamination: float = Field(0.05, gt=0.0, lt=0.5, description="share of images flagged as noisy")
 
@@ -63,7 +64,7 @@ class GeneratorSection(Section):
     config: str = Field("phantom-64", description="registered generator configuration (tiny, phantom-64, ...)")
     use_filtered: bool = Field(True, description="train on the manifest kept by LNFS when the filter ran")
     ava_tls: bool = True
-    dkim: bool = True
+    dkim: bool = Field(False, description="stage 2: train the DKIM adapter after stage 1 (not built yet)")
     max_steps: int = Field(2000, ge=1)
     stage2_steps: int = Field(500, ge=0)
     batch_size: int = Field(16, ge=1)
