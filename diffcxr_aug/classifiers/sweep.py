@@ -11,6 +11,7 @@ Output folder::
     summary.md                        mean ± std over seeds, bootstrap CIs, paired gains over real-only
     mauc_vs_real_fraction.png         the sweep figure
     sweep.json                        the settings the sweep ran with
+    runs/<run>/real_subset.txt        the real training images of the run
     runs/<run>/<stage>/               best checkpoint (model.safetensors + config.json) and history.json
 """
 
@@ -225,6 +226,9 @@ def run_sweep(
         subset = sample_real_fraction(train_split, real_frac, seed, label_names)
         name = run_name(real_frac, mode, seed)
         logger.info("Run %s: %d real + %d synthetic images", name, len(subset), 0 if synth is None else len(synth))
+        run_dir = out / "runs" / name
+        # The real images this run trained on, for audits and paired analyses across modes.
+        atomic_write_text(run_dir / "real_subset.txt", "\n".join(subset.frame["image_path"]) + "\n")
         start = time.perf_counter()
         with seeded(seed, torch_device):
             model = create_classifier(
@@ -244,7 +248,7 @@ def run_sweep(
                     model,
                     train_set,
                     val_set,
-                    out / "runs" / name / stage.name,
+                    run_dir / stage.name,
                     classifier_config,
                     epochs=epochs,
                     batch_size=section.batch_size,
