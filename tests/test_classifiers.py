@@ -282,7 +282,27 @@ def test_train_classifier_cli_real_then_synthetic_and_resume(tmp_path):
     frame = _results(out)
     assert sorted(frame["mode"].unique()) == ["mix", "pretrain-finetune", "real"] and len(frame) == 6
     assert (frame.loc[frame["mode"] != "real", "n_synthetic"] == 16).all()
-    assert (out / "runs" / "frac0.5_pretrain-finetune_seed1" / "pretrain" / "model.safetensors").is_file()
+    # Pretraining sees no real training image: one pretrained model per seed serves every fraction.
+    pretrained = out / "runs" / "pretrain_seed1" / "model.safetensors"
+    stamp = pretrained.stat().st_mtime_ns
+    result = runner.invoke(
+        app,
+        [
+            *base,
+            "--real-frac",
+            "1",
+            "--synthetic",
+            str(synthetic),
+            "--mode",
+            "pretrain-finetune",
+            "--n-synthetic",
+            "16",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert pretrained.stat().st_mtime_ns == stamp
+    frame = _results(out)
+    assert len(frame) == 8 and (frame.loc[frame["real_frac"] == 1.0, "n_real"] == 24).all()
     history = json.loads((out / "runs" / "frac0.5_pretrain-finetune_seed1" / "finetune" / "history.json").read_text())
     assert history[0]["epoch"] == 0  # fine-tuning scores its starting (pretrained) weights too
     for seed in (0, 1):

@@ -86,6 +86,8 @@ class Stage:
     manifests: list[Manifest]
     # Fine-tuning also scores the weights it starts from, so it can keep them if it only hurts.
     evaluate_start: bool = False
+    # A stage that trains on no real training image gives the same model at every real fraction.
+    shared: bool = False
 
 
 def training_stages(mode: str, real: Manifest, synthetic: Manifest | None) -> list[Stage]:
@@ -102,5 +104,5 @@ def training_stages(mode: str, real: Manifest, synthetic: Manifest | None) -> li
     if mode == "mix":
         return [Stage("train", [real, synthetic])]
     if mode == "pretrain-finetune":
-        return [Stage("pretrain", [synthetic]), Stage("finetune", [real], evaluate_start=True)]
+        return [Stage("pretrain", [synthetic], shared=True), Stage("finetune", [real], evaluate_start=True)]
     raise ValueError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}")

@@ -13,6 +13,7 @@ Output folder::
     sweep.json                        the settings the sweep ran with
     runs/<run>/real_subset.txt        the real training images of the run
     runs/<run>/<stage>/               best checkpoint (model.safetensors + config.json) and history.json
+    runs/pretrain_seed<s>/            pretrain-finetune: the synthetic-only pretraining, shared by all fractions
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from safetensors.torch import load_file
 from torch.utils.data import ConcatDataset
 from tqdm.auto import tqdm
 
 from diffcxr_aug.augment.mixing import MODES, load_synthetic, training_stages
 from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, per_label_auc, scorable_labels
-from diffcxr_aug.classifiers.models import ClassifierConfig, create_classifier, data_config
+from diffcxr_aug.classifiers.models import WEIGHTS_NAME, ClassifierConfig, create_classifier, data_config
 from diffcxr_aug.classifiers.subsample import sample_real_fraction
 from diffcxr_aug.classifiers.train import build_transforms, predict, seeded, train_classifier
 from diffcxr_aug.config import ClassifierSection
@@ -237,18 +239,31 @@ def run_sweep(
                 pretrained=section.pretrained,
                 pretrained_file=section.pretrained_file,
             )
-            for stage in training_stages(mode, subset, synth):
-                train_set = ConcatDataset(
-                    [CXRDataset(m, size, label_names, transform=train_tf, progress=progress) for m in stage.manifests]
-                )
-                epochs = (
-                    section.pretrain_epochs if stage.name == "pretrain" and section.pretrain_epochs else section.epochs
-                )
+        for stage in training_stages(mode, subset, synth):
+            if stage.shared:
+                # Pretraining sees no real training image, so one pretrained model per seed serves every
+                # real fraction.
+                stage_dir = out / "runs" / f"{stage.name}_seed{seed}"
+                if (stage_dir / "history.json").is_file():
+                    logger.info("Run %s: reusing the finished %s stage in %s", name, stage.name, stage_dir)
+                    model.load_state_dict(load_file(str(stage_dir / WEIGHTS_NAME)))
+                    continue
+            else:
+                stage_dir = run_dir / stage.name
+            train_set = ConcatDataset(
+                [CXRDataset(m, size, label_names, transform=train_tf, progress=progress) for m in stage.manifests]
+            )
+            epochs = (
+                section.pretrain_epochs if stage.name == "pretrain" and section.pretrain_epochs else section.epochs
+            )
+            # Each stage starts from the seed, so its random draws do not depend on whether an earlier
+            # stage ran in this process or was reused from disk.
+            with seeded(seed, torch_device):
                 result = train_classifier(
                     model,
                     train_set,
                     val_set,
-                    run_dir / stage.name,
+                    stage_dir,
                     classifier_config,
                     epochs=epochs,
                     batch_size=section.batch_size,
@@ -264,15 +279,9 @@ def run_sweep(
                     progress=progress,
                     desc=f"{name} {stage.name}",
                 )
-            y_true, y_score = predict(
-                model,
-                test_set,
-                torch_device,
-                max(section.batch_size, 64),
-                section.num_workers,
-                progress,
-                f"{name} test",
-            )
+        y_true, y_score = predict(
+            model, test_set, torch_device, max(section.batch_size, 64), section.num_workers, progress, f"{name} test"
+        )
         aucs = per_label_auc(y_true, y_score, label_names)
         low, high = bootstrap_mauc_ci(
             y_true, y_score, n_bootstrap=section.n_bootstrap, rng=np.random.default_rng(seed)
