@@ -87,7 +87,8 @@ def append_result(path: Path, row: dict, columns: list[str]) -> pd.DataFrame:
             f"{path} holds runs with other columns (another label set or an older version); "
             "write this sweep to a fresh --out folder"
         )
-    frame = pd.concat([frame.astype(object), pd.DataFrame([row], columns=columns)], ignore_index=True)
+    new = pd.DataFrame([row], columns=columns)
+    frame = pd.concat([frame, new], ignore_index=True) if len(frame) else new
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
     return frame
