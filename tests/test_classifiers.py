@@ -371,3 +371,25 @@ def test_paired_gains_summary_and_plot(tmp_path):
     assert "| 0.01 | pretrain-finetune | +0.010 ± 0.000 (3 seeds) | no (within spread) | 3% |" in summary
     path = plot_sweep(results, tmp_path / "fig.png")
     assert path.stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------- the ceiling
+
+
+def test_ceiling_is_clean_all_train_new_patients_and_reused(tmp_path):
+    from diffcxr_aug.augment.ceiling import build_ceiling
+    from diffcxr_aug.augment.experiment import classifier_synthetic, experiment_paths
+    from diffcxr_aug.config import load_recipe
+
+    path = build_ceiling(tmp_path / "ceiling", n=12, size=32, seed=0)
+    ceiling = read_manifest(path)
+    assert len(ceiling) == 12 and set(ceiling.frame["split"]) == {"train"}
+    assert (ceiling.frame["noise"] == "").all()
+    assert not ceiling.frame["patient_id"].str.startswith("phantom-s0-").any()  # not the real world's patients
+    stamp = path.stat().st_mtime_ns
+    assert build_ceiling(tmp_path / "ceiling", n=12, size=32, seed=0) == path and path.stat().st_mtime_ns == stamp
+    assert len(read_manifest(build_ceiling(tmp_path / "ceiling", n=14, size=32, seed=0))) == 14
+
+    recipe = load_recipe(None, ["data.dataset=nih-cxr14", "classifier.synthetic=ceiling"])
+    with pytest.raises(ValueError, match="ceiling renders perfect images from the phantom world"):
+        classifier_synthetic(recipe, experiment_paths(recipe))
