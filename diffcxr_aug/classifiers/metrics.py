@@ -92,19 +92,24 @@ def bootstrap_mauc_ci(
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mAUC, resampling test images with replacement.
 
-    Each resample scores the labels that are scored on the full set and still hold both classes in that
-    resample; a resample in which none does is drawn again, so the interval always rests on
-    ``n_bootstrap`` values.
+    Every resample scores the same labels as the full set (those with both classes): a resample in which
+    one of them loses a class is drawn again. Letting such a label drop out instead would shift the mean
+    between resamples (a rare label with a poor AUC leaving raises it), and the interval would no
+    longer sit around the estimate.
 
     Args:
         y_true: ``(samples, labels)`` with 1/0/-1/NaN.
         y_score: ``(samples, labels)`` scores.
-        n_bootstrap: number of resamples.
+        n_bootstrap: number of resamples kept.
         confidence: two-sided coverage, e.g. 0.95 for a 95% interval.
         rng: a ``numpy.random.Generator`` or a seed; the same seed gives the same interval.
 
     Returns:
         ``(low, high)``; ``(nan, nan)`` when no label can be scored at all.
+
+    Raises:
+        ValueError: when almost no resample keeps both classes of every scored label (a label with a
+            single positive or negative in a large set), so no interval can be formed this way.
     """
     if n_bootstrap < 1:
         raise ValueError(f"n_bootstrap must be at least 1, got {n_bootstrap}")
@@ -121,15 +126,13 @@ def bootstrap_mauc_ci(
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     n = y_true.shape[0]
     values: list[float] = []
-    # A resample that loses every scorable label is redrawn; cap the attempts so a pathological set
-    # (e.g. one positive in thousands) cannot loop for ever.
     attempts = 0
     while len(values) < n_bootstrap:
         attempts += 1
-        if attempts > 20 * n_bootstrap:
+        if attempts > 50 * n_bootstrap:
             raise ValueError(
-                f"bootstrap: only {len(values)} of {n_bootstrap} resamples held both classes for any label; "
-                "the test split is too small or too unbalanced for a confidence interval"
+                f"bootstrap: only {len(values)} of {attempts - 1} resamples kept both classes of every scored label; "
+                "a label has too few positives or negatives in the test split for a confidence interval"
             )
         counts = np.bincount(rng.integers(0, n, size=n), minlength=n)
         aucs = []
@@ -137,9 +140,10 @@ def bootstrap_mauc_ci(
             # Repeat each known image as often as the resample drew it.
             picked = np.repeat(rows, counts[rows])
             auc = rank_auc(y_true[picked, j], y_score[picked, j])
-            if not np.isnan(auc):
-                aucs.append(auc)
-        if aucs:
+            if np.isnan(auc):
+                break
+            aucs.append(auc)
+        else:
             values.append(float(np.mean(aucs)))
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(values, [alpha, 1.0 - alpha])

@@ -12,6 +12,7 @@ Output folder::
     mauc_vs_real_fraction.png         the sweep figure
     sweep.json                        the settings the sweep ran with
     runs/<run>/real_subset.txt        the real training images of the run
+    runs/<run>/test_scores.csv        its test-set probabilities, one column per label (for paired analyses)
     runs/<run>/<stage>/               best checkpoint (model.safetensors + config.json) and history.json
     runs/pretrain_seed<s>/            pretrain-finetune: the synthetic-only pretraining, shared by all fractions
 """
@@ -283,6 +284,10 @@ def run_sweep(
         y_true, y_score = predict(
             model, test_set, torch_device, max(section.batch_size, 64), section.num_workers, progress, f"{name} test"
         )
+        scores = pd.DataFrame(y_score, columns=label_names)
+        scores.insert(0, "image_path", test_split.frame["image_path"].to_numpy())
+        with atomic_path(run_dir / "test_scores.csv") as tmp:
+            scores.to_csv(tmp, index=False, float_format="%.6g")
         aucs = per_label_auc(y_true, y_score, label_names)
         low, high = bootstrap_mauc_ci(
             y_true, y_score, n_bootstrap=section.n_bootstrap, rng=np.random.default_rng(seed)
