@@ -355,7 +355,7 @@ def _fake_results() -> pd.DataFrame:
             rows.append(
                 {"real_frac": frac, "n_real": 10, "n_synthetic": 0 if mode == "real" else 100, "mode": mode,
                  "model": "m", "seed": seed, "mauc": mean + noise, "auc_A": mean + noise, "mauc_ci_low": mean - 0.05,
-                 "mauc_ci_high": mean + 0.05, "n_test": 50}
+                 "mauc_ci_high": mean + 0.05, "n_test": 50, "best_epoch": seed}
             )  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -367,8 +367,8 @@ def test_paired_gains_summary_and_plot(tmp_path):
     assert gains.loc["mix", "outside_spread"] == 1 and gains.loc["pretrain-finetune", "outside_spread"] == 0
     assert gains.loc["mix", "gap_closed"] == pytest.approx(0.20 / 0.30)
     summary = summary_markdown(results, "fake")
-    assert "| 0.01 | mix | +0.200 ± 0.000 (3 seeds) | yes, better | 67% |" in summary
-    assert "| 0.01 | pretrain-finetune | +0.010 ± 0.000 (3 seeds) | no (within spread) | 3% |" in summary
+    assert "| 0.01 | mix | +0.200 ± 0.000 (3 seeds) | yes, better | 67% | – |" in summary
+    assert "| 0.01 | pretrain-finetune | +0.010 ± 0.000 (3 seeds) | no (within spread) | 3% | 1/3 |" in summary
     path = plot_sweep(results, tmp_path / "fig.png")
     assert path.stat().st_size > 10_000
 

@@ -1,9 +1,10 @@
 """The ceiling: a perfect generator, drawn from the phantom world's own truth.
 
-The phantom world can render as many new radiographs as asked, each with exactly right labels and no
-corrupted images. Used as the synthetic set of a sweep, these images stand in for a generator that
-matches the data distribution perfectly, so the gain they bring over real-only training is the most that
-synthetic data of this kind could add: the headroom a real generator is aiming at.
+The phantom world can render as many new radiographs as asked, of new patients, with reports and labels
+written exactly as for the real phantom data, and without the corrupted images (``noise_rate=0``). Used
+as the synthetic set of a sweep, these images stand in for a generator that matches the clean data
+distribution perfectly, so the gain they bring over real-only training is the most that synthetic data of
+this kind could add: the headroom a real generator is aiming at.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ an interrupted sweep finishes when rerun. ``summary.md`` and the figure are rewr
 
 Output folder::
 
-    results.csv                       one row per run (schema in shared/CONTRACT.md, extra columns after)
+    results.csv                       one row per run (schema in shared/CONTRACT.md, extra columns after:
+                                      bootstrap CI, labels scored, test size, best validation mAUC, its
+                                      epoch, epochs run and optimiser steps of the run's last stage
+                                      (pretraining: runs/pretrain_seed<s>/history.json), seconds)
     summary.md                        mean ± std over seeds, bootstrap CIs, paired gains over real-only
     mauc_vs_real_fraction.png         the sweep figure
     sweep.json                        the settings the sweep ran with
@@ -354,7 +357,9 @@ def paired_gains(results: pd.DataFrame) -> pd.DataFrame:
 
     Columns: ``gain_mean``/``gain_std`` of the per-seed differences, ``outside_spread`` (the mode's mean
     minus its std lies above the real-only mean plus its std, i.e. the seed error bars do not overlap;
-    ``-1`` when it lies below, ``0`` when they overlap) and ``gap_closed``: the share of the gap between
+    ``-1`` when it lies below, ``0`` when they overlap), ``kept_start`` (runs whose best checkpoint is
+    the starting point of their last stage: for ``pretrain-finetune``, fine-tuning never beat the
+    synthetic-only model on validation) and ``gap_closed``: the share of the gap between
     real-only at this fraction and real-only at fraction 1.0 that the mode closes.
     """
     real = results[results["mode"] == "real"].set_index(["real_frac", "seed"])["mauc"]
@@ -382,11 +387,13 @@ def paired_gains(results: pd.DataFrame) -> pd.DataFrame:
                 "gain_mean": float(np.mean(paired)),
                 "gain_std": float(np.std(paired, ddof=1)) if len(paired) > 1 else 0.0,
                 "outside_spread": outside,
+                "kept_start": int((group["best_epoch"] == 0).sum()) if "best_epoch" in group else 0,
                 "gap_closed": float((mode_mean - real_mean) / gap) if frac < 1.0 and gap > 0 else math.nan,
             }
         )
     return pd.DataFrame(
-        rows, columns=["real_frac", "mode", "pairs", "gain_mean", "gain_std", "outside_spread", "gap_closed"]
+        rows,
+        columns=["real_frac", "mode", "pairs", "gain_mean", "gain_std", "outside_spread", "kept_start", "gap_closed"],
     )
 
 
@@ -420,16 +427,21 @@ def summary_markdown(results: pd.DataFrame, title: str = "") -> str:
             "## Synthetic modes against real-only (paired by seed: the same real subset)",
             "",
             "A gain is claimed only when it lies outside the seed-to-seed spread (the ± std bars do not overlap). "
-            "Gap closed: the share of the distance from real-only at this fraction to real-only at fraction 1.0.",
+            "Gap closed: the share of the distance from real-only at this fraction to real-only at fraction 1.0. "
+            "Fine-tune kept pretrained: seeds in which fine-tuning on the real subset never beat the synthetic-only "
+            "model on validation, so the synthetic-only model was tested. pretrain-finetune trains in two stages "
+            "and so may take up to twice the steps of the other modes.",
             "",
-            "| real fraction | mode | gain in mAUC (mean ± std of pairs) | outside seed spread | gap closed |",
-            "|---:|---|---|---|---:|",
+            "| real fraction | mode | gain in mAUC (mean ± std of pairs) | outside seed spread | gap closed "
+            "| fine-tune kept pretrained |",
+            "|---:|---|---|---|---:|---:|",
         ]
         for r in gains.itertuples():
             closed = "n/a" if math.isnan(r.gap_closed) else f"{100 * r.gap_closed:.0f}%"
+            kept = f"{r.kept_start}/{r.pairs}" if r.mode == "pretrain-finetune" else "–"
             lines.append(
                 f"| {r.real_frac:g} | {r.mode} | {r.gain_mean:+.3f} ± {r.gain_std:.3f} ({r.pairs} seeds) | "
-                f"{verdict[r.outside_spread]} | {closed} |"
+                f"{verdict[r.outside_spread]} | {closed} | {kept} |"
             )
     auc_columns = [c for c in results.columns if c.startswith("auc_")]
     if auc_columns:
