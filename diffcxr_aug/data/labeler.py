@@ -91,10 +91,19 @@ class Cue:
     pattern: re.Pattern
     max_gap: int
     name: str
+    # Words that, between cue and mention, end the cue's reach ("normal heart size with small effusion").
+    barrier: re.Pattern | None = None
 
 
-def _cues(specs: Iterable[tuple[str, int]]) -> tuple[Cue, ...]:
-    return tuple(Cue(re.compile(rf"(?<![a-z0-9]){p}(?![a-z0-9])"), gap, p) for p, gap in specs)
+_ADJECTIVE_BARRIER = re.compile(r"(?<![a-z])(?:with|without|except|plus|along with|as well as|associated)(?![a-z])")
+
+
+def _cues(specs: Iterable[tuple]) -> tuple[Cue, ...]:
+    cues = []
+    for spec in specs:
+        pattern, gap, barrier = (*spec, None) if len(spec) == 2 else spec
+        cues.append(Cue(re.compile(rf"(?<![a-z0-9]){pattern}(?![a-z0-9])"), gap, pattern, barrier))
+    return tuple(cues)
 
 
 # Phrases that look like negation but are not ("no change in the effusion" keeps the effusion).
@@ -148,8 +157,8 @@ NEGATION_BEFORE = _cues(
         (r"r/o", 4),
         (r"exclude[sd]?", 4),
         (r"(?:resolution|resolving|clearing|removal|disappearance|interval resolution) of", 6),
-        (r"(?:resolved|removed|cleared|resolving)", 2),
-        (r"(?:normal|unremarkable)", 3),
+        (r"(?:resolved|removed|cleared|resolving)", 2, _ADJECTIVE_BARRIER),
+        (r"(?:normal|unremarkable|normal[- ]appearing|within normal limits)", 6, _ADJECTIVE_BARRIER),
         (r"(?:clear|clearing) of", 6),
     ]
 )
@@ -237,6 +246,7 @@ _ENLARGED_RE = re.compile(r"(?<![a-z])(?:enlarge|large|cardiomegaly|prominen|wid
 # Mentions that describe the heart or mediastinum without saying it is abnormal.
 _DIRECT_FINDINGS = ("cardiomegaly", "cardiac enlargement", "enlarged heart")
 _WORD_TAIL_RE = re.compile(r"[a-z0-9]*")
+_LIST_NEGATION_RE = re.compile(r"(?<![a-z])(?:no|not|without|negative for|free of)(?![a-z])|#")
 _OR_RE = re.compile(r"(?<![a-z])(?:or|versus|vs)(?![a-z])")
 
 
@@ -324,7 +334,8 @@ def _find_before(cues: Sequence[Cue], text: str, start: int, left: int) -> str |
     window = text[left:start]
     for cue in cues:
         for match in cue.pattern.finditer(window):
-            if _n_words(window[match.end() :]) <= cue.max_gap:
+            between = window[match.end() :]
+            if _n_words(between) <= cue.max_gap and not (cue.barrier and cue.barrier.search(between)):
                 return cue.name
     return None
 
@@ -333,7 +344,10 @@ def _find_after(cues: Sequence[Cue], text: str, end: int, right: int) -> str | N
     window = text[end:right]
     for cue in cues:
         match = cue.pattern.search(window)
-        if match is not None and _n_words(window[: match.start()]) <= cue.max_gap:
+        if match is None:
+            continue
+        between = window[: match.start()]
+        if _n_words(between) <= cue.max_gap and not (cue.barrier and cue.barrier.search(between)):
             return cue.name
     return None
 
@@ -402,11 +416,15 @@ class RuleLabeler:
         before = sentence[left:start]
         or_after = _OR_RE.search(after)
         or_before = list(_OR_RE.finditer(before))
-        if (or_after and _n_words(after[: or_after.start()]) == 0) or (
-            or_before and _n_words(before[or_before[-1].end() :]) <= 2
+        # "X or Y" is a hedge, except in a list under a negation or "no change in" ("no change in A or B").
+        listed = _LIST_NEGATION_RE.search(before)
+        if not listed and (
+            (or_after and _n_words(after[: or_after.start()]) == 0)
+            or (or_before and _n_words(before[or_before[-1].end() :]) <= 2)
         ):
             return UNCERTAIN, "or"
-        if descriptor and not _ENLARGED_RE.search(after) and _STABLE_RE.search(sentence[left:right]):
+        soon_after = " ".join(_WORD_RE.findall(after)[:4])
+        if descriptor and not _ENLARGED_RE.search(soon_after) and _STABLE_RE.search(sentence[left:right]):
             return UNCERTAIN, "stable"
         return POSITIVE, ""
 

@@ -167,7 +167,11 @@ def evaluate_iu(archive: str | Path | None = None, progress: bool = False) -> di
     results = {}
     for name, labeler in (("rule", RuleLabeler()), ("keyword", KeywordLabeler())):
         predicted = labeler.label(texts, progress=progress)
-        for subset, mask in (("all", ids >= 0), ("dev (even ids)", ids % 2 == 0), ("held-out (odd ids)", ids % 2 == 1)):
+        for subset, mask in (
+            ("all", ids >= 0),
+            ("dev (even ids)", ids % 2 == 0),
+            ("held-out (odd ids)", ids % 2 == 1),
+        ):
             m = mask.to_numpy()
             results[(name, subset)] = mesh_agreement(
                 predicted.loc[m].reset_index(drop=True), reports.loc[m, "mesh_major"].tolist()
