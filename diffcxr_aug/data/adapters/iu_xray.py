@@ -6,7 +6,7 @@ Layout read::
     ROOT/**/<image id>.png           the images of NLMCXR_png.tgz, e.g. CXR1_1_IM-0001-3001.png
                                      (``<image id>.dcm`` from NLMCXR_dcm.tgz works too; Kaggle's
                                      ``1_IM-0001-3001.dcm.png`` names are recognised as well)
-    ROOT/indiana_projections.csv     optional: ``filename, projection`` (Frontal / Lateral)
+    ROOT/indiana_projections.csv     optional: ``uid, filename, projection`` (Frontal / Lateral)
 
 Each XML is one study of one patient (IU publishes no patient ids, so the report id stands for both).
 Its ``<AbstractText Label="FINDINGS|IMPRESSION|INDICATION|COMPARISON">`` sections are cleaned of the
@@ -200,13 +200,26 @@ def _frontal_view(caption: str) -> str:
     return "UNKNOWN"
 
 
-def _read_projections(root: Path) -> dict[str, str]:
+_IM_RE = re.compile(r"IM-\d+-\d+", re.IGNORECASE)
+
+
+def _projection_key(uid: str, name: str) -> tuple[str, str]:
+    """(report number, ``IM-xxxx-xxxx``): the part Open-i ids (``CXR1_1_IM-0001-3001``) and Kaggle file
+    names (``1_IM-0001-3001.dcm.png``, uid 1) share."""
+    match = _IM_RE.search(name)
+    return re.sub(r"\D", "", str(uid)), (match.group(0).upper() if match else _image_key(name))
+
+
+def _read_projections(root: Path) -> dict[tuple[str, str], str]:
     path = root / PROJECTIONS_CSV
     if not path.is_file():
         return {}
     table = read_table(path)
-    require_columns(table, ("filename", "projection"), str(path))
-    return {_image_key(f): p.strip().lower() for f, p in zip(table["filename"], table["projection"], strict=True)}
+    require_columns(table, ("uid", "filename", "projection"), str(path))
+    return {
+        _projection_key(u, f): p.strip().lower()
+        for u, f, p in zip(table["uid"], table["filename"], table["projection"], strict=True)
+    }
 
 
 def prepare_iu_xray(
@@ -255,8 +268,8 @@ def prepare_iu_xray(
     views, projections_out, view_sources = [], [], []
     for image_id, path, uid in zip(frame["image_id"], frame["image_path"], frame["uid"], strict=True):
         entry = entries.get(path, {})
-        if image_id in projections:
-            projection, source = projections[image_id], PROJECTIONS_CSV
+        if _projection_key(uid, image_id) in projections:
+            projection, source = projections[_projection_key(uid, image_id)], PROJECTIONS_CSV
         else:
             projection, source = entry.get("projection", "unknown"), entry.get("view_source", "")
         if entry.get("view") in ("PA", "AP", "LATERAL"):
