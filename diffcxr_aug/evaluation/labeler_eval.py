@@ -182,6 +182,30 @@ def evaluate_iu(archive: str | Path | None = None, progress: bool = False) -> di
     return results
 
 
+def iu_markdown(results: dict) -> str:
+    """The README table: per observation, the rule labeler's P/R/F1 and the keyword baseline's F1."""
+    rule = results[("rule", "all")].set_index("observation")
+    rule_u = results[("rule", "all, -1 as positive")].set_index("observation")
+    keyword = results[("keyword", "all")].set_index("observation")
+    lines = [
+        "| observation | MeSH positives | rule P | rule R | rule F1 | rule F1 (-1 counted +) | keyword F1 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in rule.index:
+        label = "**macro**" if name == "macro" else name
+        lines.append(
+            f"| {label} | {rule.at[name, 'support']} | {rule.at[name, 'precision']:.2f} | "
+            f"{rule.at[name, 'recall']:.2f} | {rule.at[name, 'f1']:.2f} | {rule_u.at[name, 'f1']:.2f} | "
+            f"{keyword.at[name, 'f1']:.2f} |"
+        )
+    halves = ", ".join(
+        f"{subset}: rule {results[('rule', subset)]['f1'].iloc[-1]:.3f} / keyword "
+        f"{results[('keyword', subset)]['f1'].iloc[-1]:.3f}"
+        for subset in ("dev (even ids)", "held-out (odd ids)")
+    )
+    return "\n".join(lines) + f"\n\nmacro-F1 by half: {halves}\n"
+
+
 def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -200,6 +224,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
         print("\nmacro-F1 summary:")
         for (labeler, subset), table in results.items():
             print(f"  {labeler:8s} {subset:24s} {table['f1'].iloc[-1]:.3f}")
+        print("\n" + iu_markdown(results))
     else:
         from diffcxr_aug.data.labeler import KeywordLabeler, RuleLabeler
         from diffcxr_aug.data.manifest import read_manifest
