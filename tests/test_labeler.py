@@ -65,6 +65,11 @@ def test_matches_the_hand_labelled_chexpert_reports(labeler, shared_dir):
             "Opacity at the left base, atelectasis or pneumonia.",
             {"Lung Opacity": 1, "Atelectasis": -1, "Pneumonia": -1},
         ),
+        # CheXpert's conventions: a bare "compatible with" states, "is compatible with" hedges, and
+        # vascular congestion only suggests edema
+        ("Right lower lobe opacity, compatible with pneumonia.", {"Lung Opacity": 1, "Pneumonia": 1}),
+        ("The opacity is compatible with pneumonia.", {"Lung Opacity": 1, "Pneumonia": -1}),
+        ("Mild pulmonary vascular congestion. No pulmonary edema.", {"Edema": -1}),
         # CHF adds an uncertain cardiomegaly; devices do not block No Finding
         ("Findings consistent with CHF.", {"Edema": 1, "Cardiomegaly": -1}),
         ("Right PICC line tip in the SVC. Lungs are clear.", {"Support Devices": 1, "No Finding": 1}),
@@ -183,3 +188,13 @@ def test_chexbert_rejects_mismatched_weights(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="expected CheXbert weights"):
         CheXbertLabeler.from_checkpoint(tmp_path / "other.pth", device="cpu")
+
+
+def test_phantom_agreement_is_reported_per_label():
+    from diffcxr_aug.evaluation.labeler_eval import evaluate_phantom, phantom_markdown
+
+    results = evaluate_phantom(n=150, seed=1)
+    rule, keyword = results["rule"], results["keyword"]
+    assert rule["label"].tolist() == [*CHEXPERT_LABELS, "mean"]
+    assert rule["agreement"].iloc[-1] > 0.9 and rule["agreement"].iloc[-1] > keyword["agreement"].iloc[-1] + 0.1
+    assert "| Pneumothorax |" in phantom_markdown(results)

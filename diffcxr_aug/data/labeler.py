@@ -43,6 +43,7 @@ NO_FINDING = "No Finding"
 SUPPORT_DEVICES = "Support Devices"
 CARDIOMEGALY = "Cardiomegaly"
 ENLARGED_CARDIOMEDIASTINUM = "Enlarged Cardiomediastinum"
+EDEMA = "Edema"
 
 # --- text preparation --------------------------------------------------------------------------------
 
@@ -210,7 +211,8 @@ UNCERTAINTY_BEFORE = _cues(
         ),
         (r"(?:may|might|could)", 6),
         (r"suggest(?:s|ing|ive|ive of|ed)?", 8),
-        (r"compatible with", 6),
+        # CheXpert: "is / may be compatible with X" hedges; a bare "opacity, compatible with X" states X.
+        (r"(?:is|are|be|being) compatible with", 6),
         (r"differential(?: diagnosis)?(?: includes?| of| considerations?)?", 10),
         (r"consider(?:ed|ation)?", 8),
         (r"(?:versus|vs)", 3),
@@ -245,6 +247,8 @@ _STABLE_RE = re.compile(
 _ENLARGED_RE = re.compile(r"(?<![a-z])(?:enlarge|large|cardiomegaly|prominen|widen|increas)")
 # Mentions that describe the heart or mediastinum without saying it is abnormal.
 _DIRECT_FINDINGS = ("cardiomegaly", "cardiac enlargement", "enlarged heart")
+# Edema mentions that CheXpert's uncertainty patterns always hedge when they are not negated.
+_HEDGED_EDEMA_PHRASES = ("vascular congestion", "pulmonary congestion", "indistinctness", "vascular prominence")
 _WORD_TAIL_RE = re.compile(r"[a-z0-9]*")
 _LIST_NEGATION_RE = re.compile(r"(?<![a-z])(?:no|not|without|negative for|free of)(?![a-z])|#")
 _OR_RE = re.compile(r"(?<![a-z])(?:or|versus|vs)(?![a-z])")
@@ -424,6 +428,8 @@ class RuleLabeler:
         ):
             return UNCERTAIN, "or"
         soon_after = " ".join(_WORD_RE.findall(after)[:4])
+        if observation == EDEMA and phrase in _HEDGED_EDEMA_PHRASES:
+            return UNCERTAIN, "congestion"  # CheXpert: congestion and vascular prominence only suggest edema
         if descriptor and not _ENLARGED_RE.search(soon_after) and _STABLE_RE.search(sentence[left:right]):
             return UNCERTAIN, "stable"
         return POSITIVE, ""

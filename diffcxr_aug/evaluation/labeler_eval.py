@@ -11,8 +11,9 @@ Two references:
 * **Truth** (phantom reports, whose findings are known): per-label agreement of the 4 classes
   (1 / 0 / -1 / blank) and F1 of the positive class.
 
-Run: ``python -m diffcxr_aug.evaluation.labeler_eval iu [--reports NLMCXR_reports.tgz]`` and
-``python -m diffcxr_aug.evaluation.labeler_eval truth --manifest DIR``.
+Run: ``python -m diffcxr_aug.evaluation.labeler_eval iu [--reports NLMCXR_reports.tgz]``,
+``python -m diffcxr_aug.evaluation.labeler_eval phantom --n 2000`` (reports only, no images rendered) and
+``python -m diffcxr_aug.evaluation.labeler_eval truth --manifest DIR`` (any manifest with labels).
 """
 
 from __future__ import annotations
@@ -206,11 +207,58 @@ def iu_markdown(results: dict) -> str:
     return "\n".join(lines) + f"\n\nmacro-F1 by half: {halves}\n"
 
 
+def phantom_reports(n: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """The reports and labels ``prepare phantom --n N --seed S`` writes, without rendering the images."""
+    from diffcxr_aug.data.phantom.findings import sample_world
+    from diffcxr_aug.data.phantom.world import phantom_rows
+
+    return pd.DataFrame(phantom_rows(sample_world(n, seed=seed), seed))
+
+
+def evaluate_phantom(n: int = 2000, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Per-label agreement of the rule labeler and the keyword baseline with the phantom truth labels."""
+    from diffcxr_aug.data.labeler import KeywordLabeler, RuleLabeler
+
+    frame = phantom_reports(n, seed)
+    texts = frame["report"].tolist()
+    return {
+        name: truth_agreement(lab.label(texts, progress=False), frame)
+        for name, lab in (("rule", RuleLabeler()), ("keyword", KeywordLabeler()))
+    }
+
+
+def phantom_markdown(results: dict[str, pd.DataFrame]) -> str:
+    rule, keyword = results["rule"].set_index("label"), results["keyword"].set_index("label")
+    lines = [
+        "| label | truth 1 / 0 / -1 | rule agreement (4 classes) | rule F1 (positive) "
+        "| keyword agreement | keyword F1 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name in rule.index:
+        counts = (
+            ""
+            if name == "mean"
+            else (
+                f"{int(rule.at[name, 'n_positive'])} / {int(rule.at[name, 'n_negative'])} / "
+                f"{int(rule.at[name, 'n_uncertain'])}"
+            )
+        )
+        label = "**mean**" if name == "mean" else name
+        lines.append(
+            f"| {label} | {counts} | {rule.at[name, 'agreement']:.3f} | {rule.at[name, 'f1_positive']:.3f} | "
+            f"{keyword.at[name, 'agreement']:.3f} | {keyword.at[name, 'f1_positive']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     iu = sub.add_parser("iu", help="agreement with MeSH on the real IU X-ray reports")
     iu.add_argument("--reports", type=Path, default=None, help="NLMCXR_reports.tgz (default: the xrv wheel's)")
+    phantom = sub.add_parser("phantom", help="agreement with the truth labels of phantom reports")
+    phantom.add_argument("--n", type=int, default=2000)
+    phantom.add_argument("--seed", type=int, default=0)
     truth = sub.add_parser("truth", help="agreement with the labels of a manifest (e.g. phantom)")
     truth.add_argument("--manifest", type=Path, required=True)
     truth.add_argument("--n", type=int, default=None, help="first N rows only")
@@ -225,6 +273,10 @@ def _main(argv: Sequence[str] | None = None) -> None:
         for (labeler, subset), table in results.items():
             print(f"  {labeler:8s} {subset:24s} {table['f1'].iloc[-1]:.3f}")
         print("\n" + iu_markdown(results))
+    elif args.what == "phantom":
+        results = evaluate_phantom(args.n, args.seed)
+        print(f"phantom reports: n={args.n}, seed={args.seed}\n")
+        print(phantom_markdown(results))
     else:
         from diffcxr_aug.data.labeler import KeywordLabeler, RuleLabeler
         from diffcxr_aug.data.manifest import read_manifest
