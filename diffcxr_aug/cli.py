@@ -159,13 +159,32 @@ def label(
     checkpoint: Annotated[
         Path | None, typer.Option("--checkpoint", help="CheXbert checkpoint (default: offline rule-based labeler)")
     ] = None,
+    bert: Annotated[
+        str | None,
+        typer.Option(
+            "--bert",
+            help="CheXbert only: BERT config + tokenizer, a local folder or hub id "
+            "(default: the checkpoint's folder if it holds config.json, else bert-base-uncased)",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Label free-text reports with the 14 CheXpert observations."""
+    if bert is not None and checkpoint is None:
+        _fail("--bert only applies with --checkpoint (the rule-based labeler needs no model)")
+    if checkpoint is not None and not checkpoint.is_file():
+        _fail(f"--checkpoint {checkpoint}: no such file")
     from diffcxr_aug.data.labeler import label_reports_file
 
     path = _call(
-        label_reports_file, reports, out, text_col=text_col, id_col=id_col, checkpoint=checkpoint, device=device
+        label_reports_file,
+        reports,
+        out,
+        text_col=text_col,
+        id_col=id_col,
+        checkpoint=checkpoint,
+        device=device,
+        bert=bert,
     )
     typer.echo(f"wrote {path}")
 

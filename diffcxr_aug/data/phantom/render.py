@@ -1,0 +1,71 @@
+"""Drawing one study: the normal chest, its findings and devices, then exposure, blur, noise and resampling."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from diffcxr_aug.data.phantom import pathology
+from diffcxr_aug.data.phantom.anatomy import Chest, sample_pose, texture
+from diffcxr_aug.data.phantom.findings import StudyTruth
+
+
+def render_density(truth: StudyTruth, res: int, rng: np.random.Generator) -> tuple[np.ndarray, Chest]:
+    """The study's density map (bright = dense) at ``res`` px, before exposure."""
+    pose = sample_pose(rng, truth.body, truth.view)
+    pose = pathology.shape_changes(pose, truth)
+    chest = Chest(truth.body, pose, res)
+    lungs = chest.lungs
+    air = chest.air()
+    fx = pathology.Effects.empty(res)
+    pathology.draw_findings(chest, truth, rng, fx)
+    post, ant = chest.ribs(rng, fractures=fx.rib_fractures)
+    clav = chest.clavicles(*fx.clavicle_fracture)
+    bone = truth.body.bone
+    opaque = np.clip(fx.fill, 0.0, 1.0)
+    clear = 1.0 - opaque
+
+    dens = chest.soft_tissue()
+    # Lung parenchyma: air, darker where a pneumothorax adds air, with fine texture.
+    tex = 0.015 * texture(rng, res, 1.5 * res / 256) + 0.03 * texture(rng, res, 8.0 * res / 256)
+    dens -= (0.47 + tex) * air * clear + fx.extra_air
+    dens -= 0.13 * chest.trachea() * (1.0 - 0.6 * lungs)
+    vessels = chest.vessels(rng)
+    if fx.vessel_blur > 0:
+        vessels = ndimage.gaussian_filter(vessels, fx.vessel_blur * res / 256.0)
+    dens += 0.26 * vessels * lungs * clear * fx.vessel_mask
+    over_lung = (0.3 + 0.7 * lungs) * (1.0 - 0.5 * chest.below_diaphragm())
+    dens += bone * (0.12 * post + 0.09 * ant) * over_lung
+    dens += bone * 0.12 * clav
+    dens += bone * 0.04 * chest.spine() * (1.0 - lungs) * (1.0 - 0.5 * chest.below_diaphragm())
+    dens += bone * 0.1 * chest.shoulders()
+    dens -= 0.22 * chest.stomach_bubble(rng) * chest.below_diaphragm()
+    dens += fx.density
+    return dens, chest
+
+
+def expose(dens: np.ndarray, rng: np.random.Generator, ap: bool) -> np.ndarray:
+    """Map density to grey levels with this study's exposure (window, gamma) and detector blur and noise."""
+    lo = rng.normal(0.02, 0.02)
+    hi = rng.normal(0.85 if not ap else 0.8, 0.04)
+    gamma = float(np.exp(rng.normal(0.0, 0.12)))
+    img = np.clip((dens - lo) / (hi - lo), 0.0, 1.0) ** gamma
+    img = ndimage.gaussian_filter(img, rng.uniform(0.5, 0.9))
+    img += rng.normal(0.0, rng.uniform(0.008, 0.02), img.shape)
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+def resample(img: np.ndarray, size: int) -> np.ndarray:
+    """Float image in [0, 1] to ``size`` x ``size`` uint8, antialiased."""
+    u8 = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if u8.shape[0] != size:
+        u8 = np.asarray(Image.fromarray(u8, mode="L").resize((size, size), Image.Resampling.LANCZOS))
+    return u8
+
+
+def render_frontal(truth: StudyTruth, res: int, rng: np.random.Generator) -> np.ndarray:
+    """A frontal (PA or AP) radiograph of the study as a float image at ``res`` px."""
+    dens, chest = render_density(truth, res, rng)
+    pathology.draw_devices(chest, truth, rng, dens)
+    return expose(dens, rng, chest.pose.ap)

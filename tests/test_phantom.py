@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffcxr_aug.cli import app
+from diffcxr_aug.data.cache import cache_files
+from diffcxr_aug.data.labels import CHEXPERT_LABELS
+from diffcxr_aug.data.manifest import read_manifest
+from diffcxr_aug.data.phantom import NOISE_KINDS, prepare_phantom, render_study, sample_world
+from diffcxr_aug.data.phantom.reports import LABEL_FINDING
+from diffcxr_aug.data.phantom.world import phantom_rows
+
+
+def _digests(folder) -> dict[str, str]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.parent.name != "cache")
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def rows_400() -> list[dict]:
+    return phantom_rows(sample_world(400, seed=11, noise_rate=0.05), seed=11)
+
+
+def test_same_seed_gives_identical_files_whatever_the_process_count(tmp_path):
+    prepare_phantom(tmp_path / "a", n=64, size=64, seed=3, progress=False, workers=1)
+    prepare_phantom(tmp_path / "b", n=64, size=64, seed=3, progress=False, workers=2)
+    a, b = _digests(tmp_path / "a"), _digests(tmp_path / "b")
+    assert len(a) == 64 + 2  # images, manifest.csv, rejected.csv
+    assert a == b
+
+
+def test_different_seed_differs_and_ids_are_namespaced(tmp_path):
+    prepare_phantom(tmp_path / "a", n=12, size=64, seed=0, progress=False)
+    prepare_phantom(tmp_path / "b", n=12, size=64, seed=1, progress=False)
+    ma, mb = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b")
+    assert set(ma.frame["patient_id"]).isdisjoint(mb.frame["patient_id"])
+    assert all(p.startswith("phantom-s1-p") for p in mb.frame["patient_id"])
+    pa = Image.open(ma.image_paths()[0])
+    pb = Image.open(mb.image_paths()[0])
+    assert not np.array_equal(np.asarray(pa), np.asarray(pb))
+
+
+def test_manifest_schema_images_and_cache(tmp_path):
+    path = prepare_phantom(tmp_path, n=30, size=64, seed=5, progress=False)
+    manifest = read_manifest(path)
+    frame = manifest.frame
+    assert len(frame) == 30
+    assert set(CHEXPERT_LABELS) <= set(manifest.label_names)
+    assert set(manifest.label_names) == set(CHEXPERT_LABELS)  # noise and meta_ columns are not labels
+    assert {"noise", "meta_age", "meta_sex", "meta_findings"} <= set(frame.columns)
+    assert set(frame["view"]) <= {"PA", "AP", "LATERAL"}
+    assert (tmp_path / "rejected.csv").is_file()
+    img = Image.open(manifest.image_paths()[0])
+    assert img.mode == "L" and img.size == (64, 64)
+    array_path, _ = cache_files(manifest, 64)
+    assert np.load(array_path, mmap_mode="r").shape == (30, 64, 64)
+    # Several studies per patient, and splits that keep patients whole (read_manifest checked it too).
+    assert frame["patient_id"].nunique() < len(frame)
+
+
+def test_clean_all_train_world(tmp_path):
+    prepare_phantom(tmp_path, n=20, size=64, seed=9, noise_rate=0.0, split_fractions=(1.0, 0.0, 0.0), progress=False)
+    frame = read_manifest(tmp_path).frame
+    assert set(frame["split"]) == {"train"}
+    assert (frame["noise"] == "").all()
+    assert (frame["view"] != "LATERAL").all()
+
+
+def test_every_label_has_positives_in_a_few_hundred_images(rows_400):
+    for label in CHEXPERT_LABELS:
+        values = np.array([r[label] for r in rows_400], dtype=float)
+        assert (values == 1).sum() >= 8, label
+    # The world is neither all sick nor all healthy.
+    normal = np.mean([r["No Finding"] == 1 for r in rows_400])
+    assert 0.15 < normal < 0.45
+
+
+def test_noise_rate_and_kinds():
+    world = sample_world(3000, seed=2, noise_rate=0.05)
+    kinds = [t.noise for t in world if t.noise]
+    assert 0.03 <= len(kinds) / len(world) <= 0.07
+    assert set(kinds) == set(NOISE_KINDS)
+    assert all(t.view == "LATERAL" for t in world if t.noise == "lateral")
+    assert not any(t.noise for t in sample_world(500, seed=2, noise_rate=0.0))
+
+
+def test_small_world_is_the_start_of_a_large_one():
+    small, large = sample_world(50, seed=4), sample_world(300, seed=4)
+    assert [t.describe() for t in small] == [t.describe() for t in large[:50]]
+    assert np.array_equal(render_study(small[7], 64, 4), render_study(large[7], 64, 4))
+
+
+def test_labels_follow_the_generating_truth(rows_400):
+    for row in rows_400:
+        present = {item.split(":")[0] for item in row["meta_findings"].split(";") if item}
+        for label, finding in LABEL_FINDING.items():
+            value = row[label]
+            if finding in present:
+                assert value in (1.0, -1.0), (label, row["report"])
+            elif label in ("Pneumonia", "Atelectasis"):
+                assert value != 1.0, (label, row["report"])  # an open differential may hedge it (-1)
+            else:
+                assert value != 1.0 and value != -1.0, (label, row["report"])
+        opacity = bool(present & {"opacity", "consolidation", "pneumonia"})
+        assert (row["Lung Opacity"] in (1.0, -1.0)) == opacity
+        assert (row["No Finding"] == 1.0) == (not (present - {"support_devices"}))
+
+
+def _mentions(shared_dir) -> dict[str, list[str]]:
+    folder = shared_dir / "chexpert_phrases" / "phrases" / "mention"
+    out = {}
+    for label in CHEXPERT_LABELS:
+        path = folder / (label.lower().replace(" ", "_") + ".txt")
+        out[label] = [line.strip().replace("_", " ").strip() for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+def test_reports_use_chexpert_phrasing(rows_400, shared_dir):
+    mentions = _mentions(shared_dir)
+    mentions["Consolidation"] = ["consolidat"]  # the shipped consolidation list is empty
+    for row in rows_400:
+        text = row["report"].lower()
+        for label in CHEXPERT_LABELS[1:]:
+            if row[label] == row[label]:  # stated, hedged or denied: the report must name it
+                assert any(m in text for m in mentions[label]), (label, row[label], row["report"])
+
+
+def test_reports_look_like_reports(rows_400):
+    reports = [r["report"] for r in rows_400]
+    words = np.array([len(r.split()) for r in reports])
+    assert words.min() <= 6 and (words > 77).mean() > 0.05
+    assert any("___" in r for r in reports)
+    assert any(re.search(r"\bno (pleural effusion or )?pneumothorax\b", r.lower()) for r in reports)
+    assert any(re.search(r"\b(may represent|possible|cannot be excluded)\b", r.lower()) for r in reports)
+    assert sum(r.startswith("EXAMINATION:") for r in reports) > 0.2 * len(reports)
+    assert len(set(reports)) > 0.9 * len(reports)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n": 0}, "n must be"),
+        ({"size": 16}, "size must be"),
+        ({"noise_rate": 1.5}, "noise_rate"),
+        ({"split_fractions": (0.5, 0.1, 0.1)}, "split_fractions"),
+    ],
+)
+def test_bad_arguments_are_refused(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        prepare_phantom(tmp_path, **{"n": 4, "size": 64, **kwargs})
+
+
+def test_cli_prepare_phantom(tmp_path):
+    result = CliRunner().invoke(app, ["prepare", "phantom", "--n", "40", "--size", "64", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path)
+    assert len(manifest) == 40 and set(manifest.frame["split"]) <= {"train", "val", "test"}
