@@ -58,6 +58,9 @@ def _call(fn, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except NotImplementedError as err:
         _fail(f"not implemented yet: {err}")
+    except KeyboardInterrupt:
+        # Long jobs checkpoint as they go; the same command picks up where this one stopped.
+        _fail("interrupted; rerun the same command to continue where it stopped", code=130)
     except (
         RecipeError,
         ManifestError,
