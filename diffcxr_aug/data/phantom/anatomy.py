@@ -185,7 +185,7 @@ class Chest:
         draw.ellipse([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], fill=float(fill))
 
     def blur(self, img: Image.Image | np.ndarray, sigma_units: float) -> np.ndarray:
-        arr = np.asarray(img, dtype=np.float32)
+        arr = np.array(img, dtype=np.float32)  # a writable copy, even of a PIL image
         sigma = sigma_units * self.pose.scale / self.px
         return ndimage.gaussian_filter(arr, sigma, mode="nearest") if sigma > 0.3 else arr
 
