@@ -49,16 +49,16 @@ class Body:
 def sample_body(rng: np.random.Generator, sex: str, age: int) -> Body:
     female = sex == "F"
     return Body(
-        half_width=float(rng.normal(0.64 if not female else 0.6, 0.035)),
+        half_width=float(rng.normal(0.71 if not female else 0.67, 0.035)),
         apex_y=float(rng.normal(-0.74, 0.035)),
         dome_y=float(rng.normal(0.36, 0.05)),
         dome_left_drop=float(rng.normal(0.04, 0.015)),
         cp_depth=float(rng.normal(0.13, 0.02)),
-        ctr=float(rng.uniform(0.39, 0.47)),
+        ctr=float(rng.uniform(0.38, 0.46)),
         heart_left_share=float(rng.uniform(0.6, 0.7)),
         mediastinum=float(rng.uniform(0.075, 0.095)),
         knob=float(rng.uniform(0.035, 0.05) + 0.0004 * max(age - 50, 0)),
-        wall=float(rng.uniform(0.07, 0.16)),
+        wall=float(rng.uniform(0.05, 0.13)),
         shoulder_y=float(rng.normal(-0.7, 0.04)),
         breast=float(rng.uniform(0.3, 1.0)) if female else 0.0,
         rib_spacing=float(rng.normal(0.1, 0.006)),
@@ -79,6 +79,7 @@ class Pose:
     ctr: float = 0.43
     mediastinum: float = 0.085
     knob: float = 0.045
+    widening: float = 0.0  # convex widening of the upper mediastinum (mass, aneurysm, haemorrhage)
     dome_shift: tuple[float, float] = (0.0, 0.0)  # (right, left) upward shift of the domes (volume loss)
     shift: float = 0.0  # mediastinal shift towards the image right (+) or left (-)
 
@@ -92,7 +93,7 @@ def sample_pose(rng: np.random.Generator, body: Body, view: str) -> Pose:
         scale=float(rng.normal(0.97 if ap else 1.0, 0.035)),
         tilt=float(rng.normal(0.0, 0.03)),
         ap=ap,
-        ctr=body.ctr + (0.035 if ap else 0.0),
+        ctr=body.ctr + (0.025 if ap else 0.0),
         mediastinum=body.mediastinum * (1.08 if ap else 1.0),
         knob=body.knob,
         dome_shift=(0.05, 0.05) if ap else (0.0, 0.0),
@@ -184,7 +185,7 @@ class Chest:
         draw.ellipse([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], fill=float(fill))
 
     def blur(self, img: Image.Image | np.ndarray, sigma_units: float) -> np.ndarray:
-        arr = np.asarray(img, dtype=np.float32)
+        arr = np.array(img, dtype=np.float32)  # a writable copy, even of a PIL image
         sigma = sigma_units * self.pose.scale / self.px
         return ndimage.gaussian_filter(arr, sigma, mode="nearest") if sigma > 0.3 else arr
 
@@ -206,6 +207,11 @@ class Chest:
         t = self.lung_t(side, y)
         top = 0.38 * self.W
         m = self.pose.mediastinum + side * self.pose.shift
+        if self.pose.widening > 0:
+            # A widened mediastinum bulges convexly between the thoracic inlet and the heart.
+            span = np.clip((y - self.apex - 0.05) / (self.heart_top + 0.05 - self.apex), 0.0, 1.0)
+            bulge = np.clip(np.sin(np.pi * span), 0.0, None) ** 0.6
+            m = m + self.pose.widening * bulge * (1.1 if side < 0 else 0.9)
         apex_round = top - (top - m) * np.sqrt(np.clip(t / 0.12, 0.0, 1.0))
         out = np.maximum(apex_round, m)
         out = np.maximum(out, self.heart_profile(side, y))
@@ -258,7 +264,9 @@ class Chest:
 
     def body_halfwidth(self) -> np.ndarray:
         y = self.yb
-        chest = self.W + 0.05 + self.body.wall
+        # The chest wall is narrowest at the axillae and widest at the lower ribs; the waist narrows again.
+        chest = (self.W + 0.05 + self.body.wall) * (0.95 + 0.05 * np.sin(np.pi * np.clip((y + 0.5) / 1.3, 0.0, 1.0)))
+        chest = chest - 0.12 * np.clip(y - 0.75, 0.0, None)
         shoulders = 1.45
         s = 1.0 / (1.0 + np.exp(-(self.body.shoulder_y - y) / 0.09))
         return chest + (shoulders - chest) * s
@@ -273,8 +281,12 @@ class Chest:
         neck = 0.72 + 0.28 / (1.0 + np.exp(-(self.yb - self.apex - 0.05) / 0.08))
         dens = body * (0.3 + 0.32 * t) * neck
         # Spine and mediastinum: a dense column; the abdomen below the domes is as dense as the heart.
-        dens += 0.06 * np.exp(-((self.xb / 0.08) ** 4)) * body
-        dens += 0.08 * np.maximum(self.below_diaphragm(), self.heart()) * body
+        dens += 0.035 * np.exp(-((self.xb / 0.08) ** 4)) * body
+        heart = self.heart()
+        # Heart and liver are equally dense, so the heart merges with the diaphragm below it; the heart
+        # is thickest in its middle.
+        heart = np.clip(heart * (0.8 + 0.35 * ndimage.gaussian_filter(heart, 0.06 / self.px)), 0.0, 1.0)
+        dens += 0.13 * np.maximum(self.below_diaphragm(), heart) * body
         if self.body.breast > 0:
             dens += self.breasts()
         return dens.astype(np.float32)
@@ -283,7 +295,7 @@ class Chest:
         """Soft mask of the heart shadow (it merges with the diaphragm below)."""
         u, y = np.abs(self.xb), self.yb
         ext = np.where(self.xb < 0, self.heart_profile(-1, y), self.heart_profile(1, y))
-        return ramp(ext - u, 2.0 * self.edge) * (ext > 0)
+        return smoothstep(ext - u, 4.0 * self.edge) * (ext > 0)
 
     def breasts(self) -> np.ndarray:
         out = np.zeros_like(self.xb)
@@ -299,7 +311,9 @@ class Chest:
         inside = ndimage.distance_transform_edt(lungs > 0.5) * self.px / self.pose.scale
         depth = np.clip(inside / 0.09, 0.0, 1.0) ** 0.55
         apex_fade = 0.78 + 0.22 * np.clip((self.yb - self.apex) / 0.45, 0.0, 1.0)
-        return (lungs * (0.35 + 0.65 * depth) * apex_fade).astype(np.float32)
+        # Less air crossed near the hila and mediastinum (more tissue in the beam) than laterally.
+        lateral = np.clip(np.abs(self.xb) / self.W, 0.0, 1.0)
+        return (lungs * (0.35 + 0.65 * depth) * apex_fade * (0.82 + 0.18 * lateral)).astype(np.float32)
 
     def trachea(self) -> np.ndarray:
         img, draw = self.canvas()
@@ -320,6 +334,7 @@ class Chest:
             (posterior, anterior) density layers.
         """
         fractures = fractures or {}
+        self.fracture_sites: list[tuple[float, float]] = []
         post, draw_p = self.canvas()
         ant, draw_a = self.canvas()
         spacing = self.body.rib_spacing * (0.93 if self.pose.ap else 1.0)
@@ -338,17 +353,25 @@ class Chest:
                 uc = 0.04 - rx * math.cos(2.0)
                 u = uc + rx * np.cos(phi)
                 y = y0 + ry + ry * np.sin(phi) + 0.14 * (u - 0.04)
-                thick = 0.03 + 0.0015 * k
+                thick = 0.028 + 0.0015 * k
                 xs = side * u
-                pieces = [(xs, y)]
+                # Posterior ribs fade towards the spine, where the mediastinum overlaps them.
+                fill = 0.45 + 0.55 * np.clip(np.linspace(0.0, 1.6, len(u)), 0.0, 1.0)
+                pieces = [(xs, y, fill)]
                 if broken is not None and broken[0] <= k < broken[0] + broken[1]:
                     # Break the rib laterally: a gap and the distal piece displaced (step-off).
-                    cut = int(21 + (k % 3))
-                    gap, disp = 2, broken[2]
-                    pieces = [(xs[:cut], y[:cut]), (xs[cut + gap :], y[cut + gap :] + disp)]
-                for px, py in pieces:
-                    self.polyline(draw_p, px, py, thick, 1.0)
-                    self.polyline(draw_p, px, py, thick * 0.5, 0.75)
+                    cut = int(14 + (k % 3))
+                    gap, disp = 2, broken[2] * (1 if k % 2 else -0.8)
+                    pieces = [
+                        (xs[:cut], y[:cut], fill[:cut]),
+                        (xs[cut + gap :], y[cut + gap :] + disp, fill[cut + gap :]),
+                    ]
+                    self.fracture_sites.append((float(xs[cut]), float(y[cut] + 0.5 * disp)))
+                for px, py, pf in pieces:
+                    for j in range(0, len(px) - 1, 4):
+                        seg = slice(j, j + 5)
+                        self.polyline(draw_p, px[seg], py[seg], thick * (0.9 + 0.2 * pf[j]), float(pf[j]))
+                        self.polyline(draw_p, px[seg], py[seg], thick * 0.5, 0.72 * float(pf[j]))
                 # Anterior rib: from the lateral end, obliquely down and medial; cartilage invisible medially.
                 ue, ye = u[-1], y[-1]
                 if k <= 9:
@@ -369,8 +392,10 @@ class Chest:
             y = y_med + (y_lat - y_med) * s + 0.025 * np.sin(2 * np.pi * s)
             pieces = [(side * u, y)]
             if fracture_side == side:
-                cut = 13
-                pieces = [(side * u[:cut], y[:cut]), (side * (u[cut:] - 0.015), y[cut:] + displacement)]
+                # Mid-shaft fracture: the lateral fragment drops (the arm's weight) and angulates.
+                cut = 12
+                drop = displacement * (1.0 + 1.5 * s[cut + 1 :] - 1.5 * s[cut + 1])
+                pieces = [(side * u[:cut], y[:cut]), (side * u[cut + 1 :], y[cut + 1 :] + drop)]
             for xs, ys in pieces:
                 self.polyline(draw, xs, ys, 0.05, 1.0)
                 self.polyline(draw, xs, ys, 0.03, 0.6)
@@ -399,8 +424,8 @@ class Chest:
         for side in SIDES:
             hx = side * (self.W + self.body.wall + 0.22)
             hy = self.body.shoulder_y - 0.12
-            self.ellipse(draw, hx, hy, 0.17, 0.17, 0.6)
-            self.ellipse(draw, hx, hy, 0.15, 0.15, 0.45)
+            self.ellipse(draw, hx + side * 0.05, hy - 0.03, 0.17, 0.17, 0.45)
+            self.ellipse(draw, hx + side * 0.05, hy - 0.03, 0.15, 0.15, 0.3)
             # Scapula: lateral border and body, overlapping the lung on AP films.
             inward = 0.1 if self.pose.ap else 0.0
             sx = side * (self.W + self.body.wall - 0.02 - inward)
@@ -412,7 +437,7 @@ class Chest:
             )
         return self.blur(img, 0.01)
 
-    def vessels(self, rng: np.random.Generator, lines: int = 7) -> np.ndarray:
+    def vessels(self, rng: np.random.Generator, lines: int = 11) -> np.ndarray:
         """Pulmonary vessels: trees branching from each hilum, tapering towards the periphery."""
         img, draw = self.canvas()
         for side in SIDES:
@@ -420,7 +445,7 @@ class Chest:
             for i in range(lines):
                 # Spread of trunk directions: up, out and down from the hilum (angles from the lateral).
                 angle = -1.45 + 2.9 * (i + rng.uniform(0.2, 0.8)) / lines
-                self._branch(draw, rng, side, hx, hy, angle, 0.12 + rng.uniform(0, 0.04), 0.022, 0, 0.8)
+                self._branch(draw, rng, side, hx, hy, angle, 0.1 + rng.uniform(0, 0.04), 0.017, 0, 0.8)
             # Hilar vessels: a lumpy dense knot.
             for _ in range(4):
                 self.ellipse(
@@ -429,7 +454,7 @@ class Chest:
         return self.blur(img, 0.008)
 
     def _branch(self, draw, rng, side, x, y, angle, length, width, depth, fill) -> None:
-        if depth > 3:
+        if depth > 4:
             return
         steps = 4
         xs, ys = [x], [y]
@@ -441,11 +466,20 @@ class Chest:
             xs.append(x)
             ys.append(y)
         self.polyline(draw, xs, ys, width, fill)
-        n_children = 2 if depth < 3 else 1
+        n_children = 2 if depth < 4 else 1
         for c in range(n_children):
             spread = rng.uniform(0.25, 0.55) * (1 if c == 0 else -1)
             self._branch(
-                draw, rng, side, x, y, a + spread, length * rng.uniform(0.6, 0.75), width * 0.7, depth + 1, fill * 0.7
+                draw,
+                rng,
+                side,
+                x,
+                y,
+                a + spread,
+                length * rng.uniform(0.6, 0.78),
+                width * 0.72,
+                depth + 1,
+                fill * 0.72,
             )
 
     def stomach_bubble(self, rng: np.random.Generator) -> np.ndarray:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
-from diffcxr_aug.data.phantom.findings import THORAX_CM, Finding, StudyTruth, lesion_radius
+from diffcxr_aug.data.phantom.findings import HEALING_BELOW, THORAX_CM, Finding, StudyTruth, lesion_radius
 
 # Label name -> the finding whose presence makes it true (Lung Opacity is derived, No Finding too).
 LABEL_FINDING: dict[str, str] = {
@@ -620,13 +620,23 @@ class _Writer:
             )
             plural = len(ribs) > 1
         if self.s["Fracture"] == 1.0:
+            many = "s" if plural else ""
+            if fr.kind == "rib" and fr.severity < HEALING_BELOW:
+                return [
+                    self.pick(
+                        (
+                            f"Healing fracture{many} of the {what} with callus formation.",
+                            f"Subacute {what} fracture{many} with surrounding callus.",
+                        )
+                    )
+                ]
             disp = "displaced" if fr.severity > 0.5 else "minimally displaced"
             return [
                 self.pick(
                     (
-                        f"{_cap(disp)} fracture{'s' if plural else ''} of the {what}.",
-                        f"There {'are' if plural else 'is an'} acute fracture{'s' if plural else ''} of the {what}.",
-                        f"{_cap(what)} fracture{'s' if plural else ''}.",
+                        f"{_cap(disp)} fracture{many} of the {what}.",
+                        f"There {'are' if plural else 'is an'} acute fracture{many} of the {what}.",
+                        f"{_cap(what)} fracture{many}.",
                     )
                 )
             ]
