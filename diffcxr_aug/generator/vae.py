@@ -221,8 +221,11 @@ def train_vae(
     """
     out = Path(out)
     dev = resolve_device(device)
-    torch.manual_seed(seed)
-    vae = build_vae(config, sample_size=size).to(dev)
+    # Seed the initialisation without leaving the caller's global random state changed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = build_vae(config, sample_size=size)
+    vae = vae.to(dev)
     train = manifest.split("train")
     if len(train) == 0:
         raise ValueError(f"{manifest.source}: the train split is empty; cannot train a VAE")
