@@ -94,7 +94,7 @@ def train_reference_classifier(
             loss.backward()
             optimizer.step()
             scheduler.step()
-        logger.debug("reference classifier epoch %d: loss %.4f", epoch + 1, float(loss))
+        logger.debug("reference classifier epoch %d: loss %.4f", epoch + 1, float(loss.detach()))
     return model.eval()
 
 

@@ -30,7 +30,7 @@ def save_report_grid(
     captions: Sequence[str] | None = None,
     title: str | None = None,
     wrap: int = 60,
-    max_lines: int = 12,
+    max_lines: int = 10,
     dpi: int = 90,
 ) -> Path:
     """One row per report: the (wrapped) report text, then the real image (if given), then the generated one.
@@ -56,7 +56,7 @@ def save_report_grid(
     fig, axes = plt.subplots(
         rows,
         len(columns),
-        figsize=(sum(w for _, w in columns), 1.75 * rows + (0.4 if title else 0.0)),
+        figsize=(sum(w for _, w in columns), 1.9 * rows + (0.4 if title else 0.0)),
         gridspec_kw={"width_ratios": [w for _, w in columns], "wspace": 0.04, "hspace": 0.08},
         squeeze=False,
     )

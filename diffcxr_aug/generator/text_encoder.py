@@ -205,7 +205,8 @@ def build_scratch_encoder(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = BertModel(bert_config, add_pooling_layer=False)
+        # With the pooler (unused, frozen in training) so that from_pretrained finds every weight it expects.
+        model = BertModel(bert_config)
     return model, tokenizer
 
 
@@ -264,7 +265,6 @@ def encode_tokens(model: PreTrainedModel, tokens: dict[str, torch.Tensor]) -> tu
     return out.last_hidden_state, tokens["attention_mask"]
 
 
-def count_truncated(tokenizer: PreTrainedTokenizerBase, reports: Sequence[str], max_length: int) -> int:
-    """How many reports have more tokens than ``max_length`` (their tail is not seen by the encoder)."""
-    lengths = [len(ids) for ids in tokenizer(list(reports), truncation=False)["input_ids"]]
-    return sum(n > max_length for n in lengths)
+def token_lengths(tokenizer: PreTrainedTokenizerBase, reports: Sequence[str]) -> list[int]:
+    """Untruncated token counts of ``reports`` (special tokens included)."""
+    return [len(ids) for ids in tokenizer(list(reports), truncation=False, verbose=False)["input_ids"]]

@@ -59,6 +59,8 @@ LOSS_CSV = "logs/loss.csv"
 LOSS_PNG = "logs/loss.png"
 SAMPLES_DIR = "samples"
 LOSS_COLUMNS = ("step", "loss", "loss_diffusion", "loss_align", "lr", "logit_scale", "elapsed_s")
+# Frozen-encoder token states are cached in memory up to this size (phantom-64 with MiniLM: about 0.2 GB).
+TEXT_CACHE_MAX_BYTES = 4 * 2**30
 # Learning-rate multiplier for a pretrained encoder that is fine-tuned (a from-scratch one gets 1.0).
 FINETUNE_LR_SCALE = 0.1
 
@@ -509,7 +511,7 @@ def _train(
     from diffcxr_aug.generator.configs import build_unet
     from diffcxr_aug.generator.figures import save_loss_plot, save_report_grid
     from diffcxr_aug.generator.pipeline import DiffCXRPipeline, default_scheduler
-    from diffcxr_aug.generator.text_encoder import count_truncated, load_text_encoder, tokenize
+    from diffcxr_aug.generator.text_encoder import encode_tokens, load_text_encoder, token_lengths, tokenize
     from diffcxr_aug.generator.token_squeeze import TokenSqueeze
     from diffcxr_aug.generator.vae import encode_manifest, latent_shape, to_uint8
 
@@ -534,7 +536,8 @@ def _train(
 
         bundle.tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
     text_max_length = cfg.num_tokens if squeeze_mode == "truncate" else bundle.max_length
-    truncated = count_truncated(bundle.tokenizer, train_reports, text_max_length)
+    lengths = token_lengths(bundle.tokenizer, train_reports)
+    truncated = sum(n > text_max_length for n in lengths)
     logger.info(
         "Text encoder %s (%s, %s): %d of %d train reports are longer than the %d tokens it sees%s",
         cfg.text_encoder,
@@ -550,7 +553,12 @@ def _train(
     text_encoder.requires_grad_(trainable_text)
     if trainable_text and getattr(text_encoder, "pooler", None) is not None:
         text_encoder.pooler.requires_grad_(False)  # unused: the squeeze reads the token states
-    text_cache = None if trainable_text else _TextStates(bundle, train_reports, text_max_length, dev, progress)
+    # A frozen encoder's states are computed once per distinct report, unless they would not fit in memory
+    # (a MIMIC-size corpus with a BERT-base encoder); then each batch is encoded as it comes.
+    cache_bytes = sum(min(n, text_max_length) for n in lengths) * bundle.hidden_size * 4
+    text_cache = None
+    if not trainable_text and cache_bytes <= TEXT_CACHE_MAX_BYTES:
+        text_cache = _TextStates(bundle, train_reports, text_max_length, dev, progress)
 
     # 3. Squeeze, UNet, image tower: initialised from the seed without touching the global random state.
     with torch.random.fork_rng(devices=[]):
@@ -698,10 +706,18 @@ def _train(
     # 5. The loop: optimizer steps of `accum` micro-batches.
     accum = section.gradient_accumulation_steps
     stream = _BatchStream(len(train), section.batch_size, seed, accelerator.process_index, accelerator.num_processes)
-    if text_cache is not None:
-        null_text = text_cache.batch([""], dev)
-    else:
-        null_text = tokenize(bundle.tokenizer, [""], text_max_length, dev)
+
+    def text_inputs(texts: list[str]) -> dict[str, torch.Tensor]:
+        if text_cache is not None:
+            return text_cache.batch(texts, dev)
+        tokens = tokenize(bundle.tokenizer, texts, text_max_length, dev)
+        if trainable_text:
+            return tokens  # encoded inside the objective, with gradients
+        with torch.no_grad():
+            states, mask = encode_tokens(text_encoder, tokens)
+        return {"states": states, "attention_mask": mask}
+
+    null_text = text_inputs([""])
     step = start_step
     started = time.time()
     pending: list[dict[str, Any]] = []
@@ -718,10 +734,7 @@ def _train(
             timesteps = torch.randint(0, cfg.num_train_timesteps, (len(rows),), generator=generator)
             drop = torch.rand(len(rows), generator=generator) < section.cfg_dropout
             reports = [train_reports[i] for i in rows]
-            if text_cache is not None:
-                text = text_cache.batch(reports, dev)
-            else:
-                text = tokenize(bundle.tokenizer, reports, text_max_length, dev)
+            text = text_inputs(reports)
             sync = contextlib.nullcontext() if k == accum - 1 else accelerator.no_sync(objective)
             with sync:
                 losses = objective(
