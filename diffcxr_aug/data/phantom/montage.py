@@ -102,6 +102,7 @@ def draw_montage(
         row = frame.loc[i]
         ax = fig.add_subplot(grid[2 * r, c])
         ax.imshow(load_image(paths[frame.index.get_loc(i)]), cmap="gray", vmin=0.0, vmax=1.0, interpolation="lanczos")
+        ax.set_anchor("S")  # sit on the report text below, whatever the cell's aspect
         ax.set_xticks([])
         ax.set_yticks([])
         noise = str(row.get("noise", "") or "")
