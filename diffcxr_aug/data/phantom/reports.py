@@ -350,7 +350,7 @@ class _Writer:
                     out.append(
                         self.pick(
                             (
-                                f"{_cap(new)}{loc} consolidative opacity, consistent with pneumonia.",
+                                f"{_cap(new)}consolidative opacity in the {loc}, consistent with pneumonia.",
                                 f"Dense consolidation and opacification of the {loc} compatible with pneumonia.",
                             )
                         )
