@@ -117,9 +117,9 @@ def _location(f: Finding, rng: np.random.Generator) -> str:
         return _pick(
             rng,
             {
-                "lower": ("both lung bases", "bibasilar regions", "lower lungs bilaterally"),
-                "middle": ("mid lungs bilaterally", "both perihilar regions"),
-                "upper": ("both upper lobes", "upper lungs bilaterally"),
+                "lower": ("lung bases bilaterally", "bibasilar regions", "lower lungs bilaterally"),
+                "middle": ("mid lungs bilaterally", "perihilar regions bilaterally"),
+                "upper": ("upper lobes bilaterally", "upper lungs bilaterally"),
             }[zone],
         )
     lobes = {
