@@ -219,15 +219,40 @@ def train_generator(
     recipe: RecipeOpt = None,
     stage: Annotated[int, typer.Option("--stage", min=1, max=2, help="1: LDM + AVA-TLS; 2: DKIM adapter")] = 1,
     resume: Annotated[str | None, typer.Option("--resume", help="'latest' or a checkpoint folder")] = None,
-    config: Annotated[str | None, typer.Option("--config", help="registered generator config")] = None,
+    config: Annotated[
+        str | None,
+        typer.Option("--config", help="registered generator config: tiny, phantom-64, phantom-128, paper-256"),
+    ] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    ava_tls: Annotated[
+        bool | None, typer.Option("--ava-tls/--no-ava-tls", help="AVA-TLS token squeeze + alignment, or the baseline")
+    ] = None,
+    num_tokens: Annotated[
+        int | None, typer.Option("--num-tokens", min=1, help="K condition tokens (paper: 77)")
+    ] = None,
+    text_encoder: Annotated[
+        str | None,
+        typer.Option("--text-encoder", help="minilm | scratch | hf-hub:/local-dir: open_clip | HF name/path"),
+    ] = None,
+    vae: Annotated[
+        str | None, typer.Option("--vae", help="VAE registry name (trained here first) or pretrained hub id / folder")
+    ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
 ) -> None:
     """Train Diff-CXR (stage 1: text-conditioned LDM with AVA-TLS; stage 2: DKIM adapter)."""
     rec = _recipe(recipe)
-    section: GeneratorSection = _merge(rec.generator, config=config, max_steps=max_steps, batch_size=batch_size)
+    section: GeneratorSection = _merge(
+        rec.generator,
+        config=config,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        ava_tls=ava_tls,
+        num_tokens=num_tokens,
+        text_encoder=text_encoder,
+        vae=vae,
+    )
     from diffcxr_aug.generator.training import train_generator as _train
 
     path = _call(
