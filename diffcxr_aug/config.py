@@ -137,17 +137,42 @@ class SynthesizeSection(Section):
 
 
 class ClassifierSection(Section):
-    model: str = "resnet18"
-    pretrained: bool = False
+    """timm classifiers over real fractions x modes x seeds (``train-classifier`` and recipes)."""
+
+    model: str = Field("resnet18", description="any timm model name")
+    pretrained: bool = Field(False, description="start from the model's pretrained weights (hub or local cache)")
+    pretrained_file: Path | None = Field(None, description="local weights file used as the pretrained weights")
+    image_size: int | None = Field(
+        None,
+        ge=16,
+        le=1024,
+        description="training image side; None: the prepared data's size in a recipe, timm's default on the CLI",
+    )
     real_fracs: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0])
     modes: list[ClassifierMode] = Field(default_factory=lambda: ["real", "mix", "pretrain-finetune"])
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    n_synthetic: int | None = Field(None, ge=1)
+    # Recipes only: which images the synthetic modes use. "generated": the synthesize step's output;
+    # "ceiling": perfect-generator images drawn from the phantom world's truth; "none"; or a folder.
+    synthetic: Literal["generated", "ceiling", "none"] | Path = "generated"
+    n_synthetic: int | None = Field(
+        None, ge=1, description="synthetic images used (default: all; ceiling: as many as real train)"
+    )
     epochs: int = Field(10, ge=1)
+    pretrain_epochs: int | None = Field(
+        None, ge=1, description="pretrain-finetune: epochs on synthetic (default: epochs)"
+    )
+    samples_per_epoch: int | None = Field(
+        None, ge=1, description="images drawn per epoch (default: one pass); fixed, every run takes the same steps"
+    )
+    patience: int = Field(3, ge=1, description="early stopping: epochs without a better validation mAUC")
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     uncertainty: Literal["ignore", "ones", "zeros"] = "ignore"
+    augment: bool = Field(True, description="small rotation/shift/scale and brightness/contrast while training")
+    hflip: bool = Field(False, description="random horizontal flips (off: laterality matters in a chest film)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    n_bootstrap: int = Field(1000, ge=10, description="bootstrap resamples of the test images for the mAUC CI")
 
     @field_validator("real_fracs")
     @classmethod
