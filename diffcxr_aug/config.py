@@ -54,8 +54,29 @@ class FilterSection(Section):
 
     enabled: bool = True
     vae: str | None = Field(None, description="VAE hub id or folder; None trains a small KL-VAE on the data")
+    vae_config: str = Field("kl-f4", description="registered VAE architecture trained when `vae` is None")
+    vae_steps: int = Field(1000, ge=1, description="training steps of that VAE")
+    image_size: int = Field(64, ge=16, le=1024, description="image side the VAE encodes (must match the VAE)")
     n_clusters: int = Field(8, ge=2)
     contamination: float = Field(0.05, gt=0.0, lt=0.5, description="share of images flagged as noisy")
+    threshold: Literal["contamination", "quantile"] = Field(
+        "contamination",
+        description="contamination: flag the top `contamination` share; quantile: flag scores above the "
+        "`quantile` of the confident normal images' scores (the count follows the data)",
+    )
+    quantile: float = Field(0.99, gt=0.0, lt=1.0)
+    known_noisy: Path | None = Field(
+        None, description="CSV with an image_path column: images known to be noisy (supervise the discriminator)"
+    )
+    # Per-stage knobs (see diffcxr_aug.generator.noise_filter.LatentNoiseFilter).
+    grid: int = Field(4, ge=1, description="spatial grid the latents are pooled to")
+    min_cluster_share: float = Field(0.05, gt=0.0, le=0.5, description="clusters this large count as typical")
+    normal_share: float = Field(0.5, gt=0.0, lt=1.0, description="share of images seeding the normal set")
+    manifold_components: int = Field(256, ge=1, description="principal components of the normal-latent manifold")
+    positive_share: float = Field(0.04, gt=0.0, lt=0.5, description="top manifold scores taught as noisy")
+    negative_share: float = Field(0.6, gt=0.0, lt=1.0, description="bottom manifold scores taught as normal")
+    discriminator_steps: int = Field(600, ge=1)
+    max_fit: int = Field(20000, ge=100, description="images fitting stages 2 and 3 at most (all are scored)")
 
 
 class GeneratorSection(Section):
