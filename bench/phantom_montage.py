@@ -3,7 +3,7 @@
     python bench/phantom_montage.py [--out docs/figures] [--size 256] [--n 600] [--seed 0]
 
 Generates a small phantom world in a temporary folder (a few seconds per hundred images at 256 px),
-then writes ``phantom_montage.png`` (a showcase covering every label) and ``phantom_noise_montage.png``.
+then writes ``phantom_montage.png`` (16 studies, a showcase covering every label) and ``phantom_noise_montage.png``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prepare_phantom(Path(tmp), n=args.n, size=args.size, seed=args.seed, noise_rate=0.1)
         manifest = read_manifest(tmp)
-        rows = showcase_rows(manifest, n=12, seed=args.seed)
+        rows = showcase_rows(manifest, n=16, seed=args.seed)
         draw_montage(
             manifest,
             args.out / "phantom_montage.png",

@@ -298,6 +298,9 @@ def train_classifier(
     epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", min=16, max=1024, help="training image side (default: timm's)")
+    ] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -322,6 +325,7 @@ def train_classifier(
         batch_size=batch_size,
         n_synthetic=n_synthetic,
         pretrained=pretrained,
+        image_size=image_size,
     )
     from diffcxr_aug.classifiers.sweep import run_sweep
 

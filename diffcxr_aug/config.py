@@ -54,8 +54,29 @@ class FilterSection(Section):
 
     enabled: bool = True
     vae: str | None = Field(None, description="VAE hub id or folder; None trains a small KL-VAE on the data")
+    vae_config: str = Field("kl-f4", description="registered VAE architecture trained when `vae` is None")
+    vae_steps: int = Field(1000, ge=1, description="training steps of that VAE")
+    image_size: int = Field(64, ge=16, le=1024, description="image side the VAE encodes (must match the VAE)")
     n_clusters: int = Field(8, ge=2)
     contamination: float = Field(0.05, gt=0.0, lt=0.5, description="share of images flagged as noisy")
+    threshold: Literal["contamination", "quantile"] = Field(
+        "contamination",
+        description="contamination: flag the top `contamination` share; quantile: flag scores above the "
+        "`quantile` of the confident normal images' scores (the count follows the data)",
+    )
+    quantile: float = Field(0.99, gt=0.0, lt=1.0)
+    known_noisy: Path | None = Field(
+        None, description="CSV with an image_path column: images known to be noisy (supervise the discriminator)"
+    )
+    # Per-stage knobs (see diffcxr_aug.generator.noise_filter.LatentNoiseFilter).
+    grid: int = Field(4, ge=1, description="spatial grid the latents are pooled to")
+    min_cluster_share: float = Field(0.05, gt=0.0, le=0.5, description="clusters this large count as typical")
+    normal_share: float = Field(0.5, gt=0.0, lt=1.0, description="share of images seeding the normal set")
+    manifold_components: int = Field(256, ge=1, description="principal components of the normal-latent manifold")
+    positive_share: float = Field(0.04, gt=0.0, lt=0.5, description="top manifold scores taught as noisy")
+    negative_share: float = Field(0.6, gt=0.0, lt=1.0, description="bottom manifold scores taught as normal")
+    discriminator_steps: int = Field(600, ge=1)
+    max_fit: int = Field(20000, ge=100, description="images fitting stages 2 and 3 at most (all are scored)")
 
 
 class GeneratorSection(Section):
@@ -137,17 +158,42 @@ class SynthesizeSection(Section):
 
 
 class ClassifierSection(Section):
-    model: str = "resnet18"
-    pretrained: bool = False
+    """timm classifiers over real fractions x modes x seeds (``train-classifier`` and recipes)."""
+
+    model: str = Field("resnet18", description="any timm model name")
+    pretrained: bool = Field(False, description="start from the model's pretrained weights (hub or local cache)")
+    pretrained_file: Path | None = Field(None, description="local weights file used as the pretrained weights")
+    image_size: int | None = Field(
+        None,
+        ge=16,
+        le=1024,
+        description="training image side; None: the prepared data's size in a recipe, timm's default on the CLI",
+    )
     real_fracs: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0])
     modes: list[ClassifierMode] = Field(default_factory=lambda: ["real", "mix", "pretrain-finetune"])
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    n_synthetic: int | None = Field(None, ge=1)
+    # Recipes only: which images the synthetic modes use. "generated": the synthesize step's output;
+    # "ceiling": perfect-generator images drawn from the phantom world's truth; "none"; or a folder.
+    synthetic: Literal["generated", "ceiling", "none"] | Path = "generated"
+    n_synthetic: int | None = Field(
+        None, ge=1, description="synthetic images used (default: all; ceiling: as many as real train)"
+    )
     epochs: int = Field(10, ge=1)
+    pretrain_epochs: int | None = Field(
+        None, ge=1, description="pretrain-finetune: epochs on synthetic (default: epochs)"
+    )
+    samples_per_epoch: int | None = Field(
+        None, ge=1, description="images drawn per epoch (default: one pass); fixed, every run takes the same steps"
+    )
+    patience: int = Field(3, ge=1, description="early stopping: epochs without a better validation mAUC")
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     uncertainty: Literal["ignore", "ones", "zeros"] = "ignore"
+    augment: bool = Field(True, description="small rotation/shift/scale and brightness/contrast while training")
+    hflip: bool = Field(False, description="random horizontal flips (off: laterality matters in a chest film)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    n_bootstrap: int = Field(1000, ge=10, description="bootstrap resamples of the test images for the mAUC CI")
 
     @field_validator("real_fracs")
     @classmethod

@@ -18,9 +18,36 @@ def experiment_paths(recipe: Recipe) -> dict[str, Path]:
         "filtered": root / "filtered",
         "generator": root / "generator",
         "synthetic": root / "synthetic",
+        "ceiling": root / "ceiling",
         "classifiers": root / "classifiers",
         "evaluation": root / "evaluation",
     }
+
+
+def classifier_synthetic(recipe: Recipe, paths: dict[str, Path]) -> Path | None:
+    """The synthetic folder the classifier sweep uses, from ``classifier.synthetic``.
+
+    ``generated``: the synthesize step's output (when it exists); ``ceiling``: perfect-generator images
+    rendered from the phantom world (``classifier.n_synthetic`` of them, default as many as the real
+    train split holds); ``none``; or a folder path.
+    """
+    choice = recipe.classifier.synthetic
+    if choice == "none":
+        return None
+    if choice == "generated":
+        return paths["synthetic"] if (paths["synthetic"] / "manifest.csv").is_file() else None
+    if choice == "ceiling":
+        if recipe.data.dataset != "phantom":
+            raise ValueError(
+                f"classifier.synthetic: ceiling renders perfect images from the phantom world, but data.dataset "
+                f"is {recipe.data.dataset!r}; use generated, none or a folder"
+            )
+        from diffcxr_aug.augment.ceiling import build_ceiling
+        from diffcxr_aug.data.manifest import read_manifest
+
+        n = recipe.classifier.n_synthetic or len(read_manifest(paths["data"]).split("train"))
+        return build_ceiling(paths["ceiling"], n=n, size=recipe.data.size, seed=recipe.seed).parent
+    return Path(choice)
 
 
 def run_experiment(recipe: Recipe) -> Path:
@@ -87,8 +114,12 @@ def run_experiment(recipe: Recipe) -> Path:
     if "train-classifier" in recipe.steps:
         from diffcxr_aug.classifiers.sweep import run_sweep
 
-        synthetic = paths["synthetic"] if (paths["synthetic"] / "manifest.csv").is_file() else None
-        run_sweep(paths["data"], paths["classifiers"], recipe.classifier, synthetic=synthetic, device=recipe.device)
+        section = recipe.classifier
+        if section.image_size is None:
+            # Train at the size the data was prepared at, rather than upsampling to the model's default.
+            section = section.model_copy(update={"image_size": recipe.data.size})
+        synthetic = classifier_synthetic(recipe, paths)
+        run_sweep(paths["data"], paths["classifiers"], section, synthetic=synthetic, device=recipe.device)
     if "evaluate" in recipe.steps and recipe.evaluate.enabled:
         from diffcxr_aug.evaluation.report import evaluate
 

@@ -1,7 +1,461 @@
-"""Classifier training over real fractions x modes x seeds."""
+"""Classifier training over real fractions x modes x seeds, with paired real subsets and a resumable table.
+
+For every ``(real_frac, mode, seed)`` the sweep draws the real subset (the same one for every mode, see
+:mod:`diffcxr_aug.classifiers.subsample`), runs the mode's training stages, scores the best checkpoint on
+the full real test split and appends one row to ``results.csv``. A row already there is not redone, so
+an interrupted sweep finishes when rerun. ``summary.md`` and the figure are rewritten after every run.
+
+Output folder::
+
+    results.csv                       one row per run (schema in shared/CONTRACT.md, extra columns after)
+    summary.md                        mean ± std over seeds, bootstrap CIs, paired gains over real-only
+    mauc_vs_real_fraction.png         the sweep figure
+    sweep.json                        the settings the sweep ran with
+    runs/<run>/real_subset.txt        the real training images of the run
+    runs/<run>/test_scores.csv        its test-set probabilities, one column per label (for paired analyses)
+    runs/<run>/<stage>/               best checkpoint (model.safetensors + config.json) and history.json
+    runs/pretrain_seed<s>/            pretrain-finetune: the synthetic-only pretraining, shared by all fractions
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
 
-def run_sweep(data, out, section, synthetic=None, device="auto"):
-    raise NotImplementedError("train-classifier (issue #7)")
+import numpy as np
+import pandas as pd
+from safetensors.torch import load_file
+from torch.utils.data import ConcatDataset
+from tqdm.auto import tqdm
+
+from diffcxr_aug.augment.mixing import MODES, load_synthetic, training_stages
+from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, per_label_auc, scorable_labels
+from diffcxr_aug.classifiers.models import WEIGHTS_NAME, ClassifierConfig, create_classifier, data_config
+from diffcxr_aug.classifiers.subsample import sample_real_fraction
+from diffcxr_aug.classifiers.train import build_transforms, predict, seeded, train_classifier
+from diffcxr_aug.config import ClassifierSection
+from diffcxr_aug.data.dataset import CXRDataset
+from diffcxr_aug.data.manifest import Manifest, read_manifest
+from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
+from diffcxr_aug.runtime import resolve_device
+
+logger = logging.getLogger(__name__)
+
+RESULTS_NAME = "results.csv"
+SUMMARY_NAME = "summary.md"
+FIGURE_NAME = "mauc_vs_real_fraction.png"
+# The contract's columns come first, then one AUC per label, then this sweep's extras.
+BASE_COLUMNS = ["real_frac", "n_real", "n_synthetic", "mode", "model", "seed", "mauc"]
+EXTRA_COLUMNS = [
+    "mauc_ci_low",
+    "mauc_ci_high",
+    "n_labels_scored",
+    "n_test",
+    "val_mauc",
+    "best_epoch",
+    "epochs_run",
+    "steps",
+    "seconds",
+]
+RUN_KEY = ["real_frac", "mode", "model", "seed"]
+
+
+def result_columns(label_names: list[str]) -> list[str]:
+    return BASE_COLUMNS + [f"auc_{name}" for name in label_names] + EXTRA_COLUMNS
+
+
+def run_name(real_frac: float, mode: str, seed: int) -> str:
+    return f"frac{real_frac:g}_{mode}_seed{seed}"
+
+
+def read_results(path: str | os.PathLike) -> pd.DataFrame:
+    """``results.csv`` as a frame (empty when the file does not exist yet)."""
+    path = Path(path)
+    if not path.is_file():
+        return pd.DataFrame(columns=BASE_COLUMNS)
+    return pd.read_csv(path)
+
+
+def append_result(path: Path, row: dict, columns: list[str]) -> pd.DataFrame:
+    """Add one row to ``results.csv``, rewriting the file atomically (a crash never leaves half a table)."""
+    frame = read_results(path)
+    if len(frame) and list(frame.columns) != columns:
+        raise ValueError(
+            f"{path} holds runs with other columns (another label set or an older version); "
+            "write this sweep to a fresh --out folder"
+        )
+    new = pd.DataFrame([row], columns=columns)
+    frame = pd.concat([frame, new], ignore_index=True) if len(frame) else new
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+    return frame
+
+
+def _check_split(manifest: Manifest, split: str, label_names: list[str]) -> Manifest:
+    part = manifest.split(split)
+    if len(part) == 0:
+        raise ValueError(f"{manifest.source}: the {split} split is empty; the sweep needs train, val and test rows")
+    if split != "train" and not scorable_labels(part.labels(label_names)).any():
+        raise ValueError(
+            f"{manifest.source}: no label has both a positive and a negative in the {split} split, so its mAUC "
+            "is undefined; give that split more images"
+        )
+    return part
+
+
+# Settings that may change between calls into one output folder: they choose which runs exist, not how a
+# run is made (so a sweep can be extended with more fractions, modes or seeds, or resumed elsewhere).
+_PLAN_KEYS = {"real_fracs", "modes", "seeds", "num_workers", "synthetic"}
+
+
+def _check_same_settings(path: Path, settings: dict) -> dict:
+    """Refuse to add runs made with other settings to an existing sweep folder (its rows would not compare).
+
+    Returns the settings to record: these, keeping the earlier synthetic set when this call has none.
+    """
+    if not path.is_file():
+        return settings
+    before = json.loads(path.read_text(encoding="utf-8"))
+    # The synthetic set matters only when both sweeps used one: real-only rows do not depend on it.
+    both_synthetic = bool(before.get("synthetic") and settings["synthetic"])
+    ignored = _PLAN_KEYS if both_synthetic else _PLAN_KEYS | {"n_synthetic", "pretrain_epochs"}
+    old, new = before.get("classifier", {}), settings["classifier"]
+    changed = [f"classifier.{k}" for k in sorted(set(old) | set(new)) if k not in ignored and old.get(k) != new.get(k)]
+    for key in ("data", "data_config"):
+        if before.get(key) != settings[key]:
+            changed.append(key)
+    if both_synthetic and before["synthetic"] != settings["synthetic"]:
+        changed.append("synthetic")
+    if changed:
+        raise ValueError(
+            f"{path.parent} holds a sweep made with other settings ({', '.join(changed)} differ; see {path}); "
+            "write to a fresh --out folder, or delete that folder to start over"
+        )
+    if before.get("synthetic") and not settings["synthetic"]:
+        settings = {**settings, "synthetic": before["synthetic"]}
+        settings["classifier"] = {**new, **{k: old.get(k) for k in ("n_synthetic", "pretrain_epochs")}}
+    return settings
+
+
+def run_sweep(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    section: ClassifierSection,
+    synthetic: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Train and test one classifier per ``(real_frac, mode, seed)`` of ``section``; resumable.
+
+    Args:
+        data: folder with the real ``manifest.csv`` (train, val and test splits).
+        out: output folder (``results.csv``, ``summary.md``, the figure, checkpoints).
+        section: the recipe's classifier section (model, fractions, modes, seeds, training settings).
+        synthetic: folder with a synthetic manifest, needed by the ``mix`` and ``pretrain-finetune`` modes.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        progress: show progress bars.
+
+    Returns:
+        The path of ``results.csv``.
+    """
+    # 1. Check inputs before any training.
+    torch_device = resolve_device(device)
+    real = read_manifest(data)
+    label_names = real.label_names
+    if not label_names:
+        raise ValueError(f"{real.source}: no label columns; a classifier needs at least one")
+    train_split = _check_split(real, "train", label_names)
+    val_split = _check_split(real, "val", label_names)
+    test_split = _check_split(real, "test", label_names)
+    needs_synthetic = [m for m in section.modes if m != "real"]
+    if needs_synthetic and synthetic is None:
+        raise ValueError(f"modes {needs_synthetic} need synthetic images; pass --synthetic DIR or use mode 'real'")
+    for mode in section.modes:
+        if mode not in MODES:
+            raise ValueError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / RESULTS_NAME
+    columns = result_columns(label_names)
+
+    # 2. The model's data config fixes the image size and normalisation for every run.
+    probe = create_classifier(section.model, len(label_names), pretrained=False)
+    config = data_config(probe, section.image_size)
+    del probe
+    size = int(config["input_size"][-1])
+    classifier_config = ClassifierConfig(
+        model=section.model,
+        label_names=label_names,
+        image_size=size,
+        mean=float(config["mean"][0]),
+        std=float(config["std"][0]),
+    )
+    settings = {
+        "data": str(Path(data).resolve()),
+        "synthetic": str(Path(synthetic).resolve()) if synthetic is not None else None,
+        "device": str(torch_device),
+        "data_config": json.loads(json.dumps(config)),
+        "classifier": section.model_dump(mode="json"),
+    }
+    settings = _check_same_settings(out / "sweep.json", settings)
+    atomic_write_json(out / "sweep.json", settings)
+    train_tf = build_transforms(
+        config["mean"], config["std"], train=True, augment=section.augment, hflip=section.hflip
+    )
+    eval_tf = build_transforms(config["mean"], config["std"], train=False)
+    val_set = CXRDataset(val_split, size, label_names, transform=eval_tf, progress=progress)
+    test_set = CXRDataset(test_split, size, label_names, transform=eval_tf, progress=progress)
+
+    # 3. Every run not yet in results.csv.
+    plan = [(f, m, s) for s in section.seeds for f in section.real_fracs for m in section.modes]
+    done = read_results(results_path)
+    finished = {
+        (round(float(r.real_frac), 9), str(r.mode), str(r.model), int(r.seed)) for r in done.itertuples(index=False)
+    }
+    todo = [(f, m, s) for f, m, s in plan if (round(f, 9), m, section.model, s) not in finished]
+    logger.info(
+        "Sweep: %d runs planned, %d already in %s, %d to do", len(plan), len(plan) - len(todo), results_path, len(todo)
+    )
+    synthetic_by_seed: dict[int, Manifest] = {}
+    for real_frac, mode, seed in tqdm(todo, desc="sweep", disable=not progress, unit="run"):
+        synth = None
+        if mode != "real":
+            if seed not in synthetic_by_seed:
+                synthetic_by_seed[seed] = load_synthetic(synthetic, label_names, section.n_synthetic, seed=seed)
+            synth = synthetic_by_seed[seed]
+        subset = sample_real_fraction(train_split, real_frac, seed, label_names)
+        name = run_name(real_frac, mode, seed)
+        logger.info("Run %s: %d real + %d synthetic images", name, len(subset), 0 if synth is None else len(synth))
+        run_dir = out / "runs" / name
+        # The real images this run trained on, for audits and paired analyses across modes.
+        atomic_write_text(run_dir / "real_subset.txt", "\n".join(subset.frame["image_path"]) + "\n")
+        start = time.perf_counter()
+        with seeded(seed, torch_device):
+            model = create_classifier(
+                section.model,
+                len(label_names),
+                pretrained=section.pretrained,
+                pretrained_file=section.pretrained_file,
+            )
+        for stage in training_stages(mode, subset, synth):
+            if stage.shared:
+                # Pretraining sees no real training image, so one pretrained model per seed serves every
+                # real fraction.
+                stage_dir = out / "runs" / f"{stage.name}_seed{seed}"
+                if (stage_dir / "history.json").is_file():
+                    logger.info("Run %s: reusing the finished %s stage in %s", name, stage.name, stage_dir)
+                    model.load_state_dict(load_file(str(stage_dir / WEIGHTS_NAME)))
+                    continue
+            else:
+                stage_dir = run_dir / stage.name
+            train_set = ConcatDataset(
+                [CXRDataset(m, size, label_names, transform=train_tf, progress=progress) for m in stage.manifests]
+            )
+            epochs = (
+                section.pretrain_epochs if stage.name == "pretrain" and section.pretrain_epochs else section.epochs
+            )
+            # Each stage starts from the seed, so its random draws do not depend on whether an earlier
+            # stage ran in this process or was reused from disk.
+            with seeded(seed, torch_device):
+                result = train_classifier(
+                    model,
+                    train_set,
+                    val_set,
+                    stage_dir,
+                    classifier_config,
+                    epochs=epochs,
+                    batch_size=section.batch_size,
+                    learning_rate=section.learning_rate,
+                    weight_decay=section.weight_decay,
+                    patience=section.patience,
+                    uncertainty=section.uncertainty,
+                    samples_per_epoch=section.samples_per_epoch,
+                    device=torch_device,
+                    seed=seed,
+                    num_workers=section.num_workers,
+                    evaluate_start=stage.evaluate_start,
+                    progress=progress,
+                    desc=f"{name} {stage.name}",
+                )
+        y_true, y_score = predict(
+            model, test_set, torch_device, max(section.batch_size, 64), section.num_workers, progress, f"{name} test"
+        )
+        scores = pd.DataFrame(y_score, columns=label_names)
+        scores.insert(0, "image_path", test_split.frame["image_path"].to_numpy())
+        with atomic_path(run_dir / "test_scores.csv") as tmp:
+            scores.to_csv(tmp, index=False, float_format="%.6g")
+        aucs = per_label_auc(y_true, y_score, label_names)
+        low, high = bootstrap_mauc_ci(
+            y_true, y_score, n_bootstrap=section.n_bootstrap, rng=np.random.default_rng(seed)
+        )
+        row = {
+            "real_frac": real_frac,
+            "n_real": len(subset),
+            "n_synthetic": 0 if synth is None else len(synth),
+            "mode": mode,
+            "model": section.model,
+            "seed": seed,
+            "mauc": aucs.mauc,
+            **{f"auc_{n}": aucs.per_label[n] for n in label_names},
+            "mauc_ci_low": low,
+            "mauc_ci_high": high,
+            "n_labels_scored": len(aucs.scored),
+            "n_test": len(test_set),
+            "val_mauc": result.best_val_mauc,
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "steps": result.steps,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        frame = append_result(results_path, row, columns)
+        logger.info("Run %s: test mAUC %.4f (95%% CI %.4f-%.4f)", name, aucs.mauc, low, high)
+        write_summary(frame, out / SUMMARY_NAME, title=f"{section.model} on {Path(real.source).parent.name}")
+        _plot(frame, out / FIGURE_NAME)
+
+    # 4. Summary and figure of everything in results.csv (also when nothing was left to run).
+    frame = read_results(results_path)
+    if len(frame):
+        write_summary(frame, out / SUMMARY_NAME, title=f"{section.model} on {Path(real.source).parent.name}")
+        _plot(frame, out / FIGURE_NAME)
+    return results_path
+
+
+def _plot(frame: pd.DataFrame, path: Path) -> None:
+    from diffcxr_aug.augment.plots import plot_sweep
+
+    plot_sweep(frame, path)
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per ``(real_frac, mode)``: seeds, mean sizes, mAUC mean and std over seeds, mean CI bounds."""
+    grouped = results.groupby(["real_frac", "mode"], sort=True)
+    table = grouped.agg(
+        seeds=("seed", "nunique"),
+        n_real=("n_real", "mean"),
+        n_synthetic=("n_synthetic", "mean"),
+        mauc_mean=("mauc", "mean"),
+        mauc_std=("mauc", "std"),
+        ci_low=("mauc_ci_low", "mean"),
+        ci_high=("mauc_ci_high", "mean"),
+    ).reset_index()
+    table["mauc_std"] = table["mauc_std"].fillna(0.0)
+    order = {m: i for i, m in enumerate(MODES)}
+    return table.sort_values(["real_frac", "mode"], key=lambda c: c.map(order) if c.name == "mode" else c).reset_index(
+        drop=True
+    )
+
+
+def paired_gains(results: pd.DataFrame) -> pd.DataFrame:
+    """Synthetic modes against real-only at the same fraction and seed (paired: same real subset).
+
+    Columns: ``gain_mean``/``gain_std`` of the per-seed differences, ``outside_spread`` (the mode's mean
+    minus its std lies above the real-only mean plus its std, i.e. the seed error bars do not overlap;
+    ``-1`` when it lies below, ``0`` when they overlap) and ``gap_closed``: the share of the gap between
+    real-only at this fraction and real-only at fraction 1.0 that the mode closes.
+    """
+    real = results[results["mode"] == "real"].set_index(["real_frac", "seed"])["mauc"]
+    stats = summarize(results).set_index(["real_frac", "mode"])
+    all_real = stats["mauc_mean"].get((1.0, "real"), math.nan)
+    rows = []
+    for (frac, mode), group in results[results["mode"] != "real"].groupby(["real_frac", "mode"]):
+        paired = [(r.mauc - real[(frac, r.seed)]) for r in group.itertuples() if (frac, r.seed) in real.index]
+        if not paired:
+            continue
+        mode_mean, mode_std = stats.loc[(frac, mode), "mauc_mean"], stats.loc[(frac, mode), "mauc_std"]
+        real_mean, real_std = stats.loc[(frac, "real"), "mauc_mean"], stats.loc[(frac, "real"), "mauc_std"]
+        if mode_mean - mode_std > real_mean + real_std:
+            outside = 1
+        elif mode_mean + mode_std < real_mean - real_std:
+            outside = -1
+        else:
+            outside = 0
+        gap = all_real - real_mean
+        rows.append(
+            {
+                "real_frac": frac,
+                "mode": mode,
+                "pairs": len(paired),
+                "gain_mean": float(np.mean(paired)),
+                "gain_std": float(np.std(paired, ddof=1)) if len(paired) > 1 else 0.0,
+                "outside_spread": outside,
+                "gap_closed": float((mode_mean - real_mean) / gap) if frac < 1.0 and gap > 0 else math.nan,
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["real_frac", "mode", "pairs", "gain_mean", "gain_std", "outside_spread", "gap_closed"]
+    )
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def summary_markdown(results: pd.DataFrame, title: str = "") -> str:
+    """The sweep's ``summary.md``: the mAUC table, paired gains over real-only and per-label AUCs."""
+    stats = summarize(results)
+    lines = [f"# Classifier sweep{': ' + title if title else ''}", ""]
+    n_test = int(results["n_test"].iloc[0]) if "n_test" in results and len(results) else 0
+    lines += [
+        f"{len(results)} runs. Test: the full real test split ({n_test} images). mAUC is the mean ROC AUC over the "
+        "labels with both classes in the test split; ± is the standard deviation over seeds; the CI is the "
+        "95% bootstrap interval over test images, averaged over seeds.",
+        "",
+        "| real fraction | mode | n real | n synthetic | seeds | mAUC (mean ± std) | bootstrap 95% CI |",
+        "|---:|---|---:|---:|---:|---|---|",
+    ]
+    for r in stats.itertuples():
+        lines.append(
+            f"| {r.real_frac:g} | {r.mode} | {r.n_real:.0f} | {r.n_synthetic:.0f} | {r.seeds} | "
+            f"{_fmt(r.mauc_mean)} ± {_fmt(r.mauc_std)} | {_fmt(r.ci_low)}–{_fmt(r.ci_high)} |"
+        )
+    gains = paired_gains(results)
+    if len(gains):
+        verdict = {1: "yes, better", -1: "yes, worse", 0: "no (within spread)"}
+        lines += [
+            "",
+            "## Synthetic modes against real-only (paired by seed: the same real subset)",
+            "",
+            "A gain is claimed only when it lies outside the seed-to-seed spread (the ± std bars do not overlap). "
+            "Gap closed: the share of the distance from real-only at this fraction to real-only at fraction 1.0.",
+            "",
+            "| real fraction | mode | gain in mAUC (mean ± std of pairs) | outside seed spread | gap closed |",
+            "|---:|---|---|---|---:|",
+        ]
+        for r in gains.itertuples():
+            closed = "n/a" if math.isnan(r.gap_closed) else f"{100 * r.gap_closed:.0f}%"
+            lines.append(
+                f"| {r.real_frac:g} | {r.mode} | {r.gain_mean:+.3f} ± {r.gain_std:.3f} ({r.pairs} seeds) | "
+                f"{verdict[r.outside_spread]} | {closed} |"
+            )
+    auc_columns = [c for c in results.columns if c.startswith("auc_")]
+    if auc_columns:
+        per_label = results.groupby(["real_frac", "mode"])[auc_columns].mean()
+        order = [(f, m) for f, m in zip(stats["real_frac"], stats["mode"], strict=True)]
+        per_label = per_label.loc[order]
+        header = [f"{f:g} {m}" for f, m in order]
+        lines += [
+            "",
+            "## Per-label test AUC (mean over seeds; n/a: one class only in the test split)",
+            "",
+            "| label | " + " | ".join(header) + " |",
+            "|---|" + "---:|" * len(header),
+        ]
+        for column in auc_columns:
+            values = [_fmt(float(v)) for v in per_label[column]]
+            lines.append(f"| {column[4:]} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(results: pd.DataFrame, path: str | os.PathLike, title: str = "") -> Path:
+    path = Path(path)
+    atomic_write_text(path, summary_markdown(results, title))
+    return path
+
+
+def load_sweep_settings(out: str | os.PathLike) -> dict:
+    """The settings a sweep in ``out`` ran with (``sweep.json``)."""
+    return json.loads((Path(out) / "sweep.json").read_text(encoding="utf-8"))

@@ -121,7 +121,7 @@ def render_lateral(truth: StudyTruth, res: int, rng: np.random.Generator) -> np.
         0.22 + 0.3 * np.clip((X + 0.6) / 1.35, 0.0, 1.0) ** 1.6 - 0.06 * np.sin(np.pi * np.clip((X + 0.6) / 1.3, 0, 1))
     )
     lung = smoothstep(X - (front + 0.07), 4 * px) * smoothstep(dia - Y, 3 * px)
-    lung *= smoothstep(1.0 - np.hypot((X - 0.04) / 0.72, (Y - 0.12) / 0.86), 6 * px)
+    lung *= smoothstep(1.0 - np.hypot((X - 0.06) / 0.7, (Y - 0.2) / 1.02), 6 * px)
     above = smoothstep(dia - Y, 3 * px)
     heart = smoothstep(1.0 - np.hypot((X + 0.3) / 0.36, (Y - 0.28) / 0.36), 0.1) * above
     lung_air = lung * (1.0 - heart)

@@ -39,16 +39,28 @@ class Effects:
         return cls(zeros.copy(), zeros.copy(), np.ones_like(zeros), zeros.copy())
 
 
+AP_MAGNIFICATION = 0.025  # how much an AP film adds to the apparent cardiothoracic ratio
+
+
+def cardiothoracic_ratio(truth: StudyTruth) -> float:
+    """The cardiothoracic ratio drawn for a frontal study (the manifest's ``meta_ctr``).
+
+    Healthy hearts reach 0.49; cardiomegaly runs from 0.49 (mildest) to 0.72 (severe); AP films magnify.
+    """
+    if "cardiomegaly" in truth.findings:
+        ctr = 0.49 + 0.23 * (truth.findings["cardiomegaly"].severity - 0.2) / 0.8
+    else:
+        ctr = truth.body.ctr
+    return ctr + (AP_MAGNIFICATION if truth.view == "AP" else 0.0)
+
+
 def shape_changes(pose: Pose, truth: StudyTruth) -> Pose:
     """Findings that change the shape of the chest itself, applied before it is drawn."""
     f = truth.findings
-    changes: dict = {}
-    if "cardiomegaly" in f:
-        # Cardiothoracic ratio 0.53 (mild) to 0.72 (severe); AP magnification on top.
-        changes["ctr"] = 0.53 + 0.19 * f["cardiomegaly"].severity + (0.03 if pose.ap else 0.0)
+    changes: dict = {"ctr": cardiothoracic_ratio(truth)}
     if "enlarged_cardiomediastinum" in f:
         sev = f["enlarged_cardiomediastinum"].severity
-        changes["widening"] = 0.06 + 0.1 * sev
+        changes["widening"] = 0.045 + 0.12 * (sev - 0.2) / 0.8
         changes["knob"] = pose.knob + 0.025 * sev
     shift = 0.0
     dome = list(pose.dome_shift)

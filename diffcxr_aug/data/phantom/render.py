@@ -11,15 +11,24 @@ from diffcxr_aug.data.phantom.anatomy import Chest, sample_pose, smoothstep, tex
 from diffcxr_aug.data.phantom.findings import HEALING_BELOW, StudyTruth
 
 
-def render_density(truth: StudyTruth, res: int, rng: np.random.Generator) -> tuple[np.ndarray, Chest]:
-    """The study's density map (bright = dense) at ``res`` px, before exposure."""
+def render_density(
+    truth: StudyTruth, res: int, rng: np.random.Generator, finding_rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, Chest]:
+    """The study's density map (bright = dense) at ``res`` px, before exposure.
+
+    Args:
+        rng: draws the normal anatomy (pose, ribs, vessels, textures), always in the same order.
+        finding_rng: draws the findings' details; separate so that adding or removing a finding leaves
+            the rest of the chest exactly as it was (defaults to ``rng``).
+    """
+    finding_rng = rng if finding_rng is None else finding_rng
     pose = sample_pose(rng, truth.body, truth.view)
     pose = pathology.shape_changes(pose, truth)
     chest = Chest(truth.body, pose, res)
     lungs = chest.lungs
     air = chest.air()
     fx = pathology.Effects.empty(res)
-    pathology.draw_findings(chest, truth, rng, fx)
+    pathology.draw_findings(chest, truth, finding_rng, fx)
     post, ant = chest.ribs(rng, fractures=fx.rib_fractures)
     fracture = truth.findings.get("fracture")
     if fracture is not None and fracture.kind == "rib" and fracture.severity < HEALING_BELOW:
@@ -47,6 +56,7 @@ def render_density(truth: StudyTruth, res: int, rng: np.random.Generator) -> tup
     dens += bone * 0.04 * chest.spine() * (1.0 - lungs) * (1.0 - 0.5 * chest.below_diaphragm())
     dens += bone * 0.1 * chest.shoulders()
     dens -= 0.22 * chest.stomach_bubble(rng) * chest.below_diaphragm()
+    dens -= 0.12 * chest.bowel_gas(rng) * chest.below_diaphragm()
     dens += fx.density
     # Uneven soft tissue and the anode heel effect: broad, gentle variations over the whole film.
     dens *= 1.0 + 0.03 * texture(rng, res, res / 6) + rng.normal(0, 0.03) * chest.Y
@@ -73,7 +83,12 @@ def resample(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def render_frontal(truth: StudyTruth, res: int, rng: np.random.Generator) -> np.ndarray:
-    """A frontal (PA or AP) radiograph of the study as a float image at ``res`` px."""
-    dens, chest = render_density(truth, res, rng)
-    pathology.draw_devices(chest, truth, rng, dens)
-    return expose(dens, rng, chest.pose.ap)
+    """A frontal (PA or AP) radiograph of the study as a float image at ``res`` px.
+
+    Anatomy, findings and film get independent random streams, so the same study drawn with and without
+    a finding differs only where the finding is (a counterfactual pair).
+    """
+    anatomy_rng, finding_rng, film_rng = rng.spawn(3)
+    dens, chest = render_density(truth, res, anatomy_rng, finding_rng)
+    pathology.draw_devices(chest, truth, finding_rng, dens)
+    return expose(dens, film_rng, chest.pose.ap)

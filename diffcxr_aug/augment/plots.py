@@ -1,0 +1,82 @@
+"""The sweep figure: test mAUC against the real fraction, one line per mode, error bars over seeds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from diffcxr_aug.io import atomic_path
+
+MODE_STYLE = {
+    "real": {"label": "real only", "color": "#444444", "marker": "o"},
+    "mix": {"label": "real + synthetic (mix)", "color": "#1f77b4", "marker": "s"},
+    "pretrain-finetune": {"label": "synthetic pretrain, real fine-tune", "color": "#d62728", "marker": "^"},
+}
+
+
+def plot_sweep(
+    results: pd.DataFrame | str | os.PathLike,
+    path: str | os.PathLike,
+    title: str | None = None,
+) -> Path:
+    """Draw mAUC against real fraction (log x axis), mean with a standard-deviation bar over seeds.
+
+    The all-real line is the mean of the real-only runs at fraction 1.0, with its seed spread shaded.
+
+    Args:
+        results: a ``results.csv`` path or its frame (columns ``real_frac, mode, seed, mauc``).
+        path: output image (PNG by suffix).
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = results if isinstance(results, pd.DataFrame) else pd.read_csv(results)
+    missing = {"real_frac", "mode", "seed", "mauc"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"results need columns real_frac, mode, seed, mauc; missing {sorted(missing)}")
+    stats = frame.groupby(["mode", "real_frac"])["mauc"].agg(["mean", "std", "count"]).reset_index()
+    stats["std"] = stats["std"].fillna(0.0)
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=150)
+    all_real = stats[(stats["mode"] == "real") & (stats["real_frac"] == 1.0)]
+    if len(all_real):
+        mean, std = float(all_real["mean"].iloc[0]), float(all_real["std"].iloc[0])
+        ax.axhline(mean, color="black", linestyle="--", linewidth=1.0, label=f"all real ({mean:.3f})")
+        ax.axhspan(mean - std, mean + std, color="black", alpha=0.08, linewidth=0)
+    modes = [m for m in MODE_STYLE if m in set(stats["mode"])] + sorted(set(stats["mode"]) - set(MODE_STYLE))
+    # Nudge the modes apart on the log axis so their error bars do not hide one another.
+    offsets = {m: 1.0 + 0.04 * (i - (len(modes) - 1) / 2) for i, m in enumerate(modes)}
+    for mode in modes:
+        rows = stats[stats["mode"] == mode].sort_values("real_frac")
+        style = MODE_STYLE.get(mode, {"label": mode, "color": None, "marker": "o"})
+        ax.errorbar(
+            rows["real_frac"] * offsets[mode],
+            rows["mean"],
+            yerr=rows["std"],
+            label=style["label"],
+            color=style["color"],
+            marker=style["marker"],
+            capsize=3,
+            linewidth=1.5,
+        )
+    ax.set_xscale("log")
+    fracs = sorted(stats["real_frac"].unique())
+    ax.set_xticks(fracs)
+    ax.set_xticklabels([f"{f:g}" for f in fracs])
+    ax.set_xlabel("fraction of the real training split (log scale)")
+    ax.set_ylabel("test mAUC (mean ± std over seeds)")
+    seeds = int(stats["count"].max()) if len(stats) else 0
+    ax.set_title(title or f"mAUC vs real fraction ({seeds} seeds)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path, suffix=path.suffix or ".png") as tmp:
+        fig.savefig(tmp, format=(path.suffix.lstrip(".") or "png"))
+    plt.close(fig)
+    return path
