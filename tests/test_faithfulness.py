@@ -31,11 +31,15 @@ def test_masked_auc_scores_certain_cells_of_labels_with_both_classes():
 
 def test_evaluate_faithfulness_scores_every_set_with_one_classifier(tiny_manifest, tmp_path):
     folder = tiny_manifest.parent
-    results = evaluate_faithfulness(
-        folder, {"copy": folder}, out=tmp_path, size=32, epochs=1, batch_size=8, device="cpu", seed=0
-    )
+    results = evaluate_faithfulness(folder, {"copy": folder}, tmp_path, size=32, epochs=1, batch_size=8, device="cpu")
     assert set(results) == {"classifier", "real_test", "copy"}
     assert results["copy"]["n_images"] == 24 and set(results["copy"]["per_label"]) == {"Cardiomegaly"}
     assert 0.0 <= results["copy"]["mauc"] <= 1.0
     assert json.loads((tmp_path / "faithfulness.json").read_text())["copy"]["n_images"] == 24
     assert "| copy | 24 |" in (tmp_path / "faithfulness.md").read_text()
+    # A second call scores with the same saved judge instead of training another one.
+    weights = tmp_path / "reference_classifier" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again = evaluate_faithfulness(folder, {"copy": folder}, tmp_path, size=32, epochs=1, device="cpu")
+    assert weights.stat().st_mtime_ns == stamp
+    assert again["copy"]["mauc"] == pytest.approx(results["copy"]["mauc"])
