@@ -29,7 +29,7 @@ def save_report_grid(
     real: Sequence[np.ndarray] | None = None,
     captions: Sequence[str] | None = None,
     title: str | None = None,
-    wrap: int = 60,
+    wrap: int = 56,
     max_lines: int = 10,
     dpi: int = 90,
 ) -> Path:
@@ -53,10 +53,11 @@ def save_report_grid(
             f"{rows} reports but {len(generated)} generated and {0 if real is None else len(real)} real images"
         )
     columns = [("report", 3.6)] + ([("real", 1.6)] if real is not None else []) + [("generated", 1.6)]
+    height = 1.9 * rows + (0.4 if title else 0.0)
     fig, axes = plt.subplots(
         rows,
         len(columns),
-        figsize=(sum(w for _, w in columns), 1.9 * rows + (0.4 if title else 0.0)),
+        figsize=(sum(w for _, w in columns), height),
         gridspec_kw={"width_ratios": [w for _, w in columns], "wspace": 0.04, "hspace": 0.08},
         squeeze=False,
     )
@@ -79,7 +80,8 @@ def save_report_grid(
             if i == 0:
                 ax.set_title(columns[j][0], fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, y=1.0 - 0.1 / height)
+        fig.subplots_adjust(top=1.0 - 0.45 / height)
     out_png = Path(out_png)
     with atomic_path(out_png, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")

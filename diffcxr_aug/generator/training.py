@@ -309,7 +309,7 @@ class _TextStates:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def _validation_rows(manifest: Manifest, n: int, seed: int) -> Manifest:
+def validation_rows(manifest: Manifest, n: int, seed: int) -> Manifest:
     """Fixed reports for the sample grids: val rows that together show as many findings as possible."""
     from diffcxr_aug.data.phantom.montage import showcase_rows
 
@@ -322,7 +322,8 @@ def _validation_rows(manifest: Manifest, n: int, seed: int) -> Manifest:
     return pool.subset(rows)
 
 
-def _label_caption(row: pd.Series, labels: list[str]) -> str:
+def label_caption(row: pd.Series, labels: list[str]) -> str:
+    """The positive labels of a manifest row, as one short line for a figure."""
     positive = [name for name in labels if row.get(name) == 1.0]
     return "+ " + ", ".join(positive) if positive else "(no positive label)"
 
@@ -639,10 +640,10 @@ def _train(
     model = accelerator.unwrap_model(objective)
 
     # Fixed validation reports, their real images, and the pipeline used to sample them.
-    val_rows = _validation_rows(manifest, section.num_validation_reports, seed)
+    val_rows = validation_rows(manifest, section.num_validation_reports, seed)
     val_reports = val_rows.frame["report"].tolist()
     val_real = [to_uint8(s["image"][None])[0] for s in CXRDataset(val_rows, cfg.image_size, progress=False)]
-    val_captions = [_label_caption(row, val_rows.label_names) for _, row in val_rows.frame.iterrows()]
+    val_captions = [label_caption(row, val_rows.label_names) for _, row in val_rows.frame.iterrows()]
 
     def sample_grid(step: int) -> Path | None:
         if not val_reports:
