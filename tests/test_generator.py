@@ -30,6 +30,7 @@ TINY = dict(
     num_validation_reports=2,
     validation_steps=2,
     lr_warmup_steps=1,
+    gradient_accumulation_steps=2,
     mixed_precision="no",
 )
 
@@ -124,6 +125,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(trained, tmp_path):
     b = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert pd.read_csv(resumed / "logs" / "loss.csv")["step"].tolist() == [1, 2, 3]
+    assert [p.name for p in list_checkpoints(resumed)] == ["checkpoint-2", "checkpoint-3"]
     # The run was not a no-op: step 3 moved the weights away from the step-2 checkpoint.
     c = load_file(trained["gen"] / "checkpoints" / "checkpoint-2" / CHECKPOINT_WEIGHTS)
     assert any(
@@ -151,10 +153,15 @@ def test_stage2_and_bad_stage(trained, tmp_path):
 
 
 def test_ava_tls_off_is_the_truncation_baseline(trained, tmp_path):
+    """AVA-TLS off, with v-prediction and a one-checkpoint limit (three switches, one short run)."""
     out = tmp_path / "off"
-    section = GeneratorSection(max_steps=1, ava_tls=False, **TINY)
-    train_generator(trained["data"], out, section, device="cpu")
+    settings = {**TINY, "checkpoint_every": 1, "checkpoints_total_limit": 1, "prediction_type": "v_prediction"}
+    train_generator(trained["data"], out, GeneratorSection(max_steps=2, ava_tls=False, **settings), device="cpu")
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
     pipe = DiffCXRPipeline.from_pretrained(out)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
     assert pipe.token_squeeze.config.mode == "truncate"
     assert pipe.text_max_length == pipe.token_squeeze.config.num_tokens == 8
     assert not (out / "image_tower").exists()

@@ -520,11 +520,11 @@ def _train(
     squeeze_mode = "squeeze" if ava_tls else "truncate"
     train_reports = train.frame["report"].tolist()
 
-    # 1. The latent space, and the train split encoded once.
+    # 1. The latent space (the train split is encoded once the text encoder has loaded, so a missing
+    # encoder fails before minutes of encoding).
     vae, vae_info = _prepare_vae(cfg, manifest, out, accelerator, seed, progress)
     vae = vae.to(dev)
     channels, height, width = latent_shape(vae, cfg.image_size)
-    latents = encode_manifest(vae, train, cfg.image_size, device=dev, progress=progress)
 
     # 2. The report encoder. The scratch tokenizer is learned from the train reports (or read back on resume).
     with torch.random.fork_rng(devices=[]):
@@ -549,6 +549,7 @@ def _train(
         text_max_length,
         "" if ava_tls else " (AVA-TLS off: the first K tokens only)",
     )
+    latents = encode_manifest(vae, train, cfg.image_size, device=dev, progress=progress)
     text_encoder = bundle.model.to(dev).eval()  # eval: no dropout, so resume stays exact
     trainable_text = policy in ("finetune", "train")
     text_encoder.requires_grad_(trainable_text)
