@@ -199,13 +199,34 @@ def filter_(
     vae: Annotated[Path | None, typer.Option("--vae", help="VAE folder or hub id to encode with")] = None,
     contamination: Annotated[float | None, typer.Option("--contamination", min=0.0, max=0.5)] = None,
     n_clusters: Annotated[int | None, typer.Option("--n-clusters", min=2)] = None,
+    threshold: Annotated[
+        str | None,
+        typer.Option("--threshold", help="contamination (flag that share) | quantile (of the normal images' scores)"),
+    ] = None,
+    quantile: Annotated[float | None, typer.Option("--quantile", min=0.0, max=1.0)] = None,
+    known_noisy: Annotated[
+        Path | None, typer.Option("--known-noisy", help="CSV with an image_path column of images known to be noisy")
+    ] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", min=16, help="image side the VAE encodes")] = None,
+    vae_steps: Annotated[int | None, typer.Option("--vae-steps", min=1, help="steps of the VAE trained here")] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
 ) -> None:
     """Latent Noise Filtering (LNFS): drop noisy training images in the VAE latent space."""
     rec = _recipe(recipe)
-    section: FilterSection = _merge(rec.filter, contamination=contamination, n_clusters=n_clusters)
+    if threshold is not None and threshold not in ("contamination", "quantile"):
+        _fail(f"unknown --threshold {threshold!r}; choose contamination or quantile")
+    section: FilterSection = _merge(
+        rec.filter,
+        contamination=contamination,
+        n_clusters=n_clusters,
+        threshold=threshold,
+        quantile=quantile,
+        known_noisy=known_noisy,
+        image_size=image_size,
+        vae_steps=vae_steps,
+    )
     from diffcxr_aug.generator.noise_filter import run_filter
 
     path = _call(run_filter, data, out, section, vae=vae, device=device, seed=rec.seed if seed is None else seed)
