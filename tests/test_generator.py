@@ -134,6 +134,19 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(trained, tmp_path):
     )
 
 
+def test_a_folder_being_trained_is_locked(trained, tmp_path):
+    import fcntl
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".train.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345\n")
+        held.flush()
+        with pytest.raises(FileExistsError, match="being trained by pid 12345"):
+            train_generator(trained["data"], out, GeneratorSection(**TINY), device="cpu")
+
+
 def test_existing_checkpoints_need_resume(trained):
     with pytest.raises(FileExistsError, match="--resume latest"):
         train_generator(trained["data"], trained["gen"], GeneratorSection(max_steps=2, **TINY), device="cpu")

@@ -362,6 +362,31 @@ def save_pipeline_folder(pipeline: Any, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _lock_folder(out: Path) -> Any:
+    """Hold an exclusive lock on ``out/.train.lock`` for the run (released when the process ends, however
+    it ends), so that a second training started on the same folder fails instead of interleaving its
+    checkpoints, logs and VAE with the first. Only the first process of a multi-process run locks."""
+    import fcntl
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    handle = open(out / ".train.lock", "a+")  # held open (and locked) for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise FileExistsError(
+            f"{out} is being trained by {owner}; wait for it to finish (or stop it), or choose another --out"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def _accelerator(device: str, mixed_precision: str):
     from accelerate import Accelerator
 
@@ -441,8 +466,27 @@ def train_generator(
     train = manifest.split("train")
     if len(train) == 0:
         raise ValueError(f"{manifest.source}: the train split is empty; nothing to train the generator on")
-    checkpoint = resolve_resume(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock_folder(out)
+    try:
+        return _start(out, section, manifest, train, resume, device, seed, run_started)
+    finally:
+        if lock is not None:
+            lock.close()
 
+
+def _start(
+    out: Path,
+    section: GeneratorSection,
+    manifest: Manifest,
+    train: Manifest,
+    resume: str | os.PathLike | None,
+    device: str,
+    seed: int,
+    run_started: float,
+) -> Path:
+    """Resolve the checkpoint and the architecture, start accelerate, train, and always end accelerate."""
+    checkpoint = resolve_resume(out, resume)
     # Architecture, seed and AVA-TLS switch come from the checkpoint on resume (the section may not change them).
     if checkpoint is not None:
         state = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
@@ -456,13 +500,8 @@ def train_generator(
         start_step = int(state["step"])
     else:
         cfg, ava_tls, seed_used, start_step = resolve_config(section), section.ava_tls, seed, 0
-    seed = seed_used
-    out.mkdir(parents=True, exist_ok=True)
 
     accelerator, mixed_precision = _accelerator(device, section.mixed_precision)
-    dev = accelerator.device
-    main = accelerator.is_main_process
-    progress = main
     try:
         return _train(
             cfg,
@@ -471,10 +510,10 @@ def train_generator(
             train,
             out,
             accelerator,
-            dev,
-            main,
-            progress,
-            seed,
+            accelerator.device,
+            accelerator.is_main_process,
+            accelerator.is_main_process,
+            seed_used,
             ava_tls,
             checkpoint,
             start_step,
