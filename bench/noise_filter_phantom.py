@@ -23,7 +23,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
