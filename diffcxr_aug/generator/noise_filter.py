@@ -719,6 +719,22 @@ def _write_montages(
     return written
 
 
+def _label_prevalence(manifest: Manifest, flagged: np.ndarray) -> dict[str, dict[str, float | None]]:
+    """Share of images marked positive (``1``) per label, among flagged and among kept images.
+
+    Does the filter remove pathology? A filter that prefers to drop, say, films with support devices would
+    teach the generator that they are rarer than they are.
+    """
+    positive = manifest.labels() == 1  # NaN (unknown) compares False
+    out: dict[str, dict[str, float | None]] = {}
+    for j, name in enumerate(manifest.label_names):
+        out[name] = {
+            group: float(positive[rows, j].mean()) if rows.any() else None
+            for group, rows in (("flagged", flagged), ("kept", ~flagged))
+        }
+    return out
+
+
 def _relative_to(paths: list[Path], folder: Path) -> list[str]:
     """Paths as seen from ``folder`` (relative when possible, so a moved run folder keeps working)."""
     folder = folder.resolve()
@@ -871,6 +887,7 @@ def run_filter(
         "files": [SCORES_NAME, "manifest.csv", *(p.name for p in montages), REPORT_NAME],
         "section": section.model_dump(mode="json"),
         "seed": seed,
+        "label_prevalence": _label_prevalence(manifest, filt.flagged_),
     }
     if "noise" in manifest.frame.columns:
         report["evaluation"] = evaluate_scores(scores, manifest.frame["noise"])
