@@ -58,6 +58,9 @@ def _call(fn, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except NotImplementedError as err:
         _fail(f"not implemented yet: {err}")
+    except KeyboardInterrupt:
+        # Long jobs checkpoint as they go; the same command picks up where this one stopped.
+        _fail("interrupted; rerun the same command to continue where it stopped", code=130)
     except (
         RecipeError,
         ManifestError,
@@ -159,13 +162,32 @@ def label(
     checkpoint: Annotated[
         Path | None, typer.Option("--checkpoint", help="CheXbert checkpoint (default: offline rule-based labeler)")
     ] = None,
+    bert: Annotated[
+        str | None,
+        typer.Option(
+            "--bert",
+            help="CheXbert only: BERT config + tokenizer, a local folder or hub id "
+            "(default: the checkpoint's folder if it holds config.json, else bert-base-uncased)",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Label free-text reports with the 14 CheXpert observations."""
+    if bert is not None and checkpoint is None:
+        _fail("--bert only applies with --checkpoint (the rule-based labeler needs no model)")
+    if checkpoint is not None and not checkpoint.is_file():
+        _fail(f"--checkpoint {checkpoint}: no such file")
     from diffcxr_aug.data.labeler import label_reports_file
 
     path = _call(
-        label_reports_file, reports, out, text_col=text_col, id_col=id_col, checkpoint=checkpoint, device=device
+        label_reports_file,
+        reports,
+        out,
+        text_col=text_col,
+        id_col=id_col,
+        checkpoint=checkpoint,
+        device=device,
+        bert=bert,
     )
     typer.echo(f"wrote {path}")
 
@@ -177,13 +199,34 @@ def filter_(
     vae: Annotated[Path | None, typer.Option("--vae", help="VAE folder or hub id to encode with")] = None,
     contamination: Annotated[float | None, typer.Option("--contamination", min=0.0, max=0.5)] = None,
     n_clusters: Annotated[int | None, typer.Option("--n-clusters", min=2)] = None,
+    threshold: Annotated[
+        str | None,
+        typer.Option("--threshold", help="contamination (flag that share) | quantile (of the normal images' scores)"),
+    ] = None,
+    quantile: Annotated[float | None, typer.Option("--quantile", min=0.0, max=1.0)] = None,
+    known_noisy: Annotated[
+        Path | None, typer.Option("--known-noisy", help="CSV with an image_path column of images known to be noisy")
+    ] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", min=16, help="image side the VAE encodes")] = None,
+    vae_steps: Annotated[int | None, typer.Option("--vae-steps", min=1, help="steps of the VAE trained here")] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
 ) -> None:
     """Latent Noise Filtering (LNFS): drop noisy training images in the VAE latent space."""
     rec = _recipe(recipe)
-    section: FilterSection = _merge(rec.filter, contamination=contamination, n_clusters=n_clusters)
+    if threshold is not None and threshold not in ("contamination", "quantile"):
+        _fail(f"unknown --threshold {threshold!r}; choose contamination or quantile")
+    section: FilterSection = _merge(
+        rec.filter,
+        contamination=contamination,
+        n_clusters=n_clusters,
+        threshold=threshold,
+        quantile=quantile,
+        known_noisy=known_noisy,
+        image_size=image_size,
+        vae_steps=vae_steps,
+    )
     from diffcxr_aug.generator.noise_filter import run_filter
 
     path = _call(run_filter, data, out, section, vae=vae, device=device, seed=rec.seed if seed is None else seed)
@@ -197,15 +240,40 @@ def train_generator(
     recipe: RecipeOpt = None,
     stage: Annotated[int, typer.Option("--stage", min=1, max=2, help="1: LDM + AVA-TLS; 2: DKIM adapter")] = 1,
     resume: Annotated[str | None, typer.Option("--resume", help="'latest' or a checkpoint folder")] = None,
-    config: Annotated[str | None, typer.Option("--config", help="registered generator config")] = None,
+    config: Annotated[
+        str | None,
+        typer.Option("--config", help="registered generator config: tiny, phantom-64, phantom-128, paper-256"),
+    ] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    ava_tls: Annotated[
+        bool | None, typer.Option("--ava-tls/--no-ava-tls", help="AVA-TLS token squeeze + alignment, or the baseline")
+    ] = None,
+    num_tokens: Annotated[
+        int | None, typer.Option("--num-tokens", min=1, help="K condition tokens (paper: 77)")
+    ] = None,
+    text_encoder: Annotated[
+        str | None,
+        typer.Option("--text-encoder", help="minilm | scratch | hf-hub:/local-dir: open_clip | HF name/path"),
+    ] = None,
+    vae: Annotated[
+        str | None, typer.Option("--vae", help="VAE registry name (trained here first) or pretrained hub id / folder")
+    ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
 ) -> None:
     """Train Diff-CXR (stage 1: text-conditioned LDM with AVA-TLS; stage 2: DKIM adapter)."""
     rec = _recipe(recipe)
-    section: GeneratorSection = _merge(rec.generator, config=config, max_steps=max_steps, batch_size=batch_size)
+    section: GeneratorSection = _merge(
+        rec.generator,
+        config=config,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        ava_tls=ava_tls,
+        num_tokens=num_tokens,
+        text_encoder=text_encoder,
+        vae=vae,
+    )
     from diffcxr_aug.generator.training import train_generator as _train
 
     path = _call(

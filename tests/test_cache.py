@@ -47,3 +47,31 @@ def test_unreadable_image_named_with_row(tiny_manifest):
     broken.write_bytes(broken.read_bytes()[:40])  # truncated PNG
     with pytest.raises(ImageReadError, match=r"manifest.csv, row 7: .*0005.png"):
         open_cache(manifest, 16, progress=False)
+
+
+def test_interrupted_cache_build_resumes(tiny_manifest, monkeypatch):
+    import diffcxr_aug.data.cache as cache
+
+    manifest = read_manifest(tiny_manifest)
+    calls = []
+    real_load = cache.load_image
+
+    def load_then_interrupt(path):
+        calls.append(path)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real_load(path)
+
+    monkeypatch.setattr(cache, "load_image", load_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        cache.build_cache(manifest, 16, progress=False, flush_every=4)
+    array_path, _ = cache_files(manifest, 16)
+    assert not array_path.exists()  # nothing half-built is ever taken for a cache
+    calls.clear()
+    monkeypatch.setattr(cache, "load_image", lambda path: calls.append(path) or real_load(path))
+    images = open_cache(manifest, 16, progress=False)
+    assert len(calls) == len(manifest) - 8  # resumed after the last recorded flush
+    fresh = manifest.root / "fresh"
+    fresh.mkdir()
+    (manifest.root / "cache").rename(fresh / "old-cache")
+    np.testing.assert_array_equal(images, open_cache(manifest, 16, progress=False))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 
@@ -13,6 +14,7 @@ from diffcxr_aug.data.cache import cache_files
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.data.phantom import NOISE_KINDS, prepare_phantom, render_study, sample_world
+from diffcxr_aug.data.phantom.findings import Finding
 from diffcxr_aug.data.phantom.reports import LABEL_FINDING
 from diffcxr_aug.data.phantom.world import phantom_rows
 
@@ -161,3 +163,40 @@ def test_cli_prepare_phantom(tmp_path):
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path)
     assert len(manifest) == 40 and set(manifest.frame["split"]) <= {"train", "val", "test"}
+
+
+@pytest.mark.parametrize(
+    "finding",
+    [
+        Finding("cardiomegaly", 0.6),
+        Finding("enlarged_cardiomediastinum", 0.6),
+        Finding("opacity", 0.6, side="right", zone="lower"),
+        Finding("lung_lesion", 0.6, side="left", zone="upper", kind="nodule", loc=(0.5, 0.5)),
+        Finding("edema", 0.6, side="bilateral"),
+        Finding("consolidation", 0.6, side="right", zone="lower", kind="lobar"),
+        Finding("pneumonia", 0.6, side="left", zone="lower", kind="patchy"),
+        Finding("atelectasis", 0.7, side="left", kind="lobar"),
+        Finding("pneumothorax", 0.6, side="right"),
+        Finding("pleural_effusion", 0.6, side="left"),
+        Finding("pleural_other", 0.6, side="right", kind="lateral"),
+        Finding("fracture", 0.6, side="left", kind="clavicle"),
+        Finding("fracture", 0.8, side="right", kind="rib", items=(6, 7)),
+        Finding("fracture", 0.3, side="left", kind="rib", items=(5,)),
+        Finding("support_devices", 0.6, items=("ett", "cvc_rij"), extra={"ett_cm": 4.0}),
+    ],
+    ids=lambda f: f"{f.name}-{f.kind}" if f.kind else f.name,
+)
+def test_each_finding_is_drawn_where_it_should_be(finding):
+    # The same study with and without one finding (anatomy and film noise are drawn from separate streams).
+    base = next(t for t in sample_world(40, seed=0, noise_rate=0.0) if t.no_finding and t.view == "PA")
+    normal = render_study(dataclasses.replace(base, findings={}), 64, 0).astype(float)
+    sick = render_study(dataclasses.replace(base, findings={finding.name: finding}), 64, 0).astype(float)
+    diff = sick - normal
+    assert (np.abs(diff) > 12).sum() >= 8, finding.name  # visible at 64 px, not a stray pixel
+    half = diff[:, :32] if finding.side == "right" else diff[:, 32:]  # patient's right is the image left
+    other = diff[:, 32:] if finding.side == "right" else diff[:, :32]
+    if finding.side in ("right", "left"):
+        assert np.abs(half).sum() > 1.5 * np.abs(other).sum(), finding.name
+    # Air (pneumothorax) darkens; everything else but a displaced bone (which moves density) adds density.
+    if finding.name != "fracture":
+        assert (diff.sum() < 0) == (finding.name == "pneumothorax"), finding.name

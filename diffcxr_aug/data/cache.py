@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from diffcxr_aug.data.images import ImageReadError, load_image, to_uint8_square
 from diffcxr_aug.data.manifest import Manifest, csv_row
-from diffcxr_aug.io import atomic_path, atomic_write_json
+from diffcxr_aug.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -59,21 +60,43 @@ def open_cache(manifest: Manifest, size: int, build: bool = True, progress: bool
     return np.load(array_path, mmap_mode="r")
 
 
-def build_cache(manifest: Manifest, size: int, progress: bool = True) -> Path:
-    """Decode, center-crop and resize every image of the manifest once, into the cache array."""
+def build_cache(manifest: Manifest, size: int, progress: bool = True, flush_every: int = 512) -> Path:
+    """Decode, center-crop and resize every image of the manifest once, into the cache array.
+
+    Resumable: the array is filled in a ``.partial.npy`` file whose progress is recorded every
+    ``flush_every`` images, so an interrupted build continues where it stopped; the finished array is
+    renamed into place only when complete.
+    """
     array_path, index_path = cache_files(manifest, size)
     array_path.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = array_path.with_suffix(".partial.npy")
+    progress_path = array_path.with_suffix(".partial.json")
     paths = manifest.image_paths()
-    with atomic_path(array_path, suffix=".npy") as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
-        for i, path in enumerate(tqdm(paths, desc=f"caching {size}px images", disable=not progress, unit="img")):
-            try:
-                out[i] = to_uint8_square(load_image(path), size)
-            except ImageReadError as err:
-                raise ImageReadError(f"{manifest.source}, row {csv_row(i)}: {err}") from err
-        out.flush()
-        del out
-    atomic_write_json(
-        index_path, {"size": size, "rows": len(paths), "digest": _paths_digest(manifest.frame["image_path"].tolist())}
-    )
+    digest = _paths_digest(manifest.frame["image_path"].tolist())
+    start = 0
+    if partial_path.is_file() and progress_path.is_file():
+        state = json.loads(progress_path.read_text())
+        if state.get("digest") == digest and state.get("size") == size:
+            start = int(state["done"])
+    if start == 0:
+        np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size)).flush()
+    else:
+        logger.info("Resuming the %dpx image cache at image %d of %d", size, start, len(paths))
+    out = np.load(partial_path, mmap_mode="r+")
+    bar = tqdm(total=len(paths), initial=start, desc=f"caching {size}px images", disable=not progress, unit="img")
+    for i in range(start, len(paths)):
+        try:
+            out[i] = to_uint8_square(load_image(paths[i]), size)
+        except ImageReadError as err:
+            raise ImageReadError(f"{manifest.source}, row {csv_row(i)}: {err}") from err
+        bar.update(1)
+        if (i + 1) % flush_every == 0:
+            out.flush()
+            atomic_write_json(progress_path, {"digest": digest, "size": size, "done": i + 1})
+    bar.close()
+    out.flush()
+    del out
+    os.replace(partial_path, array_path)
+    progress_path.unlink(missing_ok=True)
+    atomic_write_json(index_path, {"size": size, "rows": len(paths), "digest": digest})
     return array_path

@@ -179,8 +179,10 @@ def evaluate_vae(
 
     device = resolve_device(device) if isinstance(device, str) else device
     vae = vae.to(device).eval()
-    psnr = PeakSignalNoiseRatio(data_range=1.0).to(device)
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+    # sync_on_compute=False: under torchrun only one process evaluates; torchmetrics would otherwise
+    # all-gather on compute() and pair up with whatever collective the other processes are waiting in.
+    psnr = PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False).to(device)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).to(device)
     loader = DataLoader(CXRDataset(manifest, size, progress=False), batch_size=batch_size, shuffle=False)
     for batch in loader:
         images = batch["image"].to(device)
@@ -221,8 +223,11 @@ def train_vae(
     """
     out = Path(out)
     dev = resolve_device(device)
-    torch.manual_seed(seed)
-    vae = build_vae(config, sample_size=size).to(dev)
+    # Seed the initialisation without leaving the caller's global random state changed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = build_vae(config, sample_size=size)
+    vae = vae.to(dev)
     train = manifest.split("train")
     if len(train) == 0:
         raise ValueError(f"{manifest.source}: the train split is empty; cannot train a VAE")

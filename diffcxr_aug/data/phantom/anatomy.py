@@ -49,16 +49,18 @@ class Body:
 def sample_body(rng: np.random.Generator, sex: str, age: int) -> Body:
     female = sex == "F"
     return Body(
-        half_width=float(rng.normal(0.64 if not female else 0.6, 0.035)),
+        half_width=float(rng.normal(0.71 if not female else 0.67, 0.035)),
         apex_y=float(rng.normal(-0.74, 0.035)),
         dome_y=float(rng.normal(0.36, 0.05)),
         dome_left_drop=float(rng.normal(0.04, 0.015)),
         cp_depth=float(rng.normal(0.13, 0.02)),
-        ctr=float(rng.uniform(0.39, 0.47)),
+        # Normal hearts reach a cardiothoracic ratio of 0.49 and mild cardiomegaly starts there, so the
+        # boundary is a continuum, as in real films, not a gap a classifier could read off for free.
+        ctr=float(np.clip(rng.normal(0.44, 0.03), 0.36, 0.49)),
         heart_left_share=float(rng.uniform(0.6, 0.7)),
-        mediastinum=float(rng.uniform(0.075, 0.095)),
+        mediastinum=float(rng.uniform(0.07, 0.105)),
         knob=float(rng.uniform(0.035, 0.05) + 0.0004 * max(age - 50, 0)),
-        wall=float(rng.uniform(0.07, 0.16)),
+        wall=float(rng.uniform(0.05, 0.13)),
         shoulder_y=float(rng.normal(-0.7, 0.04)),
         breast=float(rng.uniform(0.3, 1.0)) if female else 0.0,
         rib_spacing=float(rng.normal(0.1, 0.006)),
@@ -79,6 +81,7 @@ class Pose:
     ctr: float = 0.43
     mediastinum: float = 0.085
     knob: float = 0.045
+    widening: float = 0.0  # convex widening of the upper mediastinum (mass, aneurysm, haemorrhage)
     dome_shift: tuple[float, float] = (0.0, 0.0)  # (right, left) upward shift of the domes (volume loss)
     shift: float = 0.0  # mediastinal shift towards the image right (+) or left (-)
 
@@ -92,7 +95,7 @@ def sample_pose(rng: np.random.Generator, body: Body, view: str) -> Pose:
         scale=float(rng.normal(0.97 if ap else 1.0, 0.035)),
         tilt=float(rng.normal(0.0, 0.03)),
         ap=ap,
-        ctr=body.ctr + (0.035 if ap else 0.0),
+        ctr=body.ctr,  # set from the findings by pathology.shape_changes
         mediastinum=body.mediastinum * (1.08 if ap else 1.0),
         knob=body.knob,
         dome_shift=(0.05, 0.05) if ap else (0.0, 0.0),
@@ -100,9 +103,32 @@ def sample_pose(rng: np.random.Generator, body: Body, view: str) -> Pose:
 
 
 def texture(rng: np.random.Generator, res: int, scale_px: float) -> np.ndarray:
-    """Smooth random field with unit standard deviation (band-limited noise at ``scale_px``)."""
-    field = ndimage.gaussian_filter(rng.standard_normal((res, res)).astype(np.float32), scale_px, mode="wrap")
+    """Smooth random field with unit standard deviation (band-limited noise at ``scale_px``).
+
+    Broad fields are drawn on a coarser grid and interpolated up: the same look, a fraction of the cost.
+    """
+    factor = max(1, int(scale_px // 3))
+    n = -(-res // factor)
+    field = ndimage.gaussian_filter(rng.standard_normal((n, n)).astype(np.float32), scale_px / factor, mode="wrap")
+    if factor > 1:
+        field = _upsample(field, factor)[:res, :res]
     return field / (field.std() + 1e-6)
+
+
+def _upsample(field: np.ndarray, factor: int) -> np.ndarray:
+    """Bilinear upsampling by an integer factor (PIL's float resize: much faster than ndimage.zoom)."""
+    h, w = field.shape
+    img = Image.fromarray(np.ascontiguousarray(field, dtype=np.float32), mode="F")
+    return np.asarray(img.resize((w * factor, h * factor), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def smooth(img: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian blur for broad kernels, done on a coarser grid (the result is smooth anyway)."""
+    factor = max(1, int(sigma_px // 3))
+    if factor == 1:
+        return ndimage.gaussian_filter(img, sigma_px, mode="nearest")
+    coarse = ndimage.gaussian_filter(img[::factor, ::factor], sigma_px / factor, mode="nearest")
+    return _upsample(coarse, factor)[: img.shape[0], : img.shape[1]]
 
 
 def ramp(d: np.ndarray, width: float) -> np.ndarray:
@@ -155,8 +181,28 @@ class Chest:
         }
         self.carina = (pose.shift * 0.5, -0.3)
         self._lung: dict[int, np.ndarray] = {}
+        self._below: np.ndarray | None = None
+        # Body frame -> pixel (column, row), as one affine map: x_px = a*xb + b*yb + c0, y_px = d*xb + e*yb + f0.
+        k = pose.scale * res / 2.0
+        self._affine = (
+            k * c,
+            -k * s,
+            (pose.cx + 1.0) / 2.0 * res - 0.5,
+            k * s,
+            k * c,
+            (pose.cy + 1.0) / 2.0 * res - 0.5,
+        )
 
     # -- coordinate helpers -------------------------------------------------------------------------
+    def points(self, xb, yb) -> list[tuple[float, float]]:
+        """Body-frame points to a list of pixel (column, row) pairs for PIL, without numpy overhead."""
+        if isinstance(xb, np.ndarray):
+            xb = xb.tolist()
+        if isinstance(yb, np.ndarray):
+            yb = yb.tolist()
+        a, b, c0, d, e, f0 = self._affine
+        return [(a * x + b * y + c0, d * x + e * y + f0) for x, y in zip(xb, yb, strict=True)]
+
     def to_pixels(self, xb, yb) -> tuple[np.ndarray, np.ndarray]:
         """Body-frame points to pixel coordinates (column, row) for PIL drawing."""
         xb, yb = np.asarray(xb, dtype=float), np.asarray(yb, dtype=float)
@@ -171,20 +217,18 @@ class Chest:
 
     def polyline(self, draw, xb, yb, width: float, fill: float) -> None:
         """Draw a polyline given in body units; ``width`` in body units too."""
-        px, py = self.to_pixels(xb, yb)
         w = max(1, int(round(width * self.pose.scale / self.px)))
-        draw.line(list(zip(px.tolist(), py.tolist(), strict=True)), fill=float(fill), width=w, joint="curve")
+        draw.line(self.points(xb, yb), fill=float(fill), width=w, joint="curve")
 
     def polygon(self, draw, xb, yb, fill: float) -> None:
-        px, py = self.to_pixels(xb, yb)
-        draw.polygon(list(zip(px.tolist(), py.tolist(), strict=True)), fill=float(fill))
+        draw.polygon(self.points(xb, yb), fill=float(fill))
 
     def ellipse(self, draw, x, y, rx, ry, fill: float) -> None:
-        (x0, x1), (y0, y1) = self.to_pixels([x - rx, x + rx], [y - ry, y + ry])
+        (x0, y0), (x1, y1) = self.points([x - rx, x + rx], [y - ry, y + ry])
         draw.ellipse([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], fill=float(fill))
 
     def blur(self, img: Image.Image | np.ndarray, sigma_units: float) -> np.ndarray:
-        arr = np.asarray(img, dtype=np.float32)
+        arr = np.array(img, dtype=np.float32)  # a writable copy, even of a PIL image
         sigma = sigma_units * self.pose.scale / self.px
         return ndimage.gaussian_filter(arr, sigma, mode="nearest") if sigma > 0.3 else arr
 
@@ -206,6 +250,11 @@ class Chest:
         t = self.lung_t(side, y)
         top = 0.38 * self.W
         m = self.pose.mediastinum + side * self.pose.shift
+        if self.pose.widening > 0:
+            # A widened mediastinum bulges convexly between the thoracic inlet and the heart.
+            span = np.clip((y - self.apex - 0.05) / (self.heart_top + 0.05 - self.apex), 0.0, 1.0)
+            bulge = np.clip(np.sin(np.pi * span), 0.0, None) ** 0.6
+            m = m + self.pose.widening * bulge * (1.1 if side < 0 else 0.9)
         apex_round = top - (top - m) * np.sqrt(np.clip(t / 0.12, 0.0, 1.0))
         out = np.maximum(apex_round, m)
         out = np.maximum(out, self.heart_profile(side, y))
@@ -252,13 +301,18 @@ class Chest:
         return self.lung(-1) + self.lung(1)
 
     def below_diaphragm(self) -> np.ndarray:
-        u = np.abs(self.xb)
-        dia = np.where(self.xb < 0, self.diaphragm(-1, u), self.diaphragm(1, u))
-        return smoothstep(self.yb - dia, 2.5 * self.edge)
+        """Soft mask of the abdomen below the hemidiaphragms (computed once per study)."""
+        if self._below is None:
+            u = np.abs(self.xb)
+            dia = np.where(self.xb < 0, self.diaphragm(-1, u), self.diaphragm(1, u))
+            self._below = smoothstep(self.yb - dia, 2.5 * self.edge)
+        return self._below
 
     def body_halfwidth(self) -> np.ndarray:
         y = self.yb
-        chest = self.W + 0.05 + self.body.wall
+        # The chest wall is narrowest at the axillae and widest at the lower ribs; the waist narrows again.
+        chest = (self.W + 0.05 + self.body.wall) * (0.95 + 0.05 * np.sin(np.pi * np.clip((y + 0.5) / 1.3, 0.0, 1.0)))
+        chest = chest - 0.12 * np.clip(y - 0.75, 0.0, None)
         shoulders = 1.45
         s = 1.0 / (1.0 + np.exp(-(self.body.shoulder_y - y) / 0.09))
         return chest + (shoulders - chest) * s
@@ -269,12 +323,21 @@ class Chest:
         bw = self.body_halfwidth()
         t = np.sqrt(np.clip(1.0 - (self.xb / bw) ** 2, 0.0, 1.0))
         body = ramp(bw - np.abs(self.xb), 2.0 * self.edge)
+        # Above the shoulders only the neck: the trapezius slopes from the neck out to the shoulder tips,
+        # leaving air in the upper corners.
+        ax = np.abs(self.xb)
+        slope_top = self.body.shoulder_y - 0.12 - 0.3 * np.clip((0.95 - ax) / 0.6, 0.0, 1.0) ** 1.5
+        body = body * smoothstep(self.yb - slope_top, 0.05)
         # The neck and shoulders are thinner front to back than the chest.
         neck = 0.72 + 0.28 / (1.0 + np.exp(-(self.yb - self.apex - 0.05) / 0.08))
         dens = body * (0.3 + 0.32 * t) * neck
         # Spine and mediastinum: a dense column; the abdomen below the domes is as dense as the heart.
-        dens += 0.06 * np.exp(-((self.xb / 0.08) ** 4)) * body
-        dens += 0.08 * np.maximum(self.below_diaphragm(), self.heart()) * body
+        dens += 0.035 * np.exp(-((self.xb / 0.08) ** 4)) * body
+        heart = self.heart()
+        # Heart and liver are equally dense, so the heart merges with the diaphragm below it; the heart
+        # is thickest in its middle.
+        heart = np.clip(heart * (0.8 + 0.35 * smooth(heart, 0.06 / self.px)), 0.0, 1.0)
+        dens += 0.13 * np.maximum(self.below_diaphragm(), heart) * body
         if self.body.breast > 0:
             dens += self.breasts()
         return dens.astype(np.float32)
@@ -283,7 +346,7 @@ class Chest:
         """Soft mask of the heart shadow (it merges with the diaphragm below)."""
         u, y = np.abs(self.xb), self.yb
         ext = np.where(self.xb < 0, self.heart_profile(-1, y), self.heart_profile(1, y))
-        return ramp(ext - u, 2.0 * self.edge) * (ext > 0)
+        return smoothstep(ext - u, 4.0 * self.edge) * (ext > 0)
 
     def breasts(self) -> np.ndarray:
         out = np.zeros_like(self.xb)
@@ -299,7 +362,9 @@ class Chest:
         inside = ndimage.distance_transform_edt(lungs > 0.5) * self.px / self.pose.scale
         depth = np.clip(inside / 0.09, 0.0, 1.0) ** 0.55
         apex_fade = 0.78 + 0.22 * np.clip((self.yb - self.apex) / 0.45, 0.0, 1.0)
-        return (lungs * (0.35 + 0.65 * depth) * apex_fade).astype(np.float32)
+        # Less air crossed near the hila and mediastinum (more tissue in the beam) than laterally.
+        lateral = np.clip(np.abs(self.xb) / self.W, 0.0, 1.0)
+        return (lungs * (0.35 + 0.65 * depth) * apex_fade * (0.82 + 0.18 * lateral)).astype(np.float32)
 
     def trachea(self) -> np.ndarray:
         img, draw = self.canvas()
@@ -320,6 +385,7 @@ class Chest:
             (posterior, anterior) density layers.
         """
         fractures = fractures or {}
+        self.fracture_sites: list[tuple[float, float]] = []
         post, draw_p = self.canvas()
         ant, draw_a = self.canvas()
         spacing = self.body.rib_spacing * (0.93 if self.pose.ap else 1.0)
@@ -338,17 +404,25 @@ class Chest:
                 uc = 0.04 - rx * math.cos(2.0)
                 u = uc + rx * np.cos(phi)
                 y = y0 + ry + ry * np.sin(phi) + 0.14 * (u - 0.04)
-                thick = 0.03 + 0.0015 * k
+                thick = 0.028 + 0.0015 * k
                 xs = side * u
-                pieces = [(xs, y)]
+                # Posterior ribs fade towards the spine, where the mediastinum overlaps them.
+                fill = 0.45 + 0.55 * np.clip(np.linspace(0.0, 1.6, len(u)), 0.0, 1.0)
+                pieces = [(xs, y, fill)]
                 if broken is not None and broken[0] <= k < broken[0] + broken[1]:
                     # Break the rib laterally: a gap and the distal piece displaced (step-off).
-                    cut = int(21 + (k % 3))
-                    gap, disp = 2, broken[2]
-                    pieces = [(xs[:cut], y[:cut]), (xs[cut + gap :], y[cut + gap :] + disp)]
-                for px, py in pieces:
-                    self.polyline(draw_p, px, py, thick, 1.0)
-                    self.polyline(draw_p, px, py, thick * 0.5, 0.75)
+                    cut = int(14 + (k % 3))
+                    gap, disp = 2, broken[2] * (1 if k % 2 else -0.8)
+                    pieces = [
+                        (xs[:cut], y[:cut], fill[:cut]),
+                        (xs[cut + gap :], y[cut + gap :] + disp, fill[cut + gap :]),
+                    ]
+                    self.fracture_sites.append((float(xs[cut]), float(y[cut] + 0.5 * disp)))
+                for px, py, pf in pieces:
+                    for j in range(0, len(px) - 1, 6):
+                        seg = slice(j, j + 7)
+                        self.polyline(draw_p, px[seg], py[seg], thick * (0.9 + 0.2 * pf[j]), float(pf[j]))
+                        self.polyline(draw_p, px[seg], py[seg], thick * 0.5, 0.72 * float(pf[j]))
                 # Anterior rib: from the lateral end, obliquely down and medial; cartilage invisible medially.
                 ue, ye = u[-1], y[-1]
                 if k <= 9:
@@ -369,8 +443,10 @@ class Chest:
             y = y_med + (y_lat - y_med) * s + 0.025 * np.sin(2 * np.pi * s)
             pieces = [(side * u, y)]
             if fracture_side == side:
-                cut = 13
-                pieces = [(side * u[:cut], y[:cut]), (side * (u[cut:] - 0.015), y[cut:] + displacement)]
+                # Mid-shaft fracture: the lateral fragment drops (the arm's weight) and angulates.
+                cut = 12
+                drop = displacement * (1.0 + 1.5 * s[cut + 1 :] - 1.5 * s[cut + 1])
+                pieces = [(side * u[:cut], y[:cut]), (side * u[cut + 1 :], y[cut + 1 :] + drop)]
             for xs, ys in pieces:
                 self.polyline(draw, xs, ys, 0.05, 1.0)
                 self.polyline(draw, xs, ys, 0.03, 0.6)
@@ -399,8 +475,8 @@ class Chest:
         for side in SIDES:
             hx = side * (self.W + self.body.wall + 0.22)
             hy = self.body.shoulder_y - 0.12
-            self.ellipse(draw, hx, hy, 0.17, 0.17, 0.6)
-            self.ellipse(draw, hx, hy, 0.15, 0.15, 0.45)
+            self.ellipse(draw, hx + side * 0.05, hy - 0.03, 0.17, 0.17, 0.45)
+            self.ellipse(draw, hx + side * 0.05, hy - 0.03, 0.15, 0.15, 0.3)
             # Scapula: lateral border and body, overlapping the lung on AP films.
             inward = 0.1 if self.pose.ap else 0.0
             sx = side * (self.W + self.body.wall - 0.02 - inward)
@@ -412,7 +488,7 @@ class Chest:
             )
         return self.blur(img, 0.01)
 
-    def vessels(self, rng: np.random.Generator, lines: int = 7) -> np.ndarray:
+    def vessels(self, rng: np.random.Generator, lines: int = 11) -> np.ndarray:
         """Pulmonary vessels: trees branching from each hilum, tapering towards the periphery."""
         img, draw = self.canvas()
         for side in SIDES:
@@ -420,7 +496,7 @@ class Chest:
             for i in range(lines):
                 # Spread of trunk directions: up, out and down from the hilum (angles from the lateral).
                 angle = -1.45 + 2.9 * (i + rng.uniform(0.2, 0.8)) / lines
-                self._branch(draw, rng, side, hx, hy, angle, 0.12 + rng.uniform(0, 0.04), 0.022, 0, 0.8)
+                self._branch(draw, rng, side, hx, hy, angle, 0.1 + rng.uniform(0, 0.04), 0.017, 0, 0.8)
             # Hilar vessels: a lumpy dense knot.
             for _ in range(4):
                 self.ellipse(
@@ -431,22 +507,31 @@ class Chest:
     def _branch(self, draw, rng, side, x, y, angle, length, width, depth, fill) -> None:
         if depth > 3:
             return
-        steps = 4
+        bends = rng.normal(0, 0.12, 4)
+        spreads = rng.uniform(0.25, 0.55, 2)
+        shrink = rng.uniform(0.6, 0.78, 2)
         xs, ys = [x], [y]
         a = angle
-        for _ in range(steps):
-            a += rng.normal(0, 0.12)
-            x = x + side * math.cos(a) * length / steps
-            y = y + math.sin(a) * length / steps
+        step = length / 4
+        for bend in bends.tolist():
+            a += bend
+            x = x + side * math.cos(a) * step
+            y = y + math.sin(a) * step
             xs.append(x)
             ys.append(y)
         self.polyline(draw, xs, ys, width, fill)
-        n_children = 2 if depth < 3 else 1
-        for c in range(n_children):
-            spread = rng.uniform(0.25, 0.55) * (1 if c == 0 else -1)
-            self._branch(
-                draw, rng, side, x, y, a + spread, length * rng.uniform(0.6, 0.75), width * 0.7, depth + 1, fill * 0.7
-            )
+        for c in range(2 if depth < 3 else 1):
+            spread = float(spreads[c]) * (1 if c == 0 else -1)
+            self._branch(draw, rng, side, x, y, a + spread, length * shrink[c], width * 0.72, depth + 1, fill * 0.72)
+
+    def bowel_gas(self, rng: np.random.Generator) -> np.ndarray:
+        """A few pockets of colonic gas in the upper abdomen, at the bottom of the film."""
+        img, draw = self.canvas()
+        for _ in range(int(rng.integers(0, 4))):
+            x = rng.uniform(-0.8, 0.8) * self.W
+            y = max(self.cp[0], self.cp[1]) + rng.uniform(0.15, 0.5)
+            self.ellipse(draw, x, y, rng.uniform(0.03, 0.07), rng.uniform(0.025, 0.045), rng.uniform(0.3, 0.8))
+        return self.blur(img, 0.015)
 
     def stomach_bubble(self, rng: np.random.Generator) -> np.ndarray:
         img, draw = self.canvas()

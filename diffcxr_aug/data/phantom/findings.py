@@ -157,6 +157,9 @@ NOISE_WEIGHTS = np.array([0.2, 0.09, 0.1, 0.1, 0.1, 0.09, 0.09, 0.12, 0.11])
 
 DEVICES: tuple[str, ...] = ("ett", "enteric_tube", "cvc_rij", "cvc_lsc", "picc", "pacemaker", "chest_tube")
 
+# Rib fractures milder than this are drawn (and reported) as healing, with callus around the break.
+HEALING_BELOW = 0.45
+
 THORAX_CM = 30.0  # the inner width of the thorax in cm, to turn drawing units into the sizes reports quote
 
 Side = str  # "right" | "left" | "bilateral" (patient's side: patient right is image left)

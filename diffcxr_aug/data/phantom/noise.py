@@ -103,38 +103,65 @@ def burnt_text(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def render_lateral(truth: StudyTruth, res: int, rng: np.random.Generator) -> np.ndarray:
-    """A lateral chest view: anterior to the image left, spine posterior, heart anterior-inferior."""
+    """A lateral chest view: anterior to the image left, spine posterior, heart anterior on the diaphragm."""
     coords = (np.arange(res, dtype=np.float32) + 0.5) / res * 2 - 1
     X, Y = np.meshgrid(coords, coords)
-    X = X - rng.normal(0, 0.04)
-    Y = Y - rng.normal(0, 0.04)
-    body = smoothstep(1.0 - np.hypot(X / 0.88, (Y + 0.1) / 1.25), 0.03)
-    dens = body * (0.45 + 0.2 * np.sqrt(np.clip(1 - (X / 0.9) ** 2, 0, 1)))
-    # One large lung field projected from both lungs; diaphragm slopes down posteriorly.
-    dia = 0.35 + 0.2 * (X + 0.6) / 1.2 - 0.1 * (1 - ((X - 0.0) / 0.7) ** 2)
-    lung = smoothstep(0.62 - np.abs(X + 0.02) / 1.0, 0.05) * smoothstep(dia - Y, 0.03) * smoothstep(Y + 0.68, 0.08)
-    lung *= smoothstep(0.5 - X, 0.04) * smoothstep(X + 0.66, 0.04)
-    heart = smoothstep(1.0 - np.hypot((X + 0.28) / 0.32, (Y - 0.28) / 0.3), 0.06)
-    lung *= 1.0 - heart
-    dens -= 0.42 * lung * (0.8 + 0.2 * texture(rng, res, res / 40) * 0.2)
-    img = Image.new("F", (res, res), 0.0)
-    draw = ImageDraw.Draw(img)
-    # Spine: vertebral bodies along a gentle kyphosis.
-    y = -1.0
-    while y < 1.0:
-        x = 0.6 + 0.06 * np.cos(y * 1.6)
-        cx, cy = (x + 1) / 2 * res, (y + 1) / 2 * res
-        h = res * 0.035
-        draw.rectangle([cx - res * 0.045, cy, cx + res * 0.045, cy + h], fill=0.25)
-        y += 0.09
-    # Sternum, trachea (air) and the humeri crossing the upper field.
-    draw.line([(res * 0.1, res * 0.2), (res * 0.07, res * 0.55)], fill=0.2, width=max(1, res // 40))
-    bones = ndimage.gaussian_filter(np.asarray(img), res / 300)
+    scale = rng.normal(1.0, 0.04)
+    X = (X - rng.normal(0, 0.03)) / scale
+    Y = (Y - rng.normal(0, 0.03)) / scale
+    px = 2.0 / res
+    # Body: anterior chest wall curving back towards the neck, straight back.
+    front = -0.78 + 0.22 * np.clip(-0.45 - Y, 0.0, None) ** 1.2 + 0.04 * Y**2
+    back = 0.84 - 0.05 * Y**2
+    body = smoothstep(X - front, 3 * px) * smoothstep(back - X, 3 * px)
+    thick = np.sqrt(np.clip((X - front) * (back - X), 0.0, None)) / 0.8
+    dens = body * (0.38 + 0.25 * np.clip(thick, 0, 1))
+    # Diaphragm: high anteriorly, low posteriorly (the deep posterior costophrenic sulcus).
+    dia = (
+        0.22 + 0.3 * np.clip((X + 0.6) / 1.35, 0.0, 1.0) ** 1.6 - 0.06 * np.sin(np.pi * np.clip((X + 0.6) / 1.3, 0, 1))
+    )
+    lung = smoothstep(X - (front + 0.07), 4 * px) * smoothstep(dia - Y, 3 * px)
+    lung *= smoothstep(1.0 - np.hypot((X - 0.06) / 0.7, (Y - 0.2) / 1.02), 6 * px)
+    above = smoothstep(dia - Y, 3 * px)
+    heart = smoothstep(1.0 - np.hypot((X + 0.3) / 0.36, (Y - 0.28) / 0.36), 0.1) * above
+    lung_air = lung * (1.0 - heart)
+    # Both lungs overlap: most air in the retrosternal and retrocardiac spaces.
+    depth = 0.75 + 0.25 * np.clip(np.sin(np.pi * np.clip((X + 0.7) / 1.4, 0, 1)), 0, 1)
+    dens -= (0.44 + 0.03 * texture(rng, res, res / 60)) * lung_air * depth
+    dens += 0.06 * heart * body + 0.1 * smoothstep(Y - dia, 4 * px) * body
+    bones = Image.new("F", (res, res), 0.0)
+    draw = ImageDraw.Draw(bones)
+
+    def pix(x, y):
+        return ((x * scale + 1) / 2 * res, (y * scale + 1) / 2 * res)
+
+    # Thoracic spine: vertebral bodies with disc spaces, along a gentle kyphosis; ribs arc back to it.
+    y = -1.05
+    while y < 1.05:
+        x = 0.52 + 0.05 * np.cos(y * 1.5)
+        h = 0.085
+        draw.polygon(
+            [pix(x - 0.09, y), pix(x + 0.08, y + 0.01), pix(x + 0.08, y + h + 0.01), pix(x - 0.09, y + h)], fill=0.5
+        )
+        draw.line([pix(x + 0.12, y + 0.03), pix(x + 0.22, y + 0.06)], fill=0.4, width=max(1, res // 60))
+        y += h + 0.022
+    for k in range(9):
+        y0 = -0.55 + 0.12 * k
+        pts = [pix(0.45 - 0.5 * t, y0 + 0.1 * t + 0.15 * t * t) for t in np.linspace(0, 1, 12)]
+        draw.line(pts, fill=0.25, width=max(1, res // 70))
+    # Sternum, and the humeri projecting over the upper chest.
+    draw.line([pix(-0.62, -0.55), pix(-0.7, 0.15)], fill=0.45, width=max(1, res // 35))
+    for dx in (-0.08, 0.05):
+        draw.line([pix(-0.3 + dx, -1.1), pix(-0.1 + dx, -0.35)], fill=0.3, width=max(1, res // 14))
+    bone_layer = ndimage.gaussian_filter(np.asarray(bones), res / 250)
+    dens += 0.28 * bone_layer
+    # Trachea and hila.
     air = Image.new("F", (res, res), 0.0)
-    ImageDraw.Draw(air).line([(res * 0.47, 0), (res * 0.5, res * 0.42)], fill=1.0, width=max(1, res // 28))
-    dens += bones - 0.12 * ndimage.gaussian_filter(np.asarray(air), res / 200)
-    dens += 0.1 * smoothstep(0.35 - np.hypot((X + 0.3) / 0.6, (Y + 0.75) / 0.12), 0.1)
-    img = np.clip((dens - 0.03) / 0.8, 0, 1)
+    ImageDraw.Draw(air).line([pix(-0.12, -1.05), pix(0.02, -0.15)], fill=1.0, width=max(1, res // 28))
+    dens -= 0.12 * ndimage.gaussian_filter(np.asarray(air), res / 200)
+    dens += 0.08 * smoothstep(1.0 - np.hypot((X - 0.05) / 0.16, (Y + 0.08) / 0.2), 0.5) * lung
+    lo, hi = rng.normal(0.03, 0.02), rng.normal(0.86, 0.04)
+    img = np.clip((dens - lo) / (hi - lo), 0, 1)
     img = ndimage.gaussian_filter(img, 0.7) + rng.normal(0, 0.012, img.shape)
     return np.clip(img, 0, 1).astype(np.float32)
 

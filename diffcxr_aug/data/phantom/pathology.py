@@ -39,16 +39,28 @@ class Effects:
         return cls(zeros.copy(), zeros.copy(), np.ones_like(zeros), zeros.copy())
 
 
+AP_MAGNIFICATION = 0.025  # how much an AP film adds to the apparent cardiothoracic ratio
+
+
+def cardiothoracic_ratio(truth: StudyTruth) -> float:
+    """The cardiothoracic ratio drawn for a frontal study (the manifest's ``meta_ctr``).
+
+    Healthy hearts reach 0.49; cardiomegaly runs from 0.49 (mildest) to 0.72 (severe); AP films magnify.
+    """
+    if "cardiomegaly" in truth.findings:
+        ctr = 0.49 + 0.23 * (truth.findings["cardiomegaly"].severity - 0.2) / 0.8
+    else:
+        ctr = truth.body.ctr
+    return ctr + (AP_MAGNIFICATION if truth.view == "AP" else 0.0)
+
+
 def shape_changes(pose: Pose, truth: StudyTruth) -> Pose:
     """Findings that change the shape of the chest itself, applied before it is drawn."""
     f = truth.findings
-    changes: dict = {}
-    if "cardiomegaly" in f:
-        # Cardiothoracic ratio 0.53 (mild) to 0.72 (severe); AP magnification on top.
-        changes["ctr"] = 0.53 + 0.19 * f["cardiomegaly"].severity + (0.03 if pose.ap else 0.0)
+    changes: dict = {"ctr": cardiothoracic_ratio(truth)}
     if "enlarged_cardiomediastinum" in f:
         sev = f["enlarged_cardiomediastinum"].severity
-        changes["mediastinum"] = pose.mediastinum + 0.05 + 0.09 * sev
+        changes["widening"] = 0.045 + 0.12 * (sev - 0.2) / 0.8
         changes["knob"] = pose.knob + 0.025 * sev
     shift = 0.0
     dome = list(pose.dome_shift)
@@ -73,7 +85,7 @@ def _zone_bounds(chest: Chest, side: int, zone: str | None) -> tuple[float, floa
         return chest.apex + 0.06, hy - 0.02
     if zone == "middle":
         return hy - 0.04, hy + 0.22
-    return hy + 0.12, dome + 0.05
+    return hy + 0.12, dome - 0.03
 
 
 def _blob(chest: Chest, rng, cx, cy, radius, roughness, softness) -> np.ndarray:
@@ -136,19 +148,21 @@ def draw_findings(chest: Chest, truth: StudyTruth, rng: np.random.Generator, fx:
             if name == "consolidation":
                 cx, cy = _point_in_zone(chest, rng, side, fd.zone, down=0.5)
                 radius = 0.14 + 0.14 * fd.severity
-                mask = _blob(chest, rng, cx, cy, radius, 0.25, 0.18)
+                mask = _blob(chest, rng, cx, cy, radius, 0.25, 0.32)
                 if fd.zone == "upper" and side < 0:
                     # Right upper lobe: sharp lower border at the horizontal fissure.
                     mask *= ramp(chest.hilum[side][1] - chest.yb, e)
                 dense = 0.75 + 0.2 * fd.severity
                 bronchi = _air_bronchograms(chest, rng, side, cx, cy, radius)
-                fx.fill += dense * mask * lung * (1.0 - 0.55 * bronchi)
+                patchy = 1.0 + 0.1 * texture(rng, chest.res, 0.012 * chest.res)
+                fx.fill += dense * mask * lung * (1.0 - 0.5 * bronchi) * patchy
             elif name == "pneumonia":
                 for _ in range(int(rng.integers(2, 4))):
                     cx, cy = _point_in_zone(chest, rng, side, fd.zone if rng.random() < 0.7 else "lower")
                     radius = 0.07 + 0.08 * fd.severity
-                    mask = _blob(chest, rng, cx, cy, radius, 0.45, 0.35)
-                    fx.fill += (0.5 + 0.35 * fd.severity) * mask * lung
+                    mask = _blob(chest, rng, cx, cy, radius, 0.45, 0.5)
+                    patchy = 1.0 + 0.2 * texture(rng, chest.res, 0.01 * chest.res)
+                    fx.fill += (0.5 + 0.35 * fd.severity) * mask * lung * patchy
             else:
                 cx, cy = _point_in_zone(chest, rng, side, fd.zone)
                 radius = 0.16 + 0.12 * fd.severity
@@ -211,14 +225,16 @@ def draw_findings(chest: Chest, truth: StudyTruth, rng: np.random.Generator, fx:
         d = np.hypot(chest.xb - cx, chest.yb - cy)
         sphere = np.sqrt(np.clip(1.0 - (d / rim) ** 2, 0.0, 1.0))
         body = ramp(rim - d, 1.5 * e)
-        fx.fill += body * chest.lungs
-        fx.density += (0.16 + 0.06 * fd.severity) * np.maximum(sphere, 0.6 * body)
+        # A lesion displaces only its own thickness of the air the beam crosses: a nodule is a moderate
+        # density, a mass a dense one.
+        fx.fill += (0.6 + 2.5 * radius) * np.maximum(sphere, 0.5 * body) * chest.lungs
+        fx.density += 0.05 * body
     if "pleural_other" in f:
         fd = f["pleural_other"]
         for side in SIDE_OF[fd.side]:
             lung = chest.lung(side)
             u, y = side * chest.xb, chest.yb
-            thick = 0.02 + 0.035 * fd.severity
+            thick = 0.03 + 0.04 * fd.severity
             if fd.kind == "apical":
                 band = ramp(chest.apex + 0.02 + 2.2 * thick - y, 2 * e)
             else:
@@ -233,7 +249,7 @@ def draw_findings(chest: Chest, truth: StudyTruth, rng: np.random.Generator, fx:
     if "fracture" in f:
         fd = f["fracture"]
         side = SIDE_OF[fd.side][0]
-        displacement = 0.012 + 0.028 * fd.severity
+        displacement = 0.035 + 0.04 * fd.severity
         if fd.kind == "clavicle":
             fx.clavicle_fracture = (side, displacement + 0.01)
         else:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
-from diffcxr_aug.data.phantom.findings import THORAX_CM, Finding, StudyTruth, lesion_radius
+from diffcxr_aug.data.phantom.findings import HEALING_BELOW, THORAX_CM, Finding, StudyTruth, lesion_radius
 
 # Label name -> the finding whose presence makes it true (Lung Opacity is derived, No Finding too).
 LABEL_FINDING: dict[str, str] = {
@@ -117,9 +117,9 @@ def _location(f: Finding, rng: np.random.Generator) -> str:
         return _pick(
             rng,
             {
-                "lower": ("both lung bases", "bibasilar regions", "lower lungs bilaterally"),
-                "middle": ("mid lungs bilaterally", "both perihilar regions"),
-                "upper": ("both upper lobes", "upper lungs bilaterally"),
+                "lower": ("lung bases bilaterally", "bibasilar regions", "lower lungs bilaterally"),
+                "middle": ("mid lungs bilaterally", "perihilar regions bilaterally"),
+                "upper": ("upper lobes bilaterally", "upper lungs bilaterally"),
             }[zone],
         )
     lobes = {
@@ -278,7 +278,8 @@ class _Writer:
                         )
                     )
                 )
-        if self.t.prior is not None and self.rng.random() < 0.3:
+        prior = self.prior.get("support_devices") if self.prior is not None else None
+        if prior is not None and prior.items == self.f["support_devices"].items and self.rng.random() < 0.3:
             out = [_cap(self.pick(("unchanged position of the", "stable position of the"))) + " support devices."]
         return out
 
@@ -349,7 +350,7 @@ class _Writer:
                     out.append(
                         self.pick(
                             (
-                                f"{_cap(new)}{loc} consolidative opacity, consistent with pneumonia.",
+                                f"{_cap(new)}consolidative opacity in the {loc}, consistent with pneumonia.",
                                 f"Dense consolidation and opacification of the {loc} compatible with pneumonia.",
                             )
                         )
@@ -609,24 +610,32 @@ class _Writer:
             return []
         fr = self.f["fracture"]
         if fr.kind == "clavicle":
-            what = f"{fr.side} clavicle"
+            what = short = f"{fr.side} clavicle"
             plural = False
         else:
             ribs = [_ordinal(k) for k in fr.items]
-            what = (
-                f"{fr.side} {ribs[0]} rib"
-                if len(ribs) == 1
-                else f"{fr.side} {', '.join(ribs[:-1])} and {ribs[-1]} ribs"
-            )
+            numbers = ribs[0] if len(ribs) == 1 else f"{', '.join(ribs[:-1])} and {ribs[-1]}"
             plural = len(ribs) > 1
+            what = f"{fr.side} {numbers} rib{'s' if plural else ''}"
+            short = f"{fr.side} {numbers} rib"
         if self.s["Fracture"] == 1.0:
+            many = "s" if plural else ""
+            if fr.kind == "rib" and fr.severity < HEALING_BELOW:
+                return [
+                    self.pick(
+                        (
+                            f"Healing fracture{many} of the {what} with callus formation.",
+                            f"Subacute {short} fracture{many} with surrounding callus.",
+                        )
+                    )
+                ]
             disp = "displaced" if fr.severity > 0.5 else "minimally displaced"
             return [
                 self.pick(
                     (
-                        f"{_cap(disp)} fracture{'s' if plural else ''} of the {what}.",
-                        f"There {'are' if plural else 'is an'} acute fracture{'s' if plural else ''} of the {what}.",
-                        f"{_cap(what)} fracture{'s' if plural else ''}.",
+                        f"{_cap(disp)} fracture{many} of the {what}.",
+                        f"There {'are' if plural else 'is an'} acute fracture{many} of the {what}.",
+                        f"{_cap(short)} fracture{many}.",
                     )
                 )
             ]
@@ -719,17 +728,13 @@ class _Writer:
     def filler(self, normal: bool) -> list[str]:
         """Sentences irrelevant to the 14 labels (anatomy described as normal, incidental notes)."""
         out = []
+        lungs_involved = any(n in self.f for n in ("atelectasis", "pneumothorax", "pleural_effusion", "edema"))
         if self.rng.random() < 0.5:
-            out.append(
-                self.pick(
-                    (
-                        "The lungs are otherwise clear.",
-                        "Lungs are well expanded.",
-                        "The lungs are clear." if normal else "Otherwise clear lungs.",
-                    )
-                )
-            )
-        if self.rng.random() < 0.3:
+            if normal:
+                out.append(self.pick(("The lungs are clear.", "Lungs are well expanded and clear.")))
+            elif not lungs_involved:
+                out.append(self.pick(("The lungs are otherwise clear.", "Otherwise clear lungs.")))
+        if "fracture" not in self.f and self.rng.random() < 0.3:
             out.append(
                 self.pick(
                     (
@@ -777,7 +782,9 @@ def write_report(truth: StudyTruth, rng: np.random.Generator) -> Report:
     style = STYLES[int(rng.choice(len(STYLES), p=STYLE_P))]
     status = plan_labels(truth, style, rng)
     w = _Writer(truth, status, rng)
-    positives = [_cap(x) for x in w.devices() + w.heart() + w.lungs() + w.pleura() + w.bones()]
+    devices = [_cap(x) for x in w.devices()]
+    pathology = [_cap(x) for x in w.heart() + w.lungs() + w.pleura() + w.bones()]
+    positives = devices + pathology
     negatives = w.negatives()
     normal = truth.no_finding
     if normal and not any(v == -1.0 for v in status.values()):
@@ -803,7 +810,14 @@ def write_report(truth: StudyTruth, rng: np.random.Generator) -> Report:
     findings = clinical + negatives + w.filler(normal)
     if not findings:
         findings = ["The lungs are clear."]
-    impression = _impression(clinical, summary, rng)
+    # Impressions restate the pathology in fewer words and often leave routine devices out (the findings
+    # section already carries every stated label).
+    if pathology:
+        kept = pathology if rng.random() < 0.5 else clinical
+        impression = _impression([_condense(c) for c in kept], summary, rng)
+    else:
+        shown = [_condense(d) for d in devices] if devices and rng.random() < 0.6 else []
+        impression = " ".join(shown + (summary or ["No acute cardiopulmonary process."]))
     parts = []
     if style == "full":
         portable = truth.view == "AP"
@@ -844,6 +858,13 @@ def write_report(truth: StudyTruth, rng: np.random.Generator) -> Report:
         )
     sep = "\n\n" if style == "full" else "\n"
     return Report(sep.join(parts), status)
+
+
+def _condense(sentence: str) -> str:
+    for prefix in ("There is an ", "There is a ", "There are ", "There is "):
+        if sentence.startswith(prefix):
+            return _cap(sentence[len(prefix) :])
+    return sentence
 
 
 def _impression(clinical: list[str], summary: list[str], rng: np.random.Generator) -> str:

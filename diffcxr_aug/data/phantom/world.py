@@ -18,6 +18,7 @@ from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import read_manifest, write_manifest, write_rejected
 from diffcxr_aug.data.phantom import noise as noise_mod
 from diffcxr_aug.data.phantom.findings import StudyTruth, sample_world
+from diffcxr_aug.data.phantom.pathology import cardiothoracic_ratio
 from diffcxr_aug.data.phantom.render import render_frontal, resample
 from diffcxr_aug.data.phantom.reports import write_report
 from diffcxr_aug.data.splits import DEFAULT_FRACTIONS, assign_patient_splits
@@ -85,6 +86,7 @@ def phantom_rows(truths: list[StudyTruth], seed: int) -> list[dict]:
         row["meta_sex"] = truth.sex
         row["meta_study_index"] = str(truth.study_index)
         row["meta_findings"] = truth.describe()
+        row["meta_ctr"] = f"{cardiothoracic_ratio(truth):.3f}" if truth.view != "LATERAL" else ""
         rows.append(row)
     return rows
 

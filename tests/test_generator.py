@@ -1,0 +1,294 @@
+"""Diff-CXR stage 1 end to end at tiny size: CLI training, checkpoints, exact resume, pipeline round-trip,
+sampling, synthesis, and the AVA-TLS switch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from diffcxr_aug.cli import app
+from diffcxr_aug.config import GeneratorSection, SynthesizeSection
+from diffcxr_aug.data.manifest import read_manifest
+from diffcxr_aug.generator.pipeline import DiffCXRPipeline
+from diffcxr_aug.generator.synthesize import image_seed, synthesize
+from diffcxr_aug.generator.training import CHECKPOINT_WEIGHTS, list_checkpoints, train_generator
+from tests.conftest import make_tiny_manifest
+
+TINY = dict(
+    config="tiny",
+    batch_size=4,
+    checkpoint_every=2,
+    sample_every=2,
+    num_validation_reports=2,
+    validation_steps=2,
+    lr_warmup_steps=1,
+    gradient_accumulation_steps=2,
+    mixed_precision="no",
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on 2 shared cores: OpenMP threads spin-waiting on each other cost more than they compute.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A tiny generator trained for 2 steps through the CLI (one checkpoint, one sample grid)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("generator")
+    data = make_tiny_manifest(root / "data").parent
+    recipe = root / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({"generator": TINY}))
+    result = CliRunner().invoke(
+        app,
+        ["train-generator", "--data", str(data), "--out", str(root / "gen"), "--recipe", str(recipe)]
+        + ["--max-steps", "2", "--device", "cpu"],
+    )
+    assert result.exit_code == 0, result.output
+    return {"data": data, "gen": root / "gen", "root": root}
+
+
+def test_cli_training_writes_pipeline_checkpoints_logs_and_grids(trained):
+    gen = trained["gen"]
+    assert (gen / "model_index.json").is_file()
+    assert [p.name for p in list_checkpoints(gen)] == ["checkpoint-2"]
+    log = pd.read_csv(gen / "logs" / "loss.csv")
+    assert log["step"].tolist() == [1, 2] and log["loss"].notna().all() and log["loss_align"].notna().all()
+    assert (gen / "logs" / "loss.png").is_file()
+    assert (gen / "samples" / "step-000002.png").is_file()
+    assert (gen / "trained_vae" / "metrics.json").is_file()
+    info = json.loads((gen / "training_info.json").read_text())
+    assert info["text_encoder"]["policy"] == "train" and info["text_encoder"]["backend"] == "scratch"
+    assert info["ava_tls"] is True and info["gflops_per_denoising_step"] > 0
+    assert Path(info["data"]) == (trained["data"] / "manifest.csv").resolve()
+    model_index = json.loads((gen / "model_index.json").read_text())
+    assert model_index["token_squeeze"] == ["diffcxr_aug.generator.token_squeeze", "TokenSqueeze"]
+
+
+def test_pipeline_loads_and_same_seed_gives_same_images(trained):
+    pipe = DiffCXRPipeline.from_pretrained(trained["gen"])
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.token_squeeze.config.mode == "squeeze"
+    reports = ["The heart is enlarged.", "Normal heart size. No pneumothorax."]
+
+    def sample(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return pipe(reports, num_inference_steps=2, guidance_scale=2.0, generator=generator, output_type="pt").images
+
+    first, again, other = sample(0), sample(0), sample(1)
+    assert first.shape == (2, 1, 32, 32) and 0.0 <= float(first.min()) and float(first.max()) <= 1.0
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    pil = pipe(reports[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert len(pil) == 1 and pil[0].mode == "L" and pil[0].size == (32, 32)
+
+
+def test_pipeline_check_inputs(trained):
+    pipe = DiffCXRPipeline.from_pretrained(trained["gen"])
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        pipe(["x"], num_inference_steps=0)
+    with pytest.raises(ValueError, match="2 generators for 1 reports"):
+        pipe(["x"], num_inference_steps=1, generator=[torch.Generator(), torch.Generator()])
+    with pytest.raises(ValueError, match="output_type 'jpg'"):
+        pipe(["x"], num_inference_steps=1, output_type="jpg")
+    with pytest.raises(ValueError, match="empty"):
+        pipe([], num_inference_steps=1)
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(trained, tmp_path):
+    """Continue the fixture's 2-step run to 3 steps and compare with a fresh 3-step run, weight for weight."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained["gen"], resumed)
+    section = GeneratorSection(max_steps=3, **TINY)
+    train_generator(trained["data"], resumed, section, resume="latest", device="cpu")
+    straight = tmp_path / "straight"
+    train_generator(trained["data"], straight, section, device="cpu")
+    a = load_file(resumed / "checkpoints" / "checkpoint-3" / CHECKPOINT_WEIGHTS)
+    b = load_file(straight / "checkpoints" / "checkpoint-3" / CHECKPOINT_WEIGHTS)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The pipeline (EMA weights) matches too, and the log holds each step once.
+    a = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert pd.read_csv(resumed / "logs" / "loss.csv")["step"].tolist() == [1, 2, 3]
+    assert [p.name for p in list_checkpoints(resumed)] == ["checkpoint-2", "checkpoint-3"]
+    # The run was not a no-op: step 3 moved the weights away from the step-2 checkpoint.
+    c = load_file(trained["gen"] / "checkpoints" / "checkpoint-2" / CHECKPOINT_WEIGHTS)
+    assert any(
+        not torch.equal(a2, c[k])
+        for k, a2 in load_file(straight / "checkpoints" / "checkpoint-3" / CHECKPOINT_WEIGHTS).items()
+    )
+
+
+def test_a_folder_being_trained_is_locked(trained, tmp_path):
+    import fcntl
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".train.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345\n")
+        held.flush()
+        with pytest.raises(FileExistsError, match="being trained by pid 12345"):
+            train_generator(trained["data"], out, GeneratorSection(**TINY), device="cpu")
+
+
+def test_existing_checkpoints_need_resume(trained):
+    with pytest.raises(FileExistsError, match="--resume latest"):
+        train_generator(trained["data"], trained["gen"], GeneratorSection(max_steps=2, **TINY), device="cpu")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        train_generator(
+            trained["data"], trained["gen"], GeneratorSection(**TINY), resume=trained["root"], device="cpu"
+        )
+
+
+def test_stage2_and_bad_stage(trained, tmp_path):
+    with pytest.raises(NotImplementedError, match="DKIM stage 2"):
+        train_generator(trained["data"], tmp_path, GeneratorSection(**TINY), stage=2)
+    result = CliRunner().invoke(
+        app, ["train-generator", "--data", str(trained["data"]), "--out", str(tmp_path), "--stage", "2"]
+    )
+    assert result.exit_code == 2 and "DKIM stage 2" in result.output
+
+
+def test_ava_tls_off_is_the_truncation_baseline(trained, tmp_path):
+    """AVA-TLS off, with v-prediction and a one-checkpoint limit (three switches, one short run)."""
+    out = tmp_path / "off"
+    settings = {**TINY, "checkpoint_every": 1, "checkpoints_total_limit": 1, "prediction_type": "v_prediction"}
+    train_generator(trained["data"], out, GeneratorSection(max_steps=2, ava_tls=False, **settings), device="cpu")
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    pipe = DiffCXRPipeline.from_pretrained(out)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    assert pipe.token_squeeze.config.mode == "truncate"
+    assert pipe.text_max_length == pipe.token_squeeze.config.num_tokens == 8
+    assert not (out / "image_tower").exists()
+    assert pd.read_csv(out / "logs" / "loss.csv")["loss_align"].isna().all()
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["ava_tls"] is False and "first K tokens" in info["ava_tls_meaning"]
+    images = pipe(["The heart is enlarged."], num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 32, 32, 1)
+
+
+def test_unknown_config_is_a_recipe_error(tmp_path, tiny_manifest):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("generator:\n  config: phantom-1024\n")
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-generator",
+            "--data",
+            str(tiny_manifest.parent),
+            "--out",
+            str(tmp_path / "o"),
+            "--recipe",
+            str(recipe),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "phantom-1024" in result.output and "phantom-128" in result.output
+
+
+# --------------------------------------------------------------------------------------------------- synthesize
+def test_synthesize_grows_and_finishes_interrupted_jobs(trained, tmp_path):
+    out = tmp_path / "synthetic"
+    section = SynthesizeSection(n=4, steps=2, guidance=2.0, batch_size=3)
+    path = synthesize(trained["gen"], out, section, device="cpu", seed=5)
+    frame = read_manifest(path).frame
+    assert frame["image_path"].tolist() == [f"images/{i:06d}.png" for i in range(4)]
+    assert frame["patient_id"].tolist() == [f"synthetic-{i}" for i in range(4)]
+    assert set(frame["split"]) == {"train"} and (frame["prompt"] == frame["report"]).all()
+    assert frame["seed"].astype(int).tolist() == [image_seed(5, i) for i in range(4)]
+    # Labels come from the prompt's row of the training manifest.
+    source = read_manifest(trained["data"]).frame.set_index("image_path")
+    for _, row in frame.iterrows():
+        assert row["Cardiomegaly"] == source.loc[row["meta_prompt_image"], "Cardiomegaly"]
+        assert row["report"] == source.loc[row["meta_prompt_image"], "report"]
+    assert (out / "preview.png").is_file()
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    first = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+
+    # Grow to 6: only two new images; the first four are untouched and keep their prompts.
+    frame6 = read_manifest(
+        synthesize(trained["gen"], out, section.model_copy(update={"n": 6}), device="cpu", seed=5)
+    ).frame
+    assert len(frame6) == 6 and frame6["report"].tolist()[:4] == frame["report"].tolist()
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir() if p.name in stamps} == stamps
+
+    # An interrupted run (two images and the manifest missing) is finished by running it again.
+    (out / "manifest.csv").unlink()
+    for name in ("000001.png", "000004.png"):
+        (out / "images" / name).unlink()
+    synthesize(trained["gen"], out, section.model_copy(update={"n": 6}), device="cpu", seed=5)
+    assert len(read_manifest(out).frame) == 6 and len(list((out / "images").iterdir())) == 6
+    # Each image is reproduced from its seed (here within one grey level: it was drawn in another batch).
+    from diffcxr_aug.data.images import load_image
+
+    redone = load_image(out / "images" / "000001.png")
+    original = load_image_bytes(first["000001.png"])
+    assert abs(redone - original).max() <= 1.5 / 255
+
+    with pytest.raises(ValueError, match="another synthesis job.*steps"):
+        synthesize(trained["gen"], out, section.model_copy(update={"steps": 3}), device="cpu", seed=5)
+
+
+def load_image_bytes(data: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32) / 255.0
+
+
+def test_synthesize_cli_and_missing_generator(trained, tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["synthesize", "--n", "2", "--generator", str(trained["gen"]), "--out", str(tmp_path / "s")]
+        + ["--steps", "1", "--device", "cpu", "--prompts", str(trained["data"])],
+    )
+    assert result.exit_code == 0, result.output
+    assert len(read_manifest(tmp_path / "s").frame) == 2
+    result = CliRunner().invoke(
+        app, ["synthesize", "--n", "2", "--generator", str(tmp_path / "none"), "--out", str(tmp_path / "t")]
+    )
+    assert result.exit_code == 2 and "not a trained pipeline folder" in result.output
+
+
+@pytest.mark.slow
+def test_two_process_training_with_torchrun(trained, tmp_path):
+    """Two gloo ranks on CPU through accelerate (torchrun): the VAE is trained once, checkpoints written once."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({"generator": TINY}))
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffcxr_aug.cli"]
+    command += ["train-generator", "--data", str(trained["data"]), "--out", str(out), "--recipe", str(recipe)]
+    command += ["--max-steps", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[1]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["num_processes"] == 2 and info["steps"] == 2
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    DiffCXRPipeline.from_pretrained(out)

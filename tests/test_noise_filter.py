@@ -1,0 +1,279 @@
+"""LNFS: the estimator on synthetic latents, and ``diffcxr-aug filter`` end to end on tiny manifests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from diffcxr_aug.cli import app
+from diffcxr_aug.data.images import load_image, save_png
+from diffcxr_aug.data.manifest import read_manifest, write_manifest
+from diffcxr_aug.generator.noise_filter import LatentNoiseFilter, evaluate_scores
+from diffcxr_aug.generator.vae import build_vae
+from tests.conftest import make_tiny_manifest
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread avoids OpenMP spin-waits that make them 5-10x slower on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# Small and quick: enough steps to learn the synthetic sets below, a few seconds per fit.
+FAST = dict(n_clusters=4, manifold_components=16, discriminator_steps=150, folds=3, progress=False)
+
+
+def normal_latents(n: int, seed: int, noise: float = 0.3) -> torch.Tensor:
+    """Normal images: one template plus five modes of variation plus per-pixel noise, as (n, 4, 8, 8)."""
+    g = torch.Generator().manual_seed(seed)
+    template = torch.randn(4, 8, 8, generator=g)
+    basis = torch.randn(5, 4, 8, 8, generator=g)
+    coef = torch.randn(n, 5, 1, 1, 1, generator=g)
+    return template + 0.4 * (coef * basis).sum(1) + noise * torch.randn(n, 4, 8, 8, generator=g)
+
+
+def contaminated(n_normal: int = 300, n_per_kind: int = 8, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """A normal blob plus far-off kinds: inverted, rotated, a bright local mark, a global shift."""
+    base = normal_latents(n_normal + 4 * n_per_kind, seed)
+    normal, rest = base[:n_normal], base[n_normal:].clone()
+    k = n_per_kind
+    rest[:k] = -rest[:k]  # inverted
+    rest[k : 2 * k] = rest[k : 2 * k].rot90(1, (2, 3))  # rotated
+    rest[2 * k : 3 * k, :, :3, :3] += 3.0  # a burnt-in mark
+    rest[3 * k :] += 2.0  # over-exposure
+    return torch.cat([normal, rest]), np.r_[np.zeros(n_normal), np.ones(4 * k)].astype(bool)
+
+
+def test_separates_synthetic_outliers_at_every_stage():
+    latents, noisy = contaminated()
+    filt = LatentNoiseFilter(contamination=0.1, **FAST).fit(latents)
+    scores = filt.train_scores_
+    assert roc_auc_score(noisy, scores.kmeans) > 0.9
+    assert roc_auc_score(noisy, scores.manifold) > 0.95
+    assert roc_auc_score(noisy, scores.final) > 0.95
+    # The confident normal set is drawn from the clean images.
+    assert noisy[filt.normal_mask_].mean() < 0.02
+    # Scoring new images uses the fitted model: fresh normals score low, a fresh inverted one high.
+    fresh = normal_latents(40, seed=0)[-20:]  # same template (seed), new draws
+    new = filt.score(torch.cat([fresh, -fresh[:1]])).final
+    assert new[-1] > np.quantile(new[:-1], 0.9)
+    assert filt.predict(torch.cat([fresh, -fresh[:1]])).dtype == bool
+
+
+def test_contamination_threshold_flags_that_share():
+    latents, _ = contaminated()
+    for contamination in (0.05, 0.2):
+        filt = LatentNoiseFilter(contamination=contamination, **FAST).fit(latents)
+        assert abs(int(filt.flagged_.sum()) - contamination * len(latents)) <= 1
+
+
+def test_quantile_threshold_follows_the_data():
+    # With the contamination rule the count is fixed; with the quantile rule it grows with the noise.
+    flagged = []
+    for n_per_kind in (4, 16):
+        latents, noisy = contaminated(n_per_kind=n_per_kind)
+        filt = LatentNoiseFilter(threshold="quantile", quantile=0.98, **FAST).fit(latents)
+        normal_scores = filt.train_scores_.final[filt.normal_mask_]
+        assert (normal_scores > filt.threshold_).sum() <= np.ceil(0.02 * len(normal_scores))
+        assert filt.flagged_[noisy].mean() > 0.9
+        flagged.append(int(filt.flagged_.sum()))
+    assert flagged[1] > flagged[0] + 30
+
+
+def test_known_noisy_examples_teach_the_discriminator():
+    # A faint mark in one corner: hard to see for the unsupervised stages, learnable from examples.
+    latents = normal_latents(440, seed=0)
+    latents[400:, 0, :2, :2] += 1.2
+    noisy = np.r_[np.zeros(400), np.ones(40)].astype(bool)
+    known = np.zeros(440, dtype=bool)
+    known[400:420] = True
+    held_out = ~noisy | (np.arange(440) >= 420)
+
+    filt_plain = LatentNoiseFilter(**FAST).fit(latents)
+    filt_known = LatentNoiseFilter(**FAST).fit(latents, known_noisy=known)
+    auc_plain = roc_auc_score(noisy[held_out], filt_plain.train_scores_.final[held_out])
+    auc_known = roc_auc_score(noisy[held_out], filt_known.train_scores_.final[held_out])
+    assert auc_known > auc_plain + 0.03
+    assert filt_known.flagged_[known].all()
+    assert (filt_known.pseudo_label_[known] == 1).all()
+    assert not filt_known.normal_mask_[known].any()
+
+    # The same examples given as images outside the collection help too.
+    extra = latents[400:420]
+    rows = np.r_[0:400, 420:440]
+    filt_extra = LatentNoiseFilter(**FAST).fit(latents[rows], extra_noisy=extra)
+    auc_extra = roc_auc_score(noisy[rows], filt_extra.train_scores_.final)
+    filt_none = LatentNoiseFilter(**FAST).fit(latents[rows])
+    assert auc_extra > roc_auc_score(noisy[rows], filt_none.train_scores_.final)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(threshold="median"), "choose one of: contamination, quantile"),
+        (dict(n_clusters=8, min_cluster_share=0.2), "min_cluster_share"),
+        (dict(positive_share=0.3, negative_share=0.8), "positive_share"),
+        (dict(contamination=0.6), "contamination"),
+        (dict(quantile=1.0), "quantile"),
+        (dict(folds=1), "folds"),
+    ],
+)
+def test_inconsistent_arguments_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LatentNoiseFilter(**kwargs)
+
+
+def test_bad_latents_are_rejected():
+    filt = LatentNoiseFilter(**FAST)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        filt.score(torch.zeros(2, 4, 8, 8))
+    with pytest.raises(ValueError, match="at least"):
+        filt.fit(torch.zeros(5, 4, 8, 8))
+    latents = normal_latents(60, seed=0)
+    bad = latents.clone()
+    bad[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        filt.fit(bad)
+    with pytest.raises(ValueError, match="known_noisy"):
+        filt.fit(latents, known_noisy=np.zeros(3, dtype=bool))
+    filt.fit(latents)
+    with pytest.raises(ValueError, match="do not match"):
+        filt.score(torch.zeros(2, 4, 4, 4))
+
+
+def test_evaluate_scores_reports_each_stage_and_kind():
+    frame = pd.DataFrame(
+        {
+            "score": [0.1, 0.2, 0.3, 0.9, 0.8],
+            "kmeans_score": [1, 2, 3, 4, 0],
+            "manifold_score": [0.1, 0.2, 0.3, 0.9, 0.8],
+            "discriminator_score": [0.1, 0.2, 0.3, 0.9, 0.8],
+            "flagged": [0, 0, 1, 1, 0],
+        }
+    )
+    result = evaluate_scores(frame, pd.Series(["", "", "", "inverted", "lateral"]))
+    assert result["roc_auc"]["final"] == 1.0
+    assert result["roc_auc"]["kmeans"] == pytest.approx(0.5)
+    assert result["clean_removed_share"] == pytest.approx(1 / 3)
+    assert result["per_kind"]["inverted"]["recall"] == 1.0
+    assert result["per_kind"]["lateral"]["recall"] == 0.0
+
+
+# ------------------------------------------------------------------------------------ the command line
+FILTER_RECIPE = """
+filter:
+  vae_config: tiny
+  vae_steps: 2
+  image_size: 32
+  n_clusters: 3
+  manifold_components: 8
+  discriminator_steps: 20
+  contamination: 0.1
+"""
+
+
+@pytest.fixture
+def noisy_tiny(tmp_path) -> Path:
+    """The tiny manifest with a ``noise`` column: three images inverted, one a blank page."""
+    folder = tmp_path / "data"
+    make_tiny_manifest(folder, n=30, size=32)
+    manifest = read_manifest(folder)
+    frame = manifest.frame.copy()
+    frame["noise"] = ""
+    for i in (1, 7, 20):
+        path = folder / frame.loc[i, "image_path"]
+        save_png(1.0 - load_image(path), path)
+        frame.loc[i, "noise"] = "inverted"
+    save_png(np.full((32, 32), 0.95, dtype=np.float32), folder / frame.loc[11, "image_path"])
+    frame.loc[11, "noise"] = "not_cxr"
+    write_manifest(frame, folder)
+    return folder
+
+
+def test_cli_filter_writes_the_contract_files(noisy_tiny, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(FILTER_RECIPE)
+    out = tmp_path / "filtered"
+    result = runner.invoke(app, ["filter", "--data", str(noisy_tiny), "--out", str(out), "--recipe", str(recipe)])
+    assert result.exit_code == 0, result.output
+
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False)
+    assert list(scores.columns[:3]) == ["image_path", "score", "flagged"]
+    for column in ("kmeans_score", "manifold_score", "discriminator_score", "noise"):
+        assert column in scores.columns
+    assert len(scores) == 30  # every input row
+    assert scores["flagged"].sum() == 3  # contamination 0.1 of 30
+    # Paths resolve from the output folder, in scores.csv and in the kept manifest alike.
+    assert all((out / p).is_file() for p in scores["image_path"])
+    kept = read_manifest(out)
+    assert len(kept) == 30 - 3
+    assert all(p.is_file() for p in kept.image_paths())
+    assert set(kept.frame["image_path"]) == set(scores.loc[scores["flagged"] == 0, "image_path"])
+
+    report = json.loads((out / "filter_report.json").read_text())
+    assert report["images"] == 30 and report["flagged"] == 3
+    assert set(report["evaluation"]["roc_auc"]) == {"final", "kmeans", "manifold", "discriminator"}
+    assert set(report["evaluation"]["per_kind"]) == {"inverted", "not_cxr"}
+    assert report["vae"]["trained_here"]
+    for name in ("montage_flagged.png", "montage_borderline.png", "vae/config.json"):
+        assert (out / name).is_file(), name
+
+
+def test_cli_filter_with_given_vae_and_known_noisy(noisy_tiny, tmp_path):
+    torch.manual_seed(0)
+    vae_dir = tmp_path / "vae"
+    build_vae("tiny", sample_size=32).save_pretrained(vae_dir)
+    frame = read_manifest(noisy_tiny).frame
+    known = tmp_path / "known.csv"
+    pd.DataFrame({"image_path": [frame.loc[1, "image_path"], str(noisy_tiny / frame.loc[7, "image_path"])]}).to_csv(
+        known, index=False
+    )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(FILTER_RECIPE)
+    out = tmp_path / "filtered"
+    args = ["filter", "--data", str(noisy_tiny), "--out", str(out), "--recipe", str(recipe)]
+    args += ["--vae", str(vae_dir), "--known-noisy", str(known), "--threshold", "quantile", "--quantile", "0.9"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False)
+    assert scores.loc[[1, 7], "known_noisy"].tolist() == [1, 1]
+    assert scores.loc[[1, 7], "flagged"].tolist() == [1, 1]
+    assert not (out / "vae").exists()  # the given VAE is used, none trained
+    report = json.loads((out / "filter_report.json").read_text())
+    assert report["threshold"]["rule"] == "quantile"
+    assert report["known_noisy"] == {"in_manifest": 2, "extra_images": 0}
+
+
+def test_cli_filter_bad_input_exits_2_with_one_line(tmp_path, noisy_tiny):
+    result = runner.invoke(app, ["filter", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "No manifest at" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+    known = tmp_path / "known.csv"
+    known.write_text("image_path\nimages/missing.png\n")
+    result = runner.invoke(
+        app, ["filter", "--data", str(noisy_tiny), "--out", str(tmp_path / "o"), "--known-noisy", str(known)]
+    )
+    assert result.exit_code == 2
+    assert "row 2" in result.output and "missing.png" in result.output
+
+    result = runner.invoke(app, ["filter", "--data", str(noisy_tiny), "--out", str(noisy_tiny)])
+    assert result.exit_code == 2 and "data folder" in result.output
+
+    result = runner.invoke(
+        app, ["filter", "--data", str(noisy_tiny), "--out", str(tmp_path / "o"), "--threshold", "median"]
+    )
+    assert result.exit_code == 2 and "--threshold" in result.output
