@@ -30,6 +30,7 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
+
 # Small and quick: enough steps to learn the synthetic sets below, a few seconds per fit.
 FAST = dict(n_clusters=4, manifold_components=16, discriminator_steps=150, folds=3, progress=False)
 
