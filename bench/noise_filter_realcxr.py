@@ -1,7 +1,7 @@
 """LNFS on real chest X-rays plus corrupted copies: the noise of real collections that can be simulated.
 
     python bench/noise_filter_realcxr.py [--shared ../shared] [--out runs/lnfs-realcxr] [--variants 5]
-                                         [--per-kind 3] [--vae-steps 300] [--size 64] [--seed 0]
+                                         [--per-kind 3] [--vae-steps 300] [--vae DIR] [--size 64] [--seed 0]
 
 The clean pool is built from the real radiographs in ``shared/realcxr/`` (40 Hannover AP/PA films, two
 NIH ChestX-ray14 PNGs, three TBX11K PNGs, one SIIM DICOM and one ieee8023 JPG: 47 images), each drawn
@@ -201,13 +201,14 @@ def main() -> None:
     parser.add_argument("--variants", type=int, default=5)
     parser.add_argument("--per-kind", type=int, default=3)
     parser.add_argument("--vae-steps", type=int, default=300)
+    parser.add_argument("--vae", type=Path, default=None, help="reuse a VAE (e.g. OUT/filtered/vae of an earlier run)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     build_pool(args.shared, args.out / "data", args.variants, args.per_kind, args.seed)
     section = FilterSection(vae_steps=args.vae_steps, image_size=args.size)
-    run_filter(args.out / "data", args.out / "filtered", section, device="cpu", seed=args.seed)
+    run_filter(args.out / "data", args.out / "filtered", section, vae=args.vae, device="cpu", seed=args.seed)
     report = json.loads((args.out / "filtered" / "filter_report.json").read_text())
     evaluation = report["evaluation"]
     scores = pd.read_csv(args.out / "filtered" / "scores.csv", keep_default_na=False)

@@ -64,14 +64,14 @@ class FilterSection(Section):
         description="contamination: flag the top `contamination` share; quantile: flag scores above the "
         "`quantile` of the confident normal images' scores (the count follows the data)",
     )
-    quantile: float = Field(0.99, gt=0.0, lt=1.0)
+    quantile: float = Field(0.995, gt=0.0, lt=1.0)
     known_noisy: Path | None = Field(
         None, description="CSV with an image_path column: images known to be noisy (supervise the discriminator)"
     )
     # Per-stage knobs (see diffcxr_aug.generator.noise_filter.LatentNoiseFilter).
     grid: int = Field(4, ge=1, description="spatial grid the latents are pooled to")
     min_cluster_share: float = Field(0.05, gt=0.0, le=0.5, description="clusters this large count as typical")
-    normal_share: float = Field(0.5, gt=0.0, lt=1.0, description="share of images seeding the normal set")
+    normal_share: float = Field(0.7, gt=0.0, lt=1.0, description="share of images seeding the normal set")
     manifold_components: int = Field(256, ge=1, description="principal components of the normal-latent manifold")
     positive_share: float = Field(0.04, gt=0.0, lt=0.5, description="top manifold scores taught as noisy")
     negative_share: float = Field(0.6, gt=0.0, lt=1.0, description="bottom manifold scores taught as normal")
