@@ -357,15 +357,46 @@ def train_classifier(
 @app.command()
 def evaluate(
     real: Annotated[Path, typer.Option("--real", help="folder with the real manifest.csv")],
-    synthetic: Annotated[Path, typer.Option("--synthetic", help="folder with the synthetic manifest.csv")],
+    synthetic: Annotated[
+        list[str],
+        typer.Option(
+            "--synthetic",
+            help="folder with a synthetic manifest.csv; repeat as NAME=DIR to compare sets with one classifier",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="output folder (report.json, report.md, figures)")],
+    size: Annotated[
+        int | None, typer.Option("--size", min=16, help="image side of the reference classifier (default: synthetic)")
+    ] = None,
+    classifier: Annotated[
+        Path | None, typer.Option("--classifier", help="reuse this reference classifier folder; default: train one")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="epochs of the reference classifier")] = 8,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
 ) -> None:
-    """Fidelity, faithfulness, privacy and compute report of a synthetic set against the real one."""
+    """Fidelity (FID/KID), faithfulness (mAUC), privacy (nearest training image) and compute of synthetic sets."""
     from diffcxr_aug.evaluation.report import evaluate as _evaluate
 
-    path = _call(_evaluate, real, synthetic, out, device=device, seed=0 if seed is None else seed)
+    sets: dict[str, Path] = {}
+    for item in synthetic:
+        name, sep, folder = item.partition("=")
+        path = Path(folder) if sep else Path(item)
+        key = name if sep else (path.name or str(path))
+        if key in sets:
+            _fail(f"--synthetic {item!r}: the name {key!r} is used twice; write NAME=DIR with distinct names")
+        sets[key] = path
+    path = _call(
+        _evaluate,
+        real,
+        sets,
+        out,
+        device=device,
+        seed=0 if seed is None else seed,
+        size=size,
+        classifier=classifier,
+        epochs=epochs,
+    )
     typer.echo(f"wrote {path}")
 
 

@@ -205,7 +205,12 @@ class ClassifierSection(Section):
 
 
 class EvaluateSection(Section):
+    """``evaluate``: FID/KID, faithfulness, privacy and compute, in a reference classifier's feature space."""
+
     enabled: bool = True
+    model: str = Field("resnet10t", description="timm model of the reference classifier trained on the real data")
+    epochs: int = Field(8, ge=1, description="epochs of that classifier")
+    image_size: int | None = Field(None, ge=16, le=1024, description="None: the prepared data's size")
 
 
 class Recipe(Section):

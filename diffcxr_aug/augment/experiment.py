@@ -123,5 +123,15 @@ def run_experiment(recipe: Recipe) -> Path:
     if "evaluate" in recipe.steps and recipe.evaluate.enabled:
         from diffcxr_aug.evaluation.report import evaluate
 
-        evaluate(paths["data"], paths["synthetic"], paths["evaluation"], device=recipe.device, seed=seed)
+        section = recipe.evaluate
+        evaluate(
+            paths["data"],
+            {"synthetic": paths["synthetic"]},
+            paths["evaluation"],
+            device=recipe.device,
+            seed=seed,
+            size=section.image_size or recipe.data.size,
+            model_name=section.model,
+            epochs=section.epochs,
+        )
     return recipe.output_dir

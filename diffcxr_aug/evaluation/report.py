@@ -1,7 +1,467 @@
-"""Fidelity, faithfulness, privacy and compute report."""
+"""``diffcxr-aug evaluate``: fidelity, faithfulness, privacy and compute of synthetic CXRs against real ones.
+
+Everything is measured in one feature space, the penultimate layer of a *reference classifier*: a timm
+model trained on the real train split (:func:`~diffcxr_aug.evaluation.faithfulness.reference_classifier`,
+saved in ``OUT/reference_classifier`` and reused by later calls). Offline there is no Inception network,
+and an ImageNet network is a poor judge of radiographs anyway; a CXR classifier's features are the ones
+the project has, and they are the features that matter for downstream training.
+
+* **Fidelity**: FID and KID (torchmetrics, fed those features) between each synthetic set and the real
+  test split. Both depend on the feature space and on the number of images, so the report also gives the
+  *real-to-real floor*: the same distances between the real val and test splits, two samples of one
+  distribution. A generator is as good as real data when it reaches that floor.
+* **Faithfulness**: the reference classifier's mAUC on the synthetic images against their prompts'
+  labels (the paper's measure), beside its mAUC on the real test split (the ceiling).
+* **Privacy**: for every synthetic image, the cosine similarity of its features to the nearest real
+  training image. The yardstick is the same nearest-neighbour similarity of held-out real test images:
+  a synthetic image closer to a training image than 99% of real test images are is flagged as a possible
+  copy, and the closest pairs are drawn side by side for a person to look at.
+* **Compute**: what the generator's ``training_info.json`` and the job's ``synthesis.json`` recorded
+  (training steps and time, GFLOPs per denoising step, sampler steps, images per second).
+
+When the real manifest has a ``noise`` column (the phantom world), the fidelity reference is its clean
+rows: a generator is judged against chest X-rays, not against the noise a filter should have removed.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
-def evaluate(real, synthetic, out, device="auto", seed=0):
-    raise NotImplementedError("evaluate")
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from diffcxr_aug.classifiers.models import ClassifierConfig, load_classifier
+from diffcxr_aug.classifiers.train import build_transforms
+from diffcxr_aug.data.dataset import CXRDataset
+from diffcxr_aug.data.labels import CHEXPERT_LABELS
+from diffcxr_aug.data.manifest import Manifest, read_manifest
+from diffcxr_aug.evaluation.faithfulness import CLASSIFIER_DIR, masked_auc, reference_classifier
+from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+NEIGHBOURS_PNG = "nearest_neighbours.png"
+PER_LABEL_PNG = "faithfulness_per_label.png"
+COPY_QUANTILE = 0.99
+
+
+class _Features(torch.nn.Module):
+    """Hands precomputed feature rows to torchmetrics unchanged (its ``num_features`` sizes the state)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@torch.no_grad()
+def embed(
+    model: torch.nn.Module,
+    config: ClassifierConfig,
+    manifest: Manifest,
+    device: torch.device,
+    batch_size: int = 64,
+    desc: str = "features",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Penultimate-layer features, sigmoid scores and stored labels of every row of ``manifest``.
+
+    timm models split into ``forward_features`` and ``forward_head``; ``pre_logits=True`` gives the pooled
+    vector the classifier's last layer reads.
+    """
+    transform = build_transforms((config.mean,), (config.std,), train=False)
+    dataset = CXRDataset(manifest, config.image_size, config.label_names, transform=transform, progress=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    model.eval()
+    features, scores, labels = [], [], []
+    for batch in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        pooled = model.forward_head(model.forward_features(batch["image"].to(device)), pre_logits=True)
+        features.append(pooled.float().cpu().numpy())
+        scores.append(torch.sigmoid(model.get_classifier()(pooled).float()).cpu().numpy())
+        labels.append(batch["labels"].numpy())
+    return np.concatenate(features), np.concatenate(scores), np.concatenate(labels)
+
+
+def feature_distances(real: np.ndarray, fake: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """FID and KID (mean and std over subsets) between two feature sets, by torchmetrics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError(f"FID needs at least 2 images on each side (got {len(real)} real, {len(fake)} synthetic)")
+    width = real.shape[1]
+    fid = FrechetInceptionDistance(feature=_Features(width), reset_real_features=False)
+    subset = min(1000, len(real), len(fake))
+    with warnings.catch_warnings():  # it keeps every feature row; these are already features, and few
+        warnings.filterwarnings("ignore", message=".*will save all extracted features")
+        kid = KernelInceptionDistance(feature=_Features(width), subsets=50, subset_size=subset)
+    r, f = torch.from_numpy(real).double(), torch.from_numpy(fake).double()
+    for metric in (fid, kid):
+        metric.update(r, real=True)
+        metric.update(f, real=False)
+    with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global generator
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {
+        "fid": float(fid.compute()),
+        "kid": float(kid_mean),
+        "kid_std": float(kid_std),
+        "n_real": len(real),
+        "n_synthetic": len(fake),
+    }
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def nearest_neighbours(queries: np.ndarray, reference: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarity to, and index of, each query's nearest reference row."""
+    q, r = _unit(queries), _unit(reference)
+    best, where = np.empty(len(q)), np.empty(len(q), dtype=np.int64)
+    for start in range(0, len(q), chunk):
+        sims = q[start : start + chunk] @ r.T
+        where[start : start + chunk] = sims.argmax(axis=1)
+        best[start : start + chunk] = sims.max(axis=1)
+    return best, where
+
+
+def privacy(
+    synthetic: np.ndarray, train: np.ndarray, held_out: np.ndarray, quantile: float = COPY_QUANTILE
+) -> dict[str, Any]:
+    """Nearest-training-image similarity of synthetic images against that of held-out real images."""
+    syn_sim, syn_idx = nearest_neighbours(synthetic, train)
+    real_sim, _ = nearest_neighbours(held_out, train)
+    threshold = float(np.quantile(real_sim, quantile))
+    return {
+        "nn_similarity_synthetic_median": float(np.median(syn_sim)),
+        "nn_similarity_real_test_median": float(np.median(real_sim)),
+        "copy_threshold": threshold,
+        "copy_threshold_meaning": f"the {quantile:.0%} quantile of real test images' similarity to their nearest "
+        "training image",
+        "flagged": int((syn_sim > threshold).sum()),
+        "flagged_share": float((syn_sim > threshold).mean()),
+        "expected_share_if_like_real": 1.0 - quantile,
+        "_similarity": syn_sim,
+        "_neighbour": syn_idx,
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def compute_summary(synthetic_dir: Path) -> dict[str, Any]:
+    """Training and sampling cost, as far as the generator and the synthesis job recorded them."""
+    job = _read_json(synthetic_dir / "synthesis.json") or {}
+    summary: dict[str, Any] = {
+        key: job[key] for key in ("steps", "guidance", "n", "seconds", "images_per_second", "device") if key in job
+    }
+    generator = job.get("generator")
+    info = _read_json(Path(generator) / "training_info.json") if generator else None
+    if info:
+        summary["generator"] = {
+            "folder": generator,
+            "config": info.get("config", {}).get("name"),
+            "ava_tls": info.get("ava_tls"),
+            "training_steps": info.get("steps"),
+            "training_wall_minutes": info.get("wall_minutes_this_invocation"),
+            "resumed_from_step": info.get("resumed_from_step"),
+            "gflops_per_denoising_step": info.get("gflops_per_denoising_step"),
+            "unet_params": info.get("unet_params"),
+            "train_images": info.get("train_images"),
+            "data": info.get("data"),
+            "device": info.get("device"),
+        }
+        gflops = info.get("gflops_per_denoising_step")
+        if gflops and "steps" in job:
+            # Classifier-free guidance runs the UNet on the prompt and on the empty prompt at every step.
+            passes = 2 if job.get("guidance", 0) > 1 else 1
+            summary["gflops_per_image"] = float(gflops) * int(job["steps"]) * passes
+    return summary
+
+
+def _plot_neighbours(
+    pairs: list[tuple[str, Manifest, int, Manifest, int, float]], path: Path, size: int
+) -> Path | None:
+    """Synthetic image next to its nearest real training image, for the closest pairs of every set."""
+    if not pairs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffcxr_aug.data.images import load_image, to_uint8_square
+
+    fig, axes = plt.subplots(2, len(pairs), figsize=(1.8 * len(pairs), 4.0), squeeze=False)
+    for col, (name, syn, i, real, j, sim) in enumerate(pairs):
+        for row, (manifest, index) in enumerate(((syn, i), (real, j))):
+            image = to_uint8_square(load_image(manifest.image_paths()[index]), size)
+            axes[row, col].imshow(image, cmap="gray", vmin=0, vmax=255)
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+        axes[0, col].set_title(f"{name}\ncos {sim:.3f}", fontsize=8)
+    axes[0, 0].set_ylabel("synthetic", fontsize=9)
+    axes[1, 0].set_ylabel("nearest real\n(train split)", fontsize=9)
+    fig.suptitle("Closest synthetic-to-training pairs (reference-classifier features)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_per_label(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = {"real test": results["real_test"]["faithfulness"]} | {
+        name: entry["faithfulness"] for name, entry in results["synthetic"].items()
+    }
+    labels = sorted({label for entry in sets.values() for label in entry["per_label"]})
+    height = 0.8 / len(sets)
+    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(labels) * max(1, len(sets) / 2) + 1.2))
+    for k, (name, entry) in enumerate(sets.items()):
+        values = [entry["per_label"].get(label, np.nan) for label in labels]
+        ax.barh(np.arange(len(labels)) + k * height, values, height=height, label=f"{name} (mAUC {entry['mauc']:.3f})")
+    ax.axvline(0.5, color="gray", lw=0.8, ls="--")
+    ax.set_yticks(np.arange(len(labels)) + height * (len(sets) - 1) / 2, labels, fontsize=8)
+    ax.set_xlim(0.3, 1.0)
+    ax.set_xlabel("ROC AUC of the reference classifier against the prompt labels")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _synthetic_sets(synthetic: str | os.PathLike | Mapping[str, str | os.PathLike]) -> dict[str, Path]:
+    if isinstance(synthetic, Mapping):
+        sets = {str(name): Path(folder) for name, folder in synthetic.items()}
+    else:
+        sets = {Path(synthetic).name or "synthetic": Path(synthetic)}
+    if not sets:
+        raise ValueError("no synthetic set given; pass --synthetic DIR (or NAME=DIR, repeated)")
+    return sets
+
+
+def evaluate(
+    real: str | os.PathLike,
+    synthetic: str | os.PathLike | Mapping[str, str | os.PathLike],
+    out: str | os.PathLike,
+    device: str = "auto",
+    seed: int = 0,
+    size: int | None = None,
+    classifier: str | os.PathLike | None = None,
+    model_name: str = "resnet10t",
+    epochs: int = 8,
+    max_train_images: int = 20000,
+) -> Path:
+    """Write ``OUT/report.json``, ``OUT/report.md`` and figures for one or more synthetic sets.
+
+    Args:
+        real: the real manifest folder or CSV. Its train split trains the reference classifier (and is the
+            privacy reference), its val and test splits give the real-to-real floor and the fidelity
+            reference.
+        synthetic: a synthetic manifest folder (``synthesize --out``), or name -> folder for several sets
+            scored by the same classifier (e.g. AVA-TLS on/off, filtered/unfiltered).
+        out: output folder; ``reference_classifier/`` inside it is reused by later calls.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        seed: reference classifier training and KID subsets.
+        size: image side the reference classifier sees; default: the side of the first synthetic image.
+        classifier: a reference classifier folder to reuse instead of training one in ``OUT``.
+        model_name, epochs: the reference classifier trained when none is given or cached.
+        max_train_images: privacy compares against at most this many training images (a seeded sample).
+
+    Returns:
+        The path of ``report.json``.
+    """
+    from PIL import Image
+
+    from diffcxr_aug.runtime import resolve_device
+
+    out = Path(out)
+    sets = _synthetic_sets(synthetic)
+    real_manifest = read_manifest(real)
+    synthetic_manifests = {name: read_manifest(folder) for name, folder in sets.items()}
+    for name, manifest in synthetic_manifests.items():
+        if len(manifest) < 2:
+            raise ValueError(f"{manifest.source}: synthetic set {name!r} has {len(manifest)} image(s); need 2 or more")
+    splits = {split: real_manifest.split(split) for split in ("train", "val", "test")}
+    for split, part in splits.items():
+        if len(part) < 2:
+            raise ValueError(f"{real_manifest.source}: the {split} split has {len(part)} row(s); evaluate needs 2+")
+    if size is None:
+        first = next(iter(synthetic_manifests.values()))
+        with Image.open(first.image_paths()[0]) as image:
+            size = int(image.size[0])
+    dev = resolve_device(device)
+
+    labels = [name for name in CHEXPERT_LABELS if name in real_manifest.label_names] or real_manifest.label_names
+    if classifier is not None:
+        model, config = load_classifier(classifier, dev)
+        model.eval()
+        labels = config.label_names
+    for name, manifest in synthetic_manifests.items():
+        missing = [label for label in labels if label not in manifest.label_names]
+        if missing:
+            raise ValueError(
+                f"{manifest.source}: synthetic set {name!r} lacks label columns {missing}; faithfulness scores each "
+                "image against its prompt's labels (the manifest synthesize writes has them)"
+            )
+    if classifier is None:
+        model, config = reference_classifier(
+            real_manifest,
+            out / CLASSIFIER_DIR,
+            size,
+            labels,
+            model_name=model_name,
+            epochs=epochs,
+            device=dev,
+            seed=seed,
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    clean_note = None
+    reference = dict(splits)
+    if "noise" in real_manifest.frame.columns:
+        for split in ("val", "test"):
+            part = splits[split]
+            clean = part.subset(part.frame["noise"].fillna("").astype(str).str.strip() == "")
+            if len(clean) >= 2:
+                reference[split] = clean
+        clean_note = "the real manifest has a noise column: val/test references are its clean rows"
+    train = splits["train"]
+    if len(train) > max_train_images:
+        keep = np.random.default_rng(seed).choice(len(train), max_train_images, replace=False)
+        train = train.subset(np.isin(np.arange(len(train)), keep))
+
+    feats = {}
+    for key, manifest in (("train", train), ("val", reference["val"]), ("test", reference["test"])):
+        feats[key] = embed(model, config, manifest, dev, desc=f"features: real {key}")
+    test_auc = masked_auc(feats["test"][2], feats["test"][1], config.label_names)
+    results: dict[str, Any] = {
+        "real": str(real_manifest.source),
+        "classifier": {"model": config.model, "size": config.image_size, "labels": config.label_names},
+        "feature_space": f"{config.model} penultimate layer ({feats['test'][0].shape[1]} features)",
+        "reference_note": clean_note,
+        "real_test": {
+            "n_images": len(reference["test"]),
+            "faithfulness": test_auc,
+            "floor": feature_distances(feats["val"][0], feats["test"][0], seed),
+        },
+        "synthetic": {},
+    }
+    pairs = []
+    for name, manifest in synthetic_manifests.items():
+        f, s, y = embed(model, config, manifest, dev, desc=f"features: {name}")
+        priv = privacy(f, feats["train"][0], feats["test"][0])
+        similarity, neighbour = priv.pop("_similarity"), priv.pop("_neighbour")
+        for i in np.argsort(-similarity)[: max(2, 8 // len(synthetic_manifests))]:
+            pairs.append((name, manifest, int(i), train, int(neighbour[i]), float(similarity[i])))
+        entry = {
+            "folder": str(sets[name]),
+            "n_images": len(manifest),
+            "fidelity": feature_distances(feats["test"][0], f, seed),
+            "faithfulness": masked_auc(y, s, config.label_names),
+            "privacy": priv,
+            "compute": compute_summary(sets[name]),
+        }
+        results["synthetic"][name] = entry
+        logger.info(
+            "%s: FID %.2f (floor %.2f), KID %.4f, faithfulness mAUC %.3f (real test %.3f), %d possible copies",
+            name,
+            entry["fidelity"]["fid"],
+            results["real_test"]["floor"]["fid"],
+            entry["fidelity"]["kid"],
+            entry["faithfulness"]["mauc"],
+            test_auc["mauc"],
+            priv["flagged"],
+        )
+    figures = {"faithfulness_per_label": str(_plot_per_label(results, out / PER_LABEL_PNG))}
+    neighbours = _plot_neighbours(pairs, out / NEIGHBOURS_PNG, config.image_size)
+    if neighbours is not None:
+        figures["nearest_neighbours"] = str(neighbours)
+    results["figures"] = figures
+    atomic_write_text(out / REPORT_MD, report_markdown(results))
+    atomic_write_json(out / REPORT_JSON, results)
+    return out / REPORT_JSON
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def report_markdown(results: dict[str, Any]) -> str:
+    """The human-readable report: one row per set, then the per-label faithfulness table."""
+    floor = results["real_test"]["floor"]
+    lines = [
+        "# Synthetic CXR evaluation",
+        "",
+        f"Real data: `{results['real']}`. Feature space: {results['feature_space']}.",
+    ]
+    if results.get("reference_note"):
+        lines.append(f"Note: {results['reference_note']}.")
+    lines += [
+        "",
+        "| set | images | FID | KID (x1000) | faithfulness mAUC | possible copies | GFLOPs / image |",
+        "|---|---|---|---|---|---|---|",
+        f"| real val vs real test (floor) | {floor['n_synthetic']} | {floor['fid']:.2f} | "
+        f"{1000 * floor['kid']:.2f} ± {1000 * floor['kid_std']:.2f} | "
+        f"{results['real_test']['faithfulness']['mauc']:.3f} (real test) | | |",
+    ]
+    for name, entry in results["synthetic"].items():
+        fid, priv = entry["fidelity"], entry["privacy"]
+        lines.append(
+            f"| {name} | {entry['n_images']} | {fid['fid']:.2f} | "
+            f"{1000 * fid['kid']:.2f} ± {1000 * fid['kid_std']:.2f} | {entry['faithfulness']['mauc']:.3f} | "
+            f"{priv['flagged']} ({priv['flagged_share']:.1%}) | "
+            f"{_fmt(entry['compute'].get('gflops_per_image'), 1)} |"
+        )
+    lines += [
+        "",
+        "FID and KID: against the real test split, in the reference classifier's feature space; the floor row "
+        "is two real samples of the same world. Faithfulness: the reference classifier's mAUC against each "
+        "image's prompt labels. Possible copies: synthetic images closer to a training image than "
+        f"{1 - next(iter(results['synthetic'].values()))['privacy']['expected_share_if_like_real']:.0%} "
+        "of real test images are (a set like real data flags about 1%).",
+        "",
+        "## Faithfulness per label (ROC AUC)",
+        "",
+    ]
+    sets = {"real test": results["real_test"]["faithfulness"]} | {
+        name: entry["faithfulness"] for name, entry in results["synthetic"].items()
+    }
+    labels = sorted({label for entry in sets.values() for label in entry["per_label"]})
+    lines.append("| label | " + " | ".join(sets) + " |")
+    lines.append("|---|" + "---|" * len(sets))
+    for label in labels:
+        cells = [_fmt(entry["per_label"].get(label)) for entry in sets.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## Compute", ""]
+    for name, entry in results["synthetic"].items():
+        lines.append(f"- **{name}**: `{json.dumps(entry['compute'], default=str)}`")
+    lines += ["", "Figures: " + ", ".join(f"`{Path(p).name}`" for p in results["figures"].values()), ""]
+    return "\n".join(lines)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,10 @@ def synthesize(
     _check_job(out, job)
     dev = resolve_device(device)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / JOB_NAME, {**job, "n": section.n})
+    previous = json.loads((out / JOB_NAME).read_text()) if (out / JOB_NAME).is_file() else {}
+    # Sampling time accumulates over resumed invocations; images_per_second is over the images timed.
+    timing = {k: previous[k] for k in ("seconds", "images_timed") if k in previous}
+    atomic_write_json(out / JOB_NAME, {**job, "n": section.n, **timing})
 
     n = section.n
     rows = prompt_rows(len(pool), n, seed)
@@ -155,6 +159,7 @@ def synthesize(
         pipe = DiffCXRPipeline.from_pretrained(generator).to(dev)
         pipe.set_progress_bar_config(disable=True)
         batches = [missing[i : i + section.batch_size] for i in range(0, len(missing), section.batch_size)]
+        started = time.perf_counter()
         with tqdm(total=len(missing), desc="synthesizing", unit="img") as bar:
             for batch in batches:
                 images = pipe(
@@ -167,6 +172,11 @@ def synthesize(
                 for i, image in zip(batch, images, strict=True):
                     save_png(image[..., 0], out / image_name(i))
                 bar.update(len(batch))
+                timing["seconds"] = timing.get("seconds", 0.0) + time.perf_counter() - started
+                timing["images_timed"] = timing.get("images_timed", 0) + len(batch)
+                started = time.perf_counter()
+                timing["images_per_second"] = timing["images_timed"] / max(timing["seconds"], 1e-9)
+                atomic_write_json(out / JOB_NAME, {**job, "n": section.n, "device": str(dev), **timing})
 
     manifest_path = write_manifest(_synthetic_frame(pool, rows, seeds), out / MANIFEST_NAME)
     _preview(pool, rows, seeds, out)

@@ -894,6 +894,9 @@ def _train(
             "paper_gflops": PAPER_GFLOPS,
             "steps": step,
             "stopped_by_time_limit": step < section.max_steps,
+            # Wall clock of this invocation (VAE training included); a resumed run counts its last part only.
+            "wall_minutes_this_invocation": round((time.monotonic() - run_started) / 60, 2),
+            "resumed_from_step": start_step,
             "seed": seed,
             "num_processes": accelerator.num_processes,
             "mixed_precision": mixed_precision,

@@ -1,0 +1,134 @@
+"""`evaluate`: FID/KID, faithfulness, privacy and compute in a reference classifier's feature space."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import linalg
+from typer.testing import CliRunner
+
+from diffcxr_aug.cli import app
+from diffcxr_aug.data.manifest import read_manifest, write_manifest
+from diffcxr_aug.evaluation.report import feature_distances, nearest_neighbours, privacy
+from tests.conftest import make_tiny_manifest
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def closed_form_fid(a: np.ndarray, b: np.ndarray) -> float:
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def test_feature_distances_agree_with_the_closed_form_and_grow_with_a_shift():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 6)), rng.normal(size=(300, 6))
+    near = feature_distances(a, b)
+    assert near["fid"] == pytest.approx(closed_form_fid(a, b), rel=1e-4, abs=1e-6)
+    shifted = feature_distances(a, b + 2.0)
+    # A mean shift of 2 in each of 6 dimensions adds 6 * 2**2 = 24 to the FID.
+    assert shifted["fid"] - near["fid"] == pytest.approx(24.0, rel=0.05)
+    assert shifted["kid"] > 10 * max(near["kid"], 1e-4)
+    assert (near["n_real"], near["n_synthetic"]) == (400, 300)
+    with pytest.raises(ValueError, match="at least 2"):
+        feature_distances(a, b[:1])
+
+
+def test_privacy_flags_copies_of_training_images_and_few_fresh_ones():
+    rng = np.random.default_rng(1)
+    train, held_out = rng.normal(size=(500, 32)), rng.normal(size=(300, 32))
+    copies = train[:40] + 1e-3 * rng.normal(size=(40, 32))
+    fresh = rng.normal(size=(400, 32))
+    sim, where = nearest_neighbours(copies, train)
+    assert (where == np.arange(40)).all() and (sim > 0.999).all()
+    result = privacy(np.concatenate([copies, fresh]), train, held_out)
+    # Every near-copy is flagged; fresh draws are flagged at about the held-out rate (1%).
+    assert 40 <= result["flagged"] <= 40 + 16
+    medians = result["nn_similarity_synthetic_median"], result["nn_similarity_real_test_median"]
+    assert medians[0] == pytest.approx(medians[1], abs=0.05)
+
+
+def synthetic_like(real_folder, out, rows):
+    """A synthetic manifest (the schema `synthesize` writes) whose images are copies of real rows."""
+    real = read_manifest(real_folder)
+    frame = real.frame.loc[rows].copy().reset_index(drop=True)
+    (out / "images").mkdir(parents=True)
+    for i, path in enumerate(real.image_paths()[k] for k in real.frame.index.get_indexer(rows)):
+        shutil.copy(path, out / "images" / f"{i:06d}.png")
+    frame["image_path"] = [f"images/{i:06d}.png" for i in range(len(frame))]
+    frame["patient_id"] = frame["study_id"] = [f"synthetic-{i}" for i in range(len(frame))]
+    frame["split"], frame["prompt"], frame["seed"] = "train", frame["report"], [str(i) for i in range(len(frame))]
+    return write_manifest(frame, out)
+
+
+def test_evaluate_cli_reports_every_measure_and_reuses_its_classifier(tmp_path):
+    real = make_tiny_manifest(tmp_path / "real", n=48, size=32, seed=0).parent
+    frame = read_manifest(real).frame
+    memorised = synthetic_like(real, tmp_path / "memorised", frame.index[frame["split"] == "train"][:12]).parent
+    other = make_tiny_manifest(tmp_path / "other", n=24, size=32, seed=7).parent
+    fresh = synthetic_like(other, tmp_path / "fresh", read_manifest(other).frame.index).parent
+    out = tmp_path / "eval"
+    args = ["evaluate", "--real", str(real), "--synthetic", f"memorised={memorised}", "--synthetic", f"fresh={fresh}"]
+    args += ["--out", str(out), "--epochs", "1", "--device", "cpu", "--seed", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["synthetic"]) == {"memorised", "fresh"}
+    assert report["classifier"]["size"] == 32 and report["feature_space"].startswith("resnet10t penultimate")
+    for entry in report["synthetic"].values():
+        assert entry["fidelity"]["fid"] >= 0 and 0 <= entry["faithfulness"]["mauc"] <= 1
+        assert entry["faithfulness"]["per_label"].keys() == {"Cardiomegaly"}
+    # Copies of training images are all closer to the training set than held-out real images are.
+    assert report["synthetic"]["memorised"]["privacy"]["flagged_share"] == 1.0
+    assert report["synthetic"]["fresh"]["privacy"]["flagged_share"] < 1.0
+    assert report["real_test"]["floor"]["n_real"] == (frame["split"] == "val").sum()
+    md = (out / "report.md").read_text()
+    assert "| memorised | 12 |" in md and "| fresh | 24 |" in md and "(floor)" in md
+    for name in ("faithfulness_per_label.png", "nearest_neighbours.png"):
+        assert (out / name).stat().st_size > 1000
+    # The second call scores with the saved reference classifier and reproduces the numbers.
+    weights = out / "reference_classifier" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert weights.stat().st_mtime_ns == stamp
+    again = json.loads((out / "report.json").read_text())
+    assert again["synthetic"]["fresh"]["fidelity"] == pytest.approx(report["synthetic"]["fresh"]["fidelity"])
+
+
+def test_evaluate_bad_input_is_one_line_and_names_the_problem(tmp_path):
+    real = make_tiny_manifest(tmp_path / "real").parent
+    runner = CliRunner()
+    twice = runner.invoke(
+        app,
+        ["evaluate", "--real", str(real), "--synthetic", f"a={real}", "--synthetic", f"a={real}"]
+        + ["--out", str(tmp_path / "e")],
+    )
+    assert twice.exit_code == 2 and "used twice" in twice.output
+    missing = runner.invoke(
+        app, ["evaluate", "--real", str(real), "--synthetic", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e")]
+    )
+    assert missing.exit_code == 2 and "nowhere" in missing.output
+    # A synthetic set without the classifier's label columns is refused before anything is written.
+    bare = read_manifest(real).frame[["image_path", "patient_id", "study_id", "view", "split", "report"]]
+    write_manifest(pd.DataFrame(bare), tmp_path / "bare")
+    shutil.copytree(real / "images", tmp_path / "bare" / "images")
+    nolabels = runner.invoke(
+        app,
+        ["evaluate", "--real", str(real), "--synthetic", str(tmp_path / "bare"), "--out", str(tmp_path / "e2")]
+        + ["--epochs", "1", "--device", "cpu"],
+    )
+    assert nolabels.exit_code == 2 and "lacks label columns" in nolabels.output
+    assert not (tmp_path / "e2" / "report.json").exists()
