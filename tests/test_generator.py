@@ -270,6 +270,26 @@ def test_synthesize_cli_and_missing_generator(trained, tmp_path):
     assert result.exit_code == 2 and "not a trained pipeline folder" in result.output
 
 
+def test_evaluate_reads_generated_images_and_their_cost(trained, tmp_path):
+    """synthesize -> evaluate: the report carries the generator's GFLOPs and the sampling time."""
+    synthetic = tmp_path / "s"
+    synthesize(trained["gen"], synthetic, SynthesizeSection(n=4, steps=2, guidance=2.0), device="cpu", seed=1)
+    job = json.loads((synthetic / "synthesis.json").read_text())
+    assert job["images_timed"] == 4 and job["seconds"] > 0 and job["images_per_second"] > 0
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", "--real", str(trained["data"]), "--synthetic", str(synthetic), "--out", str(tmp_path / "e")]
+        + ["--epochs", "1", "--device", "cpu"],
+    )
+    assert result.exit_code == 0, result.output
+    entry = json.loads((tmp_path / "e" / "report.json").read_text())["synthetic"]["s"]
+    info = json.loads((trained["gen"] / "training_info.json").read_text())
+    assert entry["compute"]["generator"]["training_steps"] == info["steps"] == 2
+    # Two UNet passes per sampler step with classifier-free guidance.
+    assert entry["compute"]["gflops_per_image"] == pytest.approx(info["gflops_per_denoising_step"] * 2 * 2)
+    assert entry["n_images"] == 4 and entry["fidelity"]["n_synthetic"] == 4
+
+
 @pytest.mark.slow
 def test_two_process_training_with_torchrun(trained, tmp_path):
     """Two gloo ranks on CPU through accelerate (torchrun): the VAE is trained once, checkpoints written once."""
