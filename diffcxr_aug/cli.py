@@ -245,6 +245,10 @@ def train_generator(
         typer.Option("--config", help="registered generator config: tiny, phantom-64, phantom-128, paper-256"),
     ] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1)] = None,
+    time_limit_minutes: Annotated[
+        float | None,
+        typer.Option("--time-limit-minutes", min=0.01, help="stop (and save) at the first step past this wall time"),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
     ava_tls: Annotated[
         bool | None, typer.Option("--ava-tls/--no-ava-tls", help="AVA-TLS token squeeze + alignment, or the baseline")
@@ -268,6 +272,7 @@ def train_generator(
         rec.generator,
         config=config,
         max_steps=max_steps,
+        time_limit_minutes=time_limit_minutes,
         batch_size=batch_size,
         ava_tls=ava_tls,
         num_tokens=num_tokens,

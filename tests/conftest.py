@@ -16,6 +16,18 @@ SHARED = REPO_ROOT.parent / "shared"
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread. On a busy 2-core box OpenMP threads spin-waiting on each other make them
+    5-10x slower than they compute (modules that train models use it with ``pytest.mark.usefixtures``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def shared_dir() -> Path:
     """The ``shared/`` folder beside the checkout (real CXR fixtures, CheXpert phrases, label statistics)."""
     if not SHARED.is_dir():

@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scipy import linalg
 from typer.testing import CliRunner
 
@@ -17,13 +16,7 @@ from diffcxr_aug.data.manifest import read_manifest, write_manifest
 from diffcxr_aug.evaluation.report import feature_distances, nearest_neighbours, privacy
 from tests.conftest import make_tiny_manifest
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def closed_form_fid(a: np.ndarray, b: np.ndarray) -> float:

@@ -6,17 +6,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from diffcxr_aug.evaluation.faithfulness import evaluate_faithfulness, masked_auc
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_masked_auc_scores_certain_cells_of_labels_with_both_classes():

@@ -22,13 +22,7 @@ from tests.conftest import make_tiny_manifest
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waits that make them 5-10x slower on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Small and quick: enough steps to learn the synthetic sets below, a few seconds per fit.

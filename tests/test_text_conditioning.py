@@ -29,12 +29,7 @@ from diffcxr_aug.generator.token_squeeze import TokenSqueeze
 REPORTS = ["The heart is enlarged.", "Normal heart size. No pneumothorax.", ""]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_bert(folder, reports=REPORTS, hidden=16):
