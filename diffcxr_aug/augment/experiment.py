@@ -50,6 +50,29 @@ def classifier_synthetic(recipe: Recipe, paths: dict[str, Path]) -> Path | None:
     return Path(choice)
 
 
+def filter_vae_for_generator(recipe: Recipe, paths: dict[str, Path]) -> Path | None:
+    """The KL-VAE the filter step trained, when the generator would train the very same one.
+
+    Both train a registered KL-VAE on the same manifest with the recipe's seed; when the architecture, image
+    size and number of steps agree (and the filter trained with the generator's batch size, 32), the generator
+    loads the filter's instead of training a second copy.
+    """
+    from diffcxr_aug.generator.configs import resolve_config
+
+    f, g = recipe.filter, recipe.generator
+    folder = paths["filtered"] / "vae"
+    if g.vae is not None or f.vae is not None or not (folder / "metrics.json").is_file():
+        return None
+    cfg = resolve_config(g)
+    same = (cfg.vae, cfg.image_size, cfg.vae_steps, cfg.vae_batch_size) == (
+        f.vae_config,
+        f.image_size,
+        f.vae_steps,
+        32,
+    )
+    return folder if same else None
+
+
 def run_experiment(recipe: Recipe) -> Path:
     """Run the steps the recipe lists, in order. Each step is resumable, so rerunning finishes the job."""
     resolved = write_resolved_recipe(recipe)
@@ -85,10 +108,17 @@ def run_experiment(recipe: Recipe) -> Path:
     if "train-generator" in recipe.steps:
         from diffcxr_aug.generator.training import train_generator
 
+        generator_section = recipe.generator
+        shared_vae = filter_vae_for_generator(recipe, paths)
+        if shared_vae is not None:
+            logger.info(
+                "The generator uses the KL-VAE the filter trained (%s): same architecture, size and steps", shared_vae
+            )
+            generator_section = generator_section.model_copy(update={"vae": str(shared_vae)})
         train_generator(
             training_data,
             paths["generator"],
-            recipe.generator,
+            generator_section,
             stage=1,
             resume="latest",
             device=recipe.device,
@@ -98,7 +128,7 @@ def run_experiment(recipe: Recipe) -> Path:
             train_generator(
                 training_data,
                 paths["generator"],
-                recipe.generator,
+                generator_section,
                 stage=2,
                 resume="latest",
                 device=recipe.device,

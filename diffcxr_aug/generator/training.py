@@ -427,6 +427,9 @@ def _prepare_vae(cfg: GeneratorConfig, manifest: Manifest, out: Path, accelerato
     else:
         vae = load_vae(cfg.vae)
         info["trained"] = False
+        metrics = Path(cfg.vae) / "metrics.json"
+        if metrics.is_file():  # a KL-VAE trained by this project (e.g. by the filter): keep its val PSNR/SSIM
+            info["metrics"] = json.loads(metrics.read_text())
     return vae.requires_grad_(False).eval(), info
 
 
