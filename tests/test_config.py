@@ -89,3 +89,17 @@ def test_resolved_recipe_round_trips(tmp_path, recipes_dir):
     assert path == tmp_path / RESOLVED_RECIPE_NAME
     again = Recipe.model_validate(yaml.safe_load(path.read_text()))
     assert again == recipe
+
+
+def test_generator_reuses_the_filters_vae_only_when_it_is_the_same_one(tmp_path, recipes_dir):
+    from diffcxr_aug.augment.experiment import experiment_paths, filter_vae_for_generator
+
+    recipe = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}"])
+    paths = experiment_paths(recipe)
+    assert filter_vae_for_generator(recipe, paths) is None  # the filter has not trained one yet
+    (paths["filtered"] / "vae").mkdir(parents=True)
+    (paths["filtered"] / "vae" / "metrics.json").write_text("{}")
+    assert filter_vae_for_generator(recipe, paths) == paths["filtered"] / "vae"
+    for change in ("filter.vae_steps=1000", "filter.image_size=128", "filter.vae_config=kl-f8", "generator.vae=kl-f4"):
+        other = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", change])
+        assert filter_vae_for_generator(other, paths) is None, change
