@@ -393,3 +393,20 @@ def test_ceiling_is_clean_all_train_new_patients_and_reused(tmp_path):
     recipe = load_recipe(None, ["data.dataset=nih-cxr14", "classifier.synthetic=ceiling"])
     with pytest.raises(ValueError, match="ceiling renders perfect images from the phantom world"):
         classifier_synthetic(recipe, experiment_paths(recipe))
+
+
+def test_paired_bootstrap_difference_is_narrower_than_two_intervals():
+    from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, paired_bootstrap_mauc_difference
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=(300, 3)).astype(float)
+    shared = rng.normal(size=y.shape)  # what both sets' scores have in common (the prompts)
+    a = y + shared + 0.3 * rng.normal(size=y.shape)
+    b = 0.8 * y + shared + 0.3 * rng.normal(size=y.shape)
+    diff, low, high = paired_bootstrap_mauc_difference(y, a, b, n_bootstrap=300, rng=1)
+    assert low < diff < high and low > 0  # a is the better scorer, and the paired interval shows it
+    a_low, a_high = bootstrap_mauc_ci(y, a, n_bootstrap=300, rng=1)
+    b_low, b_high = bootstrap_mauc_ci(y, b, n_bootstrap=300, rng=1)
+    assert a_low < b_high  # the two separate intervals overlap ...
+    assert high - low < 0.5 * ((a_high - a_low) + (b_high - b_low))  # ... the paired one is much narrower
+    assert paired_bootstrap_mauc_difference(y, a, a, n_bootstrap=50) == (0.0, 0.0, 0.0)

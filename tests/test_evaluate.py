@@ -73,13 +73,18 @@ def test_evaluate_cli_reports_every_measure_and_reuses_its_classifier(tmp_path):
     memorised = synthetic_like(real, tmp_path / "memorised", frame.index[frame["split"] == "train"][:12]).parent
     other = make_tiny_manifest(tmp_path / "other", n=24, size=32, seed=7).parent
     fresh = synthetic_like(other, tmp_path / "fresh", read_manifest(other).frame.index).parent
+    twin = shutil.copytree(fresh, tmp_path / "twin")  # same prompts and seeds as `fresh`, so paired with it
     out = tmp_path / "eval"
     args = ["evaluate", "--real", str(real), "--synthetic", f"memorised={memorised}", "--synthetic", f"fresh={fresh}"]
+    args += ["--synthetic", f"twin={twin}"]
     args += ["--out", str(out), "--epochs", "1", "--device", "cpu", "--seed", "0"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    assert set(report["synthetic"]) == {"memorised", "fresh"}
+    assert set(report["synthetic"]) == {"memorised", "fresh", "twin"}
+    # Only fresh and twin share prompts and seeds; identical images differ by exactly nothing.
+    assert [(row["a"], row["b"]) for row in report["paired"]] == [("fresh", "twin")]
+    assert report["paired"][0]["mauc_difference"] == 0.0 and report["paired"][0]["ci95"] == [0.0, 0.0]
     assert report["classifier"]["size"] == 32 and report["feature_space"].startswith("resnet10t penultimate")
     for entry in report["synthetic"].values():
         assert entry["fidelity"]["fid"] >= 0 and 0 <= entry["faithfulness"]["mauc"] <= 1
@@ -89,7 +94,7 @@ def test_evaluate_cli_reports_every_measure_and_reuses_its_classifier(tmp_path):
     assert report["synthetic"]["fresh"]["privacy"]["flagged_share"] < 1.0
     assert report["real_test"]["floor"]["n_real"] == (frame["split"] == "val").sum()
     md = (out / "report.md").read_text()
-    assert "| memorised | 12 |" in md and "| fresh | 24 |" in md and "(floor)" in md
+    assert "| memorised | 12 |" in md and "| fresh | 24 |" in md and "(floor)" in md and "| fresh - twin |" in md
     for name in ("faithfulness_per_label.png", "nearest_neighbours.png"):
         assert (out / name).stat().st_size > 1000
     # The second call scores with the saved reference classifier and reproduces the numbers.

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, paired_bootstrap_mauc_difference
 from diffcxr_aug.classifiers.models import ClassifierConfig, load_classifier
 from diffcxr_aug.classifiers.train import build_transforms
 from diffcxr_aug.data.dataset import CXRDataset
@@ -157,6 +158,47 @@ def privacy(
         "_similarity": syn_sim,
         "_neighbour": syn_idx,
     }
+
+
+def _ci(y: np.ndarray, s: np.ndarray, seed: int) -> dict[str, Any]:
+    """95% bootstrap interval of a faithfulness mAUC over the images (None when it cannot be formed)."""
+    try:
+        low, high = bootstrap_mauc_ci(y, s, n_bootstrap=1000, rng=seed)
+    except ValueError:
+        return {"mauc_ci95": None}
+    return {"mauc_ci95": [low, high]}
+
+
+def same_prompts(a: Manifest, b: Manifest) -> bool:
+    """Whether two synthetic sets were drawn from the same prompts with the same seeds, row for row."""
+    columns = ("prompt", "seed")
+    if len(a) != len(b) or any(c not in a.frame or c not in b.frame for c in columns):
+        return False
+    return all(a.frame[c].astype(str).tolist() == b.frame[c].astype(str).tolist() for c in columns)
+
+
+def paired_faithfulness(
+    manifests: Mapping[str, Manifest], scored: Mapping[str, tuple[np.ndarray, np.ndarray]], seed: int
+) -> list[dict[str, Any]]:
+    """mAUC differences, with paired bootstrap intervals, between sets made from the same prompts and seeds.
+
+    Such sets differ only in the generator, so resampling images jointly cancels what the prompts share and
+    gives the interval of the difference itself (e.g. AVA-TLS on minus off).
+    """
+    names, rows = list(manifests), []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if not same_prompts(manifests[a], manifests[b]):
+                continue
+            (s_a, y), (s_b, _) = scored[a], scored[b]
+            try:
+                diff, low, high = paired_bootstrap_mauc_difference(y, s_a, s_b, n_bootstrap=1000, rng=seed)
+            except ValueError:
+                continue
+            rows.append(
+                {"a": a, "b": b, "mauc_difference": diff, "ci95": [low, high], "outside_zero": low > 0 or high < 0}
+            )
+    return rows
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -372,9 +414,10 @@ def evaluate(
         },
         "synthetic": {},
     }
-    pairs = []
+    pairs, scored = [], {}
     for name, manifest in synthetic_manifests.items():
         f, s, y = embed(model, config, manifest, dev, desc=f"features: {name}")
+        scored[name] = (s, y)
         priv = privacy(f, feats["train"][0], feats["test"][0])
         similarity, neighbour = priv.pop("_similarity"), priv.pop("_neighbour")
         for i in np.argsort(-similarity)[: max(2, 8 // len(synthetic_manifests))]:
@@ -383,7 +426,7 @@ def evaluate(
             "folder": str(sets[name]),
             "n_images": len(manifest),
             "fidelity": feature_distances(feats["test"][0], f, seed),
-            "faithfulness": masked_auc(y, s, config.label_names),
+            "faithfulness": masked_auc(y, s, config.label_names) | _ci(y, s, seed),
             "privacy": priv,
             "compute": compute_summary(sets[name]),
         }
@@ -398,6 +441,7 @@ def evaluate(
             test_auc["mauc"],
             priv["flagged"],
         )
+    results["paired"] = paired_faithfulness(synthetic_manifests, scored, seed)
     figures = {"faithfulness_per_label": str(_plot_per_label(results, out / PER_LABEL_PNG))}
     neighbours = _plot_neighbours(pairs, out / NEIGHBOURS_PNG, config.image_size)
     if neighbours is not None:
@@ -412,6 +456,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _ci_text(entry: dict[str, Any]) -> str:
+    ci = entry["faithfulness"].get("mauc_ci95")
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
 
 
 def report_markdown(results: dict[str, Any]) -> str:
@@ -436,7 +485,8 @@ def report_markdown(results: dict[str, Any]) -> str:
         fid, priv = entry["fidelity"], entry["privacy"]
         lines.append(
             f"| {name} | {entry['n_images']} | {fid['fid']:.2f} | "
-            f"{1000 * fid['kid']:.2f} ± {1000 * fid['kid_std']:.2f} | {entry['faithfulness']['mauc']:.3f} | "
+            f"{1000 * fid['kid']:.2f} ± {1000 * fid['kid_std']:.2f} | {entry['faithfulness']['mauc']:.3f}"
+            f"{_ci_text(entry)} | "
             f"{priv['flagged']} ({priv['flagged_share']:.1%}) | "
             f"{_fmt(entry['compute'].get('gflops_per_image'), 1)} |"
         )
@@ -446,7 +496,21 @@ def report_markdown(results: dict[str, Any]) -> str:
         "is two real samples of the same world. Faithfulness: the reference classifier's mAUC against each "
         "image's prompt labels. Possible copies: synthetic images closer to a training image than "
         f"{1 - next(iter(results['synthetic'].values()))['privacy']['expected_share_if_like_real']:.0%} "
-        "of real test images are (a set like real data flags about 1%).",
+        "of real test images are (a set like real data flags about 1%). Brackets: 95% bootstrap intervals over "
+        "the images.",
+    ]
+    if results.get("paired"):
+        lines += [
+            "",
+            "## Paired faithfulness differences (same prompts and seeds)",
+            "",
+            "| a - b | mAUC difference | 95% paired bootstrap CI |",
+            "|---|---|---|",
+        ]
+        for row in results["paired"]:
+            low, high = row["ci95"]
+            lines.append(f"| {row['a']} - {row['b']} | {row['mauc_difference']:+.3f} | [{low:+.3f}, {high:+.3f}] |")
+    lines += [
         "",
         "## Faithfulness per label (ROC AUC)",
         "",
