@@ -280,7 +280,7 @@ def _plot_per_label(results: dict[str, Any], path: Path) -> Path:
     }
     labels = sorted({label for entry in sets.values() for label in entry["per_label"]})
     height = 0.8 / len(sets)
-    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(labels) * max(1, len(sets) / 2) + 1.2))
+    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(labels) * max(1, len(sets) / 2) + 1.8))
     for k, (name, entry) in enumerate(sets.items()):
         values = [entry["per_label"].get(label, np.nan) for label in labels]
         ax.barh(np.arange(len(labels)) + k * height, values, height=height, label=f"{name} (mAUC {entry['mauc']:.3f})")
@@ -288,7 +288,7 @@ def _plot_per_label(results: dict[str, Any], path: Path) -> Path:
     ax.set_yticks(np.arange(len(labels)) + height * (len(sets) - 1) / 2, labels, fontsize=8)
     ax.set_xlim(0.3, 1.0)
     ax.set_xlabel("ROC AUC of the reference classifier against the prompt labels")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.6 / fig.get_figheight()), ncol=2, frameon=False)
     ax.invert_yaxis()
     fig.tight_layout()
     with atomic_path(path) as tmp:
