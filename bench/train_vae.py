@@ -16,6 +16,7 @@ from pathlib import Path
 
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.generator.vae import train_vae
+from diffcxr_aug.io import atomic_write_json
 from diffcxr_aug.runtime import setup_logging
 
 
@@ -42,7 +43,10 @@ def main() -> None:
         device=args.device,
         seed=args.seed,
     )
-    print(metrics, "minutes", round((time.monotonic() - started) / 60, 2))
+    minutes = round((time.monotonic() - started) / 60, 2)
+    # Beside the VAE, for whoever adds up the cost of a generator trained on it (bench/phantom128_study.sh).
+    atomic_write_json(args.out / "timing.json", {"wall_minutes": minutes, "steps": args.steps})
+    print(metrics, "minutes", minutes)
 
 
 if __name__ == "__main__":

@@ -386,6 +386,8 @@ def evaluate(
     sets: dict[str, Path] = {}
     for item in synthetic:
         name, sep, folder = item.partition("=")
+        if "/" in name or "\\" in name or not name:  # a plain path that holds '=' (runs/lr=1e-4/syn)
+            name, sep = "", ""
         path = Path(folder) if sep else Path(item)
         key = name if sep else (path.name or str(path))
         if key in sets:

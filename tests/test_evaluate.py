@@ -35,7 +35,10 @@ def test_feature_distances_agree_with_the_closed_form_and_grow_with_a_shift():
     # A mean shift of 2 in each of 6 dimensions adds 6 * 2**2 = 24 to the FID.
     assert shifted["fid"] - near["fid"] == pytest.approx(24.0, rel=0.05)
     assert shifted["kid"] > 10 * max(near["kid"], 1e-4)
-    assert (near["n_real"], near["n_synthetic"]) == (400, 300)
+    assert (near["n_real"], near["n_synthetic"], near["n_synthetic_fid"]) == (400, 300, 300)
+    # FID on 100 of the 300 rows: a different (noisier) estimate; KID still uses every row.
+    fewer = feature_distances(a, b, fid_images=100)
+    assert fewer["n_synthetic_fid"] == 100 and fewer["fid"] != near["fid"] and fewer["kid"] == near["kid"]
     with pytest.raises(ValueError, match="at least 2"):
         feature_distances(a, b[:1])
 
@@ -92,7 +95,13 @@ def test_evaluate_cli_reports_every_measure_and_reuses_its_classifier(tmp_path):
     # Copies of training images are all closer to the training set than held-out real images are.
     assert report["synthetic"]["memorised"]["privacy"]["flagged_share"] == 1.0
     assert report["synthetic"]["fresh"]["privacy"]["flagged_share"] < 1.0
-    assert report["real_test"]["floor"]["n_real"] == (frame["split"] == "val").sum()
+    floor = report["real_test"]["floor"]
+    counts = frame["split"].value_counts()
+    assert (floor["n_real"], floor["n_synthetic"]) == (counts["test"], counts["val"])
+    # FID's bias depends on the sample size: the floor and every set use as many images as the smallest set has.
+    smallest = min(12, floor["n_synthetic"])
+    assert floor["n_synthetic_fid"] == smallest
+    assert {entry["fidelity"]["n_synthetic_fid"] for entry in report["synthetic"].values()} == {smallest}
     md = (out / "report.md").read_text()
     assert "| memorised | 12 |" in md and "| fresh | 24 |" in md and "(floor)" in md and "| fresh - twin |" in md
     for name in ("faithfulness_per_label.png", "nearest_neighbours.png"):
@@ -104,6 +113,15 @@ def test_evaluate_cli_reports_every_measure_and_reuses_its_classifier(tmp_path):
     assert weights.stat().st_mtime_ns == stamp
     again = json.loads((out / "report.json").read_text())
     assert again["synthetic"]["fresh"]["fidelity"] == pytest.approx(report["synthetic"]["fresh"]["fidelity"])
+    # Another image size is not judged by that classifier: a clear error, and the cached one is left alone.
+    other_size = args + ["--size", "16"]
+    result = CliRunner().invoke(app, other_size)
+    assert result.exit_code == 2 and "other settings" in result.output and "image_size" in result.output
+    assert weights.stat().st_mtime_ns == stamp
+    # Weights without history.json are an interrupted training's: trained again, not trusted.
+    (out / "reference_classifier" / "history.json").unlink()
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert weights.stat().st_mtime_ns != stamp and (out / "reference_classifier" / "history.json").is_file()
 
 
 def test_evaluate_bad_input_is_one_line_and_names_the_problem(tmp_path):
@@ -119,6 +137,12 @@ def test_evaluate_bad_input_is_one_line_and_names_the_problem(tmp_path):
         app, ["evaluate", "--real", str(real), "--synthetic", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e")]
     )
     assert missing.exit_code == 2 and "nowhere" in missing.output
+    # A plain path with '=' in it is a path, not NAME=DIR.
+    odd = tmp_path / "lr=1e-4" / "syn"
+    result = runner.invoke(
+        app, ["evaluate", "--real", str(real), "--synthetic", str(odd), "--out", str(tmp_path / "e")]
+    )
+    assert result.exit_code == 2 and "lr=1e-4" in " ".join(result.output.split())
     # A synthetic set without the classifier's label columns is refused before anything is written.
     bare = read_manifest(real).frame[["image_path", "patient_id", "study_id", "view", "split", "report"]]
     write_manifest(pd.DataFrame(bare), tmp_path / "bare")
@@ -129,4 +153,4 @@ def test_evaluate_bad_input_is_one_line_and_names_the_problem(tmp_path):
         + ["--epochs", "1", "--device", "cpu"],
     )
     assert nolabels.exit_code == 2 and "lacks label columns" in nolabels.output
-    assert not (tmp_path / "e2" / "report.json").exists()
+    assert not (tmp_path / "e2").exists()  # not even the reference classifier was trained

@@ -127,6 +127,17 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(trained, tmp_path):
         for k, a2 in load_file(straight / "checkpoints" / "checkpoint-3" / CHECKPOINT_WEIGHTS).items()
     )
 
+    # Training time adds up over the two invocations: the first one's minutes come from checkpoint-2.
+    first = json.loads((trained["gen"] / "training_info.json").read_text())
+    info = json.loads((resumed / "training_info.json").read_text())
+    assert info["resumed_from_step"] == 2 and info["steps"] == 3
+    before = json.loads((resumed / "checkpoints" / "checkpoint-2" / "state.json").read_text())["wall_minutes"]
+    assert 0 < before <= first["wall_minutes_total"]  # the checkpoint was written before the pipeline
+    assert info["wall_minutes_total"] == pytest.approx(before + info["wall_minutes_this_invocation"], abs=0.02)
+    # Rerunning the finished job trains nothing and keeps that record as it was.
+    train_generator(trained["data"], resumed, section, resume="latest", device="cpu")
+    assert json.loads((resumed / "training_info.json").read_text()) == info
+
 
 def test_a_folder_being_trained_is_locked(trained, tmp_path):
     import fcntl
@@ -270,6 +281,10 @@ def test_evaluate_reads_generated_images_and_their_cost(trained, tmp_path):
     synthesize(trained["gen"], synthetic, SynthesizeSection(n=4, steps=2, guidance=2.0), device="cpu", seed=1)
     job = json.loads((synthetic / "synthesis.json").read_text())
     assert job["images_timed"] == 4 and job["seconds"] > 0 and job["images_per_second"] > 0
+    assert job["device"] == "cpu"
+    # A rerun with nothing left to make keeps the timing of the images it did make.
+    synthesize(trained["gen"], synthetic, SynthesizeSection(n=4, steps=2, guidance=2.0), device="cpu", seed=1)
+    assert json.loads((synthetic / "synthesis.json").read_text()) == job
     result = CliRunner().invoke(
         app,
         ["evaluate", "--real", str(trained["data"]), "--synthetic", str(synthetic), "--out", str(tmp_path / "e")]
@@ -282,6 +297,8 @@ def test_evaluate_reads_generated_images_and_their_cost(trained, tmp_path):
     # Two UNet passes per sampler step with classifier-free guidance.
     assert entry["compute"]["gflops_per_image"] == pytest.approx(info["gflops_per_denoising_step"] * 2 * 2)
     assert entry["n_images"] == 4 and entry["fidelity"]["n_synthetic"] == 4
+    assert entry["compute"]["images_timed"] == 4 and entry["compute"]["device"] == "cpu"
+    assert entry["compute"]["generator"]["training_wall_minutes"] == info["wall_minutes_total"]
 
 
 @pytest.mark.slow

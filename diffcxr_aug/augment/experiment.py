@@ -53,9 +53,12 @@ def classifier_synthetic(recipe: Recipe, paths: dict[str, Path]) -> Path | None:
 def filter_vae_for_generator(recipe: Recipe, paths: dict[str, Path]) -> Path | None:
     """The KL-VAE the filter step trained, when the generator would train the very same one.
 
-    Both train a registered KL-VAE on the same manifest with the recipe's seed; when the architecture, image
-    size and number of steps agree (and the filter trained with the generator's batch size, 32), the generator
-    loads the filter's instead of training a second copy.
+    Both train a registered KL-VAE with the recipe's seed; when the architecture, image size and number of steps
+    agree (and the filter trained with the generator's batch size, 32), the generator loads the filter's instead
+    of training a second copy. The filter's VAE has seen the whole manifest, noisy images included, while with
+    ``use_filtered`` the generator would have trained its own on the kept images only; the VAE is an image codec
+    (the denoiser, which decides what gets generated, still trains on the kept images only), and sharing it keeps
+    filtered and unfiltered generators in one latent space, so their comparison isolates the filter.
     """
     from diffcxr_aug.generator.configs import resolve_config
 

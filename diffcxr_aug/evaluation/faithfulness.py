@@ -63,8 +63,18 @@ def reference_classifier(
 ) -> tuple[torch.nn.Module, ClassifierConfig]:
     """The judge: loaded from ``folder`` when it was trained before, else trained on ``real``'s train split
     (best val-split mAUC kept) and saved there."""
-    if (folder / WEIGHTS_NAME).is_file():
+    # history.json is written last, when training has finished: weights without it are an interrupted run's best
+    # epoch so far, which is trained again rather than trusted.
+    if (folder / WEIGHTS_NAME).is_file() and (folder / "history.json").is_file():
         model, config = load_classifier(folder, device)
+        asked = {"model": model_name, "image_size": size, "label_names": list(labels)}
+        found = {"model": config.model, "image_size": config.image_size, "label_names": list(config.label_names)}
+        if asked != found:
+            changed = {k: (found[k], asked[k]) for k in asked if asked[k] != found[k]}
+            raise ValueError(
+                f"{folder} holds a reference classifier trained with other settings (cached, asked: {changed}); "
+                "pass another --out, or delete that folder to train a new one"
+            )
         logger.info("Reusing the reference classifier in %s (%s)", folder, config.model)
         return model.eval(), config
     train, val = real.split("train"), real.split("val")

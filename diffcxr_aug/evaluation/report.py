@@ -95,8 +95,15 @@ def embed(
     return np.concatenate(features), np.concatenate(scores), np.concatenate(labels)
 
 
-def feature_distances(real: np.ndarray, fake: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """FID and KID (mean and std over subsets) between two feature sets, by torchmetrics."""
+def feature_distances(
+    real: np.ndarray, fake: np.ndarray, seed: int = 0, fid_images: int | None = None
+) -> dict[str, float]:
+    """FID and KID (mean and std over subsets) between two feature sets, by torchmetrics.
+
+    FID is biased upwards by about 1/n, so sets compared with each other (and with the real-to-real floor) must
+    be measured on the same number of images: ``fid_images`` draws that many rows of ``fake`` (seeded) for FID.
+    KID is unbiased and uses every row.
+    """
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -109,9 +116,15 @@ def feature_distances(real: np.ndarray, fake: np.ndarray, seed: int = 0) -> dict
         warnings.filterwarnings("ignore", message=".*will save all extracted features")
         kid = KernelInceptionDistance(feature=_Features(width), subsets=50, subset_size=subset)
     r, f = torch.from_numpy(real).double(), torch.from_numpy(fake).double()
-    for metric in (fid, kid):
-        metric.update(r, real=True)
-        metric.update(f, real=False)
+    n_fid = len(fake) if fid_images is None else min(fid_images, len(fake))
+    if n_fid < len(fake):
+        f_fid = f[np.sort(np.random.default_rng(seed).choice(len(fake), n_fid, replace=False))]
+    else:
+        f_fid = f
+    fid.update(r, real=True)
+    fid.update(f_fid, real=False)
+    kid.update(r, real=True)
+    kid.update(f, real=False)
     with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global generator
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
@@ -121,6 +134,7 @@ def feature_distances(real: np.ndarray, fake: np.ndarray, seed: int = 0) -> dict
         "kid_std": float(kid_std),
         "n_real": len(real),
         "n_synthetic": len(fake),
+        "n_synthetic_fid": n_fid,
     }
 
 
@@ -193,7 +207,9 @@ def paired_faithfulness(
             (s_a, y), (s_b, _) = scored[a], scored[b]
             try:
                 diff, low, high = paired_bootstrap_mauc_difference(y, s_a, s_b, n_bootstrap=1000, rng=seed)
-            except ValueError:
+            except ValueError as error:
+                logger.warning("No paired difference for %s vs %s: %s", a, b, error)
+                rows.append({"a": a, "b": b, "mauc_difference": None, "ci95": None, "outside_zero": None})
                 continue
             rows.append(
                 {"a": a, "b": b, "mauc_difference": diff, "ci95": [low, high], "outside_zero": low > 0 or high < 0}
@@ -211,9 +227,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def compute_summary(synthetic_dir: Path) -> dict[str, Any]:
     """Training and sampling cost, as far as the generator and the synthesis job recorded them."""
     job = _read_json(synthetic_dir / "synthesis.json") or {}
-    summary: dict[str, Any] = {
-        key: job[key] for key in ("steps", "guidance", "n", "seconds", "images_per_second", "device") if key in job
-    }
+    keys = ("steps", "guidance", "n", "seconds", "images_timed", "images_per_second", "device")
+    summary: dict[str, Any] = {key: job[key] for key in keys if key in job}
     generator = job.get("generator")
     info = _read_json(Path(generator) / "training_info.json") if generator else None
     if info:
@@ -222,7 +237,9 @@ def compute_summary(synthetic_dir: Path) -> dict[str, Any]:
             "config": info.get("config", {}).get("name"),
             "ava_tls": info.get("ava_tls"),
             "training_steps": info.get("steps"),
-            "training_wall_minutes": info.get("wall_minutes_this_invocation"),
+            # Every invocation that led to the weights; older folders only recorded the last one.
+            "training_wall_minutes": info.get("wall_minutes_total", info.get("wall_minutes_this_invocation")),
+            "training_wall_minutes_is_total": info.get("wall_minutes_total") is not None,
             "resumed_from_step": info.get("resumed_from_step"),
             "gflops_per_denoising_step": info.get("gflops_per_denoising_step"),
             "unet_params": info.get("unet_params"),
@@ -402,6 +419,8 @@ def evaluate(
     for key, manifest in (("train", train), ("val", reference["val"]), ("test", reference["test"])):
         feats[key] = embed(model, config, manifest, dev, desc=f"features: real {key}")
     test_auc = masked_auc(feats["test"][2], feats["test"][1], config.label_names)
+    # One FID sample size for the floor and every set (FID's bias depends on it).
+    fid_images = min([len(feats["val"][0])] + [len(m) for m in synthetic_manifests.values()])
     results: dict[str, Any] = {
         "real": str(real_manifest.source),
         "classifier": {"model": config.model, "size": config.image_size, "labels": config.label_names},
@@ -410,7 +429,7 @@ def evaluate(
         "real_test": {
             "n_images": len(reference["test"]),
             "faithfulness": test_auc,
-            "floor": feature_distances(feats["val"][0], feats["test"][0], seed),
+            "floor": feature_distances(feats["test"][0], feats["val"][0], seed, fid_images),
         },
         "synthetic": {},
     }
@@ -425,7 +444,7 @@ def evaluate(
         entry = {
             "folder": str(sets[name]),
             "n_images": len(manifest),
-            "fidelity": feature_distances(feats["test"][0], f, seed),
+            "fidelity": feature_distances(feats["test"][0], f, seed, fid_images),
             "faithfulness": masked_auc(y, s, config.label_names) | _ci(y, s, seed),
             "privacy": priv,
             "compute": compute_summary(sets[name]),
@@ -493,8 +512,10 @@ def report_markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "FID and KID: against the real test split, in the reference classifier's feature space; the floor row "
-        "is two real samples of the same world. Faithfulness: the reference classifier's mAUC against each "
-        "image's prompt labels. Possible copies: synthetic images closer to a training image than "
+        f"is two real samples of the same world. FID uses {floor.get('n_synthetic_fid', floor['n_synthetic'])} "
+        "images of every set (its bias depends on the count), KID all of them. Faithfulness: the reference "
+        "classifier's mAUC against each image's prompt labels. Possible copies: synthetic images closer to a "
+        "training image than "
         f"{1 - next(iter(results['synthetic'].values()))['privacy']['expected_share_if_like_real']:.0%} "
         "of real test images are (a set like real data flags about 1%). Brackets: 95% bootstrap intervals over "
         "the images.",
@@ -508,6 +529,9 @@ def report_markdown(results: dict[str, Any]) -> str:
             "|---|---|---|",
         ]
         for row in results["paired"]:
+            if row["ci95"] is None:
+                lines.append(f"| {row['a']} - {row['b']} | not computable | |")
+                continue
             low, high = row["ci95"]
             lines.append(f"| {row['a']} - {row['b']} | {row['mauc_difference']:+.3f} | [{low:+.3f}, {high:+.3f}] |")
     lines += [

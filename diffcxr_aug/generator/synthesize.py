@@ -139,7 +139,8 @@ def synthesize(
     out.mkdir(parents=True, exist_ok=True)
     previous = json.loads((out / JOB_NAME).read_text()) if (out / JOB_NAME).is_file() else {}
     # Sampling time accumulates over resumed invocations; images_per_second is over the images timed.
-    timing = {k: previous[k] for k in ("seconds", "images_timed") if k in previous}
+    # A rerun with nothing to make keeps them as they were.
+    timing = {k: previous[k] for k in ("seconds", "images_timed", "images_per_second", "device") if k in previous}
     atomic_write_json(out / JOB_NAME, {**job, "n": section.n, **timing})
 
     n = section.n
@@ -176,7 +177,8 @@ def synthesize(
                 timing["images_timed"] = timing.get("images_timed", 0) + len(batch)
                 started = time.perf_counter()
                 timing["images_per_second"] = timing["images_timed"] / max(timing["seconds"], 1e-9)
-                atomic_write_json(out / JOB_NAME, {**job, "n": section.n, "device": str(dev), **timing})
+                timing["device"] = str(dev)
+                atomic_write_json(out / JOB_NAME, {**job, "n": section.n, **timing})
 
     manifest_path = write_manifest(_synthetic_frame(pool, rows, seeds), out / MANIFEST_NAME)
     _preview(pool, rows, seeds, out)

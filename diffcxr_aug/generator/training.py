@@ -731,14 +731,25 @@ def _train(
         "num_processes": accelerator.num_processes,
         "data": str(Path(manifest.source).resolve()),
     }
+    # Training wall time before this invocation, as of the checkpoint resumed from (None: an older checkpoint that
+    # did not record it). Time spent after the last checkpoint of an interrupted run is lost with its work.
+    prior_minutes: float | None = 0.0
     if checkpoint is not None:
-        previous = json.loads((checkpoint / CHECKPOINT_STATE).read_text()).get("num_processes")
+        checkpoint_state = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
+        prior_minutes = checkpoint_state.get("wall_minutes")
+        previous = checkpoint_state.get("num_processes")
         if previous not in (None, accelerator.num_processes):
             logger.warning(
                 "Resuming with %d processes, checkpoint had %d: data order differs",
                 accelerator.num_processes,
                 previous,
             )
+
+    def wall_minutes() -> tuple[float, float | None]:
+        """Minutes of this invocation (VAE training included) and of the whole run so far."""
+        this = (time.monotonic() - run_started) / 60
+        return round(this, 2), None if prior_minutes is None else round(prior_minutes + this, 2)
+
     loss_csv = out / LOSS_CSV
     if main:
         if checkpoint is None:
@@ -844,7 +855,7 @@ def _train(
                     optimizer,
                     lr_scheduler,
                     ema,
-                    state,
+                    {**state, "wall_minutes": wall_minutes()[1]},
                     scratch_tokenizer,
                     section.checkpoints_total_limit,
                 )
@@ -860,23 +871,25 @@ def _train(
     bar.close()
 
     # 7. The pipeline with the EMA weights.
-    if main:
-        if step == start_step and (out / "model_index.json").is_file():
-            logger.info("%s already trained to step %d; the pipeline folder is up to date", out, step)
-        else:
-            ema.copy_to(ema_params)
-            pipeline = DiffCXRPipeline(
-                vae=vae.cpu(),
-                text_encoder=text_encoder.cpu(),
-                tokenizer=bundle.tokenizer,
-                token_squeeze=squeeze.cpu(),
-                unet=unet.cpu(),
-                scheduler=default_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type),
-                max_text_tokens=bundle.max_length,
-            )
-            save_pipeline_folder(pipeline, out)
-            if tower is not None:
-                model.image_tower.cpu().save_pretrained(out / "image_tower")
+    # Nothing trained (a rerun of a finished job): the pipeline and its training_info.json, with the run's real
+    # timing, stay as they are.
+    up_to_date = step == start_step and (out / "model_index.json").is_file()
+    if main and up_to_date:
+        logger.info("%s already trained to step %d; the pipeline folder is up to date", out, step)
+    if main and not up_to_date:
+        ema.copy_to(ema_params)
+        pipeline = DiffCXRPipeline(
+            vae=vae.cpu(),
+            text_encoder=text_encoder.cpu(),
+            tokenizer=bundle.tokenizer,
+            token_squeeze=squeeze.cpu(),
+            unet=unet.cpu(),
+            scheduler=default_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type),
+            max_text_tokens=bundle.max_length,
+        )
+        save_pipeline_folder(pipeline, out)
+        if tower is not None:
+            model.image_tower.cpu().save_pretrained(out / "image_tower")
         info = {
             "stage": 1,
             "config": cfg.to_dict(),
@@ -897,8 +910,10 @@ def _train(
             "paper_gflops": PAPER_GFLOPS,
             "steps": step,
             "stopped_by_time_limit": step < section.max_steps,
-            # Wall clock of this invocation (VAE training included); a resumed run counts its last part only.
-            "wall_minutes_this_invocation": round((time.monotonic() - run_started) / 60, 2),
+            # Wall clock of this invocation (VAE training included), and of every invocation that led to these
+            # weights (None when resumed from a checkpoint that did not record it).
+            "wall_minutes_this_invocation": wall_minutes()[0],
+            "wall_minutes_total": wall_minutes()[1],
             "resumed_from_step": start_step,
             "seed": seed,
             "num_processes": accelerator.num_processes,
