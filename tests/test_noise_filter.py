@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from diffcxr_aug.cli import app
 from diffcxr_aug.data.images import load_image, save_png
 from diffcxr_aug.data.manifest import read_manifest, write_manifest
-from diffcxr_aug.generator.noise_filter import LatentNoiseFilter, evaluate_scores
+from diffcxr_aug.generator.noise_filter import FilterScores, LatentNoiseFilter, evaluate_scores
 from diffcxr_aug.generator.vae import build_vae
 from tests.conftest import make_tiny_manifest
 
@@ -71,6 +71,19 @@ def test_contamination_threshold_flags_that_share():
     for contamination in (0.05, 0.2):
         filt = LatentNoiseFilter(contamination=contamination, **FAST).fit(latents)
         assert abs(int(filt.flagged_.sum()) - contamination * len(latents)) <= 1
+
+
+def test_threshold_is_not_lost_when_probabilities_saturate():
+    """Far-off images push the discriminator's probability to exactly 1.0 in float64 (log-odds above ~37). When
+    more of them than the contamination share tie there, the threshold must still flag that share."""
+    logits = np.r_[np.linspace(-8.0, 2.0, 80), np.linspace(40.0, 90.0, 20)]  # 20% saturate
+    filt = LatentNoiseFilter(contamination=0.1, progress=False)
+    assert (FilterScores(logits, logits, logits, logits).final == 1.0).sum() == 20
+    flagged = filt._fit_threshold(logits, np.ones(100, dtype=bool))
+    assert flagged.sum() == 10 and flagged[-10:].all()
+    assert filt.threshold_ == 1.0  # reported on the probability scale of the score column
+    quantile = LatentNoiseFilter(threshold="quantile", quantile=0.5, progress=False)
+    assert quantile._fit_threshold(logits, np.arange(100) < 80).sum() == 60
 
 
 def test_quantile_threshold_follows_the_data():

@@ -159,6 +159,11 @@ def _predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 8192) -> n
     return torch.cat([model(t[i : i + batch_size]) for i in range(0, len(t), batch_size)]).numpy()
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function without overflow warnings for large negative inputs."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+
+
 @dataclass
 class FilterScores:
     """Per-image scores of one :meth:`LatentNoiseFilter.score` call (arrays of length N; higher = noisier).
@@ -166,19 +171,31 @@ class FilterScores:
     Attributes:
         kmeans: distance to the nearest typical cluster centre, in units of that cluster's median radius.
         manifold: reconstruction error of the normal-latent manifold, in units of its median on the normal set.
-        discriminator: the discriminator's probability that the image is noisy.
+        discriminator_logit: the discriminator's log-odds that the image is noisy (``discriminator`` is its
+            probability). Thresholds and rankings use the log-odds: in float64 every probability above
+            1 - 1e-16 is exactly 1.0, and a quantile threshold among such ties would flag none of them.
         cluster: the K-means cluster of each image.
     """
 
     kmeans: np.ndarray
     manifold: np.ndarray
-    discriminator: np.ndarray
+    discriminator_logit: np.ndarray
     cluster: np.ndarray
 
     @property
+    def discriminator(self) -> np.ndarray:
+        """The discriminator's probability that the image is noisy."""
+        return _sigmoid(self.discriminator_logit)
+
+    @property
     def final(self) -> np.ndarray:
-        """The final noise score: the discriminator's (the fine stage decides)."""
+        """The final noise score, a probability: the discriminator's (the fine stage decides)."""
         return self.discriminator
+
+    @property
+    def final_logit(self) -> np.ndarray:
+        """The final score as log-odds: same order as :attr:`final`, without its ties at 1.0."""
+        return self.discriminator_logit
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(
@@ -187,6 +204,7 @@ class FilterScores:
                 "kmeans_score": self.kmeans,
                 "manifold_score": self.manifold,
                 "discriminator_score": self.discriminator,
+                "score_logit": self.final_logit,
                 "cluster": self.cluster,
             }
         )
@@ -404,14 +422,7 @@ class LatentNoiseFilter:
         timings["discriminator"] = time.perf_counter() - t0
 
         self.train_scores_ = FilterScores(kmeans_score, manifold_score, discriminator_score, cluster)
-        final = self.train_scores_.final
-        if self.threshold == "contamination":
-            self.threshold_ = float(np.quantile(final, 1.0 - self.contamination))
-        elif self.threshold == "quantile":
-            self.threshold_ = float(np.quantile(final[normal], self.quantile))
-        else:  # guarded in __init__; kept so that a new rule cannot fall through silently
-            raise ValueError(f"Unknown threshold rule {self.threshold!r}; choose one of: {', '.join(THRESHOLD_RULES)}")
-        self.flagged_ = (final > self.threshold_) | known
+        self.flagged_ = self._fit_threshold(self.train_scores_.final_logit, normal) | known
         self.known_noisy_ = known
         self.timings_ = timings
         logger.info(
@@ -487,6 +498,21 @@ class LatentNoiseFilter:
             optimizer.step()
         return model.cpu().eval()
 
+    def _fit_threshold(self, final_logit: np.ndarray, normal: np.ndarray) -> np.ndarray:
+        """Set ``threshold_logit_`` (and ``threshold_``, its probability) by the rule; return the flags.
+
+        On the log-odds, not the probabilities: far-off images saturate the probability at exactly 1.0, and a
+        quantile falling among those ties would flag none of them.
+        """
+        if self.threshold == "contamination":
+            self.threshold_logit_ = float(np.quantile(final_logit, 1.0 - self.contamination))
+        elif self.threshold == "quantile":
+            self.threshold_logit_ = float(np.quantile(final_logit[normal], self.quantile))
+        else:  # guarded in __init__; kept so that a new rule cannot fall through silently
+            raise ValueError(f"Unknown threshold rule {self.threshold!r}; choose one of: {', '.join(THRESHOLD_RULES)}")
+        self.threshold_ = float(_sigmoid(np.array(self.threshold_logit_)))  # on the scale of the `score` column
+        return final_logit > self.threshold_logit_
+
     def _fit_discriminators(
         self,
         x: np.ndarray,
@@ -520,7 +546,7 @@ class LatentNoiseFilter:
             unseen[rows] = False
             logits[unseen] += _predict(model, x[unseen])
             counts[unseen] += 1
-        return 1.0 / (1.0 + np.exp(-logits / np.maximum(counts, 1)))
+        return logits / np.maximum(counts, 1)
 
     # --------------------------------------------------------------------------------------------- score
     def score(self, latents: torch.Tensor | np.ndarray) -> FilterScores:
@@ -540,13 +566,13 @@ class LatentNoiseFilter:
         return FilterScores(
             self._kmeans_score(distances),
             raw_error / self.manifold_scale_,
-            1.0 / (1.0 + np.exp(-logits)),
+            logits,
             distances.argmin(axis=1),
         )
 
     def predict(self, latents: torch.Tensor | np.ndarray) -> np.ndarray:
         """Boolean flags (True = noisy) of new latents at the fitted threshold."""
-        return self.score(latents).final > self.threshold_
+        return self.score(latents).final_logit > self.threshold_logit_
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -699,7 +725,8 @@ def _write_montages(
             text += "\n" + (scores["noise"].iat[i] or "clean")
         return text
 
-    order = np.argsort(-scores["score"].to_numpy(), kind="stable")
+    rank = scores["score_logit"] if "score_logit" in scores.columns else scores["score"]  # no ties at 1.0
+    order = np.argsort(-rank.to_numpy(), kind="stable")
     flagged = scores["flagged"].to_numpy(dtype=bool)
     top = order[:n]
     # Borderline: the images on either side of the threshold, half flagged and half kept.

@@ -617,6 +617,10 @@ def _train(
         unet = build_unet(cfg, latent_channels=channels, latent_size=height)
         use_tower = ava_tls and section.align_weight > 0
         tower = ImageTower(in_channels=channels, **cfg.image_tower) if use_tower else None
+    if not use_tower and hasattr(squeeze, "pool_proj"):
+        # Without the InfoNCE loss the pooled embedding reaches no loss: a trainable parameter without gradient
+        # would stop DistributedDataParallel (find_unused_parameters is off) at its second step.
+        squeeze.pool_proj.requires_grad_(False)
     if tower is not None and tower.config.embed_dim != squeeze.config.embed_dim:
         raise ValueError(
             f"config {cfg.name}: image_tower embed_dim ({tower.config.embed_dim}) must equal squeeze embed_dim "
