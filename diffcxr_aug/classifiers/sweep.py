@@ -39,7 +39,7 @@ from diffcxr_aug.augment.mixing import MODES, load_synthetic, training_stages
 from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, per_label_auc, scorable_labels
 from diffcxr_aug.classifiers.models import WEIGHTS_NAME, ClassifierConfig, create_classifier, data_config
 from diffcxr_aug.classifiers.subsample import sample_real_fraction
-from diffcxr_aug.classifiers.train import build_transforms, predict, seeded, train_classifier
+from diffcxr_aug.classifiers.train import HISTORY_NAME, build_transforms, predict, seeded, train_classifier
 from diffcxr_aug.config import ClassifierSection
 from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.manifest import Manifest, read_manifest
@@ -249,7 +249,7 @@ def run_sweep(
                 # Pretraining sees no real training image, so one pretrained model per seed serves every
                 # real fraction.
                 stage_dir = out / "runs" / f"{stage.name}_seed{seed}"
-                if (stage_dir / "history.json").is_file():
+                if (stage_dir / HISTORY_NAME).is_file():
                     logger.info("Run %s: reusing the finished %s stage in %s", name, stage.name, stage_dir)
                     model.load_state_dict(load_file(str(stage_dir / WEIGHTS_NAME)))
                     continue

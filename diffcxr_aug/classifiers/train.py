@@ -28,6 +28,9 @@ from diffcxr_aug.classifiers.metrics import per_label_auc
 from diffcxr_aug.classifiers.models import WEIGHTS_NAME, ClassifierConfig, save_classifier
 from diffcxr_aug.io import atomic_write_text
 
+# Written last, when training has finished: a folder with weights but no history is an interrupted run's.
+HISTORY_NAME = "history.json"
+
 logger = logging.getLogger(__name__)
 
 UncertaintyPolicy = Literal["ignore", "ones", "zeros"]
@@ -240,5 +243,5 @@ def train_classifier(
     if best_epoch < 0:
         raise ValueError(f"{desc}: validation mAUC was never finite; the validation split has no scorable label")
     model.load_state_dict(load_file(str(checkpoint_dir / WEIGHTS_NAME), device=str(device)))
-    atomic_write_text(checkpoint_dir / "history.json", json.dumps(history, indent=2) + "\n")
+    atomic_write_text(checkpoint_dir / HISTORY_NAME, json.dumps(history, indent=2) + "\n")
     return TrainResult(best_val_mauc=best, best_epoch=best_epoch, epochs_run=epoch, steps=step, history=history)

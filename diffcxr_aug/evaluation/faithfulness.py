@@ -31,7 +31,7 @@ from diffcxr_aug.classifiers.models import (
     data_config,
     load_classifier,
 )
-from diffcxr_aug.classifiers.train import build_transforms, predict, seeded, train_classifier
+from diffcxr_aug.classifiers.train import HISTORY_NAME, build_transforms, predict, seeded, train_classifier
 from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import Manifest, read_manifest
@@ -63,9 +63,8 @@ def reference_classifier(
 ) -> tuple[torch.nn.Module, ClassifierConfig]:
     """The judge: loaded from ``folder`` when it was trained before, else trained on ``real``'s train split
     (best val-split mAUC kept) and saved there."""
-    # history.json is written last, when training has finished: weights without it are an interrupted run's best
-    # epoch so far, which is trained again rather than trusted.
-    if (folder / WEIGHTS_NAME).is_file() and (folder / "history.json").is_file():
+    # Weights without the history are an interrupted run's best epoch so far: trained again, not trusted.
+    if (folder / WEIGHTS_NAME).is_file() and (folder / HISTORY_NAME).is_file():
         model, config = load_classifier(folder, device)
         asked = {"model": model_name, "image_size": size, "label_names": list(labels)}
         found = {"model": config.model, "image_size": config.image_size, "label_names": list(config.label_names)}

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy.special import expit
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
@@ -159,11 +160,6 @@ def _predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 8192) -> n
     return torch.cat([model(t[i : i + batch_size]) for i in range(0, len(t), batch_size)]).numpy()
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """Logistic function without overflow warnings for large negative inputs."""
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
-
-
 @dataclass
 class FilterScores:
     """Per-image scores of one :meth:`LatentNoiseFilter.score` call (arrays of length N; higher = noisier).
@@ -185,7 +181,7 @@ class FilterScores:
     @property
     def discriminator(self) -> np.ndarray:
         """The discriminator's probability that the image is noisy."""
-        return _sigmoid(self.discriminator_logit)
+        return expit(self.discriminator_logit)
 
     @property
     def final(self) -> np.ndarray:
@@ -510,7 +506,7 @@ class LatentNoiseFilter:
             self.threshold_logit_ = float(np.quantile(final_logit[normal], self.quantile))
         else:  # guarded in __init__; kept so that a new rule cannot fall through silently
             raise ValueError(f"Unknown threshold rule {self.threshold!r}; choose one of: {', '.join(THRESHOLD_RULES)}")
-        self.threshold_ = float(_sigmoid(np.array(self.threshold_logit_)))  # on the scale of the `score` column
+        self.threshold_ = float(expit(self.threshold_logit_))  # on the scale of the `score` column
         return final_logit > self.threshold_logit_
 
     def _fit_discriminators(
@@ -725,8 +721,7 @@ def _write_montages(
             text += "\n" + (scores["noise"].iat[i] or "clean")
         return text
 
-    rank = scores["score_logit"] if "score_logit" in scores.columns else scores["score"]  # no ties at 1.0
-    order = np.argsort(-rank.to_numpy(), kind="stable")
+    order = np.argsort(-scores["score_logit"].to_numpy(), kind="stable")  # the log-odds: no ties at 1.0
     flagged = scores["flagged"].to_numpy(dtype=bool)
     top = order[:n]
     # Borderline: the images on either side of the threshold, half flagged and half kept.

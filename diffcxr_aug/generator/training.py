@@ -880,7 +880,7 @@ def _train(
     up_to_date = step == start_step and (out / "model_index.json").is_file()
     if main and up_to_date:
         logger.info("%s already trained to step %d; the pipeline folder is up to date", out, step)
-    if main and not up_to_date:
+    elif main:
         ema.copy_to(ema_params)
         pipeline = DiffCXRPipeline(
             vae=vae.cpu(),
@@ -894,6 +894,7 @@ def _train(
         save_pipeline_folder(pipeline, out)
         if tower is not None:
             model.image_tower.cpu().save_pretrained(out / "image_tower")
+        minutes_this, minutes_total = wall_minutes()
         info = {
             "stage": 1,
             "config": cfg.to_dict(),
@@ -916,8 +917,8 @@ def _train(
             "stopped_by_time_limit": step < section.max_steps,
             # Wall clock of this invocation (VAE training included), and of every invocation that led to these
             # weights (None when resumed from a checkpoint that did not record it).
-            "wall_minutes_this_invocation": wall_minutes()[0],
-            "wall_minutes_total": wall_minutes()[1],
+            "wall_minutes_this_invocation": minutes_this,
+            "wall_minutes_total": minutes_total,
             "resumed_from_step": start_step,
             "seed": seed,
             "num_processes": accelerator.num_processes,
