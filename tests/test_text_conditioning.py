@@ -269,6 +269,9 @@ def test_config_validation_and_overrides():
     assert resolve_config(GeneratorSection(config="phantom-64")) == get_config("phantom-64")
     round_trip = GeneratorConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert round_trip.to_dict() == json.loads(json.dumps(cfg.to_dict()))
+    # A config stored before vae_crop_size existed (in an older checkpoint) still loads: whole-image VAE training.
+    older = {key: value for key, value in get_config("phantom-128").to_dict().items() if key != "vae_crop_size"}
+    assert GeneratorConfig.from_dict(older).vae_crop_size is None and get_config("phantom-128").vae_crop_size == 64
 
 
 def test_recipe_rejects_bad_generator_values(tmp_path):

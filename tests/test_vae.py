@@ -13,6 +13,7 @@ from diffcxr_aug.generator.vae import (
     encode_manifest,
     latent_shape,
     load_vae,
+    random_crops,
     train_vae,
 )
 
@@ -60,3 +61,26 @@ def test_train_save_load_round_trip(tiny_manifest, tmp_path):
 def test_load_missing_vae_names_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="Cannot load a VAE"):
         load_vae(tmp_path / "nowhere")
+
+
+def test_random_crops_come_from_each_image_and_follow_the_generator():
+    images = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    crops = random_crops(images, 4, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 1, 4, 4)
+    for image, crop in zip(images, crops, strict=True):
+        # Each crop is a contiguous 4 x 4 window of its own image.
+        top, left = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), 8)
+        torch.testing.assert_close(crop, image[:, top : top + 4, left : left + 4])
+    torch.testing.assert_close(crops, random_crops(images, 4, torch.Generator().manual_seed(0)))
+
+
+def test_crop_training_encodes_whole_images_and_checks_the_crop(tiny_manifest, tmp_path):
+    manifest = read_manifest(tiny_manifest)
+    vae, metrics = train_vae(
+        manifest, tmp_path / "vae", config="tiny", size=32, steps=2, batch_size=4, crop_size=16, progress=False
+    )
+    assert metrics["crop_size"] == 16 and metrics["images"] > 0
+    assert encode_manifest(vae, manifest, 32, batch_size=8, progress=False).shape == (len(manifest), 4, 16, 16)
+    with pytest.raises(ValueError, match="crop_size 15 must be a multiple of the VAE's downsampling factor 2"):
+        train_vae(manifest, tmp_path / "bad", config="tiny", size=32, steps=1, crop_size=15, progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -50,6 +50,8 @@ class GeneratorConfig:
             pretrained ``AutoencoderKL`` hub id / folder.
         vae_steps: optimizer steps when the VAE is trained here.
         vae_batch_size: batch size of that VAE training.
+        vae_crop_size: that VAE trains on random crops of this size (``None``: whole images); it is
+            convolutional, so it still encodes whole images, and each step costs (crop / image size)^2 as much.
         text_encoder: ``minilm``, ``scratch``, an open_clip ``hf-hub:``/``local-dir:`` name, or a transformers
             model name / folder (see :mod:`~diffcxr_aug.generator.text_encoder`).
         text_encoder_policy: ``frozen``, ``finetune`` or ``train`` (``train`` is the only one for ``scratch``).
@@ -83,6 +85,7 @@ class GeneratorConfig:
     prediction_type: PredictionType = "epsilon"
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
+    vae_crop_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.text_encoder_policy not in TEXT_ENCODER_POLICIES:
@@ -202,6 +205,7 @@ GENERATOR_CONFIGS: dict[str, GeneratorConfig] = {
         vae="kl-f4",
         vae_steps=1000,
         vae_batch_size=16,
+        vae_crop_size=64,
         text_encoder="minilm",
         text_encoder_policy="frozen",
         max_text_tokens=256,
@@ -257,6 +261,7 @@ def resolve_config(section: GeneratorSection) -> GeneratorConfig:
             "vae",
             "vae_steps",
             "vae_batch_size",
+            "vae_crop_size",
             "text_encoder",
             "text_encoder_policy",
             "num_tokens",

@@ -416,6 +416,7 @@ def _prepare_vae(cfg: GeneratorConfig, manifest: Manifest, out: Path, accelerato
                 size=cfg.image_size,
                 steps=cfg.vae_steps,
                 batch_size=cfg.vae_batch_size,
+                crop_size=cfg.vae_crop_size,
                 device="cpu" if accelerator.device.type == "cpu" else str(accelerator.device),
                 seed=seed,
                 progress=progress,

@@ -210,6 +210,7 @@ def train_vae(
     batch_size: int = 32,
     learning_rate: float = 1e-3,
     kl_weight: float = 1e-6,
+    crop_size: int | None = None,
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
@@ -220,8 +221,18 @@ def train_vae(
     adversarial terms, which need pretrained networks that are not available offline). After training
     the latent scaling factor is set to 1 / std of the training latents, as Rombach et al. do, so the
     diffusion model sees unit-variance latents.
+
+    ``crop_size`` trains on random square crops of that size (a multiple of the downsampling factor)
+    instead of whole images, as the LDM autoencoders were trained: the VAE is convolutional, so it encodes
+    whole images afterwards, and each step costs (crop_size / size)^2 as much. Validation is on whole images.
     """
     out = Path(out)
+    factor = 2 ** (len(VAE_CONFIGS[config]["block_out_channels"]) - 1) if config in VAE_CONFIGS else 1
+    if crop_size is not None and not (factor <= crop_size <= size and crop_size % factor == 0):
+        raise ValueError(
+            f"crop_size {crop_size} must be a multiple of the VAE's downsampling factor {factor} and at most the "
+            f"image size {size}"
+        )
     dev = resolve_device(device)
     # Seed the initialisation without leaving the caller's global random state changed.
     with torch.random.fork_rng(devices=[]):
@@ -246,8 +257,10 @@ def train_vae(
     vae.train()
     while step < steps:
         for batch in loader:
-            images = batch["image"].to(dev)
-            x = _to_vae_input(images, vae)
+            images = batch["image"]
+            if crop_size is not None and crop_size < size:
+                images = random_crops(images, crop_size, generator)
+            x = _to_vae_input(images.to(dev), vae)
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample(generator=sample_generator)).sample
             loss_rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
@@ -275,12 +288,30 @@ def train_vae(
     val = manifest.split("val")
     metrics = evaluate_vae(vae, val if len(val) else train, size, device=dev)
     metrics.update(
-        {"config": config, "size": size, "steps": steps, "latent_std": std, "split": "val" if len(val) else "train"}
+        {
+            "config": config,
+            "size": size,
+            "crop_size": crop_size,
+            "steps": steps,
+            "batch_size": batch_size,
+            "latent_std": std,
+            "split": "val" if len(val) else "train",
+        }
     )
     _save_atomic(vae.cpu(), out)
     atomic_write_json(out / "metrics.json", metrics)
     logger.info("VAE %s: val PSNR %.2f dB, SSIM %.4f (saved to %s)", config, metrics["psnr"], metrics["ssim"], out)
     return vae, metrics
+
+
+def random_crops(images: torch.Tensor, crop_size: int, generator: torch.Generator) -> torch.Tensor:
+    """One random ``crop_size`` square per image of a ``(B, C, H, W)`` batch (positions drawn from ``generator``)."""
+    height, width = images.shape[-2:]
+    top = torch.randint(0, height - crop_size + 1, (len(images),), generator=generator).tolist()
+    left = torch.randint(0, width - crop_size + 1, (len(images),), generator=generator).tolist()
+    return torch.stack(
+        [image[..., y : y + crop_size, x : x + crop_size] for image, y, x in zip(images, top, left, strict=True)]
+    )
 
 
 def latent_shape(vae: AutoencoderKL, size: int) -> tuple[int, int, int]:
