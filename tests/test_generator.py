@@ -19,7 +19,12 @@ from diffcxr_aug.config import GeneratorSection, SynthesizeSection
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.generator.pipeline import DiffCXRPipeline
 from diffcxr_aug.generator.synthesize import image_seed, synthesize
-from diffcxr_aug.generator.training import CHECKPOINT_WEIGHTS, list_checkpoints, train_generator
+from diffcxr_aug.generator.training import (
+    CHECKPOINT_TRAINING_STATE,
+    CHECKPOINT_WEIGHTS,
+    list_checkpoints,
+    train_generator,
+)
 from tests.conftest import make_tiny_manifest
 
 TINY = dict(
@@ -159,6 +164,18 @@ def test_existing_checkpoints_need_resume(trained):
         train_generator(
             trained["data"], trained["gen"], GeneratorSection(**TINY), resume=trained["root"], device="cpu"
         )
+
+
+def test_resume_from_a_checkpoint_with_another_trainable_set_says_so(trained, tmp_path):
+    """A checkpoint whose optimizer covers other parameters (written by another version) fails by name."""
+    old = tmp_path / "old"
+    shutil.copytree(trained["gen"], old)
+    state_path = list_checkpoints(old)[-1] / CHECKPOINT_TRAINING_STATE
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state["optimizer"]["param_groups"][0]["params"] = state["optimizer"]["param_groups"][0]["params"][:-1]
+    torch.save(state, state_path)
+    with pytest.raises(ValueError, match="written by another version of diffcxr-aug"):
+        train_generator(trained["data"], old, GeneratorSection(max_steps=3, **TINY), resume="latest", device="cpu")
 
 
 def test_stage2_and_bad_stage(trained, tmp_path):

@@ -679,7 +679,15 @@ def _train(
     ema = EMAModel(ema_params, decay=section.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
     if checkpoint is not None:
         training_state = torch.load(checkpoint / CHECKPOINT_TRAINING_STATE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(training_state["optimizer"])
+        try:
+            optimizer.load_state_dict(training_state["optimizer"])
+        except ValueError as err:
+            # e.g. an AVA-TLS-off run saved before its unused pooled projection was frozen: other trainable set.
+            raise ValueError(
+                f"--resume {checkpoint}: its optimizer state does not match the parameters this version trains "
+                f"({err}). It was written by another version of diffcxr-aug; finish it with that version, or start "
+                "a fresh run in another --out."
+            ) from err
         lr_scheduler.load_state_dict(training_state["lr_scheduler"])
         ema.load_state_dict(training_state["ema"])
         logger.info("Resumed from %s at step %d", checkpoint, start_step)
