@@ -1,62 +1,57 @@
 #!/usr/bin/env bash
 # The README's phantom-128 study, about 2.5 hours on 2 CPU cores:
-# - the generator of issue 5 (AVA-TLS on): the VAE, then the generator on the whole machine for what is left of
-#   one hour (on a machine where STEPS steps already fill the hour, it is the STEPS-step run);
-# - three runs with the same training budget, STEPS optimizer steps of batch 32: AVA-TLS on (the main run's first
-#   part, a --max-steps STEPS run that the main run then resumes, bit for bit as if it had never stopped),
-#   AVA-TLS off, and AVA-TLS on trained on the LNFS-kept images only;
-# - N images from each, from the same prompts and seeds, and one evaluation with paired differences.
-# All share one KL-VAE (bench/train_vae.py). Every step is resumable; rerunning skips what is done.
-#   bash bench/phantom128_study.sh [OUT=runs/phantom-128] [STEPS=1000] [N=300]
+# - the generator of issue 5 (AVA-TLS on) as `train-generator --recipe recipes/phantom-128.yaml` trains it: its
+#   KL-VAE first, then the generator until the hour (the recipe's time_limit_minutes) is up. It runs in two
+#   invocations, STEPS steps and then the rest of the hour (--resume latest continues bit for bit, so this is the
+#   run a single invocation makes); the first part is kept as the STEPS-step model `on`;
+# - the ablation: AVA-TLS off, STEPS steps on the same VAE, so `on` and `off` have the same training budget;
+# - N images from each model from the same prompts and seeds, and one evaluation with paired differences.
+# Every step is resumable; rerunning skips what is done.
+#   bash bench/phantom128_study.sh [OUT=runs/p128] [STEPS=1000] [N=300]
+# Optional: EVAL_CACHE=DIR reuses DIR/reference_classifier (trained by an earlier evaluation on the same real
+# data; evaluate checks its model, size and labels, not its data), and EXTRA_SETS="name=DIR ..." adds image sets
+# from earlier runs (same prompts and seeds) to the evaluation.
 set -euo pipefail
-O=${1:-runs/phantom-128}
+O=${1:-runs/p128}
 STEPS=${2:-1000}
 N=${3:-300}
 R=recipes/phantom-128.yaml
-[ -f $O/data/manifest.csv ] || diffcxr-aug prepare phantom --out $O/data --n 3000 --size 128 --seed 0
-[ -f $O/vae/metrics.json ] || OMP_NUM_THREADS=2 python bench/train_vae.py --data $O/data --out $O/vae --size 128 --steps 1000
-[ -f $O/filtered/manifest.csv ] || diffcxr-aug filter --data $O/data --out $O/filtered --vae $O/vae --image-size 128
+D=$O/data
+[ -f $D/manifest.csv ] || diffcxr-aug prepare phantom --out $D --n 3000 --size 128 --seed 0
 
-# The main model, in two parts: STEPS steps (kept as gen-on), then the rest of the hour that the VAE started.
+# The main model, part 1: the VAE and STEPS generator steps (kept as gen-on).
 if [ ! -f $O/gen-on/model_index.json ]; then
-  OMP_NUM_THREADS=2 diffcxr-aug train-generator --data $O/data --out $O/gen-main --recipe $R --vae $O/vae \
-    --max-steps $STEPS > $O/gen-main-part1.log 2>&1
+  OMP_NUM_THREADS=2 diffcxr-aug train-generator --data $D --out $O/gen-main --recipe $R --max-steps $STEPS \
+    > $O/gen-main-part1.log 2>&1
   mkdir -p $O/gen-on.tmp && (cd $O/gen-main && tar --exclude=./checkpoints -cf - .) | (cd $O/gen-on.tmp && tar -xf -)
   mv $O/gen-on.tmp $O/gen-on
 fi
+# Part 2: the rest of the hour, counted from the start of part 1 (VAE included).
 if [ ! -f $O/main.done ]; then
-  vae=$(python -c "import json; print(json.load(open('$O/vae/timing.json'))['wall_minutes'])")
   used=$(python -c "import json; print(json.load(open('$O/gen-on/training_info.json'))['wall_minutes_total'])")
-  left=$(python -c "print(round(59 - $vae - $used, 1))")  # a minute to spare for saving the pipeline
-  echo "main: VAE $vae min + part 1 $used min; part 2 gets $left min"
-  if python -c "import sys; sys.exit(0 if $left >= 5 else 1)"; then
-    OMP_NUM_THREADS=2 diffcxr-aug train-generator --data $O/data --out $O/gen-main --recipe $R --vae $O/vae \
-      --resume latest --time-limit-minutes $left > $O/gen-main-part2.log 2>&1
-  else
-    echo "main: under 5 minutes left, so the main model is the STEPS-step one (gen-on)"
-  fi
+  left=$(python -c "print(round(58 - $used, 1))")
+  echo "main: part 1 took $used min (VAE included); part 2 gets $left min"
+  OMP_NUM_THREADS=2 diffcxr-aug train-generator --data $D --out $O/gen-main --recipe $R --resume latest \
+    --time-limit-minutes $left > $O/gen-main-part2.log 2>&1
   touch $O/main.done
 fi
-steps() { python -c "import json; print(json.load(open('$O/gen-$1/training_info.json'))['steps'])"; }
-sets="on off filtered"
-[ "$(steps main)" != "$(steps on)" ] && sets="$sets main"
+python bench/generator_grid.py --generator $O/gen-main --data $D --out $O/grid-main.png
 
-# AVA-TLS off and LNFS-filtered, STEPS steps each, side by side (one thread each).
-for v in off filtered; do
-  data=$O/data; flag=""
-  [ $v = off ] && flag="--no-ava-tls"
-  [ $v = filtered ] && data=$O/filtered
-  [ -f $O/gen-$v/model_index.json ] || OMP_NUM_THREADS=1 diffcxr-aug train-generator --data $data --out $O/gen-$v \
-    --recipe $R --vae $O/vae --max-steps $STEPS --time-limit-minutes 120 $flag > $O/gen-$v.log 2>&1 &
-done
-wait
+# AVA-TLS off: STEPS steps on the main run's VAE.
+[ -f $O/gen-off/model_index.json ] || OMP_NUM_THREADS=2 diffcxr-aug train-generator --data $D --out $O/gen-off \
+  --recipe $R --vae $O/gen-main/trained_vae --no-ava-tls --max-steps $STEPS --time-limit-minutes 120 \
+  > $O/gen-off.log 2>&1
 
-python bench/generator_grid.py --generator $O/gen-main --data $O/data --out docs/figures/generator_phantom128.png
-# The same N prompts and seeds for every generator, so their faithfulness can be compared image for image.
-for v in $sets; do
+# The same N prompts and seeds for every model, so their faithfulness can be compared image for image.
+for v in main on off; do
   [ -f $O/syn-$v/synthesis.json ] || OMP_NUM_THREADS=2 diffcxr-aug synthesize --n $N --generator $O/gen-$v \
-    --out $O/syn-$v --prompts $O/data --recipe $R --seed 0
+    --out $O/syn-$v --prompts $D --recipe $R --seed 0 > $O/syn-$v.log 2>&1
 done
-args=""
-for v in $sets; do args="$args --synthetic $v=$O/syn-$v"; done
-diffcxr-aug evaluate --real $O/data $args --out $O/evaluation --size 128 --seed 0
+mkdir -p $O/evaluation
+if [ -n "${EVAL_CACHE:-}" ] && [ ! -d $O/evaluation/reference_classifier ]; then
+  cp -r $EVAL_CACHE/reference_classifier $O/evaluation/
+fi
+extra=""
+for s in ${EXTRA_SETS:-}; do extra="$extra --synthetic $s"; done
+diffcxr-aug evaluate --real $D --synthetic main=$O/syn-main --synthetic on=$O/syn-on --synthetic off=$O/syn-off \
+  $extra --out $O/evaluation --size 128 --seed 0
