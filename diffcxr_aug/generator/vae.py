@@ -227,17 +227,17 @@ def train_vae(
     whole images afterwards, and each step costs (crop_size / size)^2 as much. Validation is on whole images.
     """
     out = Path(out)
-    factor = 2 ** (len(VAE_CONFIGS[config]["block_out_channels"]) - 1) if config in VAE_CONFIGS else 1
-    if crop_size is not None and not (factor <= crop_size <= size and crop_size % factor == 0):
-        raise ValueError(
-            f"crop_size {crop_size} must be a multiple of the VAE's downsampling factor {factor} and at most the "
-            f"image size {size}"
-        )
     dev = resolve_device(device)
     # Seed the initialisation without leaving the caller's global random state changed.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = build_vae(config, sample_size=size)
+    factor = vae_downsample_factor(vae)
+    if crop_size is not None and not (factor <= crop_size <= size and crop_size % factor == 0):
+        raise ValueError(
+            f"crop_size {crop_size} must be a multiple of the VAE's downsampling factor {factor} and at most the "
+            f"image size {size}"
+        )
     vae = vae.to(dev)
     train = manifest.split("train")
     if len(train) == 0:
