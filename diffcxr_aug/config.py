@@ -56,6 +56,10 @@ class FilterSection(Section):
     vae: str | None = Field(None, description="VAE hub id or folder; None trains a small KL-VAE on the data")
     vae_config: str = Field("kl-f4", description="registered VAE architecture trained when `vae` is None")
     vae_steps: int = Field(1000, ge=1, description="training steps of that VAE")
+    vae_batch_size: int = Field(32, ge=1, description="batch size of that VAE training")
+    vae_crop_size: int | None = Field(
+        None, ge=1, description="that VAE trains on random crops of this size (None: whole images)"
+    )
     image_size: int = Field(64, ge=16, le=1024, description="image side the VAE encodes (must match the VAE)")
     n_clusters: int = Field(8, ge=2)
     contamination: float = Field(0.05, gt=0.0, lt=0.5, description="share of images flagged as noisy")

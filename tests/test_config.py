@@ -100,6 +100,28 @@ def test_generator_reuses_the_filters_vae_only_when_it_is_the_same_one(tmp_path,
     (paths["filtered"] / "vae").mkdir(parents=True)
     (paths["filtered"] / "vae" / "metrics.json").write_text("{}")
     assert filter_vae_for_generator(recipe, paths) == paths["filtered"] / "vae"
-    for change in ("filter.vae_steps=1000", "filter.image_size=128", "filter.vae_config=kl-f8", "generator.vae=kl-f4"):
+    # A crop the size of the image is a whole-image VAE: still the same one.
+    whole = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", "filter.vae_crop_size=64"])
+    assert filter_vae_for_generator(whole, paths) == paths["filtered"] / "vae"
+    for change in (
+        "filter.vae_steps=1000",
+        "filter.image_size=128",
+        "filter.vae_config=kl-f8",
+        "filter.vae_batch_size=16",
+        "filter.vae_crop_size=32",
+        "generator.vae=kl-f4",
+    ):
         other = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", change])
         assert filter_vae_for_generator(other, paths) is None, change
+
+
+def test_phantom_128_recipe_trains_one_vae_for_filter_and_generator(tmp_path, recipes_dir):
+    # The hour of phantom-128 counts one VAE training: the filter's, which the generator then loads.
+    from diffcxr_aug.augment.experiment import experiment_paths, filter_vae_for_generator
+
+    recipe = load_recipe(recipes_dir / "phantom-128.yaml", [f"output_dir={tmp_path}"])
+    assert recipe.steps.index("filter") < recipe.steps.index("train-generator") and recipe.generator.use_filtered
+    paths = experiment_paths(recipe)
+    (paths["filtered"] / "vae").mkdir(parents=True)
+    (paths["filtered"] / "vae" / "metrics.json").write_text("{}")
+    assert filter_vae_for_generator(recipe, paths) == paths["filtered"] / "vae"

@@ -183,6 +183,8 @@ FILTER_RECIPE = """
 filter:
   vae_config: tiny
   vae_steps: 2
+  vae_batch_size: 4
+  vae_crop_size: 16
   image_size: 32
   n_clusters: 3
   manifold_components: 8
@@ -228,6 +230,9 @@ def test_cli_filter_writes_the_contract_files(noisy_tiny, tmp_path):
     assert len(kept) == 30 - 3
     assert all(p.is_file() for p in kept.image_paths())
     assert set(kept.frame["image_path"]) == set(scores.loc[scores["flagged"] == 0, "image_path"])
+    # The VAE trained here follows the recipe's batch and crop size (so a generator can share it).
+    vae_metrics = json.loads((out / "vae" / "metrics.json").read_text())
+    assert (vae_metrics["batch_size"], vae_metrics["crop_size"], vae_metrics["size"]) == (4, 16, 32)
 
     report = json.loads((out / "filter_report.json").read_text())
     assert report["images"] == 30 and report["flagged"] == 3

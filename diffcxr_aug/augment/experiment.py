@@ -53,9 +53,9 @@ def classifier_synthetic(recipe: Recipe, paths: dict[str, Path]) -> Path | None:
 def filter_vae_for_generator(recipe: Recipe, paths: dict[str, Path]) -> Path | None:
     """The KL-VAE the filter step trained, when the generator would train the very same one.
 
-    Both train a registered KL-VAE with the recipe's seed; when the architecture, image size and number of steps
-    agree (and the filter trained with the generator's batch size, 32), the generator loads the filter's instead
-    of training a second copy. The filter's VAE has seen the whole manifest, noisy images included, while with
+    Both train a registered KL-VAE with the recipe's seed; when the architecture, image size, number of steps,
+    batch size and crop size agree, the generator loads the filter's instead of training a second copy (the same
+    weights: one training, not two). The filter's VAE has seen the whole manifest, noisy images included, while with
     ``use_filtered`` the generator would have trained its own on the kept images only; the VAE is an image codec
     (the denoiser, which decides what gets generated, still trains on the kept images only), and sharing it keeps
     filtered and unfiltered generators in one latent space, so their comparison isolates the filter.
@@ -67,11 +67,15 @@ def filter_vae_for_generator(recipe: Recipe, paths: dict[str, Path]) -> Path | N
     if g.vae is not None or f.vae is not None or not (folder / "metrics.json").is_file():
         return None
     cfg = resolve_config(g)
-    same = (cfg.vae, cfg.image_size, cfg.vae_steps, cfg.vae_batch_size) == (
+    # A crop as large as the image is a whole-image VAE (train_vae treats them alike).
+    generator_crop = None if cfg.vae_crop_size in (None, cfg.image_size) else cfg.vae_crop_size
+    filter_crop = None if f.vae_crop_size in (None, f.image_size) else f.vae_crop_size
+    same = (cfg.vae, cfg.image_size, cfg.vae_steps, cfg.vae_batch_size, generator_crop) == (
         f.vae_config,
         f.image_size,
         f.vae_steps,
-        32,
+        f.vae_batch_size,
+        filter_crop,
     )
     return folder if same else None
 

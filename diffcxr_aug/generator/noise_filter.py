@@ -680,6 +680,8 @@ def _resolve_vae(
         config=section.vae_config,
         size=section.image_size,
         steps=section.vae_steps,
+        batch_size=section.vae_batch_size,
+        crop_size=section.vae_crop_size,
         device=str(device),
         seed=seed,
         progress=progress,
