@@ -5,7 +5,8 @@
 #   bash bench/phantom128_recipe.sh [OUT=runs/p128v3] [N=300]
 # Optional: EVAL_CACHE=DIR reuses DIR/reference_classifier (an earlier evaluation's, on the same real data), and
 # EXTRA_SETS="name=DIR ..." adds image sets from earlier runs (same prompts and seeds) to the evaluation, for
-# paired differences. Every step is resumable; rerunning skips what is done.
+# paired differences; DEST=DIR copies the small records there (and the grid and loss plot to docs/figures). Every
+# step is resumable; rerunning skips what is done (delete OUT/evaluation to evaluate other sets).
 set -euo pipefail
 O=${1:-runs/p128v3}
 N=${2:-300}
@@ -35,7 +36,7 @@ hour = {
 print(json.dumps(hour, indent=2))
 PY
 fi
-python bench/generator_grid.py --generator $O/generator --data $D --out $O/grid.png --guidance 5.0
+[ -f $O/grid.png ] || python bench/generator_grid.py --generator $O/generator --data $D --out $O/grid.png --guidance 5.0
 [ -f $O/synthetic/synthesis.json ] || OMP_NUM_THREADS=2 diffcxr-aug synthesize --n $N --generator $O/generator \
   --out $O/synthetic --prompts $D --recipe $R --seed 0 > $O/synthesize.log 2>&1
 mkdir -p $O/evaluation
@@ -44,4 +45,15 @@ if [ -n "${EVAL_CACHE:-}" ] && [ ! -d $O/evaluation/reference_classifier ]; then
 fi
 extra=""
 for s in ${EXTRA_SETS:-}; do extra="$extra --synthetic $s"; done
-diffcxr-aug evaluate --real $D --synthetic recipe=$O/synthetic $extra --out $O/evaluation --size 128 --seed 0
+[ -f $O/evaluation/report.json ] || diffcxr-aug evaluate --real $D --synthetic recipe=$O/synthetic $extra \
+  --out $O/evaluation --size 128 --seed 0
+if [ -n "${DEST:-}" ]; then
+  mkdir -p $DEST docs/figures
+  cp $O/hour.json $O/filtered/filter_report.json $O/generator/training_info.json $O/generator/logs/loss.csv \
+    $O/synthetic/synthesis.json $O/evaluation/report.md $O/evaluation/report.json $DEST/
+  cp $O/filtered/vae/metrics.json $DEST/vae_metrics.json
+  cp $O/grid.png docs/figures/generator_phantom128_recipe.png
+  cp $O/generator/logs/loss.png docs/figures/generator_phantom128_recipe_loss.png
+  cp $O/evaluation/faithfulness_per_label.png docs/figures/evaluation_phantom128_recipe_per_label.png
+  ls -la $DEST
+fi
