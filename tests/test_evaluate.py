@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from diffcxr_aug.cli import app
 from diffcxr_aug.data.manifest import read_manifest, write_manifest
-from diffcxr_aug.evaluation.report import feature_distances, nearest_neighbours, privacy
+from diffcxr_aug.evaluation.report import feature_distances, nearest_neighbours, precision_recall, privacy
 from tests.conftest import make_tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,6 +41,25 @@ def test_feature_distances_agree_with_the_closed_form_and_grow_with_a_shift():
     assert fewer["n_synthetic_fid"] == 100 and fewer["fid"] != near["fid"] and fewer["kid"] == near["kid"]
     with pytest.raises(ValueError, match="at least 2"):
         feature_distances(a, b[:1])
+
+
+def test_precision_counts_images_off_the_real_manifold_and_recall_the_variety_covered():
+    rng = np.random.default_rng(2)
+    real = rng.normal(size=(500, 8))
+    alike = precision_recall(real, rng.normal(size=(300, 8)))
+    assert alike["precision"] > 0.8 and alike["recall"] > 0.8
+    # A quarter of the images far from every real one (malformed, noise-like): precision falls by that quarter.
+    broken = np.concatenate([rng.normal(size=(225, 8)), rng.normal(size=(75, 8)) + 12.0])
+    spoiled = precision_recall(real, broken)
+    assert spoiled["precision"] == pytest.approx(alike["precision"] * 0.75, abs=0.05)
+    # Every image near one mode of the real data: precise, but it covers little of the real variety.
+    collapsed = precision_recall(real, 0.1 * rng.normal(size=(300, 8)))
+    assert collapsed["precision"] > 0.9 and collapsed["recall"] < 0.3
+    with pytest.raises(ValueError, match="more than 3 rows"):
+        precision_recall(real, real[:3])
+    # feature_distances reports them, and leaves them empty for sets too small to have 3 neighbours.
+    assert feature_distances(real, broken)["precision"] == spoiled["precision"]
+    assert feature_distances(real, real[:3])["precision"] is None
 
 
 def test_privacy_flags_copies_of_training_images_and_few_fresh_ones():

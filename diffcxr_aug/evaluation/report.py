@@ -7,7 +7,8 @@ and an ImageNet network is a poor judge of radiographs anyway; a CXR classifier'
 the project has, and they are the features that matter for downstream training.
 
 * **Fidelity**: FID and KID (torchmetrics, fed those features) between each synthetic set and the real
-  test split. Both depend on the feature space and on the number of images, so the report also gives the
+  test split, and improved precision (the share of synthetic images that fall among real ones: malformed
+  images do not) and recall (the share of the real variety covered). Both depend on the feature space and on the number of images, so the report also gives the
   *real-to-real floor*: the same distances between the real val and test splits, two samples of one
   distribution. A generator is as good as real data when it reaches that floor.
 * **Faithfulness**: the reference classifier's mAUC on the synthetic images against their prompts'
@@ -55,6 +56,7 @@ REPORT_MD = "report.md"
 NEIGHBOURS_PNG = "nearest_neighbours.png"
 PER_LABEL_PNG = "faithfulness_per_label.png"
 COPY_QUANTILE = 0.99
+PR_NEIGHBOURS = 3  # k of improved precision/recall (Kynkäänniemi et al. use 3)
 
 
 class _Features(torch.nn.Module):
@@ -98,7 +100,8 @@ def embed(
 def feature_distances(
     real: np.ndarray, fake: np.ndarray, seed: int = 0, fid_images: int | None = None
 ) -> dict[str, float]:
-    """FID and KID (mean and std over subsets) between two feature sets, by torchmetrics.
+    """FID and KID (mean and std over subsets) between two feature sets, by torchmetrics, and improved
+    precision and recall (:func:`precision_recall`, on every row).
 
     FID is biased upwards by about 1/n, so sets compared with each other (and with the real-to-real floor) must
     be measured on the same number of images: ``fid_images`` draws that many rows of ``fake`` (seeded) for FID.
@@ -132,9 +135,49 @@ def feature_distances(
         "fid": float(fid.compute()),
         "kid": float(kid_mean),
         "kid_std": float(kid_std),
+        # None for sets too small to have k neighbours (tiny test manifests).
+        **(
+            precision_recall(real, fake)
+            if min(len(real), len(fake)) > PR_NEIGHBOURS
+            else {"precision": None, "recall": None, "pr_neighbours": PR_NEIGHBOURS}
+        ),
         "n_real": len(real),
         "n_synthetic": len(fake),
         "n_synthetic_fid": n_fid,
+    }
+
+
+def _inside(queries: np.ndarray, support: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Whether each query lies in at least one ball ``||q - support_i|| <= radii_i``."""
+    from sklearn.metrics import pairwise_distances_chunked
+
+    def reduce(chunk: np.ndarray, start: int) -> np.ndarray:
+        return (chunk <= radii[None, :]).any(axis=1)
+
+    return np.concatenate(list(pairwise_distances_chunked(queries, support, reduce_func=reduce)))
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al., NeurIPS 2019) of ``fake`` against ``real`` features.
+
+    Each set's manifold is the union of balls around its rows reaching their k-th nearest neighbour in the same
+    set. Precision: the share of synthetic rows inside the real manifold (images that look like some real image;
+    a malformed or noise-like image falls outside). Recall: the share of real rows inside the synthetic manifold
+    (how much of the real variety is covered). Both depend on the set sizes, so compare sets of equal size.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} rows per set ({len(real)}, {len(fake)})")
+
+    def radii(x: np.ndarray) -> np.ndarray:
+        distances, _ = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
+        return distances[:, k]  # column 0 is the row itself
+
+    return {
+        "precision": float(_inside(fake, real, radii(real)).mean()),
+        "recall": float(_inside(real, fake, radii(fake)).mean()),
+        "pr_neighbours": k,
     }
 
 
@@ -494,17 +537,19 @@ def report_markdown(results: dict[str, Any]) -> str:
         lines.append(f"Note: {results['reference_note']}.")
     lines += [
         "",
-        "| set | images | FID | KID (x1000) | faithfulness mAUC | possible copies | GFLOPs / image |",
-        "|---|---|---|---|---|---|---|",
+        "| set | images | FID | KID (x1000) | precision | recall | faithfulness mAUC | possible copies "
+        "| GFLOPs / image |",
+        "|---|---|---|---|---|---|---|---|---|",
         f"| real val vs real test (floor) | {floor['n_synthetic']} | {floor['fid']:.2f} | "
-        f"{1000 * floor['kid']:.2f} ± {1000 * floor['kid_std']:.2f} | "
-        f"{results['real_test']['faithfulness']['mauc']:.3f} (real test) | | |",
+        f"{1000 * floor['kid']:.2f} ± {1000 * floor['kid_std']:.2f} | {_fmt(floor.get('precision'))} | "
+        f"{_fmt(floor.get('recall'))} | {results['real_test']['faithfulness']['mauc']:.3f} (real test) | | |",
     ]
     for name, entry in results["synthetic"].items():
         fid, priv = entry["fidelity"], entry["privacy"]
         lines.append(
             f"| {name} | {entry['n_images']} | {fid['fid']:.2f} | "
-            f"{1000 * fid['kid']:.2f} ± {1000 * fid['kid_std']:.2f} | {entry['faithfulness']['mauc']:.3f}"
+            f"{1000 * fid['kid']:.2f} ± {1000 * fid['kid_std']:.2f} | {_fmt(fid.get('precision'))} | "
+            f"{_fmt(fid.get('recall'))} | {entry['faithfulness']['mauc']:.3f}"
             f"{_ci_text(entry)} | "
             f"{priv['flagged']} ({priv['flagged_share']:.1%}) | "
             f"{_fmt(entry['compute'].get('gflops_per_image'), 1)} |"
@@ -513,7 +558,10 @@ def report_markdown(results: dict[str, Any]) -> str:
         "",
         "FID and KID: against the real test split, in the reference classifier's feature space; the floor row "
         f"is two real samples of the same world. FID uses {floor.get('n_synthetic_fid', floor['n_synthetic'])} "
-        "images of every set (its bias depends on the count), KID all of them. Faithfulness: the reference "
+        "images of every set (its bias depends on the count), KID all of them. Precision: the share of a set's "
+        "images inside the real test images' manifold (k = 3 nearest-neighbour balls, Kynkäänniemi et al. 2019): "
+        "images that look like some real image; recall: the share of real test images inside the set's manifold "
+        "(the real variety it covers). Faithfulness: the reference "
         "classifier's mAUC against each image's prompt labels. Possible copies: synthetic images closer to a "
         "training image than "
         f"{1 - next(iter(results['synthetic'].values()))['privacy']['expected_share_if_like_real']:.0%} "
