@@ -38,9 +38,10 @@ def main() -> None:
     n = min([args.n] + [len(m) for m in sets.values()])
     prompts = first.frame["report"].tolist()[:n]
     for name, manifest in sets.items():
-        if manifest.frame["report"].tolist()[:n] != prompts or manifest.frame["seed"].tolist()[:n] != first.frame[
-            "seed"
-        ].tolist()[:n]:
+        if (
+            manifest.frame["report"].tolist()[:n] != prompts
+            or manifest.frame["seed"].tolist()[:n] != first.frame["seed"].tolist()[:n]
+        ):
             raise SystemExit(f"set {name!r} ({manifest.source}) was not made from the same prompts and seeds")
 
     from matplotlib.figure import Figure

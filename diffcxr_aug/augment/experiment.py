@@ -119,7 +119,7 @@ def run_experiment(recipe: Recipe) -> Path:
         shared_vae = filter_vae_for_generator(recipe, paths)
         if shared_vae is not None:
             logger.info(
-                "The generator uses the KL-VAE the filter trained (%s): same architecture, size, steps, batch and crop",
+                "The generator uses the KL-VAE the filter trained (%s): same architecture, size, steps, batch, crop",
                 shared_vae,
             )
             generator_section = generator_section.model_copy(update={"vae": str(shared_vae)})

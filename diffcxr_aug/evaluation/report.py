@@ -8,9 +8,10 @@ the project has, and they are the features that matter for downstream training.
 
 * **Fidelity**: FID and KID (torchmetrics, fed those features) between each synthetic set and the real
   test split, and improved precision (the share of synthetic images that fall among real ones: malformed
-  images do not) and recall (the share of the real variety covered). Both depend on the feature space and on the number of images, so the report also gives the
-  *real-to-real floor*: the same distances between the real val and test splits, two samples of one
-  distribution. A generator is as good as real data when it reaches that floor.
+  images do not) and recall (the share of the real variety covered). All depend on the feature space and
+  on the number of images, so the report also gives the *real-to-real floor*: the same measures between the
+  real val and test splits, two samples of one distribution. A generator is as good as real data when it
+  reaches that floor.
 * **Faithfulness**: the reference classifier's mAUC on the synthetic images against their prompts'
   labels (the paper's measure), beside its mAUC on the real test split (the ceiling).
 * **Privacy**: for every synthetic image, the cosine similarity of its features to the nearest real
