@@ -5,7 +5,8 @@
 #   bash bench/phantom128_recipe.sh [OUT=runs/p128v3] [N=300]
 # Optional: EVAL_CACHE=DIR reuses DIR/reference_classifier (an earlier evaluation's, on the same real data), and
 # EXTRA_SETS="name=DIR ..." adds image sets from earlier runs (same prompts and seeds) to the evaluation, for
-# paired differences; DEST=DIR copies the small records there (and the grid and loss plot to docs/figures). Every
+# paired differences; SEED=S trains with recipe seed S (the VAE, filter and generator: a training replicate; the
+# world and the sampling prompts and seeds stay those of seed 0); DEST=DIR copies the small records there (and the grid and loss plot to docs/figures). Every
 # step is resumable; rerunning skips what is done (delete OUT/evaluation to evaluate other sets).
 set -euo pipefail
 O=${1:-runs/p128v3}
@@ -15,7 +16,8 @@ D=$O/data
 [ -f $D/manifest.csv ] || diffcxr-aug prepare phantom --out $D --n 3000 --size 128 --seed 0
 if [ ! -f $O/hour.json ]; then
   start=$(date +%s)
-  OMP_NUM_THREADS=2 diffcxr-aug run $R --set output_dir=$O --set "steps=[filter, train-generator]" > $O/run.log 2>&1
+  OMP_NUM_THREADS=2 diffcxr-aug run $R --set output_dir=$O --set "steps=[filter, train-generator]" \
+    --set seed=${SEED:-0} > $O/run.log 2>&1
   end=$(date +%s)
   python - "$O" "$start" "$end" <<'PY'
 import json, sys
