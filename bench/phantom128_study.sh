@@ -23,8 +23,8 @@ D=$O/data
 
 # The main model, part 1: the VAE and STEPS generator steps (kept as gen-on).
 if [ ! -f $O/gen-on/model_index.json ]; then
-  OMP_NUM_THREADS=2 diffcxr-aug train-generator --data $D --out $O/gen-main --recipe $R --max-steps $STEPS --time-limit-minutes 58 \
-    > $O/gen-main-part1.log 2>&1
+  OMP_NUM_THREADS=2 diffcxr-aug train-generator --data $D --out $O/gen-main --recipe $R --max-steps $STEPS \
+    --time-limit-minutes 58 > $O/gen-main-part1.log 2>&1
   mkdir -p $O/gen-on.tmp && (cd $O/gen-main && tar --exclude=./checkpoints -cf - .) | (cd $O/gen-on.tmp && tar -xf -)
   mv $O/gen-on.tmp $O/gen-on
 fi

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -97,22 +99,26 @@ def test_generator_reuses_the_filters_vae_only_when_it_is_the_same_one(tmp_path,
     recipe = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}"])
     paths = experiment_paths(recipe)
     assert filter_vae_for_generator(recipe, paths) is None  # the filter has not trained one yet
-    (paths["filtered"] / "vae").mkdir(parents=True)
-    (paths["filtered"] / "vae" / "metrics.json").write_text("{}")
-    assert filter_vae_for_generator(recipe, paths) == paths["filtered"] / "vae"
+    folder = paths["filtered"] / "vae"
+    folder.mkdir(parents=True)
+    # What train_vae records of the VAE it trained: phantom-64's (quickstart's generator config).
+    trained = {"config": "kl-f4", "size": 64, "steps": 1200, "batch_size": 32, "crop_size": None, "seed": recipe.seed}
+    (folder / "metrics.json").write_text(json.dumps(trained))
+    assert filter_vae_for_generator(recipe, paths) == folder
     # A crop the size of the image is a whole-image VAE: still the same one.
-    whole = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", "filter.vae_crop_size=64"])
-    assert filter_vae_for_generator(whole, paths) == paths["filtered"] / "vae"
-    for change in (
-        "filter.vae_steps=1000",
-        "filter.image_size=128",
-        "filter.vae_config=kl-f8",
-        "filter.vae_batch_size=16",
-        "filter.vae_crop_size=32",
-        "generator.vae=kl-f4",
-    ):
-        other = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", change])
-        assert filter_vae_for_generator(other, paths) is None, change
+    (folder / "metrics.json").write_text(json.dumps(trained | {"crop_size": 64}))
+    assert filter_vae_for_generator(recipe, paths) == folder
+    # Trained otherwise (the recipe changed after the filter ran, say): the generator trains its own.
+    # The last: a record that does not say its batch size (written by an older version).
+    unknown_batch = {k: v for k, v in trained.items() if k != "batch_size"}
+    changes = [{"steps": 1000}, {"size": 128}, {"config": "kl-f8"}, {"batch_size": 16}, {"crop_size": 32}, {"seed": 7}]
+    for record in [trained | change for change in changes] + [unknown_batch]:
+        (folder / "metrics.json").write_text(json.dumps(record))
+        assert filter_vae_for_generator(recipe, paths) is None, record
+    # A VAE named in the recipe is used as named.
+    (folder / "metrics.json").write_text(json.dumps(trained))
+    named = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", "generator.vae=kl-f4"])
+    assert filter_vae_for_generator(named, paths) is None
 
 
 def test_phantom_128_recipe_trains_one_vae_for_filter_and_generator(tmp_path, recipes_dir):
@@ -123,5 +129,8 @@ def test_phantom_128_recipe_trains_one_vae_for_filter_and_generator(tmp_path, re
     assert recipe.steps.index("filter") < recipe.steps.index("train-generator") and recipe.generator.use_filtered
     paths = experiment_paths(recipe)
     (paths["filtered"] / "vae").mkdir(parents=True)
-    (paths["filtered"] / "vae" / "metrics.json").write_text("{}")
+    f = recipe.filter
+    trained = {"config": f.vae_config, "size": f.image_size, "steps": f.vae_steps, "batch_size": f.vae_batch_size}
+    trained |= {"crop_size": f.vae_crop_size, "seed": recipe.seed}
+    (paths["filtered"] / "vae" / "metrics.json").write_text(json.dumps(trained))
     assert filter_vae_for_generator(recipe, paths) == paths["filtered"] / "vae"

@@ -232,7 +232,12 @@ def test_cli_filter_writes_the_contract_files(noisy_tiny, tmp_path):
     assert set(kept.frame["image_path"]) == set(scores.loc[scores["flagged"] == 0, "image_path"])
     # The VAE trained here follows the recipe's batch and crop size (so a generator can share it).
     vae_metrics = json.loads((out / "vae" / "metrics.json").read_text())
-    assert (vae_metrics["batch_size"], vae_metrics["crop_size"], vae_metrics["size"]) == (4, 16, 32)
+    assert (vae_metrics["batch_size"], vae_metrics["crop_size"], vae_metrics["size"], vae_metrics["seed"]) == (
+        4,
+        16,
+        32,
+        0,
+    )
 
     report = json.loads((out / "filter_report.json").read_text())
     assert report["images"] == 30 and report["flagged"] == 3

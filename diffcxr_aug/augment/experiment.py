@@ -53,13 +53,16 @@ def classifier_synthetic(recipe: Recipe, paths: dict[str, Path]) -> Path | None:
 def filter_vae_for_generator(recipe: Recipe, paths: dict[str, Path]) -> Path | None:
     """The KL-VAE the filter step trained, when the generator would train the very same one.
 
-    Both train a registered KL-VAE with the recipe's seed; when the architecture, image size, number of steps,
-    batch size and crop size agree, the generator loads the filter's instead of training a second copy (the same
-    weights: one training, not two). The filter's VAE has seen the whole manifest, noisy images included, while with
+    Both train a registered KL-VAE with the recipe's seed; when the seed, architecture, image size, number of
+    steps, batch size and crop size the filter's VAE was trained with (its ``metrics.json``) are the generator's, the
+    generator loads it instead of training a second copy (the same weights: one training, not two). The
+    filter's VAE has seen the whole manifest, noisy images included, while with
     ``use_filtered`` the generator would have trained its own on the kept images only; the VAE is an image codec
     (the denoiser, which decides what gets generated, still trains on the kept images only), and sharing it keeps
     filtered and unfiltered generators in one latent space, so their comparison isolates the filter.
     """
+    import json
+
     from diffcxr_aug.generator.configs import resolve_config
 
     f, g = recipe.filter, recipe.generator
@@ -67,17 +70,29 @@ def filter_vae_for_generator(recipe: Recipe, paths: dict[str, Path]) -> Path | N
     if g.vae is not None or f.vae is not None or not (folder / "metrics.json").is_file():
         return None
     cfg = resolve_config(g)
-    # A crop as large as the image is a whole-image VAE (train_vae treats them alike).
-    generator_crop = None if cfg.vae_crop_size in (None, cfg.image_size) else cfg.vae_crop_size
-    filter_crop = None if f.vae_crop_size in (None, f.image_size) else f.vae_crop_size
-    same = (cfg.vae, cfg.image_size, cfg.vae_steps, cfg.vae_batch_size, generator_crop) == (
-        f.vae_config,
-        f.image_size,
-        f.vae_steps,
-        f.vae_batch_size,
-        filter_crop,
+
+    def whole(crop: int | None, size: int | None) -> int | None:
+        return None if crop in (None, size) else crop  # a crop as large as the image is whole images
+
+    # What was trained, as train_vae recorded it (not what the recipe says now: it may have changed since).
+    trained = json.loads((folder / "metrics.json").read_text())
+    wanted = (
+        recipe.seed,
+        cfg.vae,
+        cfg.image_size,
+        cfg.vae_steps,
+        cfg.vae_batch_size,
+        whole(cfg.vae_crop_size, cfg.image_size),
     )
-    return folder if same else None
+    recorded = (
+        trained.get("seed"),
+        trained.get("config"),
+        trained.get("size"),
+        trained.get("steps"),
+        trained.get("batch_size"),
+        whole(trained.get("crop_size"), trained.get("size")),
+    )
+    return folder if recorded == wanted else None
 
 
 def run_experiment(recipe: Recipe) -> Path:

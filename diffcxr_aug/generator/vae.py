@@ -294,6 +294,7 @@ def train_vae(
             "crop_size": crop_size,
             "steps": steps,
             "batch_size": batch_size,
+            "seed": seed,
             "latent_std": std,
             "split": "val" if len(val) else "train",
         }
