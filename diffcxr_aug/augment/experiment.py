@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -61,8 +62,6 @@ def filter_vae_for_generator(recipe: Recipe, paths: dict[str, Path]) -> Path | N
     (the denoiser, which decides what gets generated, still trains on the kept images only), and sharing it keeps
     filtered and unfiltered generators in one latent space, so their comparison isolates the filter.
     """
-    import json
-
     from diffcxr_aug.generator.configs import resolve_config
 
     f, g = recipe.filter, recipe.generator
