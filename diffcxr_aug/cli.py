@@ -353,7 +353,7 @@ def train_classifier(
         pretrained=pretrained,
         image_size=image_size,
     )
-    from diffcxr_aug.classifiers.sweep import run_sweep
+    from diffcxr_aug.augment.sweep import run_sweep
 
     path = _call(run_sweep, data, out, section, synthetic=synthetic, device=device)
     typer.echo(f"wrote {path}")
@@ -414,15 +414,18 @@ def run(
         list[str] | None, typer.Option("--set", help="override a recipe key, e.g. --set classifier.epochs=3")
     ] = None,
 ) -> None:
-    """Run the whole loop from one recipe (the resolved recipe is written next to the outputs first)."""
+    """Run the whole loop from one recipe, then write OUTPUT_DIR/report.md (its path is the last line printed).
+
+    A rerun skips the steps that finished with the same settings and finishes the one that was interrupted.
+    """
     try:
         rec = load_recipe(recipe, set_ or [])
     except RecipeError as err:
         _fail(str(err))
     from diffcxr_aug.augment.experiment import run_experiment
 
-    path = _call(run_experiment, rec)
-    typer.echo(f"wrote {path}")
+    path = _call(run_experiment, rec, echo=lambda line: typer.echo(line, err=True))
+    typer.echo(f"report: {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

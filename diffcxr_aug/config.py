@@ -20,6 +20,7 @@ PIPELINE_STEPS = ("prepare", "filter", "train-generator", "synthesize", "train-c
 PipelineStep = Literal["prepare", "filter", "train-generator", "synthesize", "train-classifier", "evaluate"]
 DatasetName = Literal["phantom", "mimic-cxr", "iu-xray", "nih-cxr14", "csv"]
 ClassifierMode = Literal["real", "mix", "pretrain-finetune"]
+SyntheticChoice = Literal["generated", "ceiling", "none"] | Path
 
 RESOLVED_RECIPE_NAME = "recipe.resolved.yaml"
 
@@ -180,8 +181,9 @@ class ClassifierSection(Section):
     modes: list[ClassifierMode] = Field(default_factory=lambda: ["real", "mix", "pretrain-finetune"])
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     # Recipes only: which images the synthetic modes use. "generated": the synthesize step's output;
-    # "ceiling": perfect-generator images drawn from the phantom world's truth; "none"; or a folder.
-    synthetic: Literal["generated", "ceiling", "none"] | Path = "generated"
+    # "ceiling": perfect-generator images drawn from the phantom world's truth; "none"; or a folder. A list runs
+    # every synthetic mode once per source, against the same real-only runs (results.csv's `source` column).
+    synthetic: SyntheticChoice | list[SyntheticChoice] = "generated"
     n_synthetic: int | None = Field(
         None, ge=1, description="synthetic images used (default: all; ceiling: as many as real train)"
     )

@@ -28,6 +28,30 @@ def resolve_device(device: str) -> torch.device:
     raise ValueError(f"Unknown device {device!r}; choose one of: auto, cpu, cuda, cuda:N")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 autocast can pay."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def resolve_mixed_precision(choice: str, device: torch.device, cpu_auto: str = "no") -> str:
+    """``auto|no|bf16|fp16`` -> the precision to use on ``device``.
+
+    ``auto`` is bf16 on a GPU that supports it; on a CPU it is ``cpu_auto`` when the CPU has native bf16
+    (callers pass ``"bf16"`` where they measured bf16 autocast to be faster on such a CPU) and ``no`` otherwise.
+    An explicit choice is kept, except fp16 on a CPU, which autocast does not support there.
+    """
+    if choice == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        return cpu_auto if device.type == "cpu" and cpu_has_bf16() else "no"
+    if choice not in ("no", "bf16", "fp16"):
+        raise ValueError(f"Unknown mixed precision {choice!r}; choose one of: auto, no, bf16, fp16")
+    if choice == "fp16" and device.type == "cpu":
+        raise ValueError("mixed precision fp16 needs a GPU; on a CPU use bf16 (or auto)")
+    return choice
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices). Library code takes explicit generators instead."""
     random.seed(seed)

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from diffcxr_aug.augment.mixing import load_synthetic, training_stages
 from diffcxr_aug.augment.plots import plot_sweep
+from diffcxr_aug.augment.sweep import BASE_COLUMNS, paired_gains, summary_markdown
 from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, per_label_auc, rank_auc
 from diffcxr_aug.classifiers.models import (
     ClassifierConfig,
@@ -20,7 +21,6 @@ from diffcxr_aug.classifiers.models import (
     save_classifier,
 )
 from diffcxr_aug.classifiers.subsample import sample_real_fraction
-from diffcxr_aug.classifiers.sweep import BASE_COLUMNS, paired_gains, summary_markdown
 from diffcxr_aug.classifiers.train import apply_uncertainty, build_transforms, masked_bce_with_logits
 from diffcxr_aug.cli import app
 from diffcxr_aug.data.labels import CHEXPERT_LABELS, NIH_LABELS
@@ -263,7 +263,7 @@ def test_train_classifier_cli_real_then_synthetic_and_resume(tmp_path):
     assert frame["auc_Pneumothorax"].isna().all()  # negatives only in the test split: not scored
     assert (frame["mauc_ci_low"] <= frame["mauc"]).all() and (frame["mauc"] <= frame["mauc_ci_high"]).all()
     summary = (out / "summary.md").read_text()
-    assert "| 0.5 | real | 12 | 0 | 2 |" in summary
+    assert "| 0.5 | real | none | 12 | 0 | 2 |" in summary
     assert (out / "mauc_vs_real_fraction.png").stat().st_size > 0
     weights = out / "runs" / "frac0.5_real_seed0" / "train" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
@@ -367,8 +367,11 @@ def test_paired_gains_summary_and_plot(tmp_path):
     assert gains.loc["mix", "outside_spread"] == 1 and gains.loc["pretrain-finetune", "outside_spread"] == 0
     assert gains.loc["mix", "gap_closed"] == pytest.approx(0.20 / 0.30)
     summary = summary_markdown(results, "fake")
-    assert "| 0.01 | mix | +0.200 ± 0.000 (3 seeds) | yes, better | 67% | – |" in summary
-    assert "| 0.01 | pretrain-finetune | +0.010 ± 0.000 (3 seeds) | no (within spread) | 3% | 1/3 |" in summary
+    assert "| 0.01 | mix | synthetic | +0.200 ± 0.000 (3 seeds) | yes, better | 67% | – |" in summary
+    assert (
+        "| 0.01 | pretrain-finetune | synthetic | +0.010 ± 0.000 (3 seeds) | no (within spread) | 3% | 1/3 |"
+        in summary
+    )
     path = plot_sweep(results, tmp_path / "fig.png")
     assert path.stat().st_size > 10_000
 

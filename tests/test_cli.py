@@ -63,29 +63,3 @@ def test_train_classifier_validates_mode_and_seeds(tmp_path):
     assert result.exit_code == 2 and "--seeds" in result.output
     result = runner.invoke(app, base + ["--real-frac", "0"])
     assert result.exit_code == 2 and "greater than 0" in result.output
-
-
-@pytest.mark.usefixtures("one_thread")
-def test_smoke_recipe_runs_every_step_of_the_loop(tmp_path, recipes_dir):
-    """`run recipes/smoke.yaml`: prepare, filter, train-generator, synthesize, train-classifier, evaluate."""
-    import json
-
-    import pandas as pd
-
-    out = tmp_path / "smoke"
-    result = runner.invoke(app, ["run", str(recipes_dir / "smoke.yaml"), "--set", f"output_dir={out}"])
-    assert result.exit_code == 0, result.output
-    assert (out / "recipe.resolved.yaml").is_file()
-    data = pd.read_csv(out / "data" / "manifest.csv")
-    scores = pd.read_csv(out / "filtered" / "scores.csv")
-    kept = pd.read_csv(out / "filtered" / "manifest.csv")
-    assert len(scores) == len(data) == 120 and len(kept) == len(data) - scores["flagged"].sum() < len(data)
-    info = json.loads((out / "generator" / "training_info.json").read_text())
-    # generator.use_filtered (default true): stage 1 trains on the manifest the filter kept.
-    assert info["steps"] == 4 and info["data"] == str(out / "filtered" / "manifest.csv")
-    assert len(pd.read_csv(out / "synthetic" / "manifest.csv")) == 8
-    results = pd.read_csv(out / "classifiers" / "results.csv")
-    assert set(results["mode"]) == {"real", "mix"} and results["mauc"].between(0, 1).all()
-    report = json.loads((out / "evaluation" / "report.json").read_text())
-    assert report["synthetic"]["synthetic"]["n_images"] == 8
-    assert report["synthetic"]["synthetic"]["compute"]["generator"]["training_steps"] == 4

@@ -96,7 +96,8 @@ def test_resolved_recipe_round_trips(tmp_path, recipes_dir):
 def test_generator_reuses_the_filters_vae_only_when_it_is_the_same_one(tmp_path, recipes_dir):
     from diffcxr_aug.augment.experiment import experiment_paths, filter_vae_for_generator
 
-    recipe = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}"])
+    whole = ["filter.vae_crop_size=null", "generator.vae_crop_size=null"]  # whole-image VAEs, as phantom-64's own
+    recipe = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", *whole])
     paths = experiment_paths(recipe)
     assert filter_vae_for_generator(recipe, paths) is None  # the filter has not trained one yet
     folder = paths["filtered"] / "vae"
@@ -117,7 +118,7 @@ def test_generator_reuses_the_filters_vae_only_when_it_is_the_same_one(tmp_path,
         assert filter_vae_for_generator(recipe, paths) is None, record
     # A VAE named in the recipe is used as named.
     (folder / "metrics.json").write_text(json.dumps(trained))
-    named = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", "generator.vae=kl-f4"])
+    named = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", *whole, "generator.vae=kl-f4"])
     assert filter_vae_for_generator(named, paths) is None
 
 

@@ -24,3 +24,12 @@ def test_readme_recipe_exists():
     blocks = _bash_blocks((REPO_ROOT / "README.md").read_text())
     recipe = re.search(r"diffcxr-aug run (\S+)", blocks[0]).group(1)
     assert (REPO_ROOT / recipe).is_file()
+
+
+def test_ci_runs_the_first_commands_install_without_extras():
+    """The README's first command installs no extras; CI repeats that install in its own venv and runs a recipe."""
+    blocks = _bash_blocks((REPO_ROOT / "README.md").read_text())
+    install = blocks[0].split(" && diffcxr-aug run")[0]
+    assert "[" not in install  # no extras
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    assert install.replace(".venv", ".venv-core") + " && diffcxr-aug run recipes/smoke.yaml" in ci

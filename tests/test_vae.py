@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -84,3 +85,35 @@ def test_crop_training_encodes_whole_images_and_checks_the_crop(tiny_manifest, t
     with pytest.raises(ValueError, match="crop_size 15 must be a multiple of the VAE's downsampling factor 2"):
         train_vae(manifest, tmp_path / "bad", config="tiny", size=32, steps=1, crop_size=15, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_finished_vae_with_the_same_settings_is_loaded_not_trained_again(tiny_manifest, tmp_path):
+    manifest = read_manifest(tiny_manifest)
+    kwargs = {"config": "tiny", "size": 32, "steps": 2, "batch_size": 8, "progress": False, "mixed_precision": "no"}
+    vae, metrics = train_vae(manifest, tmp_path / "vae", **kwargs)
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again, metrics_again = train_vae(manifest, tmp_path / "vae", **kwargs)
+    assert weights.stat().st_mtime_ns == stamp and metrics_again == metrics
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), again.state_dict().values(), strict=True))
+    # Other settings (here the number of steps) train it again.
+    _, changed = train_vae(manifest, tmp_path / "vae", **(kwargs | {"steps": 3}))
+    assert changed["steps"] == 3 and weights.stat().st_mtime_ns != stamp
+
+
+def test_bf16_autocast_training_is_recorded_and_keeps_fp32_weights(tiny_manifest, tmp_path):
+    manifest = read_manifest(tiny_manifest)
+    vae, metrics = train_vae(
+        manifest,
+        tmp_path / "vae",
+        config="tiny",
+        size=32,
+        steps=2,
+        batch_size=8,
+        progress=False,
+        mixed_precision="bf16",
+    )
+    assert metrics["mixed_precision"] == "bf16" and math.isfinite(metrics["psnr"])
+    assert all(p.dtype == torch.float32 for p in vae.parameters())
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        train_vae(manifest, tmp_path / "fp16", config="tiny", size=32, steps=1, mixed_precision="fp16", device="cpu")

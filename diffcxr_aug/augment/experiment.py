@@ -1,11 +1,15 @@
-"""The whole loop from one recipe: prepare, filter, train-generator, synthesize, train-classifier, evaluate."""
+"""The whole loop from one recipe: prepare, filter, train-generator, synthesize, train-classifier, evaluate, and a
+report of the run (``report.md``)."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from diffcxr_aug.augment.steps import Step, StepLedger, run_steps
 from diffcxr_aug.config import Recipe, write_resolved_recipe
 
 logger = logging.getLogger(__name__)
@@ -25,30 +29,42 @@ def experiment_paths(recipe: Recipe) -> dict[str, Path]:
     }
 
 
-def classifier_synthetic(recipe: Recipe, paths: dict[str, Path]) -> Path | None:
-    """The synthetic folder the classifier sweep uses, from ``classifier.synthetic``.
+def classifier_synthetic(recipe: Recipe, paths: dict[str, Path]) -> dict[str, Path]:
+    """The named synthetic sets the classifier sweep uses, from ``classifier.synthetic`` (one choice or a list).
 
     ``generated``: the synthesize step's output (when it exists); ``ceiling``: perfect-generator images
     rendered from the phantom world (``classifier.n_synthetic`` of them, default as many as the real
-    train split holds); ``none``; or a folder path.
+    train split holds); ``none``; or a folder path (named after the folder).
     """
-    choice = recipe.classifier.synthetic
-    if choice == "none":
-        return None
-    if choice == "generated":
-        return paths["synthetic"] if (paths["synthetic"] / "manifest.csv").is_file() else None
-    if choice == "ceiling":
-        if recipe.data.dataset != "phantom":
-            raise ValueError(
-                f"classifier.synthetic: ceiling renders perfect images from the phantom world, but data.dataset "
-                f"is {recipe.data.dataset!r}; use generated, none or a folder"
-            )
-        from diffcxr_aug.augment.ceiling import build_ceiling
-        from diffcxr_aug.data.manifest import read_manifest
+    choices = recipe.classifier.synthetic
+    choices = choices if isinstance(choices, list) else [choices]
+    sources: dict[str, Path] = {}
+    for choice in choices:
+        if choice == "none":
+            continue
+        if choice == "generated":
+            if (paths["synthetic"] / "manifest.csv").is_file():
+                sources["generated"] = paths["synthetic"]
+            continue
+        if choice == "ceiling":
+            sources["ceiling"] = _ceiling(recipe, paths)
+            continue
+        folder = Path(choice)
+        sources[folder.name] = folder
+    return sources
 
-        n = recipe.classifier.n_synthetic or len(read_manifest(paths["data"]).split("train"))
-        return build_ceiling(paths["ceiling"], n=n, size=recipe.data.size, seed=recipe.seed).parent
-    return Path(choice)
+
+def _ceiling(recipe: Recipe, paths: dict[str, Path]) -> Path:
+    if recipe.data.dataset != "phantom":
+        raise ValueError(
+            f"classifier.synthetic: ceiling renders perfect images from the phantom world, but data.dataset "
+            f"is {recipe.data.dataset!r}; use generated, none or a folder"
+        )
+    from diffcxr_aug.augment.ceiling import build_ceiling
+    from diffcxr_aug.data.manifest import read_manifest
+
+    n = recipe.classifier.n_synthetic or len(read_manifest(paths["data"]).split("train"))
+    return build_ceiling(paths["ceiling"], n=n, size=recipe.data.size, seed=recipe.seed).parent
 
 
 def filter_vae_for_generator(recipe: Recipe, paths: dict[str, Path]) -> Path | None:
@@ -94,24 +110,22 @@ def filter_vae_for_generator(recipe: Recipe, paths: dict[str, Path]) -> Path | N
     return folder if recorded == wanted else None
 
 
-def run_experiment(recipe: Recipe) -> Path:
-    """Run the steps the recipe lists, in order. Each step is resumable, so rerunning finishes the job."""
-    resolved = write_resolved_recipe(recipe)
-    logger.info("Resolved recipe written to %s", resolved)
-    paths = experiment_paths(recipe)
-    seed = recipe.seed
-    training_data = paths["data"]
+def _dump(section: Any) -> dict[str, Any]:
+    return section.model_dump(mode="json")
 
-    if "prepare" in recipe.steps:
-        from diffcxr_aug.data.prepare import prepare_dataset
 
-        d = recipe.data
+def _prepare_step(recipe: Recipe, paths: dict[str, Path]) -> Step:
+    from diffcxr_aug.data.prepare import prepare_dataset
+
+    d = recipe.data
+
+    def run() -> None:
         prepare_dataset(
             d.dataset,
             out=paths["data"],
             root=d.root,
             size=d.size,
-            seed=seed,
+            seed=recipe.seed,
             n=d.n,
             csv=d.csv,
             image_col=d.image_col,
@@ -120,70 +134,167 @@ def run_experiment(recipe: Recipe) -> Path:
             patient_col=d.patient_col,
             view_col=d.view_col,
         )
-    if "filter" in recipe.steps and recipe.filter.enabled:
-        from diffcxr_aug.generator.noise_filter import run_filter
 
-        run_filter(paths["data"], paths["filtered"], recipe.filter, vae=None, device=recipe.device, seed=seed)
-        if recipe.generator.use_filtered:
-            training_data = paths["filtered"]
-    if "train-generator" in recipe.steps:
-        from diffcxr_aug.generator.training import train_generator
+    settings = {"data": _dump(d), "seed": recipe.seed}
+    return Step("prepare", settings, [paths["data"]], [paths["data"] / "manifest.csv"], run)
 
-        generator_section = recipe.generator
+
+def _filter_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) -> Step:
+    from diffcxr_aug.generator.noise_filter import run_filter
+
+    def run() -> None:
+        run_filter(paths["data"], paths["filtered"], recipe.filter, vae=None, device=recipe.device, seed=recipe.seed)
+
+    settings = {"filter": _dump(recipe.filter), "seed": recipe.seed, "upstream": upstream}
+    done = [paths["filtered"] / "manifest.csv", paths["filtered"] / "filter_report.json"]
+    return Step("filter", settings, [paths["filtered"]], done, run)
+
+
+# Keys a step changes on its own outputs and continues: more generator steps, more images, more sweep runs.
+GENERATOR_EXTENDABLE = frozenset(
+    f"generator.{k}"
+    for k in ("max_steps", "time_limit_minutes", "checkpoint_every", "checkpoints_total_limit", "sample_every")
+) | frozenset({"generator.log_every", "generator.stage2_steps"})
+SYNTHESIZE_EXTENDABLE = frozenset({"synthesize.n", "synthesize.batch_size"})
+CLASSIFIER_EXTENDABLE = frozenset(
+    f"classifier.{k}" for k in ("real_fracs", "modes", "seeds", "synthetic", "num_workers")
+)
+
+
+def _generator_step(recipe: Recipe, paths: dict[str, Path], training_data: Path, upstream: dict[str, str]) -> Step:
+    from diffcxr_aug.generator.training import train_generator
+
+    def run() -> None:
+        section = recipe.generator
         shared_vae = filter_vae_for_generator(recipe, paths)
         if shared_vae is not None:
             logger.info(
                 "The generator uses the KL-VAE the filter trained (%s): same architecture, size, steps, batch, crop",
                 shared_vae,
             )
-            generator_section = generator_section.model_copy(update={"vae": str(shared_vae)})
-        train_generator(
-            training_data,
-            paths["generator"],
-            generator_section,
-            stage=1,
-            resume="latest",
-            device=recipe.device,
-            seed=seed,
-        )
-        if recipe.generator.dkim and recipe.generator.stage2_steps > 0:
+            section = section.model_copy(update={"vae": str(shared_vae)})
+        for stage in (1, 2) if recipe.generator.dkim and recipe.generator.stage2_steps > 0 else (1,):
             train_generator(
                 training_data,
                 paths["generator"],
-                generator_section,
-                stage=2,
+                section,
+                stage=stage,
                 resume="latest",
                 device=recipe.device,
-                seed=seed,
+                seed=recipe.seed,
             )
-    if "synthesize" in recipe.steps:
-        from diffcxr_aug.generator.synthesize import synthesize
 
-        section = recipe.synthesize
-        if section.prompts is None:
-            section = section.model_copy(update={"prompts": paths["data"]})
-        synthesize(paths["generator"], paths["synthetic"], section, device=recipe.device, seed=seed)
-    if "train-classifier" in recipe.steps:
-        from diffcxr_aug.classifiers.sweep import run_sweep
+    settings = {
+        "generator": _dump(recipe.generator),
+        "seed": recipe.seed,
+        "training_data": training_data.name,
+        "upstream": upstream,
+    }
+    done = [paths["generator"] / "model_index.json", paths["generator"] / "training_info.json"]
+    return Step("train-generator", settings, [paths["generator"]], done, run, GENERATOR_EXTENDABLE)
 
-        section = recipe.classifier
-        if section.image_size is None:
-            # Train at the size the data was prepared at, rather than upsampling to the model's default.
-            section = section.model_copy(update={"image_size": recipe.data.size})
+
+def _synthesize_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) -> Step:
+    from diffcxr_aug.generator.synthesize import synthesize
+
+    section = recipe.synthesize
+    if section.prompts is None:
+        section = section.model_copy(update={"prompts": paths["data"]})
+
+    def run() -> None:
+        synthesize(paths["generator"], paths["synthetic"], section, device=recipe.device, seed=recipe.seed)
+
+    settings = {"synthesize": _dump(section), "seed": recipe.seed, "upstream": upstream}
+    done = [paths["synthetic"] / "manifest.csv"]
+    return Step("synthesize", settings, [paths["synthetic"]], done, run, SYNTHESIZE_EXTENDABLE)
+
+
+def _classifier_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) -> Step:
+    from diffcxr_aug.augment.sweep import RESULTS_NAME, run_sweep
+
+    section = recipe.classifier
+    if section.image_size is None:
+        # Train at the size the data was prepared at, rather than upsampling to the model's default.
+        section = section.model_copy(update={"image_size": recipe.data.size})
+
+    def run() -> None:
         synthetic = classifier_synthetic(recipe, paths)
-        run_sweep(paths["data"], paths["classifiers"], section, synthetic=synthetic, device=recipe.device)
-    if "evaluate" in recipe.steps and recipe.evaluate.enabled:
-        from diffcxr_aug.evaluation.report import evaluate
+        run_sweep(paths["data"], paths["classifiers"], section, synthetic=synthetic or None, device=recipe.device)
 
-        section = recipe.evaluate
+    settings = {"classifier": _dump(section), "seed": recipe.seed, "upstream": upstream}
+    done = [paths["classifiers"] / RESULTS_NAME]
+    outputs = [paths["classifiers"], paths["ceiling"]]
+    return Step("train-classifier", settings, outputs, done, run, CLASSIFIER_EXTENDABLE)
+
+
+def _evaluate_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) -> Step:
+    from diffcxr_aug.evaluation.report import evaluate
+
+    section = recipe.evaluate
+
+    def run() -> None:
         evaluate(
             paths["data"],
             {"synthetic": paths["synthetic"]},
             paths["evaluation"],
             device=recipe.device,
-            seed=seed,
+            seed=recipe.seed,
             size=section.image_size or recipe.data.size,
             model_name=section.model,
             epochs=section.epochs,
         )
-    return recipe.output_dir
+
+    settings = {"evaluate": _dump(section), "seed": recipe.seed, "upstream": upstream}
+    done = [paths["evaluation"] / "report.json"]
+    return Step("evaluate", settings, [paths["evaluation"]], done, run)
+
+
+def plan_steps(recipe: Recipe) -> list[Step]:
+    """The steps the recipe lists, in order, each with the settings that decide its outputs.
+
+    A step's settings hold the fingerprints of the steps whose outputs it reads, so a change anywhere upstream
+    reaches every step after it. A step the recipe leaves out still feeds its fingerprint to the later ones
+    (their inputs are its outputs from an earlier run, or a folder given by hand).
+    """
+    from diffcxr_aug.augment.estimates import estimate_seconds
+
+    paths = experiment_paths(recipe)
+    built: dict[str, Step] = {"prepare": _prepare_step(recipe, paths)}
+
+    def upstream(*names: str) -> dict[str, str]:
+        return {name: built[name].fingerprint for name in names if name in built}
+
+    if recipe.filter.enabled and "filter" in recipe.steps:
+        built["filter"] = _filter_step(recipe, paths, upstream("prepare"))
+    training_data = paths["filtered"] if "filter" in built and recipe.generator.use_filtered else paths["data"]
+    # The filter is upstream even of a generator that trains on every image: it may reuse the filter's VAE.
+    built["train-generator"] = _generator_step(recipe, paths, training_data, upstream("prepare", "filter"))
+    built["synthesize"] = _synthesize_step(recipe, paths, upstream("prepare", "train-generator"))
+    choices = recipe.classifier.synthetic
+    uses_generated = "generated" in (choices if isinstance(choices, list) else [choices])
+    built["train-classifier"] = _classifier_step(
+        recipe, paths, upstream("prepare", *(["synthesize"] if uses_generated else []))
+    )
+    if recipe.evaluate.enabled:
+        built["evaluate"] = _evaluate_step(recipe, paths, upstream("prepare", "synthesize"))
+    steps = [built[name] for name in recipe.steps if name in built]
+    for step in steps:
+        step.estimate_seconds = estimate_seconds(step.name, recipe)
+    return steps
+
+
+def run_experiment(recipe: Recipe, echo: Callable[[str], None] | None = None) -> Path:
+    """Run the steps the recipe lists, in order, then write ``report.md``; returns the report's path.
+
+    Each step is resumable, and ``steps.json`` records what each step ran with: rerunning the same recipe skips
+    the steps that finished, finishes the one that was interrupted, and redoes (after moving the old outputs to
+    ``superseded/``) the steps whose settings changed. See :mod:`diffcxr_aug.augment.steps`.
+    """
+    from diffcxr_aug.augment.run_report import write_run_report
+
+    echo = echo or (lambda line: logger.info("%s", line))
+    resolved = write_resolved_recipe(recipe)
+    logger.info("Resolved recipe written to %s", resolved)
+    ledger = StepLedger(recipe.output_dir)
+    happened = run_steps(plan_steps(recipe), ledger, echo=echo)
+    return write_run_report(recipe, experiment_paths(recipe), ledger, happened)

@@ -1,4 +1,4 @@
-"""The sweep figure: test mAUC against the real fraction, one line per mode, error bars over seeds."""
+"""The sweep figure: test mAUC against the real fraction, one line per mode and source, error bars over seeds."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from diffcxr_aug.io import atomic_path
 
 MODE_STYLE = {
     "real": {"label": "real only", "color": "#444444", "marker": "o"},
-    "mix": {"label": "real + synthetic (mix)", "color": "#1f77b4", "marker": "s"},
-    "pretrain-finetune": {"label": "synthetic pretrain, real fine-tune", "color": "#d62728", "marker": "^"},
+    "mix": {"label": "real + {source} (mix)", "color": "#1f77b4", "marker": "s"},
+    "pretrain-finetune": {"label": "{source} pretrain, real fine-tune", "color": "#d62728", "marker": "^"},
 }
+# A second source of one mode gets its own colour; the line style tells the modes apart.
+SOURCE_COLORS = {"generated": None, "ceiling": "#2ca02c", "dkim": "#9467bd"}
+MODE_LINESTYLE = {"real": "-", "mix": "-", "pretrain-finetune": "--"}
 
 
 def plot_sweep(
@@ -26,7 +29,8 @@ def plot_sweep(
     The all-real line is the mean of the real-only runs at fraction 1.0, with its seed spread shaded.
 
     Args:
-        results: a ``results.csv`` path or its frame (columns ``real_frac, mode, seed, mauc``).
+        results: a ``results.csv`` path or its frame (columns ``real_frac, mode, seed, mauc``; ``source`` names
+            the synthetic set of each run, when there are several).
         path: output image (PNG by suffix).
         title: figure title.
     """
@@ -39,7 +43,9 @@ def plot_sweep(
     missing = {"real_frac", "mode", "seed", "mauc"} - set(frame.columns)
     if missing:
         raise ValueError(f"results need columns real_frac, mode, seed, mauc; missing {sorted(missing)}")
-    stats = frame.groupby(["mode", "real_frac"])["mauc"].agg(["mean", "std", "count"]).reset_index()
+    if "source" not in frame.columns:
+        frame = frame.assign(source=["none" if m == "real" else "synthetic" for m in frame["mode"]])
+    stats = frame.groupby(["mode", "source", "real_frac"])["mauc"].agg(["mean", "std", "count"]).reset_index()
     stats["std"] = stats["std"].fillna(0.0)
 
     fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=150)
@@ -48,19 +54,22 @@ def plot_sweep(
         mean, std = float(all_real["mean"].iloc[0]), float(all_real["std"].iloc[0])
         ax.axhline(mean, color="black", linestyle="--", linewidth=1.0, label=f"all real ({mean:.3f})")
         ax.axhspan(mean - std, mean + std, color="black", alpha=0.08, linewidth=0)
-    modes = [m for m in MODE_STYLE if m in set(stats["mode"])] + sorted(set(stats["mode"]) - set(MODE_STYLE))
-    # Nudge the modes apart on the log axis so their error bars do not hide one another.
-    offsets = {m: 1.0 + 0.04 * (i - (len(modes) - 1) / 2) for i, m in enumerate(modes)}
-    for mode in modes:
-        rows = stats[stats["mode"] == mode].sort_values("real_frac")
-        style = MODE_STYLE.get(mode, {"label": mode, "color": None, "marker": "o"})
+    rank = {m: i for i, m in enumerate(MODE_STYLE)}
+    lines = sorted(set(zip(stats["mode"], stats["source"], strict=True)), key=lambda k: (rank.get(k[0], 99), k))
+    # Nudge the lines apart on the log axis so their error bars do not hide one another.
+    offsets = {k: 1.0 + 0.04 * (i - (len(lines) - 1) / 2) for i, k in enumerate(lines)}
+    for mode, source in lines:
+        rows = stats[(stats["mode"] == mode) & (stats["source"] == source)].sort_values("real_frac")
+        style = MODE_STYLE.get(mode, {"label": f"{mode} ({{source}})", "color": None, "marker": "o"})
+        color = (SOURCE_COLORS.get(source) if mode != "real" else None) or style["color"]
         ax.errorbar(
-            rows["real_frac"] * offsets[mode],
+            rows["real_frac"] * offsets[mode, source],
             rows["mean"],
             yerr=rows["std"],
-            label=style["label"],
-            color=style["color"],
+            label=style["label"].format(source=source),
+            color=color,
             marker=style["marker"],
+            linestyle=MODE_LINESTYLE.get(mode, "-"),
             capsize=3,
             linewidth=1.5,
         )

@@ -1,23 +1,32 @@
-"""Classifier training over real fractions x modes x seeds, with paired real subsets and a resumable table.
+"""Classifier training over real fractions x modes x synthetic sources x seeds, with paired real subsets and a
+resumable table.
 
-For every ``(real_frac, mode, seed)`` the sweep draws the real subset (the same one for every mode, see
+For every ``(real_frac, mode, source, seed)`` the sweep draws the real subset (the same one for every mode, see
 :mod:`diffcxr_aug.classifiers.subsample`), runs the mode's training stages, scores the best checkpoint on
 the full real test split and appends one row to ``results.csv``. A row already there is not redone, so
 an interrupted sweep finishes when rerun. ``summary.md`` and the figure are rewritten after every run.
+
+A *source* is one named synthetic set (``generated``: the generator's images, ``ceiling``: perfect-generator
+images, or any folder); the ``real`` mode has source ``none``. Several sources train against the very same
+real subsets and real-only runs, so their gains over real-only are paired.
 
 Output folder::
 
     results.csv                       one row per run (schema in shared/CONTRACT.md, extra columns after:
                                       bootstrap CI, labels scored, test size, best validation mAUC, its
                                       epoch, epochs run and optimiser steps of the run's last stage
-                                      (pretraining: runs/pretrain_seed<s>/history.json), seconds)
+                                      (pretraining: runs/pretrain-<source>_seed<s>/history.json), seconds,
+                                      source (the name of the synthetic set; none for real-only runs))
     summary.md                        mean ± std over seeds, bootstrap CIs, paired gains over real-only
     mauc_vs_real_fraction.png         the sweep figure
     sweep.json                        the settings the sweep ran with
     runs/<run>/real_subset.txt        the real training images of the run
     runs/<run>/test_scores.csv        its test-set probabilities, one column per label (for paired analyses)
     runs/<run>/<stage>/               best checkpoint (model.safetensors + config.json) and history.json
-    runs/pretrain_seed<s>/            pretrain-finetune: the synthetic-only pretraining, shared by all fractions
+    runs/pretrain-<source>_seed<s>/   pretrain-finetune: the synthetic-only pretraining, shared by all fractions
+
+Runs of an unnamed synthetic folder (source ``synthetic``, as ``train-classifier --synthetic DIR`` gives) keep the
+names without the source: ``frac0.1_mix_seed0``, ``pretrain_seed0``.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -63,24 +73,53 @@ EXTRA_COLUMNS = [
     "epochs_run",
     "steps",
     "seconds",
+    "source",
 ]
-RUN_KEY = ["real_frac", "mode", "model", "seed"]
+RUN_KEY = ["real_frac", "mode", "source", "model", "seed"]
+NO_SOURCE = "none"  # the source of real-only runs
+DEFAULT_SOURCE = "synthetic"  # the name of a synthetic folder given without one
 
 
 def result_columns(label_names: list[str]) -> list[str]:
     return BASE_COLUMNS + [f"auc_{name}" for name in label_names] + EXTRA_COLUMNS
 
 
-def run_name(real_frac: float, mode: str, seed: int) -> str:
-    return f"frac{real_frac:g}_{mode}_seed{seed}"
+def _tagged(name: str, source: str) -> str:
+    # An unnamed synthetic folder keeps the names sweeps used before sources had names (so they resume).
+    return name if source in (NO_SOURCE, DEFAULT_SOURCE) else f"{name}-{source}"
+
+
+def run_name(real_frac: float, mode: str, seed: int, source: str = NO_SOURCE) -> str:
+    return f"frac{real_frac:g}_{_tagged(mode, source)}_seed{seed}"
+
+
+def synthetic_sources(synthetic: str | os.PathLike | Mapping[str, str | os.PathLike] | None) -> dict[str, Path]:
+    """Named synthetic folders: a mapping as given, one folder as ``{"synthetic": folder}``, ``None`` as none."""
+    if synthetic is None:
+        return {}
+    if isinstance(synthetic, Mapping):
+        sources = {str(name): Path(path) for name, path in synthetic.items()}
+    else:
+        sources = {DEFAULT_SOURCE: Path(synthetic)}
+    bad = [name for name in sources if name == NO_SOURCE or not name or "/" in name or " " in name]
+    if bad:
+        raise ValueError(f"synthetic source names {bad} are not usable: no spaces or '/', and {NO_SOURCE!r} is taken")
+    return sources
 
 
 def read_results(path: str | os.PathLike) -> pd.DataFrame:
-    """``results.csv`` as a frame (empty when the file does not exist yet)."""
+    """``results.csv`` as a frame (empty when the file does not exist yet).
+
+    A table written before sweeps had sources gains its ``source`` column: ``none`` for real-only rows and
+    ``synthetic`` (the name of an unnamed synthetic folder) for the others.
+    """
     path = Path(path)
     if not path.is_file():
-        return pd.DataFrame(columns=BASE_COLUMNS)
-    return pd.read_csv(path)
+        return pd.DataFrame(columns=BASE_COLUMNS + ["source"])
+    frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    if "source" not in frame.columns:
+        frame["source"] = np.where(frame["mode"] == "real", NO_SOURCE, DEFAULT_SOURCE)
+    return frame
 
 
 def append_result(path: Path, row: dict, columns: list[str]) -> pd.DataFrame:
@@ -123,23 +162,31 @@ def _check_same_settings(path: Path, settings: dict) -> dict:
     if not path.is_file():
         return settings
     before = json.loads(path.read_text(encoding="utf-8"))
-    # The synthetic set matters only when both sweeps used one: real-only rows do not depend on it.
-    both_synthetic = bool(before.get("synthetic") and settings["synthetic"])
+    old_sources = before.get("synthetic") or {}
+    if isinstance(old_sources, str):  # a sweep.json from before sources had names
+        old_sources = {DEFAULT_SOURCE: old_sources}
+    new_sources = settings["synthetic"]
+    # The synthetic sets matter only when both sweeps used one: real-only rows do not depend on them.
+    both_synthetic = bool(old_sources and new_sources)
     ignored = _PLAN_KEYS if both_synthetic else _PLAN_KEYS | {"n_synthetic", "pretrain_epochs"}
     old, new = before.get("classifier", {}), settings["classifier"]
     changed = [f"classifier.{k}" for k in sorted(set(old) | set(new)) if k not in ignored and old.get(k) != new.get(k)]
     for key in ("data", "data_config"):
         if before.get(key) != settings[key]:
             changed.append(key)
-    if both_synthetic and before["synthetic"] != settings["synthetic"]:
-        changed.append("synthetic")
+    # A source may be added; one that keeps its name must keep its folder.
+    changed += [
+        f"synthetic source {n!r}"
+        for n in sorted(set(old_sources) & set(new_sources))
+        if old_sources[n] != new_sources[n]
+    ]
     if changed:
         raise ValueError(
             f"{path.parent} holds a sweep made with other settings ({', '.join(changed)} differ; see {path}); "
             "write to a fresh --out folder, or delete that folder to start over"
         )
-    if before.get("synthetic") and not settings["synthetic"]:
-        settings = {**settings, "synthetic": before["synthetic"]}
+    settings = {**settings, "synthetic": {**old_sources, **new_sources}}
+    if old_sources and not new_sources:
         settings["classifier"] = {**new, **{k: old.get(k) for k in ("n_synthetic", "pretrain_epochs")}}
     return settings
 
@@ -148,17 +195,18 @@ def run_sweep(
     data: str | os.PathLike,
     out: str | os.PathLike,
     section: ClassifierSection,
-    synthetic: str | os.PathLike | None = None,
+    synthetic: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> Path:
-    """Train and test one classifier per ``(real_frac, mode, seed)`` of ``section``; resumable.
+    """Train and test one classifier per ``(real_frac, mode, source, seed)`` of ``section``; resumable.
 
     Args:
         data: folder with the real ``manifest.csv`` (train, val and test splits).
         out: output folder (``results.csv``, ``summary.md``, the figure, checkpoints).
         section: the recipe's classifier section (model, fractions, modes, seeds, training settings).
-        synthetic: folder with a synthetic manifest, needed by the ``mix`` and ``pretrain-finetune`` modes.
+        synthetic: folder with a synthetic manifest, or a mapping of source names to such folders (each
+            synthetic mode runs once per source), needed by the ``mix`` and ``pretrain-finetune`` modes.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         progress: show progress bars.
 
@@ -174,8 +222,9 @@ def run_sweep(
     train_split = _check_split(real, "train", label_names)
     val_split = _check_split(real, "val", label_names)
     test_split = _check_split(real, "test", label_names)
+    sources = synthetic_sources(synthetic)
     needs_synthetic = [m for m in section.modes if m != "real"]
-    if needs_synthetic and synthetic is None:
+    if needs_synthetic and not sources:
         raise ValueError(f"modes {needs_synthetic} need synthetic images; pass --synthetic DIR or use mode 'real'")
     for mode in section.modes:
         if mode not in MODES:
@@ -199,7 +248,7 @@ def run_sweep(
     )
     settings = {
         "data": str(Path(data).resolve()),
-        "synthetic": str(Path(synthetic).resolve()) if synthetic is not None else None,
+        "synthetic": {name: str(folder.resolve()) for name, folder in sources.items()},
         "device": str(torch_device),
         "data_config": json.loads(json.dumps(config)),
         "classifier": section.model_dump(mode="json"),
@@ -214,24 +263,33 @@ def run_sweep(
     test_set = CXRDataset(test_split, size, label_names, transform=eval_tf, progress=progress)
 
     # 3. Every run not yet in results.csv.
-    plan = [(f, m, s) for s in section.seeds for f in section.real_fracs for m in section.modes]
+    plan = [
+        (f, m, src, s)
+        for s in section.seeds
+        for f in section.real_fracs
+        for m in section.modes
+        for src in ([NO_SOURCE] if m == "real" else list(sources))
+    ]
     done = read_results(results_path)
     finished = {
-        (round(float(r.real_frac), 9), str(r.mode), str(r.model), int(r.seed)) for r in done.itertuples(index=False)
+        (round(float(r.real_frac), 9), str(r.mode), str(r.source), str(r.model), int(r.seed))
+        for r in done.itertuples(index=False)
     }
-    todo = [(f, m, s) for f, m, s in plan if (round(f, 9), m, section.model, s) not in finished]
+    todo = [(f, m, src, s) for f, m, src, s in plan if (round(f, 9), m, src, section.model, s) not in finished]
     logger.info(
         "Sweep: %d runs planned, %d already in %s, %d to do", len(plan), len(plan) - len(todo), results_path, len(todo)
     )
-    synthetic_by_seed: dict[int, Manifest] = {}
-    for real_frac, mode, seed in tqdm(todo, desc="sweep", disable=not progress, unit="run"):
+    synthetic_sets: dict[tuple[str, int], Manifest] = {}
+    for real_frac, mode, source, seed in tqdm(todo, desc="sweep", disable=not progress, unit="run"):
         synth = None
         if mode != "real":
-            if seed not in synthetic_by_seed:
-                synthetic_by_seed[seed] = load_synthetic(synthetic, label_names, section.n_synthetic, seed=seed)
-            synth = synthetic_by_seed[seed]
+            if (source, seed) not in synthetic_sets:
+                synthetic_sets[source, seed] = load_synthetic(
+                    sources[source], label_names, section.n_synthetic, seed=seed
+                )
+            synth = synthetic_sets[source, seed]
         subset = sample_real_fraction(train_split, real_frac, seed, label_names)
-        name = run_name(real_frac, mode, seed)
+        name = run_name(real_frac, mode, seed, source)
         logger.info("Run %s: %d real + %d synthetic images", name, len(subset), 0 if synth is None else len(synth))
         run_dir = out / "runs" / name
         # The real images this run trained on, for audits and paired analyses across modes.
@@ -248,7 +306,7 @@ def run_sweep(
             if stage.shared:
                 # Pretraining sees no real training image, so one pretrained model per seed serves every
                 # real fraction.
-                stage_dir = out / "runs" / f"{stage.name}_seed{seed}"
+                stage_dir = out / "runs" / f"{_tagged(stage.name, source)}_seed{seed}"
                 if (stage_dir / HISTORY_NAME).is_file():
                     logger.info("Run %s: reusing the finished %s stage in %s", name, stage.name, stage_dir)
                     model.load_state_dict(load_file(str(stage_dir / WEIGHTS_NAME)))
@@ -313,6 +371,7 @@ def run_sweep(
             "epochs_run": result.epochs_run,
             "steps": result.steps,
             "seconds": round(time.perf_counter() - start, 1),
+            "source": source,
         }
         frame = append_result(results_path, row, columns)
         logger.info("Run %s: test mAUC %.4f (95%% CI %.4f-%.4f)", name, aucs.mauc, low, high)
@@ -333,9 +392,16 @@ def _plot(frame: pd.DataFrame, path: Path) -> None:
     plot_sweep(frame, path)
 
 
+def _with_source(results: pd.DataFrame) -> pd.DataFrame:
+    if "source" in results.columns:
+        return results
+    return results.assign(source=np.where(results["mode"] == "real", NO_SOURCE, DEFAULT_SOURCE))
+
+
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per ``(real_frac, mode)``: seeds, mean sizes, mAUC mean and std over seeds, mean CI bounds."""
-    grouped = results.groupby(["real_frac", "mode"], sort=True)
+    """One row per ``(real_frac, mode, source)``: seeds, mean sizes, mAUC mean and std over seeds, mean CI bounds."""
+    results = _with_source(results)
+    grouped = results.groupby(["real_frac", "mode", "source"], sort=True)
     table = grouped.agg(
         seeds=("seed", "nunique"),
         n_real=("n_real", "mean"),
@@ -347,13 +413,13 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
     table["mauc_std"] = table["mauc_std"].fillna(0.0)
     order = {m: i for i, m in enumerate(MODES)}
-    return table.sort_values(["real_frac", "mode"], key=lambda c: c.map(order) if c.name == "mode" else c).reset_index(
-        drop=True
-    )
+    return table.sort_values(
+        ["real_frac", "mode", "source"], key=lambda c: c.map(order) if c.name == "mode" else c
+    ).reset_index(drop=True)
 
 
 def paired_gains(results: pd.DataFrame) -> pd.DataFrame:
-    """Synthetic modes against real-only at the same fraction and seed (paired: same real subset).
+    """Synthetic modes (per source) against real-only at the same fraction and seed (paired: same real subset).
 
     Columns: ``gain_mean``/``gain_std`` of the per-seed differences, ``outside_spread`` (the mode's mean
     minus its std lies above the real-only mean plus its std, i.e. the seed error bars do not overlap;
@@ -362,16 +428,18 @@ def paired_gains(results: pd.DataFrame) -> pd.DataFrame:
     synthetic-only model on validation) and ``gap_closed``: the share of the gap between
     real-only at this fraction and real-only at fraction 1.0 that the mode closes.
     """
+    results = _with_source(results)
     real = results[results["mode"] == "real"].set_index(["real_frac", "seed"])["mauc"]
-    stats = summarize(results).set_index(["real_frac", "mode"])
-    all_real = stats["mauc_mean"].get((1.0, "real"), math.nan)
+    stats = summarize(results).set_index(["real_frac", "mode", "source"])
+    all_real = stats["mauc_mean"].get((1.0, "real", NO_SOURCE), math.nan)
     rows = []
-    for (frac, mode), group in results[results["mode"] != "real"].groupby(["real_frac", "mode"]):
+    synthetic_runs = results[results["mode"] != "real"]
+    for (frac, mode, source), group in synthetic_runs.groupby(["real_frac", "mode", "source"]):
         paired = [(r.mauc - real[(frac, r.seed)]) for r in group.itertuples() if (frac, r.seed) in real.index]
         if not paired:
             continue
-        mode_mean, mode_std = stats.loc[(frac, mode), "mauc_mean"], stats.loc[(frac, mode), "mauc_std"]
-        real_mean, real_std = stats.loc[(frac, "real"), "mauc_mean"], stats.loc[(frac, "real"), "mauc_std"]
+        mode_mean, mode_std = stats.loc[(frac, mode, source), ["mauc_mean", "mauc_std"]]
+        real_mean, real_std = stats.loc[(frac, "real", NO_SOURCE), ["mauc_mean", "mauc_std"]]
         if mode_mean - mode_std > real_mean + real_std:
             outside = 1
         elif mode_mean + mode_std < real_mean - real_std:
@@ -383,6 +451,7 @@ def paired_gains(results: pd.DataFrame) -> pd.DataFrame:
             {
                 "real_frac": frac,
                 "mode": mode,
+                "source": source,
                 "pairs": len(paired),
                 "gain_mean": float(np.mean(paired)),
                 "gain_std": float(np.std(paired, ddof=1)) if len(paired) > 1 else 0.0,
@@ -393,7 +462,17 @@ def paired_gains(results: pd.DataFrame) -> pd.DataFrame:
         )
     return pd.DataFrame(
         rows,
-        columns=["real_frac", "mode", "pairs", "gain_mean", "gain_std", "outside_spread", "kept_start", "gap_closed"],
+        columns=[
+            "real_frac",
+            "mode",
+            "source",
+            "pairs",
+            "gain_mean",
+            "gain_std",
+            "outside_spread",
+            "kept_start",
+            "gap_closed",
+        ],
     )
 
 
@@ -411,12 +490,12 @@ def summary_markdown(results: pd.DataFrame, title: str = "") -> str:
         "labels with both classes in the test split; ± is the standard deviation over seeds; the CI is the "
         "95% bootstrap interval over test images, averaged over seeds.",
         "",
-        "| real fraction | mode | n real | n synthetic | seeds | mAUC (mean ± std) | bootstrap 95% CI |",
-        "|---:|---|---:|---:|---:|---|---|",
+        "| real fraction | mode | source | n real | n synthetic | seeds | mAUC (mean ± std) | bootstrap 95% CI |",
+        "|---:|---|---|---:|---:|---:|---|---|",
     ]
     for r in stats.itertuples():
         lines.append(
-            f"| {r.real_frac:g} | {r.mode} | {r.n_real:.0f} | {r.n_synthetic:.0f} | {r.seeds} | "
+            f"| {r.real_frac:g} | {r.mode} | {r.source} | {r.n_real:.0f} | {r.n_synthetic:.0f} | {r.seeds} | "
             f"{_fmt(r.mauc_mean)} ± {_fmt(r.mauc_std)} | {_fmt(r.ci_low)}–{_fmt(r.ci_high)} |"
         )
     gains = paired_gains(results)
@@ -432,23 +511,22 @@ def summary_markdown(results: pd.DataFrame, title: str = "") -> str:
             "model on validation, so the synthetic-only model was tested. pretrain-finetune trains in two stages "
             "and so may take up to twice the steps of the other modes.",
             "",
-            "| real fraction | mode | gain in mAUC (mean ± std of pairs) | outside seed spread | gap closed "
+            "| real fraction | mode | source | gain in mAUC (mean ± std of pairs) | outside seed spread | gap closed "
             "| fine-tune kept pretrained |",
-            "|---:|---|---|---|---:|---:|",
+            "|---:|---|---|---|---|---:|---:|",
         ]
         for r in gains.itertuples():
             closed = "n/a" if math.isnan(r.gap_closed) else f"{100 * r.gap_closed:.0f}%"
             kept = f"{r.kept_start}/{r.pairs}" if r.mode == "pretrain-finetune" else "–"
-            lines.append(
-                f"| {r.real_frac:g} | {r.mode} | {r.gain_mean:+.3f} ± {r.gain_std:.3f} ({r.pairs} seeds) | "
-                f"{verdict[r.outside_spread]} | {closed} | {kept} |"
-            )
+            gain = f"{r.gain_mean:+.3f} ± {r.gain_std:.3f} ({r.pairs} seeds)"
+            verdict_text = verdict[r.outside_spread]
+            lines.append(f"| {r.real_frac:g} | {r.mode} | {r.source} | {gain} | {verdict_text} | {closed} | {kept} |")
     auc_columns = [c for c in results.columns if c.startswith("auc_")]
     if auc_columns:
-        per_label = results.groupby(["real_frac", "mode"])[auc_columns].mean()
-        order = [(f, m) for f, m in zip(stats["real_frac"], stats["mode"], strict=True)]
+        per_label = _with_source(results).groupby(["real_frac", "mode", "source"])[auc_columns].mean()
+        order = list(zip(stats["real_frac"], stats["mode"], stats["source"], strict=True))
         per_label = per_label.loc[order]
-        header = [f"{f:g} {m}" for f, m in order]
+        header = [f"{f:g} {m}" if src == NO_SOURCE else f"{f:g} {m} {src}" for f, m, src in order]
         lines += [
             "",
             "## Per-label test AUC (mean over seeds; n/a: one class only in the test split)",

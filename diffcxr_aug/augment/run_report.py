@@ -1,0 +1,285 @@
+"""``report.md`` of a recipe run: one page a newcomer reads, built from the files the steps wrote.
+
+Sections: what ran and for how long; what LNFS found (with the most-flagged images); generated images beside
+their reports and the real images; the evaluation table; the classifier table and figure; and what the numbers
+mean, in three sentences computed from them. A section whose step did not run (or has not finished) says so.
+Image links are relative to the report, so the output folder can be moved or zipped as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from diffcxr_aug.augment.steps import StepLedger
+from diffcxr_aug.config import RESOLVED_RECIPE_NAME, Recipe
+from diffcxr_aug.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "report.md"
+STEP_WHAT = {
+    "prepare": "index the dataset into manifest.csv",
+    "filter": "LNFS: train the KL-VAE, flag noisy images",
+    "train-generator": "Diff-CXR stage 1 (LDM + AVA-TLS)",
+    "synthesize": "generate labelled images from training reports",
+    "train-classifier": "timm classifiers: real fractions x modes x sources x seeds",
+    "evaluate": "FID/KID, precision/recall, faithfulness, privacy",
+}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _link(path: Path, root: Path) -> str:
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def _minutes(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def machine_line(device: str) -> str:
+    """``Linux x86_64, 2 CPU cores, torch 2.x (device cpu)``: where the run ran."""
+    import torch
+
+    from diffcxr_aug.runtime import resolve_device
+
+    resolved = resolve_device(device)
+    where = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    return f"{platform.system()} {platform.machine()}, {where}, torch {torch.__version__} (device {resolved})"
+
+
+def _steps_section(recipe: Recipe, ledger: StepLedger, happened: list[dict[str, Any]]) -> list[str]:
+    this_run = {h["step"]: h for h in happened}
+    lines = [
+        "## What ran",
+        "",
+        "| step | what | this run | wall time (all runs) |",
+        "|---|---|---|---:|",
+    ]
+    total = 0.0
+    for name in recipe.steps:
+        record = ledger.records.get(name)
+        if record is None:
+            lines.append(f"| {name} | {STEP_WHAT.get(name, '')} | not run | |")
+            continue
+        seconds = float(record.get("seconds", 0.0))
+        total += seconds
+        action = this_run.get(name, {}).get("action", "not run")
+        lines.append(f"| {name} | {STEP_WHAT.get(name, '')} | {action} | {_minutes(seconds)} |")
+    lines += [f"| **total** | | | **{_minutes(total)}** |", ""]
+    lines.append(
+        f"`steps.json` holds each step's settings; rerunning `diffcxr-aug run` skips what finished with the same "
+        f"settings. The resolved recipe is `{RESOLVED_RECIPE_NAME}`."
+    )
+    return lines + [""]
+
+
+def _filter_section(root: Path, paths: dict[str, Path]) -> tuple[list[str], dict[str, Any] | None]:
+    report = _read_json(paths["filtered"] / "filter_report.json")
+    lines = ["## LNFS: the training images it filtered out", ""]
+    if report is None:
+        return lines + ["The filter did not run.", ""], None
+    lines.append(
+        f"LNFS scored {report['images']} images and flagged {report['flagged']} as noisy "
+        f"({report['flagged'] / max(report['images'], 1):.1%}); the generator trained on the {report['kept']} kept."
+    )
+    evaluation = report.get("evaluation")
+    if evaluation and evaluation.get("roc_auc"):
+        auc = evaluation["roc_auc"]
+        lines.append(
+            f"Against the world's truth (the `noise` column): ROC AUC {auc['final']:.3f} (K-means "
+            f"{auc['kmeans']:.3f}, manifold {auc['manifold']:.3f}, discriminator {auc['discriminator']:.3f}); "
+            f"recall of noisy images {evaluation['recall']:.3f}, clean images removed "
+            f"{evaluation['clean_removed_share']:.2%}."
+        )
+    vae = report.get("vae", {})
+    if "psnr" in vae:
+        lines.append(
+            f"Its KL-VAE reconstructs validation images at {vae['psnr']:.2f} dB PSNR (SSIM {vae['ssim']:.3f})."
+        )
+    montage = paths["filtered"] / "montage_flagged.png"
+    if montage.is_file():
+        lines += ["", f"![the most-flagged images]({_link(montage, root)})"]
+    return lines + [""], report
+
+
+def _generated_section(root: Path, paths: dict[str, Path]) -> list[str]:
+    lines = ["## Generated images", ""]
+    job = _read_json(paths["synthetic"] / "synthesis.json")
+    preview = paths["synthetic"] / "preview.png"
+    if job is None:
+        return lines + ["The synthesize step did not run.", ""]
+    rate = job.get("images_per_second")
+    lines.append(
+        f"{job.get('n')} images, {job.get('steps')} sampler steps, guidance {job.get('guidance')}"
+        + (f", {rate:.2f} images/s on {job.get('device')}" if rate else "")
+        + ". Each row: the report (left), the real image it was written for (middle), the generated image (right)."
+    )
+    if preview.is_file():
+        lines += ["", f"![generated images beside their reports and real images]({_link(preview, root)})"]
+    return lines + [""]
+
+
+def _evaluation_section(root: Path, paths: dict[str, Path]) -> tuple[list[str], dict[str, Any] | None]:
+    lines = ["## Evaluation", ""]
+    results = _read_json(paths["evaluation"] / "report.json")
+    if results is None:
+        return lines + ["The evaluate step did not run.", ""], None
+    floor, real_auc = results["real_test"]["floor"], results["real_test"]["faithfulness"]["mauc"]
+    lines += [
+        f"In the feature space of {results['feature_space']}; the full report is "
+        f"[`{_link(paths['evaluation'] / 'report.md', root)}`]({_link(paths['evaluation'] / 'report.md', root)}).",
+        "",
+        "| set | images | FID | KID (x1000) | precision | recall | faithfulness mAUC [95% CI] |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        f"| real val vs real test (floor) | {floor['n_synthetic']} | {floor['fid']:.2f} | {1000 * floor['kid']:.2f} | "
+        f"{floor.get('precision', math.nan):.3f} | {floor.get('recall', math.nan):.3f} | {real_auc:.3f} (real test) |",
+    ]
+    for name, entry in results["synthetic"].items():
+        fid, faith = entry["fidelity"], entry["faithfulness"]
+        ci = faith.get("mauc_ci95")
+        lines.append(
+            f"| {name} | {entry['n_images']} | {fid['fid']:.2f} | {1000 * fid['kid']:.2f} | "
+            f"{fid.get('precision', math.nan):.3f} | {fid.get('recall', math.nan):.3f} | {faith['mauc']:.3f}"
+            + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+            + " |"
+        )
+    return lines + [""], results
+
+
+def _classifier_tables(results: pd.DataFrame) -> list[str]:
+    from diffcxr_aug.augment.sweep import paired_gains, summarize
+
+    stats = summarize(results)
+    gains = paired_gains(results).set_index(["real_frac", "mode", "source"])
+    lines = [
+        "| real fraction | mode | source | n real | n synthetic | seeds | mAUC (mean ± std) | paired gain over real "
+        "| gap to all real closed |",
+        "|---:|---|---|---:|---:|---:|---|---|---:|",
+    ]
+    for r in stats.itertuples():
+        gain, closed = "", ""
+        if (r.real_frac, r.mode, r.source) in gains.index:
+            g = gains.loc[(r.real_frac, r.mode, r.source)]
+            gain = f"{g.gain_mean:+.3f} ± {g.gain_std:.3f}"
+            closed = "" if math.isnan(g.gap_closed) else f"{100 * g.gap_closed:.0f}%"
+        lines.append(
+            f"| {r.real_frac:g} | {r.mode} | {r.source} | {r.n_real:.0f} | {r.n_synthetic:.0f} | {r.seeds} | "
+            f"{r.mauc_mean:.3f} ± {r.mauc_std:.3f} | {gain} | {closed} |"
+        )
+    return lines
+
+
+def _classifier_section(root: Path, paths: dict[str, Path]) -> tuple[list[str], pd.DataFrame | None]:
+    from diffcxr_aug.augment.sweep import FIGURE_NAME, RESULTS_NAME, read_results
+
+    lines = ["## Classifiers: real only, real + generated, real + ceiling", ""]
+    path = paths["classifiers"] / RESULTS_NAME
+    if not path.is_file():
+        return lines + ["The train-classifier step did not run.", ""], None
+    results = read_results(path)
+    model = ", ".join(sorted(results["model"].astype(str).unique()))
+    lines += [
+        f"{model}, tested on the full real test split. Sources: `generated` are this run's generated images, "
+        "`ceiling` are perfect-generator images drawn from the phantom world's truth (the most images of this kind "
+        "could add). Paired gain: mean ± std over seeds of the difference to real-only on the same real subset; "
+        "gap closed: the share of the distance from real-only at that fraction to real-only with all real images.",
+        "",
+        *_classifier_tables(results),
+    ]
+    figure = paths["classifiers"] / FIGURE_NAME
+    if figure.is_file():
+        lines += ["", f"![mAUC against the real fraction]({_link(figure, root)})"]
+    return lines + [""], results
+
+
+def _meaning(filt: dict | None, evaluation: dict | None, results: pd.DataFrame | None) -> list[str]:
+    """Three sentences: what the filter, the generator and the classifiers showed, from the numbers above."""
+    from diffcxr_aug.augment.sweep import paired_gains, summarize
+
+    sentences = []
+    evaluation_auc = (filt or {}).get("evaluation", {}).get("roc_auc", {}) if filt else {}
+    if evaluation_auc:
+        e = filt["evaluation"]
+        sentences.append(
+            f"LNFS separated the planted noisy images from clean ones at ROC AUC {evaluation_auc['final']:.3f}, "
+            f"catching {e['recall']:.0%} of them at the cost of {e['clean_removed_share']:.1%} of the clean images."
+        )
+    elif filt:
+        sentences.append(f"LNFS removed {filt['flagged']} of {filt['images']} images; no noise truth to score it by.")
+    if evaluation and evaluation["synthetic"]:
+        sentences.append(_generator_sentence(evaluation))
+    if results is not None and len(results):
+        sentences.append(_classifier_sentence(summarize(results), paired_gains(results)))
+    return ["## What it means", "", " ".join(s for s in sentences if s), ""]
+
+
+def _generator_sentence(evaluation: dict[str, Any]) -> str:
+    name, entry = next(iter(evaluation["synthetic"].items()))
+    real_auc, floor = evaluation["real_test"]["faithfulness"]["mauc"], evaluation["real_test"]["floor"]
+    faith, fid = entry["faithfulness"]["mauc"], entry["fidelity"]
+    ci = entry["faithfulness"].get("mauc_ci95")
+    if ci and ci[0] <= real_auc <= ci[1]:
+        findings = "as well as in real test images (whose mAUC lies inside the interval)"
+    else:
+        findings = f"{'less' if faith < real_auc else 'more'} clearly than in real test images ({real_auc:.3f})"
+    recall, floor_recall = fid.get("recall", math.nan), floor.get("recall", math.nan)
+    return (
+        f"The reference classifier reads the reported findings in the {name} images at mAUC {faith:.3f}, {findings}; "
+        f"their FID is {fid['fid']:.1f} against a real-to-real floor of {floor['fid']:.1f}, and they cover "
+        f"{recall:.0%} of the real images' variety (recall; two real samples: {floor_recall:.0%})."
+    )
+
+
+def _classifier_sentence(stats: pd.DataFrame, gains: pd.DataFrame) -> str:
+    fracs = sorted(f for f in stats["real_frac"].unique() if f < 1.0)
+    if not fracs or not len(gains):
+        return "The sweep ran no synthetic mode below all real data, so it says nothing yet about augmentation."
+    frac = fracs[0]
+    parts = []
+    for r in gains[(gains["real_frac"] == frac) & (gains["mode"] == "mix")].itertuples():
+        verdict = {1: "outside", -1: "below, outside", 0: "within"}[r.outside_spread]
+        closed = "" if math.isnan(r.gap_closed) else f", {100 * r.gap_closed:.0f}% of the gap to all real"
+        gain = f"{r.gain_mean:+.3f} ± {r.gain_std:.3f}"
+        parts.append(f"{r.source} images change mAUC by {gain} ({verdict} the seed spread{closed})")
+    if not parts:
+        return f"No mix-mode run at {frac:g} real to compare."
+    return f"With {frac:g} of the real training images, mixing in " + "; ".join(parts) + "."
+
+
+def write_run_report(
+    recipe: Recipe, paths: dict[str, Path], ledger: StepLedger, happened: list[dict[str, Any]]
+) -> Path:
+    """Write ``OUTPUT_DIR/report.md`` from what the run's steps left on disk; returns its path."""
+    root = Path(recipe.output_dir)
+    filter_lines, filt = _filter_section(root, paths)
+    evaluation_lines, evaluation = _evaluation_section(root, paths)
+    classifier_lines, results = _classifier_section(root, paths)
+    lines = [
+        f"# diffcxr-aug run: {recipe.name}",
+        "",
+        f"Written {time.strftime('%Y-%m-%d %H:%M')} on {machine_line(recipe.device)}; dataset "
+        f"`{recipe.data.dataset}`, seed {recipe.seed}.",
+        "",
+        *_steps_section(recipe, ledger, happened),
+        *_meaning(filt, evaluation, results),
+        *filter_lines,
+        *_generated_section(root, paths),
+        *evaluation_lines,
+        *classifier_lines,
+    ]
+    path = root / REPORT_NAME
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
+    logger.info("Run report: %s", path)
+    return path
