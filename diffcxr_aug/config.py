@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from diffcxr_aug.generator.knowledge import KnowledgeTemplates, read_templates_file
 from diffcxr_aug.io import atomic_write_text
 
 PIPELINE_STEPS = ("prepare", "filter", "train-generator", "synthesize", "train-classifier", "evaluate")
@@ -128,6 +129,25 @@ class GeneratorSection(Section):
         None, gt=0, description="stop (checkpoint and pipeline saved) at the first step past this wall-clock time"
     )
     stage2_steps: int = Field(500, ge=0)
+    # DKIM (stage 2). The adapter and the knowledge text exist; stage-2 training does not yet.
+    dkim_templates: KnowledgeTemplates | None = Field(
+        None,
+        description="knowledge-text templates: an inline mapping or a YAML/JSON file it names (read when the recipe "
+        "is, so the resolved recipe holds them); None: the defaults of diffcxr_aug.generator.knowledge",
+    )
+    dkim_states: Literal["positive-only", "all"] = Field(
+        "positive-only", description="label states written as knowledge: present only, or present/absent/uncertain"
+    )
+    dkim_scale: float = Field(
+        1.0, ge=0.0, description="weight of the adapter's residuals when sampling (0: stage 1's images exactly)"
+    )
+    knowledge_cfg_dropout: float = Field(
+        0.1, ge=0.0, lt=1.0, description="stage 2: share of knowledge texts replaced by '', independent of reports"
+    )
+    stage2_unfreeze_squeeze: bool = Field(
+        False, description="stage 2: train the token squeeze with the adapter (the rest of stage 1 stays frozen)"
+    )
+    stage2_learning_rate: float | None = Field(None, gt=0, description="stage 2 learning rate; None: learning_rate")
     batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
@@ -146,6 +166,13 @@ class GeneratorSection(Section):
     def _yaml_no(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare `no` as False; that is what the user meant by "no mixed precision".
         return "no" if value is False else value
+
+    @field_validator("dkim_templates", mode="before")
+    @classmethod
+    def _templates_file(cls, value: Any) -> Any:
+        if isinstance(value, (str, os.PathLike)):
+            return read_templates_file(value)
+        return value
 
     @field_validator("config")
     @classmethod
@@ -251,10 +278,16 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     current: Any = model
     for part in loc:
         field = current.model_fields.get(part) if isinstance(current, type) else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        # A section may be optional (``KnowledgeTemplates | None``): look through the union.
+        models = [t for t in (field.annotation, *get_args(field.annotation)) if _is_model(t)] if field else []
+        if not models:
             return []
-        current = field.annotation
+        current = models[0]
     return sorted(current.model_fields)
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -1,10 +1,18 @@
 """``DiffCXRPipeline``: radiology reports in, chest radiographs out (a diffusers ``DiffusionPipeline``).
 
 The pipeline owns the VAE, the report encoder and its tokenizer, the AVA-TLS token squeeze, the UNet,
-the scheduler (DPM-Solver++ by default) and, once stage 2 exists, the DKIM adapter. It saves and loads
-with ``save_pretrained`` / ``from_pretrained`` like any diffusers pipeline: diffusers records each
-component's library by module name in ``model_index.json``, so the custom ``TokenSqueeze`` is written as
-``["diffcxr_aug.generator.token_squeeze", "TokenSqueeze"]`` and imported back from there.
+the scheduler (DPM-Solver++ by default) and, optionally, the DKIM adapter
+(:class:`~diffcxr_aug.generator.disease_adapter.DiseaseKnowledgeAdapter`). It saves and loads with
+``save_pretrained`` / ``from_pretrained`` like any diffusers pipeline: diffusers records each component's
+library by module name in ``model_index.json``, so the custom ``TokenSqueeze`` is written as
+``["diffcxr_aug.generator.token_squeeze", "TokenSqueeze"]`` and imported back from there. The adapter is
+an optional component: folders without one (stage 1) load with ``adapter=None``, and
+``from_pretrained(folder, adapter=None)`` leaves a saved adapter out.
+
+With an adapter, each image is conditioned on its report and on its *knowledge*: its labels written as
+template sentences (:mod:`~diffcxr_aug.generator.knowledge`), taken from the labels given, from knowledge
+text given, or from the offline labeler run on the reports. ``dkim_scale`` weighs the adapter's residuals;
+0 (or no adapter) gives stage 1's images exactly.
 
 Images are single-channel, in [0, 1]. The same seed (``generator``) gives the same images on the same
 device.
@@ -12,6 +20,8 @@ device.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +34,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from diffcxr_aug.generator.disease_adapter import DiseaseKnowledgeAdapter
+from diffcxr_aug.generator.knowledge import knowledge_texts
 from diffcxr_aug.generator.text_encoder import encode_tokens, tokenize
 from diffcxr_aug.generator.token_squeeze import TokenSqueeze
 from diffcxr_aug.generator.vae import decode
@@ -38,9 +50,20 @@ class DiffCXRPipelineOutput(BaseOutput):
     Attributes:
         images: a list of grayscale ``PIL.Image`` (``output_type="pil"``), a ``(B, H, W, 1)`` float array in
             [0, 1] (``"np"``) or a ``(B, 1, H, W)`` tensor in [0, 1] (``"pt"``).
+        knowledge: the knowledge text each image was conditioned on; ``None`` when the adapter was not used
+            (no adapter, or ``dkim_scale=0``).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    knowledge: list[str] | None = None
+
+
+@functools.cache
+def _labeler() -> Any:
+    """The offline rule-based CheXpert labeler, built once (it compiles its phrase lists)."""
+    from diffcxr_aug.data.labeler import RuleLabeler
+
+    return RuleLabeler()
 
 
 def default_scheduler(
@@ -61,7 +84,7 @@ def default_scheduler(
 
 
 class DiffCXRPipeline(DiffusionPipeline):
-    """Report-to-CXR latent diffusion (Diff-CXR stage 1: text-conditioned LDM with AVA-TLS).
+    """Report-to-CXR latent diffusion (Diff-CXR: text-conditioned LDM with AVA-TLS, and the DKIM adapter).
 
     Args:
         vae: the latent space (``AutoencoderKL``; 1- or 3-channel).
@@ -70,11 +93,11 @@ class DiffCXRPipeline(DiffusionPipeline):
         token_squeeze: L token states -> K condition tokens (``squeeze``) or the first K (``truncate``).
         unet: the denoiser, cross-attending to the condition tokens.
         scheduler: any diffusers scheduler; DPM-Solver++ by default.
-        adapter: the DKIM disease-knowledge adapter (stage 2, later); ``None`` for stage 1.
+        adapter: the DKIM disease-knowledge adapter (stage 2); ``None`` for stage 1.
         max_text_tokens: the encoder context used in training; in ``truncate`` mode the report is cut to K.
     """
 
-    model_cpu_offload_seq = "text_encoder->token_squeeze->unet->vae"
+    model_cpu_offload_seq = "text_encoder->token_squeeze->adapter->unet->vae"
     _optional_components = ["adapter"]
 
     def __init__(
@@ -85,7 +108,7 @@ class DiffCXRPipeline(DiffusionPipeline):
         token_squeeze: TokenSqueeze,
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
-        adapter: Any = None,
+        adapter: DiseaseKnowledgeAdapter | None = None,
         max_text_tokens: int = 256,
     ) -> None:
         super().__init__()
@@ -120,6 +143,9 @@ class DiffCXRPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
         output_type: str,
+        labels: Sequence[Mapping[str, Any]] | Any | None = None,
+        knowledge: list[str] | None = None,
+        dkim_scale: float = 1.0,
     ) -> None:
         if not isinstance(reports, list) or not all(isinstance(r, str) for r in reports):
             raise ValueError(f"`reports` must be a string or a list of strings, got {type(reports).__name__}")
@@ -138,6 +164,37 @@ class DiffCXRPipeline(DiffusionPipeline):
             raise ValueError(f"`latents` has batch {latents.shape[0]} but there are {len(reports)} reports")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unsupported output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
+        self.check_knowledge_inputs(reports, labels, knowledge, dkim_scale)
+
+    def check_knowledge_inputs(
+        self,
+        reports: list[str],
+        labels: Sequence[Mapping[str, Any]] | Any | None,
+        knowledge: list[str] | None,
+        dkim_scale: float,
+    ) -> None:
+        if dkim_scale < 0:
+            raise ValueError(f"`dkim_scale` must be >= 0, got {dkim_scale}")
+        if labels is not None and knowledge is not None:
+            raise ValueError("Pass `labels` or `knowledge`, not both: the knowledge text is written from the labels")
+        if self.adapter is None and (labels is not None or knowledge is not None):
+            raise ValueError(
+                "`labels` / `knowledge` condition the DKIM adapter, and this pipeline has none (a stage-1 folder); "
+                "leave them out, or load a pipeline trained with stage 2"
+            )
+        for name, value in (("labels", labels), ("knowledge", knowledge)):
+            if value is not None and len(value) != len(reports):
+                raise ValueError(f"Got {len(value)} {name} for {len(reports)} reports; pass one per report")
+        if knowledge is not None and not all(isinstance(k, str) for k in knowledge):
+            raise ValueError("`knowledge` must be a string or a list of strings, one knowledge text per report")
+
+    def encode_text(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Condition tokens (and their mask, ``None`` when all are real) of texts: the stage-1 text encoder, then
+        the token squeeze. Reports and knowledge text are both encoded this way."""
+        tokens = tokenize(self.tokenizer, texts, self.text_max_length, device)
+        states, mask = encode_tokens(self.text_encoder, tokens)
+        out = self.token_squeeze(states.to(self.token_squeeze.dtype), mask)
+        return out.tokens.to(self.unet.dtype), out.attention_mask
 
     def encode_report(
         self, reports: list[str], device: torch.device, do_classifier_free_guidance: bool
@@ -145,10 +202,23 @@ class DiffCXRPipeline(DiffusionPipeline):
         """Condition tokens (and their mask, ``None`` when all are real) for ``reports``; with CFG the
         unconditional tokens (the empty report, as dropped in training) come first."""
         texts = ([""] * len(reports) + reports) if do_classifier_free_guidance else reports
-        tokens = tokenize(self.tokenizer, texts, self.text_max_length, device)
-        states, mask = encode_tokens(self.text_encoder, tokens)
-        out = self.token_squeeze(states.to(self.token_squeeze.dtype), mask)
-        return out.tokens.to(self.unet.dtype), out.attention_mask
+        return self.encode_text(texts, device)
+
+    def knowledge_text(self, reports: list[str], labels: Sequence[Mapping[str, Any]] | Any | None = None) -> list[str]:
+        """The knowledge text of each image, written with the adapter's templates and states from ``labels``
+        (mappings or a DataFrame with CheXpert label columns) or, without labels, from the offline labeler's
+        reading of ``reports``."""
+        if labels is None:
+            labels = [_labeler()(report) for report in reports]
+        return knowledge_texts(labels, self.adapter.knowledge_templates, self.adapter.config.knowledge_states)
+
+    def encode_knowledge(
+        self, knowledge: list[str], device: torch.device, do_classifier_free_guidance: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Knowledge tokens for the adapter; with CFG the unconditional ones (empty knowledge, as dropped in
+        training) come first, so the unconditional branch has neither report nor knowledge."""
+        texts = ([""] * len(knowledge) + knowledge) if do_classifier_free_guidance else knowledge
+        return self.encode_text(texts, device)
 
     def prepare_latents(
         self,
@@ -191,6 +261,10 @@ class DiffCXRPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: Literal["pil", "np", "pt"] = "pil",
         return_dict: bool = True,
+        *,
+        labels: Mapping[str, Any] | Sequence[Mapping[str, Any]] | Any | None = None,
+        knowledge: str | list[str] | None = None,
+        dkim_scale: float = 1.0,
     ) -> DiffCXRPipelineOutput | tuple:
         """Generate one radiograph per report.
 
@@ -198,44 +272,79 @@ class DiffCXRPipeline(DiffusionPipeline):
             reports: report text(s).
             num_inference_steps: sampler steps.
             guidance_scale: classifier-free guidance weight w (``uncond + w * (cond - uncond)``); <= 1 turns
-                guidance off (one UNet pass per step instead of two).
+                guidance off (one UNet pass per step instead of two). With the adapter, the unconditional
+                branch has the empty report and the empty knowledge.
             generator: one ``torch.Generator`` for the batch, or one per report (each image then depends
                 only on its own seed).
             latents: optional initial noise ``(B, C, h, w)``.
             output_type: ``pil``, ``np`` or ``pt``.
-            return_dict: return a :class:`DiffCXRPipelineOutput` rather than a tuple.
+            return_dict: return a :class:`DiffCXRPipelineOutput` rather than a tuple (``(images,)``, plus the
+                knowledge when the adapter was used).
+            labels: DKIM only: the CheXpert labels of each image (one mapping per report, or a DataFrame with
+                label columns: 1, 0, -1, NaN), written as knowledge text with the adapter's templates.
+            knowledge: DKIM only: the knowledge text itself, one per report. Without ``labels`` and
+                ``knowledge`` the adapter gets the knowledge of the reports' labels from the offline labeler.
+            dkim_scale: weight of the adapter's residuals; 0 (or no adapter) gives stage 1's images exactly.
         """
         # 1. Check inputs
         reports = [reports] if isinstance(reports, str) else reports
-        self.check_inputs(reports, num_inference_steps, guidance_scale, generator, latents, output_type)
+        labels = [labels] if isinstance(labels, Mapping) else labels
+        knowledge = [knowledge] if isinstance(knowledge, str) else knowledge
+        self.check_inputs(
+            reports,
+            num_inference_steps,
+            guidance_scale,
+            generator,
+            latents,
+            output_type,
+            labels,
+            knowledge,
+            dkim_scale,
+        )
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
+        use_adapter = self.adapter is not None and dkim_scale != 0
 
         # 2. Encode report
         context, context_mask = self.encode_report(reports, device, do_cfg)
 
-        # 3. Timesteps
+        # 3. Encode knowledge (DKIM)
+        if use_adapter:
+            knowledge = knowledge if knowledge is not None else self.knowledge_text(reports, labels)
+            knowledge_tokens, knowledge_mask = self.encode_knowledge(knowledge, device, do_cfg)
+
+        # 4. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
 
-        # 4. Prepare latents
+        # 5. Prepare latents
         latents = self.prepare_latents(len(reports), context.dtype, device, generator, latents)
 
-        # 5. Denoising loop
+        # 6. Denoising loop
         for t in self.progress_bar(timesteps):
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
+            residuals = {}
+            if use_adapter:
+                down, mid = self.adapter(
+                    model_input,
+                    t,
+                    encoder_hidden_states=knowledge_tokens,
+                    encoder_attention_mask=knowledge_mask,
+                    conditioning_scale=dkim_scale,
+                    return_dict=False,
+                )
+                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             noise_pred = self.unet(
-                model_input, t, encoder_hidden_states=context, encoder_attention_mask=context_mask
+                model_input, t, encoder_hidden_states=context, encoder_attention_mask=context_mask, **residuals
             ).sample
             if do_cfg:
                 noise_uncond, noise_cond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
             latents = self.scheduler.step(noise_pred, t, latents).prev_sample
 
-        # 6. Decode
+        # 7. Decode
         images = self.to_output(self.decode_latents(latents), output_type)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return DiffCXRPipelineOutput(images=images)
+        output = DiffCXRPipelineOutput(images=images, knowledge=knowledge if use_adapter else None)
+        return output if return_dict else output.to_tuple()
