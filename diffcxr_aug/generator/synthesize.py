@@ -435,13 +435,16 @@ class _Sampler:
         else:
             self.batch_size = CUDA_MAX_BATCH_SIZE if dev.type == "cuda" else CPU_BATCH_SIZE
         self.pipe = None
+        self.load_seconds = 0.0
 
     def _run(self, batch: list[int]) -> np.ndarray:
         if self.pipe is None:
             from diffcxr_aug.generator.pipeline import DiffCXRPipeline
 
+            began = time.perf_counter()
             self.pipe = DiffCXRPipeline.from_pretrained(self.generator).to(self.dev)
             self.pipe.set_progress_bar_config(disable=True)
+            self.load_seconds = time.perf_counter() - began
         return self.pipe(
             [self.plan.report(i) for i in batch],
             num_inference_steps=self.section.steps,
@@ -469,8 +472,9 @@ class _Sampler:
             yield batch, images
 
 
-def _fill_shard(shard: int, plan: _Plan, out: Path, size: int, sampler: _Sampler, bar: tqdm) -> tuple[int, int]:
-    """Check one shard (files, rows) and make the images it lacks; returns (images made, damaged ones)."""
+def _fill_shard(shard: int, plan: _Plan, out: Path, size: int, sampler: _Sampler, bar: tqdm) -> tuple[int, int, float]:
+    """Check one shard (files, rows) and make the images it lacks; returns the images made, the damaged ones
+    and the seconds spent making (sampling and saving) them."""
     from diffcxr_aug.data.images import save_png
 
     indices = shard_range(shard, plan.n, plan.shard_size)
@@ -492,7 +496,7 @@ def _fill_shard(shard: int, plan: _Plan, out: Path, size: int, sampler: _Sampler
             damaged += 1
     if rows != recorded or not csv_path.is_file():
         _write_shard(csv_path, plan.columns, rows)
-    made = 0
+    made, began = 0, time.perf_counter()
     for batch, images in sampler([i for i in indices if i not in rows]):
         for i, image in zip(batch, images, strict=True):
             save_png(image, out / image_name(i, plan.shard_size))
@@ -500,7 +504,34 @@ def _fill_shard(shard: int, plan: _Plan, out: Path, size: int, sampler: _Sampler
         _write_shard(csv_path, plan.columns, rows)
         made += len(batch)
         bar.update(len(batch))
-    return made, damaged
+    return made, damaged, time.perf_counter() - began
+
+
+def _fill_shards(
+    shards: list[int], missing: list[int], plan: _Plan, out: Path, sampler: _Sampler, progress: str | None
+) -> dict[str, Any]:
+    """This process's part: its shards checked and completed; returns what it made, in what time and memory."""
+    size = generator_image_size(sampler.generator)
+    dev = sampler.dev
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    made, damaged, seconds = 0, 0, 0.0
+    todo = sum(missing[shard] for shard in shards)
+    with tqdm(total=todo, desc=progress, unit="img", disable=progress is None) as bar:
+        for shard in shards:
+            shard_made, shard_damaged, shard_seconds = _fill_shard(shard, plan, out, size, sampler, bar)
+            made, damaged, seconds = made + shard_made, damaged + shard_damaged, seconds + shard_seconds
+    return {
+        "images": made,
+        "shards": shards,
+        "damaged": damaged,
+        # Making images (sampling and saving), not loading the pipeline or checking the images already there.
+        "seconds": seconds - sampler.load_seconds,
+        "batch_size": sampler.batch_size,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
+        "device": str(dev),
+    }
 
 
 def _join_shards(out: Path, n: int, shard_size: int) -> Path:
@@ -564,29 +595,10 @@ def synthesize(
             raise start
         record, shards = start
         plan.meta["meta_generator"] = record["generator_id"]
-        size = generator_image_size(generator)
+        missing = record.pop("_missing")
         sampler = _Sampler(generator, plan, section, dev)
-        mine = shards[rank]
-        todo = sum(missing for shard, missing in enumerate(record.pop("_missing")) if shard in mine)
-        desc = "synthesizing" if world == 1 else f"synthesizing (process 0 of {world})"
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        began, made, damaged = time.perf_counter(), 0, 0
-        with tqdm(total=todo, desc=desc, unit="img", disable=not main) as bar:
-            for shard in mine:
-                shard_made, shard_damaged = _fill_shard(shard, plan, out, size, sampler, bar)
-                made, damaged = made + shard_made, damaged + shard_damaged
-        stats = {
-            "images": made,
-            "shards": mine,
-            "damaged": damaged,
-            "seconds": time.perf_counter() - began,
-            "batch_size": sampler.batch_size,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_cuda_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
-            "device": str(dev),
-        }
-        stats = _gather(stats, world)
+        progress = None if not main else "synthesizing" if world == 1 else f"synthesizing (process 0 of {world})"
+        stats = _gather(_fill_shards(shards[rank], missing, plan, out, sampler, progress), world)
         path = _finish_job(out, plan, record, stats) if main else out / MANIFEST_NAME
         _broadcast(None, world)  # every process returns once the manifest is joined
     return path
