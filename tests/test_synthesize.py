@@ -198,7 +198,6 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_n_valid_images(tiny, tmp_path)
     assert json.loads((out / "synthesis.json").read_text())["rank_images"] == [n - made]
 
 
-@pytest.mark.slow  # 47 s on the shared 2-core box: two processes each import torch and load the pipeline
 def test_two_processes_with_torchrun_split_the_shards(tiny, tmp_path):
     """``torchrun ... -m diffcxr_aug.cli -- synthesize --n ...`` (gloo on CPU): disjoint shards, union 0..n-1."""
     out, n = tmp_path / "ddp", 10
