@@ -141,7 +141,7 @@ def test_synthesize_grows_resumes_and_refuses_another_job(tiny, tmp_path):
         synthesize(tiny["gen"], out, grown.model_copy(update={"steps": 3}), device="cpu", seed=5)
     with pytest.raises(ValueError, match=r"balance: None -> 0.5.*no --balance"):
         synthesize(tiny["gen"], out, grown.model_copy(update={"balance": 0.5}), device="cpu", seed=5)
-    with pytest.raises(ValueError, match=r"shard_size: 3 -> 1000"):
+    with pytest.raises(ValueError, match=r"shard_size: 3 -> 1000.*synthesize.shard_size: 3"):
         synthesize(tiny["gen"], out, grown.model_copy(update={"shard_size": 1000}), device="cpu", seed=5)
 
 

@@ -281,6 +281,15 @@ def _plan(generator: Path, section: SynthesizeSection, seed: int) -> tuple[_Plan
     return _Plan(pool, rows, seed, section.shard_size, meta), job
 
 
+def _hint(key: str, old: Any) -> str:
+    """What reproduces the recorded value ``old`` of job setting ``key``."""
+    if key in _OPTIONS:
+        return f"{_OPTIONS[key]} {old}" if old is not None else f"no {_OPTIONS[key]}"
+    if key == "shard_size":
+        return f"synthesize.shard_size: {old} in the recipe"
+    return {"generator_id": "the generator's weights as they were", "prompts_sha256": "the prompt file as it was"}[key]
+
+
 def _check_job(out: Path, job: dict[str, Any]) -> dict[str, Any]:
     """The folder's previous job record (empty for a new folder); a different job is refused."""
     path = out / JOB_NAME
@@ -294,17 +303,10 @@ def _check_job(out: Path, job: dict[str, Any]) -> dict[str, Any]:
             changed[key] = old
     if changed:
         details = "; ".join(f"{k}: {old!r} -> {job[k]!r}" for k, old in changed.items())
-        hints = [
-            f"{_OPTIONS[k]} {old}" if old is not None else f"no {_OPTIONS[k]}"
-            for k, old in changed.items()
-            if k in _OPTIONS
-        ]
-        hints += [f"shard_size: {changed['shard_size']}" for k in changed if k == "shard_size"]
-        hints += ["the generator weights it was made with" for k in changed if k == "generator_id"]
-        hints += ["the prompt file's content as it was" for k in changed if k == "prompts_sha256"]
+        hints = ", ".join(dict.fromkeys(_hint(key, old) for key, old in changed.items()))
         raise ValueError(
             f"{out} holds images of another synthesis job ({details}). To finish or grow it, rerun with its "
-            f"settings ({', '.join(hints) or 'as recorded in ' + str(path)}); for the new settings choose a new --out"
+            f"settings ({hints}); for the new settings choose a new --out"
         )
     return previous
 
