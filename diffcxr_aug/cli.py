@@ -287,23 +287,67 @@ def train_generator(
     typer.echo(f"wrote {path}")
 
 
+def _batch_size(value: str | None) -> int | str | None:
+    """``--batch-size``: a positive integer or ``auto``."""
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        _fail(f"--batch-size {value!r}: expected a positive integer or 'auto'")
+    return int(value)
+
+
 @app.command()
 def synthesize(
     n: Annotated[int, typer.Option("--n", min=1, help="number of images to generate")],
     generator: Annotated[Path, typer.Option("--generator", help="trained pipeline folder")],
     out: Annotated[Path, typer.Option("--out", help="output folder (manifest.csv, images, preview grid)")],
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="manifest or CSV of reports to draw from")] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="a manifest (its train split), a CSV or .txt file of reports, or a CSV of label rows "
+            "(default: the generator's training manifest)",
+        ),
+    ] = None,
+    labels_from: Annotated[
+        Path | None,
+        typer.Option("--labels-from", help="a manifest whose labels become template reports (no reports needed)"),
+    ] = None,
+    balance: Annotated[
+        float | None,
+        typer.Option("--balance", help="oversample rare findings until each label's positive share reaches this"),
+    ] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1)] = None,
     guidance: Annotated[float | None, typer.Option("--guidance", min=0.0)] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    batch_size: Annotated[
+        str | None, typer.Option("--batch-size", help="images a sampler call, or auto (CPU: 16; CUDA: what fits)")
+    ] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = None,
 ) -> None:
-    """Generate N labelled CXRs; rerunning the same command after an interruption finishes the job."""
+    """Generate N labelled CXRs; rerunning the same command after an interruption finishes the job.
+
+    Several processes: torchrun --nproc_per_node P -m diffcxr_aug.cli -- synthesize ... (the -- keeps torchrun
+    from reading --n as its own option).
+    """
+    if prompts is not None and labels_from is not None:
+        _fail("--prompts and --labels-from are two prompt sources; pass one of them")
+    if balance is not None and not 0.0 < balance < 1.0:
+        _fail(f"--balance {balance}: a positive share between 0 and 1, such as 0.2")
     rec = _recipe(recipe)
+    base = rec.synthesize
+    if prompts is not None or labels_from is not None:  # the command line's prompt source replaces the recipe's
+        base = base.model_copy(update={"prompts": None, "labels_from": None})
     section: SynthesizeSection = _merge(
-        rec.synthesize, n=n, steps=steps, guidance=guidance, batch_size=batch_size, prompts=prompts
+        base,
+        n=n,
+        steps=steps,
+        guidance=guidance,
+        batch_size=_batch_size(batch_size),
+        prompts=prompts,
+        labels_from=labels_from,
+        balance=balance,
     )
     from diffcxr_aug.generator.synthesize import synthesize as _synthesize
 

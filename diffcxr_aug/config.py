@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -185,11 +185,26 @@ class GeneratorSection(Section):
 
 
 class SynthesizeSection(Section):
+    """``synthesize``: how many images, the sampler, and where their prompts come from."""
+
     n: int = Field(1000, ge=1)
     steps: int = Field(25, ge=1)
     guidance: float = Field(4.0, ge=0.0)
-    batch_size: int = Field(16, ge=1)
-    prompts: Path | None = None
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="images a sampler call; auto: 16 on CPU, on CUDA the most that fits (halved on OOM)"
+    )
+    prompts: Path | None = Field(
+        None,
+        description="a manifest (its train split), a CSV or .txt file of reports, or a CSV of label rows (template "
+        "reports); None: the manifest the generator was trained on",
+    )
+    labels_from: Path | None = Field(
+        None, description="a manifest whose labels (not reports) are the prompts, as template reports; over prompts"
+    )
+    balance: float | None = Field(
+        None, gt=0.0, lt=1.0, description="oversample rare findings so each label's positive share reaches this"
+    )
+    shard_size: int = Field(1000, ge=1, description="images a folder (images/000/, images/001/, ...) and a shard CSV")
 
 
 class ClassifierSection(Section):

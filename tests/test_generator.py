@@ -18,7 +18,7 @@ from diffcxr_aug.cli import app
 from diffcxr_aug.config import GeneratorSection, SynthesizeSection
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.generator.pipeline import DiffCXRPipeline
-from diffcxr_aug.generator.synthesize import image_seed, synthesize
+from diffcxr_aug.generator.synthesize import synthesize
 from diffcxr_aug.generator.training import (
     CHECKPOINT_TRAINING_STATE,
     CHECKPOINT_WEIGHTS,
@@ -226,58 +226,7 @@ def test_unknown_config_is_a_recipe_error(tmp_path, tiny_manifest):
     assert "phantom-1024" in result.output and "phantom-128" in result.output
 
 
-# --------------------------------------------------------------------------------------------------- synthesize
-def test_synthesize_grows_and_finishes_interrupted_jobs(trained, tmp_path):
-    out = tmp_path / "synthetic"
-    section = SynthesizeSection(n=4, steps=2, guidance=2.0, batch_size=3)
-    path = synthesize(trained["gen"], out, section, device="cpu", seed=5)
-    frame = read_manifest(path).frame
-    assert frame["image_path"].tolist() == [f"images/{i:06d}.png" for i in range(4)]
-    assert frame["patient_id"].tolist() == [f"synthetic-{i}" for i in range(4)]
-    assert set(frame["split"]) == {"train"} and (frame["prompt"] == frame["report"]).all()
-    assert frame["seed"].astype(int).tolist() == [image_seed(5, i) for i in range(4)]
-    # Labels come from the prompt's row of the training manifest.
-    source = read_manifest(trained["data"]).frame.set_index("image_path")
-    for _, row in frame.iterrows():
-        assert row["Cardiomegaly"] == source.loc[row["meta_prompt_image"], "Cardiomegaly"]
-        assert row["report"] == source.loc[row["meta_prompt_image"], "report"]
-    assert (out / "preview.png").is_file()
-    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
-    first = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
-
-    # Grow to 6: only two new images; the first four are untouched and keep their prompts.
-    frame6 = read_manifest(
-        synthesize(trained["gen"], out, section.model_copy(update={"n": 6}), device="cpu", seed=5)
-    ).frame
-    assert len(frame6) == 6 and frame6["report"].tolist()[:4] == frame["report"].tolist()
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir() if p.name in stamps} == stamps
-
-    # An interrupted run (two images and the manifest missing) is finished by running it again.
-    (out / "manifest.csv").unlink()
-    for name in ("000001.png", "000004.png"):
-        (out / "images" / name).unlink()
-    synthesize(trained["gen"], out, section.model_copy(update={"n": 6}), device="cpu", seed=5)
-    assert len(read_manifest(out).frame) == 6 and len(list((out / "images").iterdir())) == 6
-    # Each image is reproduced from its seed (here within one grey level: it was drawn in another batch).
-    from diffcxr_aug.data.images import load_image
-
-    redone = load_image(out / "images" / "000001.png")
-    original = load_image_bytes(first["000001.png"])
-    assert abs(redone - original).max() <= 1.5 / 255
-
-    with pytest.raises(ValueError, match="another synthesis job.*steps"):
-        synthesize(trained["gen"], out, section.model_copy(update={"steps": 3}), device="cpu", seed=5)
-
-
-def load_image_bytes(data: bytes):
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32) / 255.0
-
-
+# ---------------------------------------------------------------- synthesize (its own tests: test_synthesize.py)
 def test_synthesize_cli_and_missing_generator(trained, tmp_path):
     result = CliRunner().invoke(
         app,
