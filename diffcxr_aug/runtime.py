@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Literal
+import re
 
 import numpy as np
 import torch
 
-DeviceChoice = Literal["auto", "cpu", "cuda"]
+from diffcxr_aug.config import DEVICES
+from diffcxr_aug.errors import InputError
 
 
 def resolve_device(device: str) -> torch.device:
@@ -19,13 +20,13 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         return torch.device("cpu")
-    if device.startswith("cuda"):
+    if re.fullmatch(r"cuda(:\d+)?", device):
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise InputError(
                 f"--device {device} was asked for, but torch sees no CUDA device; use --device cpu or auto"
             )
         return torch.device(device)
-    raise ValueError(f"Unknown device {device!r}; choose one of: auto, cpu, cuda, cuda:N")
+    raise InputError(f"Unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
 
 
 def seed_everything(seed: int) -> None:

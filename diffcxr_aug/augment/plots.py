@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from diffcxr_aug.errors import InputError
 from diffcxr_aug.io import atomic_path
 
 MODE_STYLE = {
@@ -38,7 +39,7 @@ def plot_sweep(
     frame = results if isinstance(results, pd.DataFrame) else pd.read_csv(results)
     missing = {"real_frac", "mode", "seed", "mauc"} - set(frame.columns)
     if missing:
-        raise ValueError(f"results need columns real_frac, mode, seed, mauc; missing {sorted(missing)}")
+        raise InputError(f"results need columns real_frac, mode, seed, mauc; missing {sorted(missing)}")
     stats = frame.groupby(["mode", "real_frac"])["mauc"].agg(["mean", "std", "count"]).reset_index()
     stats["std"] = stats["std"].fillna(0.0)
 

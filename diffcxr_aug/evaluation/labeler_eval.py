@@ -29,6 +29,7 @@ import pandas as pd
 from sklearn.metrics import f1_score, precision_score, recall_score
 
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
+from diffcxr_aug.errors import MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def default_iu_archive() -> Path:
 
     path = Path(torchxrayvision.__file__).parent / "data" / "NLMCXR_reports.tgz"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: torchxrayvision does not ship NLMCXR_reports.tgz; pass --reports")
+        raise MissingInputError(f"{path}: torchxrayvision does not ship NLMCXR_reports.tgz; pass --reports")
     return path
 
 

@@ -47,6 +47,7 @@ from diffcxr_aug.classifiers.train import build_transforms
 from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import Manifest, read_manifest
+from diffcxr_aug.errors import InputError
 from diffcxr_aug.evaluation.faithfulness import CLASSIFIER_DIR, masked_auc, reference_classifier
 from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -364,7 +365,7 @@ def _synthetic_sets(synthetic: str | os.PathLike | Mapping[str, str | os.PathLik
     else:
         sets = {Path(synthetic).name or "synthetic": Path(synthetic)}
     if not sets:
-        raise ValueError("no synthetic set given; pass --synthetic DIR (or NAME=DIR, repeated)")
+        raise InputError("no synthetic set given; pass --synthetic DIR (or NAME=DIR, repeated)")
     return sets
 
 
@@ -409,11 +410,11 @@ def evaluate(
     synthetic_manifests = {name: read_manifest(folder) for name, folder in sets.items()}
     for name, manifest in synthetic_manifests.items():
         if len(manifest) < 2:
-            raise ValueError(f"{manifest.source}: synthetic set {name!r} has {len(manifest)} image(s); need 2 or more")
+            raise InputError(f"{manifest.source}: synthetic set {name!r} has {len(manifest)} image(s); need 2 or more")
     splits = {split: real_manifest.split(split) for split in ("train", "val", "test")}
     for split, part in splits.items():
         if len(part) < 2:
-            raise ValueError(f"{real_manifest.source}: the {split} split has {len(part)} row(s); evaluate needs 2+")
+            raise InputError(f"{real_manifest.source}: the {split} split has {len(part)} row(s); evaluate needs 2+")
     if size is None:
         first = next(iter(synthetic_manifests.values()))
         with Image.open(first.image_paths()[0]) as image:
@@ -428,7 +429,7 @@ def evaluate(
     for name, manifest in synthetic_manifests.items():
         missing = [label for label in labels if label not in manifest.label_names]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{manifest.source}: synthetic set {name!r} lacks label columns {missing}; faithfulness scores each "
                 "image against its prompt's labels (the manifest synthesize writes has them)"
             )

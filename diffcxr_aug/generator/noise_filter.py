@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
+from diffcxr_aug.config import ThresholdRule
+from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.io import atomic_path, atomic_write_json
 
 if TYPE_CHECKING:
@@ -52,8 +54,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ThresholdRule = Literal["contamination", "quantile"]
-THRESHOLD_RULES = ("contamination", "quantile")
+THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
 STAGES = ("kmeans", "manifold", "discriminator")
 SCORES_NAME = "scores.csv"
 REPORT_NAME = "filter_report.json"
@@ -76,7 +77,7 @@ def latent_features(latents: torch.Tensor | np.ndarray, grid: int = 4, batch_siz
     if latents.ndim != 4:
         raise ValueError(f"latents must be (N, C, h, w), got shape {tuple(latents.shape)}")
     if grid < 1 or grid > min(latents.shape[-2:]):
-        raise ValueError(f"grid {grid} must be between 1 and the latent side {min(latents.shape[-2:])}")
+        raise InputError(f"grid {grid} must be between 1 and the latent side {min(latents.shape[-2:])}")
     q = torch.tensor(_QUANTILES)
     out = []
     for start in range(0, len(latents), batch_size):
@@ -263,32 +264,32 @@ class LatentNoiseFilter:
         progress: bool = True,
     ) -> None:
         if threshold not in THRESHOLD_RULES:
-            raise ValueError(f"Unknown threshold rule {threshold!r}; choose one of: {', '.join(THRESHOLD_RULES)}")
+            raise InputError(f"Unknown threshold rule {threshold!r}; choose one of: {', '.join(THRESHOLD_RULES)}")
         if n_clusters < 2:
-            raise ValueError(f"n_clusters must be at least 2, got {n_clusters}")
+            raise InputError(f"n_clusters must be at least 2, got {n_clusters}")
         if not 0.0 < min_cluster_share <= 1.0 / n_clusters:
-            raise ValueError(
+            raise InputError(
                 f"min_cluster_share {min_cluster_share} must lie in (0, 1 / n_clusters = {1.0 / n_clusters:.4g}]: "
                 "otherwise no cluster may qualify as typical; lower min_cluster_share or n_clusters"
             )
         for name, value in (("normal_share", normal_share), ("negative_share", negative_share)):
             if not 0.0 < value < 1.0:
-                raise ValueError(f"{name} must lie in (0, 1), got {value}")
+                raise InputError(f"{name} must lie in (0, 1), got {value}")
         if not 0.0 < positive_share < 0.5:
-            raise ValueError(f"positive_share must lie in (0, 0.5), got {positive_share}")
+            raise InputError(f"positive_share must lie in (0, 0.5), got {positive_share}")
         if positive_share + negative_share >= 1.0:
-            raise ValueError(
+            raise InputError(
                 f"positive_share ({positive_share}) + negative_share ({negative_share}) must stay below 1, so that "
                 "no image is told to be both noisy and normal"
             )
         if not 0.0 < contamination < 0.5:
-            raise ValueError(f"contamination must lie in (0, 0.5), got {contamination}")
+            raise InputError(f"contamination must lie in (0, 0.5), got {contamination}")
         if not 0.0 < quantile < 1.0:
-            raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+            raise InputError(f"quantile must lie in (0, 1), got {quantile}")
         if folds < 2:
-            raise ValueError(f"folds must be at least 2, got {folds}")
+            raise InputError(f"folds must be at least 2, got {folds}")
         if manifold_components < 1:
-            raise ValueError(f"manifold_components must be at least 1, got {manifold_components}")
+            raise InputError(f"manifold_components must be at least 1, got {manifold_components}")
         self.n_clusters = n_clusters
         self.grid = grid
         self.min_cluster_share = min_cluster_share
@@ -329,11 +330,11 @@ class LatentNoiseFilter:
         n = len(latents)
         min_images = max(20, 4 * self.folds)
         if latents.ndim != 4 or n < min_images:
-            raise ValueError(
+            raise InputError(
                 f"the filter needs (N, C, h, w) latents of at least {min_images} images, got {tuple(latents.shape)}"
             )
         if not torch.isfinite(latents).all():
-            raise ValueError("latents hold NaN or infinite values; check the VAE and the images")
+            raise InputError("latents hold NaN or infinite values; check the VAE and the images")
         known = np.zeros(n, dtype=bool) if known_noisy is None else np.asarray(known_noisy, dtype=bool)
         if known.shape != (n,):
             raise ValueError(f"known_noisy must be a boolean mask of length {n}, got shape {known.shape}")
@@ -620,17 +621,17 @@ def _read_known_noisy(path: Path, manifest: Manifest) -> tuple[np.ndarray, list[
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"known_noisy: no such file {path}; give a CSV with an image_path column")
+        raise MissingInputError(f"known_noisy: no such file {path}; give a CSV with an image_path column")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "image_path" not in frame.columns:
-        raise ValueError(f"{path}: no image_path column (found {list(frame.columns)}); list the noisy images there")
+        raise InputError(f"{path}: no image_path column (found {list(frame.columns)}); list the noisy images there")
     spelled = {p: i for i, p in enumerate(manifest.frame["image_path"])}
     resolved = {os.path.realpath(p): i for i, p in enumerate(manifest.image_paths())}
     mask = np.zeros(len(manifest), dtype=bool)
     extra: list[Path] = []
     for line, value in enumerate(frame["image_path"].str.strip(), start=2):
         if not value:
-            raise ValueError(f"{path}, row {line}: empty image_path")
+            raise InputError(f"{path}, row {line}: empty image_path")
         if value in spelled:
             mask[spelled[value]] = True
             continue
@@ -641,7 +642,7 @@ def _read_known_noisy(path: Path, manifest: Manifest) -> tuple[np.ndarray, list[
         elif candidate.is_file():
             extra.append(candidate)
         else:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{path}, row {line}: {value!r} is neither an image_path of {manifest.source} nor an existing file "
                 f"(relative paths are read from {path.parent})"
             )
@@ -810,7 +811,7 @@ def run_filter(
     manifest = read_manifest(data)
     out = Path(out)
     if out.resolve() == manifest.root.resolve():
-        raise ValueError(f"--out {out} is the data folder; the kept manifest would overwrite {manifest.source}")
+        raise InputError(f"--out {out} is the data folder; the kept manifest would overwrite {manifest.source}")
     dev = resolve_device(device)
     known = np.zeros(len(manifest), dtype=bool)
     extra_paths: list[Path] = []

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from diffcxr_aug.config import SynthesizeSection
 from diffcxr_aug.data.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest
+from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def _prompt_source(generator: Path, prompts: Path | None) -> Path:
         data = json.loads(info_path.read_text()).get("data")
         if data:
             return Path(data)
-    raise ValueError(
+    raise InputError(
         f"{generator} records no training manifest (no training_info.json with 'data'); pass --prompts with a "
         "manifest folder or CSV whose train-split reports and labels to draw"
     )
@@ -79,7 +80,7 @@ def _prompt_pool(source: Path) -> Manifest:
         logger.info("%s: %d prompt rows have an empty report and are not used as prompts", source, int(empty.sum()))
         pool = pool.subset(pool.frame.index[~empty.to_numpy()])
     if len(pool) == 0:
-        raise ValueError(f"{manifest.source}: no row with a non-empty report to use as a prompt")
+        raise InputError(f"{manifest.source}: no row with a non-empty report to use as a prompt")
     return pool
 
 
@@ -91,7 +92,7 @@ def _check_job(out: Path, job: dict[str, Any]) -> None:
     changed = {k: (previous.get(k), job[k]) for k in JOB_KEYS if previous.get(k) != job[k]}
     if changed:
         details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise ValueError(
+        raise InputError(
             f"{out} holds images of another synthesis job ({details}). Rerun with the same settings to finish or "
             "grow it, or choose a new --out"
         )
@@ -122,7 +123,7 @@ def synthesize(
 
     generator, out = Path(generator), Path(out)
     if not (generator / "model_index.json").is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{generator} is not a trained pipeline folder (no model_index.json); pass the --out of train-generator"
         )
     source = _prompt_source(generator, section.prompts)

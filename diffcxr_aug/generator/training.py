@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from diffcxr_aug.config import GeneratorSection
 from diffcxr_aug.data.manifest import Manifest, read_manifest
+from diffcxr_aug.errors import InputError, MissingInputError, OutputInUseError
 from diffcxr_aug.generator.configs import PAPER_GFLOPS, GeneratorConfig, denoising_step_flops, resolve_config
 from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -84,7 +85,7 @@ def resolve_resume(out: Path, resume: str | os.PathLike | None) -> Path | None:
     existing = list_checkpoints(out)
     if resume is None:
         if existing:
-            raise FileExistsError(
+            raise OutputInUseError(
                 f"{out} already holds checkpoints (latest {existing[-1].name}); pass --resume latest to continue "
                 "that run, or choose another --out"
             )
@@ -96,7 +97,7 @@ def resolve_resume(out: Path, resume: str | os.PathLike | None) -> Path | None:
         return existing[-1]
     path = Path(resume)
     if not (path / CHECKPOINT_STATE).is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"--resume {resume}: not a checkpoint folder (no {CHECKPOINT_STATE}); pass 'latest' or one of "
             f"{[p.name for p in existing] or 'the checkpoint-N folders under OUT/checkpoints'}"
         )
@@ -377,7 +378,7 @@ def _lock_folder(out: Path) -> Any:
         handle.seek(0)
         owner = handle.read().strip() or "another process"
         handle.close()
-        raise FileExistsError(
+        raise OutputInUseError(
             f"{out} is being trained by {owner}; wait for it to finish (or stop it), or choose another --out"
         ) from None
     handle.seek(0)
@@ -464,12 +465,12 @@ def train_generator(
     if stage == 2:
         raise NotImplementedError("DKIM stage 2 (the disease-knowledge adapter) is a later issue; train stage 1")
     if stage != 1:
-        raise ValueError(f"Unsupported stage {stage!r}; choose 1 (or 2, once DKIM exists)")
+        raise InputError(f"Unsupported stage {stage!r}; choose 1 (or 2, once DKIM exists)")
     out = Path(out)
     manifest = read_manifest(data)
     train = manifest.split("train")
     if len(train) == 0:
-        raise ValueError(f"{manifest.source}: the train split is empty; nothing to train the generator on")
+        raise InputError(f"{manifest.source}: the train split is empty; nothing to train the generator on")
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock_folder(out)
     try:
@@ -683,7 +684,7 @@ def _train(
             optimizer.load_state_dict(training_state["optimizer"])
         except ValueError as err:
             # e.g. an AVA-TLS-off run saved before its unused pooled projection was frozen: other trainable set.
-            raise ValueError(
+            raise InputError(
                 f"--resume {checkpoint}: its optimizer state does not match the parameters this version trains "
                 f"({err}). It was written by another version of diffcxr-aug; finish it with that version, or start "
                 "a fresh run in another --out."

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.manifest import Manifest
+from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.io import atomic_write_json
 from diffcxr_aug.runtime import resolve_device
 
@@ -78,7 +79,7 @@ VAE_CONFIGS: dict[str, dict[str, Any]] = {
 def build_vae(name: str = "kl-f4", sample_size: int = 64) -> AutoencoderKL:
     """A randomly initialised single-channel KL-VAE from the registry."""
     if name not in VAE_CONFIGS:
-        raise ValueError(f"Unknown VAE config {name!r}; choose one of: {', '.join(VAE_CONFIGS)}")
+        raise InputError(f"Unknown VAE config {name!r}; choose one of: {', '.join(VAE_CONFIGS)}")
     cfg = dict(VAE_CONFIGS[name])
     depth = len(cfg["block_out_channels"])
     return AutoencoderKL(
@@ -112,7 +113,7 @@ def load_vae(
             str(name_or_path), subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only
         )
     except OSError as err:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Cannot load a VAE from {name_or_path!r} ({err}). Pass a local folder written by save_pretrained, "
             "or a hub id with internet access (or in the local HF cache)."
         ) from err
@@ -234,14 +235,14 @@ def train_vae(
         vae = build_vae(config, sample_size=size)
     factor = vae_downsample_factor(vae)
     if crop_size is not None and not (factor <= crop_size <= size and crop_size % factor == 0):
-        raise ValueError(
+        raise InputError(
             f"crop_size {crop_size} must be a multiple of the VAE's downsampling factor {factor} and at most the "
             f"image size {size}"
         )
     vae = vae.to(dev)
     train = manifest.split("train")
     if len(train) == 0:
-        raise ValueError(f"{manifest.source}: the train split is empty; cannot train a VAE")
+        raise InputError(f"{manifest.source}: the train split is empty; cannot train a VAE")
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         CXRDataset(train, size, progress=progress),
@@ -318,7 +319,7 @@ def random_crops(images: torch.Tensor, crop_size: int, generator: torch.Generato
 def latent_shape(vae: AutoencoderKL, size: int) -> tuple[int, int, int]:
     f = vae_downsample_factor(vae)
     if size % f:
-        raise ValueError(f"image size {size} is not divisible by the VAE's downsampling factor {f}")
+        raise InputError(f"image size {size} is not divisible by the VAE's downsampling factor {f}")
     return (vae.config.latent_channels, size // f, size // f)
 
 

@@ -38,6 +38,7 @@ from diffcxr_aug.data.manifest import (
     write_rejected,
 )
 from diffcxr_aug.data.splits import assign_patient_splits
+from diffcxr_aug.errors import InputError, MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ _VIEW_ALIASES = {
 }
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(InputError):
     """The dataset folder or one of its tables is not in the layout the adapter expects."""
 
 
@@ -101,7 +102,7 @@ def find_table(root: Path, names: Sequence[str], what: str) -> Path:
             if candidate.is_file():
                 return candidate
     tried = ", ".join(f"{n}[.gz]" for n in names)
-    raise FileNotFoundError(f"{root}: no {what} found (looked for {tried})")
+    raise MissingInputError(f"{root}: no {what} found (looked for {tried})")
 
 
 def read_table(path: Path) -> pd.DataFrame:

@@ -46,6 +46,7 @@ from diffcxr_aug.data.adapters.common import (
 from diffcxr_aug.data.images import ImageReadError, is_dicom, load_image
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.reports import clean_text, format_report
+from diffcxr_aug.errors import MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def _iter_xml(root: Path) -> Iterator[tuple[str, bytes]]:
         return
     files = sorted(root.rglob("*.xml")) if root.is_dir() else []
     if not files:
-        raise FileNotFoundError(f"{root}: no {REPORTS_ARCHIVE} and no report XML files (ecgen-radiology/*.xml)")
+        raise MissingInputError(f"{root}: no {REPORTS_ARCHIVE} and no report XML files (ecgen-radiology/*.xml)")
     for path in files:
         yield str(path.relative_to(root)), path.read_bytes()
 
@@ -239,7 +240,7 @@ def prepare_iu_xray(
 
     root = Path(root).resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder (expected the IU X-ray root)")
+        raise MissingInputError(f"{root}: no such folder (expected the IU X-ray root)")
     out = Path(out)
     reports = read_iu_reports(root)
     images = _index_images(root)

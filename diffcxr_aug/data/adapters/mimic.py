@@ -34,6 +34,7 @@ from diffcxr_aug.data.adapters.common import (
 )
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.reports import report_from_text
+from diffcxr_aug.errors import MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def prepare_mimic(
     """
     root = Path(root).resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder (expected the MIMIC-CXR-JPG root)")
+        raise MissingInputError(f"{root}: no such folder (expected the MIMIC-CXR-JPG root)")
     meta_path = find_table(root, [METADATA], "MIMIC-CXR-JPG metadata table")
     meta = read_table(meta_path)
     require_columns(meta, ("dicom_id", "subject_id", "study_id", "ViewPosition"), str(meta_path))
