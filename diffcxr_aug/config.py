@@ -216,7 +216,7 @@ class ClassifierSection(Section):
         None, ge=1, description="images drawn per epoch (default: one pass); fixed, every run takes the same steps"
     )
     patience: int = Field(3, ge=1, description="early stopping: epochs without a better validation mAUC")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=2, description="at least 2: BatchNorm layers cannot train on one image")
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     uncertainty: UncertaintyPolicy = "ignore"

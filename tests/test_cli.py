@@ -179,3 +179,34 @@ def test_smoke_recipe_runs_every_step_of_the_loop(tmp_path, recipes_dir):
     report = json.loads((out / "evaluation" / "report.json").read_text())
     assert report["synthetic"]["synthetic"]["n_images"] == 8
     assert report["synthetic"]["synthetic"]["compute"]["generator"]["training_steps"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prepare", "phantom", "--n", "0"], "--n 0: Input should be greater than or equal to 1"),
+        (["prepare", "phantom", "--size", "31"], "--size 31: Input should be greater than or equal to 32"),
+        (["train-generator", "--data", "d", "--max-steps", "0"], "--max-steps 0: Input should be greater than or"),
+        (["train-generator", "--data", "d", "--batch-size", "0"], "--batch-size 0: Input should be greater than or"),
+        (["train-generator", "--data", "d", "--num-tokens", "0"], "--num-tokens 0: Input should be greater than or"),
+        (["train-generator", "--data", "d", "--time-limit-minutes", "0"], "--time-limit-minutes 0.0: Input should be"),
+        (["synthesize", "--generator", "g", "--n", "0"], "--n 0: Input should be greater than or equal to 1"),
+        (["synthesize", "--generator", "g", "--n", "1", "--steps", "0"], "--steps 0: Input should be greater than"),
+        (["synthesize", "--generator", "g", "--n", "1", "--guidance", "-1"], "--guidance -1.0: Input should be"),
+        (["train-classifier", "--data", "d", "--real-frac", "1", "--batch-size", "1"], "--batch-size 1: Input should"),
+        (["train-classifier", "--data", "d", "--real-frac", "1", "--epochs", "0"], "--epochs 0: Input should be"),
+        (["train-classifier", "--data", "d", "--real-frac", "1.5"], "--real-frac [1.5]: real fractions must lie in"),
+        (["evaluate", "--real", "r", "--synthetic", "s", "--size", "8"], "--size 8: Input should be greater than or"),
+        (["evaluate", "--real", "r", "--synthetic", "s", "--epochs", "0"], "--epochs 0: Input should be greater than"),
+    ],
+)
+def test_numeric_options_out_of_range_name_the_range_before_work(tmp_path, args, message):
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_the_smallest_phantom_prepares(tmp_path):
+    result = runner.invoke(app, ["prepare", "phantom", "--n", "1", "--size", "32", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert len(read_manifest(tmp_path)) == 1

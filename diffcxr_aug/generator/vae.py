@@ -233,6 +233,7 @@ def train_vae(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = build_vae(config, sample_size=size)
+    latent_shape(vae, size)  # the image side must be a multiple of the downsampling factor
     factor = vae_downsample_factor(vae)
     if crop_size is not None and not (factor <= crop_size <= size and crop_size % factor == 0):
         raise InputError(
@@ -252,7 +253,7 @@ def train_vae(
         generator=generator,
     )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.05)
+    scheduler = one_cycle_schedule(optimizer, learning_rate, steps)
     sample_generator = torch.Generator(device=dev).manual_seed(seed)
     step, bar = 0, tqdm(total=steps, desc=f"training VAE {config}", disable=not progress, unit="step")
     vae.train()
@@ -304,6 +305,25 @@ def train_vae(
     atomic_write_json(out / "metrics.json", metrics)
     logger.info("VAE %s: val PSNR %.2f dB, SSIM %.4f (saved to %s)", config, metrics["psnr"], metrics["ssim"], out)
     return vae, metrics
+
+
+def one_cycle_schedule(
+    optimizer: torch.optim.Optimizer, learning_rate: float, steps: int, warmup_share: float = 0.05
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """torch's one-cycle schedule over ``steps`` with a ``warmup_share`` warm-up, defined for every ``steps >= 1``.
+
+    torch's warm-up phase ends at step ``warmup_share * steps - 1``. Below ``1 / warmup_share`` steps that is
+    negative and torch skips the warm-up (the schedule anneals from the peak); at exactly ``1 / warmup_share``
+    steps (20 for 5%) the phase has zero length and torch divides by zero, so that one step count skips the
+    warm-up too (through a halved share), as every shorter run does. Every other step count is left unchanged.
+    """
+    if steps < 1:
+        raise InputError(f"the VAE needs at least 1 training step, got {steps}")
+    if warmup_share * steps - 1 == 0:
+        warmup_share /= 2
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=steps, pct_start=warmup_share
+    )
 
 
 def random_crops(images: torch.Tensor, crop_size: int, generator: torch.Generator) -> torch.Tensor:
