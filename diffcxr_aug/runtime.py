@@ -1,13 +1,11 @@
-"""Process-level settings shared by every command: device choice, seeding and logging."""
+"""Process-level settings shared by every command: device choice and logging."""
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 
-import numpy as np
 import torch
 
 from diffcxr_aug.config import DEVICES
@@ -27,13 +25,6 @@ def resolve_device(device: str) -> torch.device:
             )
         return torch.device(device)
     raise InputError(f"Unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices). Library code takes explicit generators instead."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -49,7 +49,8 @@ from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import Manifest, read_manifest
 from diffcxr_aug.errors import InputError
 from diffcxr_aug.evaluation.faithfulness import CLASSIFIER_DIR, masked_auc, reference_classifier
-from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
+from diffcxr_aug.figures import pyplot, save_figure, show_image
+from diffcxr_aug.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -306,37 +307,24 @@ def _plot_neighbours(
     """Synthetic image next to its nearest real training image, for the closest pairs of every set."""
     if not pairs:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from diffcxr_aug.data.images import load_image, to_uint8_square
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, len(pairs), figsize=(1.8 * len(pairs), 4.0), squeeze=False)
     for col, (name, syn, i, real, j, sim) in enumerate(pairs):
         for row, (manifest, index) in enumerate(((syn, i), (real, j))):
-            image = to_uint8_square(load_image(manifest.image_paths()[index]), size)
-            axes[row, col].imshow(image, cmap="gray", vmin=0, vmax=255)
-            axes[row, col].set_xticks([])
-            axes[row, col].set_yticks([])
+            show_image(axes[row, col], to_uint8_square(load_image(manifest.image_paths()[index]), size))
         axes[0, col].set_title(f"{name}\ncos {sim:.3f}", fontsize=8)
     axes[0, 0].set_ylabel("synthetic", fontsize=9)
     axes[1, 0].set_ylabel("nearest real\n(train split)", fontsize=9)
     fig.suptitle("Closest synthetic-to-training pairs (reference-classifier features)", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _plot_per_label(results: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sets = {"real test": results["real_test"]["faithfulness"]} | {
         name: entry["faithfulness"] for name, entry in results["synthetic"].items()
     }
@@ -353,10 +341,7 @@ def _plot_per_label(results: dict[str, Any], path: Path) -> Path:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.6 / fig.get_figheight()), ncol=2, frameon=False)
     ax.invert_yaxis()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _synthetic_sets(synthetic: str | os.PathLike | Mapping[str, str | os.PathLike]) -> dict[str, Path]:

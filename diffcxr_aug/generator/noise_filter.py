@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from diffcxr_aug.config import ThresholdRule
 from diffcxr_aug.errors import InputError, MissingInputError
+from diffcxr_aug.figures import save_figure
 from diffcxr_aug.io import atomic_path, atomic_write_json
 
 if TYPE_CHECKING:
@@ -706,8 +707,7 @@ def _draw_montage(
         ax.imshow(image, cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=7, color="crimson" if is_flagged else "navy", pad=2)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
+    save_figure(fig, path)
 
 
 def _write_montages(

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from diffcxr_aug.config import GeneratorSection
 from diffcxr_aug.data.manifest import Manifest, read_manifest
+from diffcxr_aug.data.showcase import showcase_rows
 from diffcxr_aug.errors import InputError, MissingInputError, OutputInUseError
 from diffcxr_aug.generator.configs import PAPER_GFLOPS, GeneratorConfig, denoising_step_flops, resolve_config
 from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
@@ -312,8 +313,6 @@ class _TextStates:
 # --------------------------------------------------------------------------------------------------- helpers
 def validation_rows(manifest: Manifest, n: int, seed: int) -> Manifest:
     """Fixed reports for the sample grids: val rows that together show as many findings as possible."""
-    from diffcxr_aug.data.phantom.montage import showcase_rows
-
     pool = manifest.split("val")
     if len(pool) == 0:
         pool = manifest.split("train")
