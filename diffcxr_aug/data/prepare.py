@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import get_args
 
-from diffcxr_aug.config import DatasetName
+from diffcxr_aug.config import DataSection, DatasetName
 from diffcxr_aug.errors import InputError
 
-if TYPE_CHECKING:
-    from diffcxr_aug.config import DataSection
+_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
 
 DATASETS: tuple[str, ...] = get_args(DatasetName)
 
@@ -36,9 +35,9 @@ def prepare_dataset(
     dataset: str,
     out: Path,
     root: Path | None = None,
-    size: int = 128,
+    size: int = _DATA.size,
     seed: int = 0,
-    n: int = 2000,
+    n: int = _DATA.n,
     **csv_options,
 ) -> Path:
     """Write ``out/manifest.csv`` (plus ``rejected.csv`` and the image cache) for one dataset.

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, paired_bootstrap_mauc_difference
 from diffcxr_aug.classifiers.models import ClassifierConfig, load_classifier
 from diffcxr_aug.classifiers.train import build_transforms
+from diffcxr_aug.config import EvaluateSection
 from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import Manifest, read_manifest
@@ -51,6 +52,8 @@ from diffcxr_aug.errors import InputError
 from diffcxr_aug.evaluation.faithfulness import CLASSIFIER_DIR, masked_auc, reference_classifier
 from diffcxr_aug.figures import pyplot, save_figure, show_image
 from diffcxr_aug.io import atomic_write_json, atomic_write_text
+
+_REFERENCE = EvaluateSection()  # the reference classifier's defaults live in the recipe section
 
 logger = logging.getLogger(__name__)
 
@@ -362,8 +365,8 @@ def evaluate(
     seed: int = 0,
     size: int | None = None,
     classifier: str | os.PathLike | None = None,
-    model_name: str = "resnet10t",
-    epochs: int = 8,
+    model_name: str = _REFERENCE.model,
+    epochs: int = _REFERENCE.epochs,
     max_train_images: int = 20000,
 ) -> Path:
     """Write ``OUT/report.json``, ``OUT/report.md`` and figures for one or more synthetic sets.

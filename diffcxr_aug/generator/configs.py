@@ -278,10 +278,10 @@ def resolve_config(section: GeneratorSection) -> GeneratorConfig:
 
 def vae_downsample_factor_of(config: GeneratorConfig) -> int | None:
     """The VAE's downsampling factor when it is a registry entry (trained here), else ``None`` (known on load)."""
-    from diffcxr_aug.generator.vae import VAE_CONFIGS
+    from diffcxr_aug.generator.vae import VAE_CONFIGS, downsample_factor
 
     if config.vae in VAE_CONFIGS:
-        return 2 ** (len(VAE_CONFIGS[config.vae]["block_out_channels"]) - 1)
+        return downsample_factor(VAE_CONFIGS[config.vae]["block_out_channels"])
     return None
 
 

@@ -24,6 +24,7 @@ K-means works on those. The manifold works on the full latent, where small burnt
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -42,7 +43,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
-from diffcxr_aug.config import ThresholdRule
+from diffcxr_aug.config import FilterSection, ThresholdRule
 from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.figures import save_figure
 from diffcxr_aug.io import atomic_path, atomic_write_json
@@ -50,12 +51,12 @@ from diffcxr_aug.io import atomic_path, atomic_write_json
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
-    from diffcxr_aug.config import FilterSection
     from diffcxr_aug.data.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
 THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
+_DEFAULTS = FilterSection()
 STAGES = ("kmeans", "manifold", "discriminator")
 SCORES_NAME = "scores.csv"
 REPORT_NAME = "filter_report.json"
@@ -245,21 +246,22 @@ class LatentNoiseFilter:
         progress: show progress bars.
     """
 
+    # The defaults are the recipe's (FilterSection): one home for each setting.
     def __init__(
         self,
-        n_clusters: int = 8,
-        grid: int = 4,
-        min_cluster_share: float = 0.05,
-        normal_share: float = 0.7,
-        manifold_components: int = 256,
-        positive_share: float = 0.04,
-        negative_share: float = 0.6,
-        discriminator_steps: int = 600,
+        n_clusters: int = _DEFAULTS.n_clusters,
+        grid: int = _DEFAULTS.grid,
+        min_cluster_share: float = _DEFAULTS.min_cluster_share,
+        normal_share: float = _DEFAULTS.normal_share,
+        manifold_components: int = _DEFAULTS.manifold_components,
+        positive_share: float = _DEFAULTS.positive_share,
+        negative_share: float = _DEFAULTS.negative_share,
+        discriminator_steps: int = _DEFAULTS.discriminator_steps,
         folds: int = 5,
-        threshold: ThresholdRule = "contamination",
-        contamination: float = 0.05,
-        quantile: float = 0.995,
-        max_fit: int = 20000,
+        threshold: ThresholdRule = _DEFAULTS.threshold,
+        contamination: float = _DEFAULTS.contamination,
+        quantile: float = _DEFAULTS.quantile,
+        max_fit: int = _DEFAULTS.max_fit,
         seed: int = 0,
         device: str | torch.device = "cpu",
         progress: bool = True,
@@ -307,6 +309,13 @@ class LatentNoiseFilter:
         self.seed = seed
         self.device = torch.device(device)
         self.progress = progress
+
+    @classmethod
+    def from_section(cls, section: FilterSection, **kwargs) -> LatentNoiseFilter:
+        """The filter with a recipe's ``filter`` settings (those that are arguments here); ``kwargs`` add the rest
+        (``seed``, ``device``, ``progress``, ``folds``)."""
+        names = inspect.signature(cls.__init__).parameters.keys() & type(section).model_fields.keys()
+        return cls(**{name: getattr(section, name) for name in names}, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- fit
     def fit(
@@ -817,23 +826,7 @@ def run_filter(
     extra_paths: list[Path] = []
     if section.known_noisy is not None:
         known, extra_paths = _read_known_noisy(section.known_noisy, manifest)
-    filt = LatentNoiseFilter(
-        n_clusters=section.n_clusters,
-        grid=section.grid,
-        min_cluster_share=section.min_cluster_share,
-        normal_share=section.normal_share,
-        manifold_components=section.manifold_components,
-        positive_share=section.positive_share,
-        negative_share=section.negative_share,
-        discriminator_steps=section.discriminator_steps,
-        threshold=section.threshold,
-        contamination=section.contamination,
-        quantile=section.quantile,
-        max_fit=section.max_fit,
-        seed=seed,
-        device=dev,
-        progress=progress,
-    )
+    filt = LatentNoiseFilter.from_section(section, seed=seed, device=dev, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
 
     # 2. Latent space

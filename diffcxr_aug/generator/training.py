@@ -643,6 +643,7 @@ def _train(
         cfg.num_tokens,
         PAPER_GFLOPS,
     )
+    # The one home of the noise schedule: the sampling scheduler is built from this one's config.
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_start=0.00085,
@@ -713,7 +714,7 @@ def _train(
                 tokenizer=bundle.tokenizer,
                 token_squeeze=squeeze,
                 unet=unet,
-                scheduler=default_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type),
+                scheduler=default_scheduler(noise_scheduler),
                 max_text_tokens=bundle.max_length,
             )
             pipe.set_progress_bar_config(disable=True)
@@ -897,7 +898,7 @@ def _train(
             tokenizer=bundle.tokenizer,
             token_squeeze=squeeze.cpu(),
             unet=unet.cpu(),
-            scheduler=default_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type),
+            scheduler=default_scheduler(noise_scheduler),
             max_text_tokens=bundle.max_length,
         )
         save_pipeline_folder(pipeline, out)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 SD_VAE_ID = "stabilityai/sd-vae-ft-mse"
 
-# Registered architectures for VAEs trained here. Downsampling factor = 2 ** (len(block_out_channels) - 1).
+# Registered architectures for VAEs trained here (downsampling factor: see downsample_factor).
 VAE_CONFIGS: dict[str, dict[str, Any]] = {
     # Tests only: a few thousand parameters, factor 2.
     "tiny": {
@@ -119,8 +120,13 @@ def load_vae(
         ) from err
 
 
+def downsample_factor(block_out_channels: Sequence[int]) -> int:
+    """Image side / latent side of a KL-VAE with these encoder blocks (every block but the last halves the side)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def vae_downsample_factor(vae: AutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return downsample_factor(vae.config.block_out_channels)
 
 
 def _to_vae_input(images: torch.Tensor, vae: AutoencoderKL) -> torch.Tensor:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from diffcxr_aug.config import DataSection
 from diffcxr_aug.data.adapters.common import (
     SOURCE_COLUMN,
     DatasetLayoutError,
@@ -28,6 +29,8 @@ from diffcxr_aug.data.adapters.common import (
 from diffcxr_aug.data.manifest import CORE_COLUMNS, META_PREFIX, REJECTED_NAME, RESERVED_COLUMNS, write_rejected
 from diffcxr_aug.data.reports import report_from_text
 from diffcxr_aug.errors import InputError, MissingInputError
+
+_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ def _parse_label_cell(value: str) -> str | None:
 def prepare_csv(
     root: str | os.PathLike,
     out: str | os.PathLike,
-    size: int = 128,
+    size: int = _DATA.size,
     seed: int = 0,
     csv: str | os.PathLike | None = None,
     image_col: str = "image",

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from diffcxr_aug.config import DataSection
 from diffcxr_aug.data.adapters.common import (
     SOURCE_COLUMN,
     DatasetLayoutError,
@@ -47,6 +48,8 @@ from diffcxr_aug.data.images import ImageReadError, is_dicom, load_image
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.reports import clean_text, format_report
 from diffcxr_aug.errors import MissingInputError
+
+_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +229,7 @@ def _read_projections(root: Path) -> dict[tuple[str, str], str]:
 def prepare_iu_xray(
     root: str | os.PathLike,
     out: str | os.PathLike,
-    size: int = 128,
+    size: int = _DATA.size,
     seed: int = 0,
     progress: bool = True,
     workers: int | None = None,
