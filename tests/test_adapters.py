@@ -1,4 +1,4 @@
-"""Each adapter on a small fixture in its official layout, built in tmp_path from the real files of shared/."""
+"""Each adapter on a small fixture in its official layout, built in tmp_path from the real files of tests/fixtures."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ runner = CliRunner()
 SIZE = 32
 
 
-def _hannover(shared_dir: Path) -> list[Path]:
-    return sorted((shared_dir / "realcxr" / "hannover").glob("*.png"))
+def _hannover(fixtures_dir: Path) -> list[Path]:
+    return sorted((fixtures_dir / "hannover").glob("*.png"))
 
 
 def _as_jpeg(source: Path, target: Path) -> None:
@@ -56,9 +56,9 @@ def _check_cache(out: Path, n: int) -> None:
 # --- MIMIC-CXR-JPG -----------------------------------------------------------------------------------
 
 
-def _mimic_fixture(root: Path, shared_dir: Path) -> None:
-    fixtures = shared_dir / "realcxr" / "fixtures"
-    han = _hannover(shared_dir)
+def _mimic_fixture(root: Path, fixtures_dir: Path) -> None:
+    fixtures = fixtures_dir / "xrv"
+    han = _hannover(fixtures_dir)
     # (subject, study, dicom_id, view, image source, split); the last image is truncated, one is missing.
     images = [
         ("10000032", "50414267", "d1", "PA", fixtures / "16747_3_1.jpg", "train"),
@@ -107,9 +107,9 @@ def _mimic_fixture(root: Path, shared_dir: Path) -> None:
     (root / "files" / "p10" / "p10000032" / "s50414267.txt").write_text(report)
 
 
-def test_mimic(tmp_path, shared_dir):
+def test_mimic(tmp_path, fixtures_dir):
     root, out = tmp_path / "mimic-cxr-jpg", tmp_path / "out"
-    _mimic_fixture(root, shared_dir)
+    _mimic_fixture(root, fixtures_dir)
     prepare_mimic(root, out, size=SIZE, progress=False)
     frame = read_manifest(out).frame.set_index("meta_dicom_id")
     assert sorted(frame.index) == ["d1", "d2", "d3", "d4", "d5"]
@@ -134,9 +134,9 @@ def test_mimic(tmp_path, shared_dir):
     _check_cache(out, 5)
 
 
-def test_mimic_missing_column_is_named(tmp_path, shared_dir):
+def test_mimic_missing_column_is_named(tmp_path, fixtures_dir):
     root = tmp_path / "mimic-cxr-jpg"
-    _mimic_fixture(root, shared_dir)
+    _mimic_fixture(root, fixtures_dir)
     meta = pd.read_csv(root / "mimic-cxr-2.0.0-metadata.csv").rename(columns={"ViewPosition": "View"})
     meta.to_csv(root / "mimic-cxr-2.0.0-metadata.csv", index=False)
     with pytest.raises(DatasetLayoutError, match=r"missing column\(s\) \['ViewPosition'\]; found columns \[.*'View'"):
@@ -146,10 +146,10 @@ def test_mimic_missing_column_is_named(tmp_path, shared_dir):
 # --- NIH ChestX-ray14 -----------------------------------------------------------------------------------
 
 
-def test_nih(tmp_path, shared_dir):
+def test_nih(tmp_path, fixtures_dir):
     root, out = tmp_path / "nih", tmp_path / "out"
-    fixtures = shared_dir / "realcxr" / "fixtures"
-    han = _hannover(shared_dir)
+    fixtures = fixtures_dir / "xrv"
+    han = _hannover(fixtures_dir)
     names = {
         "00000001_000.png": fixtures / "00000001_000.png",
         "00027426_000.png": fixtures / "00027426_000.png",
@@ -218,7 +218,7 @@ def test_nih(tmp_path, shared_dir):
 # --- IU X-ray -----------------------------------------------------------------------------------------
 
 
-def test_iu_xray(tmp_path, shared_dir):
+def test_iu_xray(tmp_path, fixtures_dir):
     from diffcxr_aug.evaluation.labeler_eval import default_iu_archive
 
     root, out = tmp_path / "iu", tmp_path / "out"
@@ -228,7 +228,7 @@ def test_iu_xray(tmp_path, shared_dir):
         for member in src:
             if member.name in wanted:
                 dst.addfile(member, src.extractfile(member))
-    han = _hannover(shared_dir)
+    han = _hannover(fixtures_dir)
     ids = [
         "CXR1_1_IM-0001-3001",
         "CXR1_1_IM-0001-4001",
@@ -274,8 +274,8 @@ def test_iu_xray(tmp_path, shared_dir):
     _check_cache(out, 5)
 
 
-def test_projection_heuristic_never_calls_a_real_frontal_lateral(shared_dir):
-    frontals = [*_hannover(shared_dir), *sorted((shared_dir / "realcxr" / "fixtures").glob("*.png"))]
+def test_projection_heuristic_never_calls_a_real_frontal_lateral(fixtures_dir):
+    frontals = [*_hannover(fixtures_dir), *sorted((fixtures_dir / "xrv").glob("*.png"))]
     guesses = [guess_projection(load_image(p)) for p in frontals]
     assert "lateral" not in guesses and guesses.count("frontal") >= 0.85 * len(guesses)
     assert guess_projection(np.zeros((64, 64), np.float32)) == "unknown"
@@ -284,10 +284,10 @@ def test_projection_heuristic_never_calls_a_real_frontal_lateral(shared_dir):
 # --- csv ----------------------------------------------------------------------------------------------
 
 
-def _csv_fixture(tmp_path: Path, shared_dir: Path) -> tuple[Path, Path]:
+def _csv_fixture(tmp_path: Path, fixtures_dir: Path) -> tuple[Path, Path]:
     """The Hannover images with their own metadata.csv, plus a label column and one truncated copy."""
     root = tmp_path / "folder"
-    shutil.copytree(shared_dir / "realcxr" / "hannover", root)
+    shutil.copytree(fixtures_dir / "hannover", root)
     root.chmod(0o755)
     meta = pd.read_csv(root / "metadata.csv", dtype=str, keep_default_na=False).iloc[:12]
     meta["covid"] = ["1", "1", "0", "-1", "", "1.0", "1", "0", "1", "1", "0", "maybe"]
@@ -301,8 +301,8 @@ def _csv_fixture(tmp_path: Path, shared_dir: Path) -> tuple[Path, Path]:
     return root, csv
 
 
-def test_csv_adapter_and_cli(tmp_path, shared_dir):
-    root, csv = _csv_fixture(tmp_path, shared_dir)
+def test_csv_adapter_and_cli(tmp_path, fixtures_dir):
+    root, csv = _csv_fixture(tmp_path, fixtures_dir)
     out = tmp_path / "out"
     args = [
         "prepare",
@@ -342,8 +342,8 @@ def test_csv_adapter_and_cli(tmp_path, shared_dir):
     _check_cache(out, 11)
 
 
-def test_csv_missing_column_names_it_and_lists_found_columns(tmp_path, shared_dir):
-    root, csv = _csv_fixture(tmp_path, shared_dir)
+def test_csv_missing_column_names_it_and_lists_found_columns(tmp_path, fixtures_dir):
+    root, csv = _csv_fixture(tmp_path, fixtures_dir)
     with pytest.raises(DatasetLayoutError, match=r"missing column\(s\) \['Covid'\]; found columns \['file', "):
         prepare_csv(root, tmp_path / "out", csv=csv, image_col="file", label_cols=["Covid"], progress=False)
     args = [
@@ -364,8 +364,8 @@ def test_csv_missing_column_names_it_and_lists_found_columns(tmp_path, shared_di
     assert result.exit_code == 2 and "['path']" in result.output and "found columns" in result.output
 
 
-def test_interrupted_scan_resumes_where_it_stopped(tmp_path, shared_dir, monkeypatch):
-    root, csv = _csv_fixture(tmp_path, shared_dir)
+def test_interrupted_scan_resumes_where_it_stopped(tmp_path, fixtures_dir, monkeypatch):
+    root, csv = _csv_fixture(tmp_path, fixtures_dir)
     out = tmp_path / "out"
     real_verify = common.verify_image
     calls: list[str] = []
@@ -396,8 +396,8 @@ def test_interrupted_scan_resumes_where_it_stopped(tmp_path, shared_dir, monkeyp
     assert calls == []
 
 
-def test_torn_scan_log_line_is_ignored(tmp_path, shared_dir):
-    paths = [str(p) for p in _hannover(shared_dir)[:3]]
+def test_torn_scan_log_line_is_ignored(tmp_path, fixtures_dir):
+    paths = [str(p) for p in _hannover(fixtures_dir)[:3]]
     common.scan(paths, tmp_path, progress=False, workers=1)
     log = tmp_path / common.SCAN_LOG
     lines = log.read_text().splitlines()
@@ -407,8 +407,8 @@ def test_torn_scan_log_line_is_ignored(tmp_path, shared_dir):
     assert all(entries[p]["reason"] == "" for p in paths)
 
 
-def test_csv_with_every_label_bad_writes_rejected_and_fails(tmp_path, shared_dir):
-    root, csv = _csv_fixture(tmp_path, shared_dir)
+def test_csv_with_every_label_bad_writes_rejected_and_fails(tmp_path, fixtures_dir):
+    root, csv = _csv_fixture(tmp_path, fixtures_dir)
     table = pd.read_csv(csv, dtype=str, keep_default_na=False)
     table["covid"] = "positive"
     table.to_csv(csv, index=False)

@@ -289,3 +289,18 @@ def test_two_process_training_with_torchrun(trained, tmp_path):
     assert info["num_processes"] == 2 and info["steps"] == 2
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
     DiffCXRPipeline.from_pretrained(out)
+
+
+def test_the_smallest_settings_train_and_sample(trained, tmp_path):
+    """One step on one image with one condition token, then one image from one sampler step without guidance."""
+    recipe = trained["root"] / "tiny.yaml"
+    args = ["train-generator", "--data", str(trained["data"]), "--out", str(tmp_path / "gen"), "--recipe", str(recipe)]
+    args += ["--max-steps", "1", "--batch-size", "1", "--num-tokens", "1", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    args = ["synthesize", "--n", "1", "--generator", str(tmp_path / "gen"), "--out", str(tmp_path / "s")]
+    result = CliRunner().invoke(
+        app, [*args, "--steps", "1", "--batch-size", "1", "--guidance", "0", "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(read_manifest(tmp_path / "s").frame) == 1

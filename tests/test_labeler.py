@@ -25,8 +25,8 @@ def _positive(labels: dict) -> dict:
     return {k: v for k, v in labels.items() if not math.isnan(v)}
 
 
-def test_matches_the_hand_labelled_chexpert_reports(labeler, shared_dir):
-    truth = pd.read_csv(shared_dir / "chexpert_phrases" / "labeled_reports.csv")
+def test_matches_the_hand_labelled_chexpert_reports(labeler, fixtures_dir):
+    truth = pd.read_csv(fixtures_dir / "chexpert" / "labeled_reports.csv")
     for _, row in truth.iterrows():
         got = labeler(row["Reports"])
         for name in CHEXPERT_LABELS:

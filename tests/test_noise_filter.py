@@ -294,3 +294,28 @@ def test_cli_filter_bad_input_exits_2_with_one_line(tmp_path, noisy_tiny):
         app, ["filter", "--data", str(noisy_tiny), "--out", str(tmp_path / "o"), "--threshold", "median"]
     )
     assert result.exit_code == 2 and "--threshold" in result.output
+
+
+def test_cli_filter_small_value_edges(tmp_path, noisy_tiny):
+    """The smallest values of the filter's options: each runs, or exits 2 naming the option and its range."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(FILTER_RECIPE)
+    base = ["filter", "--data", str(noisy_tiny), "--recipe", str(recipe)]
+    # 20 VAE steps: a 5% warm-up of exactly one step, where torch's OneCycleLR divided by zero.
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "o20"), "--vae-steps", "20"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "o20" / "vae" / "metrics.json").read_text())["steps"] == 20
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "o2"), "--n-clusters", "2", "--vae-steps", "1"])
+    assert result.exit_code == 0, result.output
+    for option, value, message in [
+        ("--vae-steps", "0", "--vae-steps 0: Input should be greater than or equal to 1"),
+        ("--n-clusters", "1", "--n-clusters 1: Input should be greater than or equal to 2"),
+        ("--n-clusters", "29", "min_cluster_share 0.05 must lie in (0, 1 / n_clusters = 0.03448]"),
+        ("--contamination", "0", "--contamination 0.0: Input should be greater than 0"),
+        ("--quantile", "0", "--quantile 0.0: Input should be greater than 0"),
+        ("--image-size", "8", "--image-size 8: Input should be greater than or equal to 16"),
+        ("--image-size", "17", "image size 17 is not divisible by the VAE's downsampling factor 2"),
+    ]:
+        result = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), option, value])
+        assert result.exit_code == 2 and message in result.output, (option, value, result.output)
+        assert len(result.output.strip().splitlines()) == 1

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from diffcxr_aug.cli import app
 from diffcxr_aug.data.cache import cache_files
+from diffcxr_aug.data.labeler import PHRASES_DIR
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.data.phantom import NOISE_KINDS, prepare_phantom, render_study, sample_world
@@ -114,8 +115,8 @@ def test_labels_follow_the_generating_truth(rows_400):
         assert (row["No Finding"] == 1.0) == (not (present - {"support_devices"}))
 
 
-def _mentions(shared_dir) -> dict[str, list[str]]:
-    folder = shared_dir / "chexpert_phrases" / "phrases" / "mention"
+def _mentions() -> dict[str, list[str]]:
+    folder = PHRASES_DIR / "phrases" / "mention"  # the upstream CheXpert lists, as the package ships them
     out = {}
     for label in CHEXPERT_LABELS:
         path = folder / (label.lower().replace(" ", "_") + ".txt")
@@ -123,8 +124,8 @@ def _mentions(shared_dir) -> dict[str, list[str]]:
     return out
 
 
-def test_reports_use_chexpert_phrasing(rows_400, shared_dir):
-    mentions = _mentions(shared_dir)
+def test_reports_use_chexpert_phrasing(rows_400):
+    mentions = _mentions()
     mentions["Consolidation"] = ["consolidat"]  # the shipped consolidation list is empty
     for row in rows_400:
         text = row["report"].lower()

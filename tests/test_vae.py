@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diffcxr_aug.data.manifest import read_manifest
+from diffcxr_aug.errors import InputError
 from diffcxr_aug.generator.vae import (
     build_vae,
     decode,
@@ -14,6 +15,7 @@ from diffcxr_aug.generator.vae import (
     encode_manifest,
     latent_shape,
     load_vae,
+    one_cycle_schedule,
     random_crops,
     train_vae,
 )
@@ -117,3 +119,36 @@ def test_bf16_autocast_training_is_recorded_and_keeps_fp32_weights(tiny_manifest
     assert all(p.dtype == torch.float32 for p in vae.parameters())
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         train_vae(manifest, tmp_path / "fp16", config="tiny", size=32, steps=1, mixed_precision="fp16", device="cpu")
+
+
+def _learning_rates(make_scheduler, steps: int) -> list[float]:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = make_scheduler(optimizer, steps)
+    rates = []
+    for _ in range(steps):  # the rate each training step uses
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_one_cycle_schedule_is_defined_for_every_step_count_and_otherwise_torchs():
+    """20 steps (5% warm-up = one step) made torch's OneCycleLR divide by zero; every other count is untouched."""
+    torch_one_cycle = lambda opt, n: torch.optim.lr_scheduler.OneCycleLR(  # noqa: E731
+        opt, max_lr=1e-3, total_steps=n, pct_start=0.05
+    )
+    with pytest.raises(ZeroDivisionError):
+        _learning_rates(torch_one_cycle, 20)
+    ours = lambda opt, n: one_cycle_schedule(opt, 1e-3, n)  # noqa: E731
+    for steps in (1, 2, 19, 21, 40):
+        assert _learning_rates(ours, steps) == _learning_rates(torch_one_cycle, steps)
+    rates = _learning_rates(ours, 20)
+    assert all(0.0 <= r <= 1e-3 for r in rates) and rates == sorted(rates, reverse=True)  # no warm-up, as below 20
+    with pytest.raises(InputError, match="at least 1 training step"):
+        _learning_rates(ours, 0)
+
+
+def test_the_image_side_must_fit_the_factor(tiny_manifest, tmp_path):
+    manifest = read_manifest(tiny_manifest)  # (20 VAE steps train: tests/test_noise_filter.py, through the CLI)
+    with pytest.raises(InputError, match="image size 33 is not divisible by the VAE's downsampling factor 2"):
+        train_vae(manifest, tmp_path / "bad", config="tiny", size=33, steps=1, progress=False)

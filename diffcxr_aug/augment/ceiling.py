@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from diffcxr_aug.data.manifest import MANIFEST_NAME
+from diffcxr_aug.errors import InputError
 from diffcxr_aug.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def build_ceiling(out: str | os.PathLike, n: int, size: int, seed: int = 0) -> P
     from diffcxr_aug.data.phantom import prepare_phantom
 
     if n < 1:
-        raise ValueError(f"the ceiling needs at least one image, got n={n}")
+        raise InputError(f"the ceiling needs at least one image, got n={n}")
     out = Path(out)
     settings = {"n": n, "size": size, "seed": seed + CEILING_SEED_OFFSET, "noise_rate": 0.0}
     record = out / "ceiling.json"

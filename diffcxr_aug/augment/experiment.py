@@ -11,6 +11,7 @@ from typing import Any
 
 from diffcxr_aug.augment.steps import Step, StepLedger, run_steps
 from diffcxr_aug.config import Recipe, write_resolved_recipe
+from diffcxr_aug.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def classifier_synthetic(recipe: Recipe, paths: dict[str, Path]) -> dict[str, Pa
 
 def _ceiling(recipe: Recipe, paths: dict[str, Path]) -> Path:
     if recipe.data.dataset != "phantom":
-        raise ValueError(
+        raise InputError(
             f"classifier.synthetic: ceiling renders perfect images from the phantom world, but data.dataset "
             f"is {recipe.data.dataset!r}; use generated, none or a folder"
         )
@@ -115,27 +116,12 @@ def _dump(section: Any) -> dict[str, Any]:
 
 
 def _prepare_step(recipe: Recipe, paths: dict[str, Path]) -> Step:
-    from diffcxr_aug.data.prepare import prepare_dataset
-
-    d = recipe.data
+    from diffcxr_aug.data.prepare import prepare_data
 
     def run() -> None:
-        prepare_dataset(
-            d.dataset,
-            out=paths["data"],
-            root=d.root,
-            size=d.size,
-            seed=recipe.seed,
-            n=d.n,
-            csv=d.csv,
-            image_col=d.image_col,
-            label_cols=d.label_cols,
-            report_col=d.report_col,
-            patient_col=d.patient_col,
-            view_col=d.view_col,
-        )
+        prepare_data(recipe.data, paths["data"], seed=recipe.seed)
 
-    settings = {"data": _dump(d), "seed": recipe.seed}
+    settings = {"data": _dump(recipe.data), "seed": recipe.seed}
     return Step("prepare", settings, [paths["data"]], [paths["data"] / "manifest.csv"], run)
 
 

@@ -13,21 +13,23 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
 import numpy as np
 
+from diffcxr_aug.config import ClassifierMode
 from diffcxr_aug.data.manifest import Manifest, read_manifest
+from diffcxr_aug.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["real", "mix", "pretrain-finetune"]
-MODES: tuple[str, ...] = ("real", "mix", "pretrain-finetune")
+Mode = ClassifierMode
+MODES: tuple[str, ...] = get_args(ClassifierMode)
 
 
 def check_mode(mode: str) -> Mode:
     if mode not in MODES:
-        raise ValueError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        raise InputError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     return mode  # type: ignore[return-value]
 
 
@@ -53,7 +55,7 @@ def load_synthetic(
     manifest = read_manifest(path, check_splits=False)
     shared = [name for name in label_names if name in manifest.label_names]
     if not shared:
-        raise ValueError(
+        raise InputError(
             f"{manifest.source}: no label in common with the real data. Real labels: {list(label_names)}; "
             f"synthetic labels: {manifest.label_names}. Name the synthetic label columns as the real ones."
         )
@@ -68,7 +70,7 @@ def load_synthetic(
         )
     if n_synthetic is not None:
         if n_synthetic > len(manifest):
-            raise ValueError(
+            raise InputError(
                 f"n_synthetic={n_synthetic} but {manifest.source} holds only {len(manifest)} images; "
                 "ask for fewer or synthesize more"
             )
@@ -94,15 +96,15 @@ def training_stages(mode: str, real: Manifest, synthetic: Manifest | None) -> li
     """The stages a mode runs, in order.
 
     Raises:
-        ValueError: an unknown mode, or a synthetic mode without synthetic data.
+        InputError: an unknown mode, or a synthetic mode without synthetic data.
     """
     mode = check_mode(mode)
     if mode == "real":
         return [Stage("train", [real])]
     if synthetic is None or len(synthetic) == 0:
-        raise ValueError(f"mode {mode!r} needs synthetic images; pass --synthetic DIR (a folder with manifest.csv)")
+        raise InputError(f"mode {mode!r} needs synthetic images; pass --synthetic DIR (a folder with manifest.csv)")
     if mode == "mix":
         return [Stage("train", [real, synthetic])]
     if mode == "pretrain-finetune":
         return [Stage("pretrain", [synthetic], shared=True), Stage("finetune", [real], evaluate_start=True)]
-    raise ValueError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    raise InputError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from diffcxr_aug.io import atomic_path
+from diffcxr_aug.errors import InputError
+from diffcxr_aug.figures import pyplot, save_figure
 
 MODE_STYLE = {
     "real": {"label": "real only", "color": "#444444", "marker": "o"},
@@ -34,15 +35,11 @@ def plot_sweep(
         path: output image (PNG by suffix).
         title: figure title.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     frame = results if isinstance(results, pd.DataFrame) else pd.read_csv(results)
     missing = {"real_frac", "mode", "seed", "mauc"} - set(frame.columns)
     if missing:
-        raise ValueError(f"results need columns real_frac, mode, seed, mauc; missing {sorted(missing)}")
+        raise InputError(f"results need columns real_frac, mode, seed, mauc; missing {sorted(missing)}")
     if "source" not in frame.columns:
         frame = frame.assign(source=["none" if m == "real" else "synthetic" for m in frame["mode"]])
     stats = frame.groupby(["mode", "source", "real_frac"])["mauc"].agg(["mean", "std", "count"]).reset_index()
@@ -84,8 +81,4 @@ def plot_sweep(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, suffix=path.suffix or ".png") as tmp:
-        fig.savefig(tmp, format=(path.suffix.lstrip(".") or "png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

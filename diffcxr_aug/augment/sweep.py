@@ -53,6 +53,7 @@ from diffcxr_aug.classifiers.train import HISTORY_NAME, build_transforms, predic
 from diffcxr_aug.config import ClassifierSection
 from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.manifest import Manifest, read_manifest
+from diffcxr_aug.errors import InputError
 from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
 from diffcxr_aug.runtime import resolve_device
 
@@ -103,7 +104,7 @@ def synthetic_sources(synthetic: str | os.PathLike | Mapping[str, str | os.PathL
         sources = {DEFAULT_SOURCE: Path(synthetic)}
     bad = [name for name in sources if name == NO_SOURCE or not name or "/" in name or " " in name]
     if bad:
-        raise ValueError(f"synthetic source names {bad} are not usable: no spaces or '/', and {NO_SOURCE!r} is taken")
+        raise InputError(f"synthetic source names {bad} are not usable: no spaces or '/', and {NO_SOURCE!r} is taken")
     return sources
 
 
@@ -126,7 +127,7 @@ def append_result(path: Path, row: dict, columns: list[str]) -> pd.DataFrame:
     """Add one row to ``results.csv``, rewriting the file atomically (a crash never leaves half a table)."""
     frame = read_results(path)
     if len(frame) and list(frame.columns) != columns:
-        raise ValueError(
+        raise InputError(
             f"{path} holds runs with other columns (another label set or an older version); "
             "write this sweep to a fresh --out folder"
         )
@@ -140,9 +141,9 @@ def append_result(path: Path, row: dict, columns: list[str]) -> pd.DataFrame:
 def _check_split(manifest: Manifest, split: str, label_names: list[str]) -> Manifest:
     part = manifest.split(split)
     if len(part) == 0:
-        raise ValueError(f"{manifest.source}: the {split} split is empty; the sweep needs train, val and test rows")
+        raise InputError(f"{manifest.source}: the {split} split is empty; the sweep needs train, val and test rows")
     if split != "train" and not scorable_labels(part.labels(label_names)).any():
-        raise ValueError(
+        raise InputError(
             f"{manifest.source}: no label has both a positive and a negative in the {split} split, so its mAUC "
             "is undefined; give that split more images"
         )
@@ -181,7 +182,7 @@ def _check_same_settings(path: Path, settings: dict) -> dict:
         if old_sources[n] != new_sources[n]
     ]
     if changed:
-        raise ValueError(
+        raise InputError(
             f"{path.parent} holds a sweep made with other settings ({', '.join(changed)} differ; see {path}); "
             "write to a fresh --out folder, or delete that folder to start over"
         )
@@ -218,17 +219,17 @@ def run_sweep(
     real = read_manifest(data)
     label_names = real.label_names
     if not label_names:
-        raise ValueError(f"{real.source}: no label columns; a classifier needs at least one")
+        raise InputError(f"{real.source}: no label columns; a classifier needs at least one")
     train_split = _check_split(real, "train", label_names)
     val_split = _check_split(real, "val", label_names)
     test_split = _check_split(real, "test", label_names)
     sources = synthetic_sources(synthetic)
     needs_synthetic = [m for m in section.modes if m != "real"]
     if needs_synthetic and not sources:
-        raise ValueError(f"modes {needs_synthetic} need synthetic images; pass --synthetic DIR or use mode 'real'")
+        raise InputError(f"modes {needs_synthetic} need synthetic images; pass --synthetic DIR or use mode 'real'")
     for mode in section.modes:
         if mode not in MODES:
-            raise ValueError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+            raise InputError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_NAME

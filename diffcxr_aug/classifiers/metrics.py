@@ -15,6 +15,8 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
+from diffcxr_aug.errors import InputError
+
 
 @dataclass
 class AUCResult:
@@ -171,7 +173,7 @@ def _bootstrap(
     while len(values) < n_bootstrap:
         attempts += 1
         if attempts > 50 * n_bootstrap:
-            raise ValueError(
+            raise InputError(
                 f"bootstrap: only {len(values)} of {attempts - 1} resamples kept both classes of every scored label; "
                 "a label has too few positives or negatives in the test split for a confidence interval"
             )

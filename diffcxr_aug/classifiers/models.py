@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.data import resolve_data_config
 
+from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.io import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -57,14 +58,14 @@ def create_classifier(
         in_chans: input channels; 1 for radiographs.
     """
     if not timm.is_model(name):
-        raise ValueError(
+        raise InputError(
             f"Unknown timm model {name!r}; any name from timm.list_models() works, e.g. resnet18, densenet121"
         )
     kwargs = {}
     if pretrained_file is not None:
         pretrained_file = Path(pretrained_file)
         if not pretrained_file.is_file():
-            raise FileNotFoundError(f"pretrained_file {pretrained_file}: no such file")
+            raise MissingInputError(f"pretrained_file {pretrained_file}: no such file")
         pretrained = True
         # timm reads weights from a local file when the pretrained config names one.
         kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
@@ -73,7 +74,7 @@ def create_classifier(
     except (OSError, RuntimeError, ValueError) as err:
         if not pretrained:
             raise
-        raise ValueError(
+        raise InputError(
             f"Could not load pretrained weights for {name!r} ({err}). Offline, download them once into the "
             "Hugging Face cache, pass a local weights file (classifier.pretrained_file), or train from "
             "random initialisation (--no-pretrained)."
@@ -124,7 +125,7 @@ def load_classifier(
     config_path, weights_path = folder / MODEL_CONFIG_NAME, folder / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; pass a folder written by save_classifier")
+            raise MissingInputError(f"{path}: missing; pass a folder written by save_classifier")
     config = ClassifierConfig(**json.loads(config_path.read_text(encoding="utf-8")))
     model = timm.create_model(
         config.model, pretrained=False, num_classes=len(config.label_names), in_chans=config.in_chans

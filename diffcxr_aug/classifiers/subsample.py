@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from diffcxr_aug.data.manifest import Manifest
+from diffcxr_aug.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def sample_real_fraction(
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
     if len(train) == 0:
-        raise ValueError(f"{train.source}: the train split is empty; nothing to subsample")
+        raise InputError(f"{train.source}: the train split is empty; nothing to subsample")
     names = list(label_names) if label_names is not None else train.label_names
     if fraction == 1.0:
         return train.subset(train.frame.index)

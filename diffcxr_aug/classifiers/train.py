@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import get_args
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from diffcxr_aug.classifiers.metrics import per_label_auc
 from diffcxr_aug.classifiers.models import WEIGHTS_NAME, ClassifierConfig, save_classifier
+from diffcxr_aug.config import UncertaintyPolicy
+from diffcxr_aug.errors import InputError
 from diffcxr_aug.io import atomic_write_text
 
 # Written last, when training has finished: a folder with weights but no history is an interrupted run's.
@@ -33,8 +35,7 @@ HISTORY_NAME = "history.json"
 
 logger = logging.getLogger(__name__)
 
-UncertaintyPolicy = Literal["ignore", "ones", "zeros"]
-UNCERTAINTY_POLICIES: tuple[str, ...] = ("ignore", "ones", "zeros")
+UNCERTAINTY_POLICIES: tuple[str, ...] = get_args(UncertaintyPolicy)
 
 
 def apply_uncertainty(labels: torch.Tensor, policy: UncertaintyPolicy) -> torch.Tensor:
@@ -241,7 +242,7 @@ def train_classifier(
                 logger.info("%s: no better val mAUC for %d epochs; stopping at epoch %d", desc, patience, epoch)
                 break
     if best_epoch < 0:
-        raise ValueError(f"{desc}: validation mAUC was never finite; the validation split has no scorable label")
+        raise InputError(f"{desc}: validation mAUC was never finite; the validation split has no scorable label")
     model.load_state_dict(load_file(str(checkpoint_dir / WEIGHTS_NAME), device=str(device)))
     atomic_write_text(checkpoint_dir / HISTORY_NAME, json.dumps(history, indent=2) + "\n")
     return TrainResult(best_val_mauc=best, best_epoch=best_epoch, epochs_run=epoch, steps=step, history=history)

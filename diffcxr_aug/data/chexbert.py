@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
+from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -68,15 +69,15 @@ def load_chexbert_state(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor
     """The model weights of a CheXbert checkpoint, ``module.`` prefixes removed (official format)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no such CheXbert checkpoint")
+        raise MissingInputError(f"{checkpoint}: no such CheXbert checkpoint")
     try:
         loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types; all mean "not a weights file"
-        raise ValueError(f"{checkpoint}: not a CheXbert checkpoint readable with weights_only=True ({err})") from err
+        raise InputError(f"{checkpoint}: not a CheXbert checkpoint readable with weights_only=True ({err})") from err
     state = loaded.get("model_state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not any(k.endswith("linear_heads.0.weight") for k in state):
         keys = list(loaded)[:5] if isinstance(loaded, dict) else type(loaded).__name__
-        raise ValueError(
+        raise InputError(
             f"{checkpoint}: expected CheXbert weights ({{'model_state_dict': ...}} with linear_heads.*), found {keys}"
         )
     return _strip_prefix(state)
@@ -121,7 +122,7 @@ class CheXbertLabeler:
             config = AutoConfig.from_pretrained(source)
             tokenizer = AutoTokenizer.from_pretrained(source)
         except OSError as err:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"cannot load the BERT config/tokenizer from {source!r} ({err}); pass a local folder holding "
                 "config.json and the tokenizer files (e.g. a saved bert-base-uncased)"
             ) from err
@@ -133,7 +134,7 @@ class CheXbertLabeler:
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
-            raise ValueError(
+            raise InputError(
                 f"{checkpoint}: weights do not fit a CheXbert built from {source!r}: "
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {list(unexpected)[:5]}"
             )

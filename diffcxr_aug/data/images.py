@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from diffcxr_aug.errors import InputError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -22,7 +24,7 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(InputError):
     """An image that cannot be decoded; the message names the file and why."""
 
 

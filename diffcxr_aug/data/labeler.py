@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.reports import clean_text
+from diffcxr_aug.errors import MissingInputError
 from diffcxr_aug.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -289,7 +290,7 @@ def load_phrases(phrases_dir: str | os.PathLike = PHRASES_DIR) -> tuple[dict, di
                     regex = _phrase_regex(phrase)
                     target.setdefault(observation, []).append((phrase, regex) if kind == "mention" else regex)
     if not mention:
-        raise FileNotFoundError(f"{phrases_dir}: no phrases/mention/*.txt")
+        raise MissingInputError(f"{phrases_dir}: no phrases/mention/*.txt")
     # CheXpert's positional unmentions: "tip in the right heart" is a place, not cardiomegaly.
     positions = [f"{a}{b}" for a in ("over the", "overly the", "in the") for b in ("", " superior", " left", " right")]
     for observation, drop_direct in ((CARDIOMEGALY, True), (ENLARGED_CARDIOMEDIASTINUM, False)):
@@ -520,7 +521,7 @@ def label_reports_file(
 
     reports = Path(reports)
     if not reports.is_file():
-        raise FileNotFoundError(f"{reports}: no such file")
+        raise MissingInputError(f"{reports}: no such file")
     table = read_table(reports)
     require_columns(table, (id_col, text_col), str(reports), hint="Name them with --id-col and --text-col.")
     labels = label_reports(table[text_col].tolist(), checkpoint=checkpoint, device=device, bert=bert)

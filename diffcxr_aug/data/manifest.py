@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from diffcxr_aug.data.labels import SPLITS, VIEWS
+from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.io import atomic_path
 
 CORE_COLUMNS: tuple[str, ...] = ("image_path", "patient_id", "study_id", "view", "split", "report")
@@ -33,7 +34,7 @@ REJECTED_NAME = "rejected.csv"
 _EMPTY_LABEL_STRINGS = {"", "nan", "NaN", "none", "None"}
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest that breaks the schema; the message names the file, the row and the fix."""
 
 
@@ -165,7 +166,7 @@ def resolve_manifest_path(path: str | os.PathLike) -> Path:
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"No manifest at {path}; pass a folder written by `diffcxr-aug prepare` (or a manifest.csv file)"
         )
     return path

@@ -3,17 +3,41 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
-DATASETS = ("phantom", "mimic-cxr", "iu-xray", "nih-cxr14", "csv")
+from diffcxr_aug.config import DataSection, DatasetName
+from diffcxr_aug.errors import InputError
+
+_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
+
+DATASETS: tuple[str, ...] = get_args(DatasetName)
+
+
+def prepare_data(section: DataSection, out: Path, seed: int = 0) -> Path:
+    """:func:`prepare_dataset` with the settings of a recipe's ``data`` section (``prepare --recipe``)."""
+    return prepare_dataset(
+        section.dataset,
+        out=out,
+        root=section.root,
+        size=section.size,
+        seed=seed,
+        n=section.n,
+        csv=section.csv,
+        image_col=section.image_col,
+        label_cols=section.label_cols,
+        report_col=section.report_col,
+        patient_col=section.patient_col,
+        view_col=section.view_col,
+    )
 
 
 def prepare_dataset(
     dataset: str,
     out: Path,
     root: Path | None = None,
-    size: int = 128,
+    size: int = _DATA.size,
     seed: int = 0,
-    n: int = 2000,
+    n: int = _DATA.n,
     **csv_options,
 ) -> Path:
     """Write ``out/manifest.csv`` (plus ``rejected.csv`` and the image cache) for one dataset.
@@ -37,7 +61,7 @@ def prepare_dataset(
 
         return prepare_phantom(out, n=n, size=size, seed=seed)
     if root is None:
-        raise ValueError(f"prepare {dataset} needs root (the dataset folder)")
+        raise InputError(f"prepare {dataset} needs root (the dataset folder)")
     if dataset == "mimic-cxr":
         from diffcxr_aug.data.adapters.mimic import prepare_mimic
 
@@ -54,4 +78,4 @@ def prepare_dataset(
         from diffcxr_aug.data.adapters.csv_folder import prepare_csv
 
         return prepare_csv(root, out, size=size, seed=seed, **csv_options)
-    raise ValueError(f"Unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    raise InputError(f"Unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from diffcxr_aug.data.manifest import check_patient_splits
+from diffcxr_aug.errors import InputError
 
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.7, 0.1, 0.2)
 
@@ -32,7 +33,7 @@ def assign_patient_splits(
         seed: changes the assignment; the same seed always gives the same splits.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(
+        raise InputError(
             f"fractions must be three non-negative numbers (train, val, test) summing to 1, got {fractions}"
         )
     ids = pd.Series(list(patient_ids), dtype=str)

@@ -32,10 +32,14 @@ from diffcxr_aug.classifiers.models import (
     load_classifier,
 )
 from diffcxr_aug.classifiers.train import HISTORY_NAME, build_transforms, predict, seeded, train_classifier
+from diffcxr_aug.config import EvaluateSection
 from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import Manifest, read_manifest
+from diffcxr_aug.errors import InputError
 from diffcxr_aug.io import atomic_write_json, atomic_write_text
+
+_REFERENCE = EvaluateSection()  # the reference classifier's defaults live in the recipe section
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +58,8 @@ def reference_classifier(
     folder: Path,
     size: int,
     labels: list[str],
-    model_name: str = "resnet10t",
-    epochs: int = 8,
+    model_name: str = _REFERENCE.model,
+    epochs: int = _REFERENCE.epochs,
     batch_size: int = 64,
     learning_rate: float = 1e-3,
     device: torch.device = torch.device("cpu"),
@@ -70,7 +74,7 @@ def reference_classifier(
         found = {"model": config.model, "image_size": config.image_size, "label_names": list(config.label_names)}
         if asked != found:
             changed = {k: (found[k], asked[k]) for k in asked if asked[k] != found[k]}
-            raise ValueError(
+            raise InputError(
                 f"{folder} holds a reference classifier trained with other settings (cached, asked: {changed}); "
                 "pass another --out, or delete that folder to train a new one"
             )
@@ -78,7 +82,7 @@ def reference_classifier(
         return model.eval(), config
     train, val = real.split("train"), real.split("val")
     if len(train) == 0 or len(val) == 0:
-        raise ValueError(f"{real.source}: the reference classifier needs non-empty train and val splits")
+        raise InputError(f"{real.source}: the reference classifier needs non-empty train and val splits")
     with seeded(seed, device):
         model = create_classifier(model_name, len(labels))
     config = data_config(model, size)
@@ -125,8 +129,8 @@ def evaluate_faithfulness(
     synthetic: Mapping[str, str | os.PathLike],
     out: str | os.PathLike,
     size: int = 64,
-    model_name: str = "resnet10t",
-    epochs: int = 8,
+    model_name: str = _REFERENCE.model,
+    epochs: int = _REFERENCE.epochs,
     batch_size: int = 64,
     device: str = "auto",
     seed: int = 0,

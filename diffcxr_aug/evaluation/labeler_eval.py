@@ -11,14 +11,13 @@ Two references:
 * **Truth** (phantom reports, whose findings are known): per-label agreement of the 4 classes
   (1 / 0 / -1 / blank) and F1 of the positive class.
 
-Run: ``python -m diffcxr_aug.evaluation.labeler_eval iu [--reports NLMCXR_reports.tgz]``,
-``python -m diffcxr_aug.evaluation.labeler_eval phantom --n 2000`` (reports only, no images rendered) and
-``python -m diffcxr_aug.evaluation.labeler_eval truth --manifest DIR`` (any manifest with labels).
+Run: ``python bench/labeler_eval.py iu [--reports NLMCXR_reports.tgz]``, ``python bench/labeler_eval.py phantom
+--n 2000`` (reports only, no images rendered) and ``python bench/labeler_eval.py truth --manifest DIR`` (any
+manifest with labels).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ import pandas as pd
 from sklearn.metrics import f1_score, precision_score, recall_score
 
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
+from diffcxr_aug.errors import MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def default_iu_archive() -> Path:
 
     path = Path(torchxrayvision.__file__).parent / "data" / "NLMCXR_reports.tgz"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: torchxrayvision does not ship NLMCXR_reports.tgz; pass --reports")
+        raise MissingInputError(f"{path}: torchxrayvision does not ship NLMCXR_reports.tgz; pass --reports")
     return path
 
 
@@ -251,46 +251,17 @@ def phantom_markdown(results: dict[str, pd.DataFrame]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="what", required=True)
-    iu = sub.add_parser("iu", help="agreement with MeSH on the real IU X-ray reports")
-    iu.add_argument("--reports", type=Path, default=None, help="NLMCXR_reports.tgz (default: the xrv wheel's)")
-    phantom = sub.add_parser("phantom", help="agreement with the truth labels of phantom reports")
-    phantom.add_argument("--n", type=int, default=2000)
-    phantom.add_argument("--seed", type=int, default=0)
-    truth = sub.add_parser("truth", help="agreement with the labels of a manifest (e.g. phantom)")
-    truth.add_argument("--manifest", type=Path, required=True)
-    truth.add_argument("--n", type=int, default=None, help="first N rows only")
-    args = parser.parse_args(argv)
-    pd.set_option("display.width", 160)
-    if args.what == "iu":
-        results = evaluate_iu(args.reports)
-        for (labeler, subset), table in results.items():
-            print(f"\n## {labeler} labeler vs MeSH, {subset}\n")
-            print(table.round(3).to_string(index=False))
-        print("\nmacro-F1 summary:")
-        for (labeler, subset), table in results.items():
-            print(f"  {labeler:8s} {subset:24s} {table['f1'].iloc[-1]:.3f}")
-        print("\n" + iu_markdown(results))
-    elif args.what == "phantom":
-        results = evaluate_phantom(args.n, args.seed)
-        print(f"phantom reports: n={args.n}, seed={args.seed}\n")
-        print(phantom_markdown(results))
-    else:
-        from diffcxr_aug.data.labeler import KeywordLabeler, RuleLabeler
-        from diffcxr_aug.data.manifest import read_manifest
+def evaluate_manifest_truth(manifest: str | Path, n: int | None = None) -> dict[str, pd.DataFrame]:
+    """Agreement of the rule labeler and of the keyword baseline with the labels of a manifest (e.g. phantom),
+    over its distinct reports (the first ``n`` only, when given)."""
+    from diffcxr_aug.data.labeler import KeywordLabeler, RuleLabeler
+    from diffcxr_aug.data.manifest import read_manifest
 
-        frame = read_manifest(args.manifest).frame
-        frame = frame.drop_duplicates("report")
-        if args.n:
-            frame = frame.iloc[: args.n]
-        for name, labeler in (("rule", RuleLabeler()), ("keyword", KeywordLabeler())):
-            table = truth_agreement(labeler.label(frame["report"].tolist(), progress=False), frame)
-            print(f"\n## {name} labeler vs truth ({len(frame)} distinct reports of {args.manifest})\n")
-            print(table.round(3).to_string(index=False))
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    _main()
+    frame = read_manifest(manifest).frame.drop_duplicates("report")
+    if n:
+        frame = frame.iloc[:n]
+    reports = frame["report"].tolist()
+    return {
+        name: truth_agreement(labeler.label(reports, progress=False), frame)
+        for name, labeler in (("rule", RuleLabeler()), ("keyword", KeywordLabeler()))
+    }

@@ -44,11 +44,16 @@ from tqdm.auto import tqdm
 from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, paired_bootstrap_mauc_difference
 from diffcxr_aug.classifiers.models import ClassifierConfig, load_classifier
 from diffcxr_aug.classifiers.train import build_transforms
+from diffcxr_aug.config import EvaluateSection
 from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import Manifest, read_manifest
+from diffcxr_aug.errors import InputError
 from diffcxr_aug.evaluation.faithfulness import CLASSIFIER_DIR, masked_auc, reference_classifier
-from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
+from diffcxr_aug.figures import pyplot, save_figure, show_image
+from diffcxr_aug.io import atomic_write_json, atomic_write_text
+
+_REFERENCE = EvaluateSection()  # the reference classifier's defaults live in the recipe section
 
 logger = logging.getLogger(__name__)
 
@@ -305,37 +310,24 @@ def _plot_neighbours(
     """Synthetic image next to its nearest real training image, for the closest pairs of every set."""
     if not pairs:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from diffcxr_aug.data.images import load_image, to_uint8_square
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, len(pairs), figsize=(1.8 * len(pairs), 4.0), squeeze=False)
     for col, (name, syn, i, real, j, sim) in enumerate(pairs):
         for row, (manifest, index) in enumerate(((syn, i), (real, j))):
-            image = to_uint8_square(load_image(manifest.image_paths()[index]), size)
-            axes[row, col].imshow(image, cmap="gray", vmin=0, vmax=255)
-            axes[row, col].set_xticks([])
-            axes[row, col].set_yticks([])
+            show_image(axes[row, col], to_uint8_square(load_image(manifest.image_paths()[index]), size))
         axes[0, col].set_title(f"{name}\ncos {sim:.3f}", fontsize=8)
     axes[0, 0].set_ylabel("synthetic", fontsize=9)
     axes[1, 0].set_ylabel("nearest real\n(train split)", fontsize=9)
     fig.suptitle("Closest synthetic-to-training pairs (reference-classifier features)", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _plot_per_label(results: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sets = {"real test": results["real_test"]["faithfulness"]} | {
         name: entry["faithfulness"] for name, entry in results["synthetic"].items()
     }
@@ -352,10 +344,7 @@ def _plot_per_label(results: dict[str, Any], path: Path) -> Path:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.6 / fig.get_figheight()), ncol=2, frameon=False)
     ax.invert_yaxis()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _synthetic_sets(synthetic: str | os.PathLike | Mapping[str, str | os.PathLike]) -> dict[str, Path]:
@@ -364,7 +353,7 @@ def _synthetic_sets(synthetic: str | os.PathLike | Mapping[str, str | os.PathLik
     else:
         sets = {Path(synthetic).name or "synthetic": Path(synthetic)}
     if not sets:
-        raise ValueError("no synthetic set given; pass --synthetic DIR (or NAME=DIR, repeated)")
+        raise InputError("no synthetic set given; pass --synthetic DIR (or NAME=DIR, repeated)")
     return sets
 
 
@@ -376,8 +365,8 @@ def evaluate(
     seed: int = 0,
     size: int | None = None,
     classifier: str | os.PathLike | None = None,
-    model_name: str = "resnet10t",
-    epochs: int = 8,
+    model_name: str = _REFERENCE.model,
+    epochs: int = _REFERENCE.epochs,
     max_train_images: int = 20000,
 ) -> Path:
     """Write ``OUT/report.json``, ``OUT/report.md`` and figures for one or more synthetic sets.
@@ -409,11 +398,11 @@ def evaluate(
     synthetic_manifests = {name: read_manifest(folder) for name, folder in sets.items()}
     for name, manifest in synthetic_manifests.items():
         if len(manifest) < 2:
-            raise ValueError(f"{manifest.source}: synthetic set {name!r} has {len(manifest)} image(s); need 2 or more")
+            raise InputError(f"{manifest.source}: synthetic set {name!r} has {len(manifest)} image(s); need 2 or more")
     splits = {split: real_manifest.split(split) for split in ("train", "val", "test")}
     for split, part in splits.items():
         if len(part) < 2:
-            raise ValueError(f"{real_manifest.source}: the {split} split has {len(part)} row(s); evaluate needs 2+")
+            raise InputError(f"{real_manifest.source}: the {split} split has {len(part)} row(s); evaluate needs 2+")
     if size is None:
         first = next(iter(synthetic_manifests.values()))
         with Image.open(first.image_paths()[0]) as image:
@@ -428,7 +417,7 @@ def evaluate(
     for name, manifest in synthetic_manifests.items():
         missing = [label for label in labels if label not in manifest.label_names]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{manifest.source}: synthetic set {name!r} lacks label columns {missing}; faithfulness scores each "
                 "image against its prompt's labels (the manifest synthesize writes has them)"
             )

@@ -21,7 +21,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, get_args
+
+from diffcxr_aug.config import PredictionType, TextEncoderPolicy
+from diffcxr_aug.errors import InputError
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -30,10 +33,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TextEncoderPolicy = Literal["frozen", "finetune", "train"]
-TEXT_ENCODER_POLICIES = ("frozen", "finetune", "train")
-PredictionType = Literal["epsilon", "v_prediction"]
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+TEXT_ENCODER_POLICIES: tuple[str, ...] = get_args(TextEncoderPolicy)
+PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
 
 BIOMEDCLIP_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 PAPER_GFLOPS = 29.641  # Diff-CXR, arXiv 2410.20165: "the lowest computational complexity at 29.641 GFLOPs"
@@ -89,26 +90,26 @@ class GeneratorConfig:
 
     def __post_init__(self) -> None:
         if self.text_encoder_policy not in TEXT_ENCODER_POLICIES:
-            raise ValueError(
+            raise InputError(
                 f"Unsupported text_encoder_policy {self.text_encoder_policy!r}; choose one of: "
                 f"{', '.join(TEXT_ENCODER_POLICIES)}"
             )
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
+            raise InputError(
                 f"Unsupported prediction_type {self.prediction_type!r}; choose one of: {', '.join(PREDICTION_TYPES)}"
             )
         if self.text_encoder == "scratch" and self.text_encoder_policy != "train":
-            raise ValueError(
+            raise InputError(
                 f"text_encoder 'scratch' has no pretrained weights, so text_encoder_policy must be 'train', "
                 f"got {self.text_encoder_policy!r}"
             )
         if self.text_encoder != "scratch" and self.text_encoder_policy == "train":
-            raise ValueError(
+            raise InputError(
                 f"text_encoder_policy 'train' (from scratch) needs text_encoder 'scratch', got text_encoder "
                 f"{self.text_encoder!r}; use 'finetune' to train a pretrained encoder further"
             )
         if self.num_tokens < 1 or self.max_text_tokens < 2:
-            raise ValueError(
+            raise InputError(
                 f"num_tokens must be >= 1 and max_text_tokens >= 2, got {self.num_tokens}, {self.max_text_tokens}"
             )
 
@@ -120,7 +121,7 @@ class GeneratorConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"Unknown generator config keys {unknown}; known keys: {sorted(known)}")
+            raise InputError(f"Unknown generator config keys {unknown}; known keys: {sorted(known)}")
         return cls(**data)
 
 
@@ -248,7 +249,7 @@ GENERATOR_CONFIGS: dict[str, GeneratorConfig] = {
 
 def get_config(name: str) -> GeneratorConfig:
     if name not in GENERATOR_CONFIGS:
-        raise ValueError(f"Unknown generator config {name!r}; choose one of: {', '.join(GENERATOR_CONFIGS)}")
+        raise InputError(f"Unknown generator config {name!r}; choose one of: {', '.join(GENERATOR_CONFIGS)}")
     return GENERATOR_CONFIGS[name]
 
 
@@ -277,10 +278,10 @@ def resolve_config(section: GeneratorSection) -> GeneratorConfig:
 
 def vae_downsample_factor_of(config: GeneratorConfig) -> int | None:
     """The VAE's downsampling factor when it is a registry entry (trained here), else ``None`` (known on load)."""
-    from diffcxr_aug.generator.vae import VAE_CONFIGS
+    from diffcxr_aug.generator.vae import VAE_CONFIGS, downsample_factor
 
     if config.vae in VAE_CONFIGS:
-        return 2 ** (len(VAE_CONFIGS[config.vae]["block_out_channels"]) - 1)
+        return downsample_factor(VAE_CONFIGS[config.vae]["block_out_channels"])
     return None
 
 

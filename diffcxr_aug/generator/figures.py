@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import os
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from diffcxr_aug.io import atomic_path
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from diffcxr_aug.figures import pyplot, save_figure, show_image, wrap_report
 
 
 def save_report_grid(
@@ -46,7 +36,7 @@ def save_report_grid(
         max_lines: report lines shown (longer reports end with an ellipsis).
         dpi: output resolution.
     """
-    plt = _pyplot()
+    plt = pyplot()
     rows = len(reports)
     if len(generated) != rows or (real is not None and len(real) != rows):
         raise ValueError(
@@ -62,31 +52,20 @@ def save_report_grid(
         squeeze=False,
     )
     for i in range(rows):
-        text = " ".join(str(reports[i]).split()) or "(empty report)"
-        lines = textwrap.wrap(text, wrap)
-        if len(lines) > max_lines:
-            lines = lines[: max_lines - 1] + [lines[max_lines - 1][: wrap - 3] + "..."]
+        lines = wrap_report(reports[i] if str(reports[i]).split() else "(empty report)", wrap, max_lines)
         if captions is not None:
             lines = [captions[i], ""] + lines
         axes[i, 0].axis("off")
         axes[i, 0].text(0.0, 1.0, "\n".join(lines), fontsize=6.2, va="top", ha="left", family="DejaVu Sans")
         images = ([real[i]] if real is not None else []) + [generated[i]]
         for j, image in enumerate(images, start=1):
-            ax = axes[i, j]
-            image = np.asarray(image)
-            ax.imshow(image, cmap="gray", vmin=0, vmax=255 if image.dtype == np.uint8 else 1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            show_image(axes[i, j], image)
             if i == 0:
-                ax.set_title(columns[j][0], fontsize=8)
+                axes[i, j].set_title(columns[j][0], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9, y=1.0 - 0.1 / height)
         fig.subplots_adjust(top=1.0 - 0.45 / height)
-    out_png = Path(out_png)
-    with atomic_path(out_png, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=dpi, bbox_inches="tight")
 
 
 def save_loss_plot(csv_path: str | os.PathLike, out_png: str | os.PathLike, smooth: int = 20) -> Path | None:
@@ -94,7 +73,7 @@ def save_loss_plot(csv_path: str | os.PathLike, out_png: str | os.PathLike, smoo
     frame = pd.read_csv(csv_path)
     if frame.empty:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     columns = [c for c in ("loss", "loss_diffusion", "loss_align") if c in frame and frame[c].notna().any()]
     fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.2), squeeze=False)
     for ax, column in zip(axes[0], columns, strict=True):
@@ -104,8 +83,4 @@ def save_loss_plot(csv_path: str | os.PathLike, out_png: str | os.PathLike, smoo
         ax.set_title(column)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=90)

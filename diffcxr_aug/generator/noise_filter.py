@@ -24,13 +24,14 @@ K-means works on those. The manifold works on the full latent, where small burnt
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 import pandas as pd
@@ -42,18 +43,20 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
+from diffcxr_aug.config import FilterSection, ThresholdRule
+from diffcxr_aug.errors import InputError, MissingInputError
+from diffcxr_aug.figures import save_figure
 from diffcxr_aug.io import atomic_path, atomic_write_json
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
-    from diffcxr_aug.config import FilterSection
     from diffcxr_aug.data.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
-ThresholdRule = Literal["contamination", "quantile"]
-THRESHOLD_RULES = ("contamination", "quantile")
+THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
+_DEFAULTS = FilterSection()
 STAGES = ("kmeans", "manifold", "discriminator")
 SCORES_NAME = "scores.csv"
 REPORT_NAME = "filter_report.json"
@@ -76,7 +79,7 @@ def latent_features(latents: torch.Tensor | np.ndarray, grid: int = 4, batch_siz
     if latents.ndim != 4:
         raise ValueError(f"latents must be (N, C, h, w), got shape {tuple(latents.shape)}")
     if grid < 1 or grid > min(latents.shape[-2:]):
-        raise ValueError(f"grid {grid} must be between 1 and the latent side {min(latents.shape[-2:])}")
+        raise InputError(f"grid {grid} must be between 1 and the latent side {min(latents.shape[-2:])}")
     q = torch.tensor(_QUANTILES)
     out = []
     for start in range(0, len(latents), batch_size):
@@ -243,52 +246,53 @@ class LatentNoiseFilter:
         progress: show progress bars.
     """
 
+    # The defaults are the recipe's (FilterSection): one home for each setting.
     def __init__(
         self,
-        n_clusters: int = 8,
-        grid: int = 4,
-        min_cluster_share: float = 0.05,
-        normal_share: float = 0.7,
-        manifold_components: int = 256,
-        positive_share: float = 0.04,
-        negative_share: float = 0.6,
-        discriminator_steps: int = 600,
+        n_clusters: int = _DEFAULTS.n_clusters,
+        grid: int = _DEFAULTS.grid,
+        min_cluster_share: float = _DEFAULTS.min_cluster_share,
+        normal_share: float = _DEFAULTS.normal_share,
+        manifold_components: int = _DEFAULTS.manifold_components,
+        positive_share: float = _DEFAULTS.positive_share,
+        negative_share: float = _DEFAULTS.negative_share,
+        discriminator_steps: int = _DEFAULTS.discriminator_steps,
         folds: int = 5,
-        threshold: ThresholdRule = "contamination",
-        contamination: float = 0.05,
-        quantile: float = 0.995,
-        max_fit: int = 20000,
+        threshold: ThresholdRule = _DEFAULTS.threshold,
+        contamination: float = _DEFAULTS.contamination,
+        quantile: float = _DEFAULTS.quantile,
+        max_fit: int = _DEFAULTS.max_fit,
         seed: int = 0,
         device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> None:
         if threshold not in THRESHOLD_RULES:
-            raise ValueError(f"Unknown threshold rule {threshold!r}; choose one of: {', '.join(THRESHOLD_RULES)}")
+            raise InputError(f"Unknown threshold rule {threshold!r}; choose one of: {', '.join(THRESHOLD_RULES)}")
         if n_clusters < 2:
-            raise ValueError(f"n_clusters must be at least 2, got {n_clusters}")
+            raise InputError(f"n_clusters must be at least 2, got {n_clusters}")
         if not 0.0 < min_cluster_share <= 1.0 / n_clusters:
-            raise ValueError(
+            raise InputError(
                 f"min_cluster_share {min_cluster_share} must lie in (0, 1 / n_clusters = {1.0 / n_clusters:.4g}]: "
                 "otherwise no cluster may qualify as typical; lower min_cluster_share or n_clusters"
             )
         for name, value in (("normal_share", normal_share), ("negative_share", negative_share)):
             if not 0.0 < value < 1.0:
-                raise ValueError(f"{name} must lie in (0, 1), got {value}")
+                raise InputError(f"{name} must lie in (0, 1), got {value}")
         if not 0.0 < positive_share < 0.5:
-            raise ValueError(f"positive_share must lie in (0, 0.5), got {positive_share}")
+            raise InputError(f"positive_share must lie in (0, 0.5), got {positive_share}")
         if positive_share + negative_share >= 1.0:
-            raise ValueError(
+            raise InputError(
                 f"positive_share ({positive_share}) + negative_share ({negative_share}) must stay below 1, so that "
                 "no image is told to be both noisy and normal"
             )
         if not 0.0 < contamination < 0.5:
-            raise ValueError(f"contamination must lie in (0, 0.5), got {contamination}")
+            raise InputError(f"contamination must lie in (0, 0.5), got {contamination}")
         if not 0.0 < quantile < 1.0:
-            raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+            raise InputError(f"quantile must lie in (0, 1), got {quantile}")
         if folds < 2:
-            raise ValueError(f"folds must be at least 2, got {folds}")
+            raise InputError(f"folds must be at least 2, got {folds}")
         if manifold_components < 1:
-            raise ValueError(f"manifold_components must be at least 1, got {manifold_components}")
+            raise InputError(f"manifold_components must be at least 1, got {manifold_components}")
         self.n_clusters = n_clusters
         self.grid = grid
         self.min_cluster_share = min_cluster_share
@@ -305,6 +309,13 @@ class LatentNoiseFilter:
         self.seed = seed
         self.device = torch.device(device)
         self.progress = progress
+
+    @classmethod
+    def from_section(cls, section: FilterSection, **kwargs) -> LatentNoiseFilter:
+        """The filter with a recipe's ``filter`` settings (those that are arguments here); ``kwargs`` add the rest
+        (``seed``, ``device``, ``progress``, ``folds``)."""
+        names = inspect.signature(cls.__init__).parameters.keys() & type(section).model_fields.keys()
+        return cls(**{name: getattr(section, name) for name in names}, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- fit
     def fit(
@@ -329,11 +340,11 @@ class LatentNoiseFilter:
         n = len(latents)
         min_images = max(20, 4 * self.folds)
         if latents.ndim != 4 or n < min_images:
-            raise ValueError(
+            raise InputError(
                 f"the filter needs (N, C, h, w) latents of at least {min_images} images, got {tuple(latents.shape)}"
             )
         if not torch.isfinite(latents).all():
-            raise ValueError("latents hold NaN or infinite values; check the VAE and the images")
+            raise InputError("latents hold NaN or infinite values; check the VAE and the images")
         known = np.zeros(n, dtype=bool) if known_noisy is None else np.asarray(known_noisy, dtype=bool)
         if known.shape != (n,):
             raise ValueError(f"known_noisy must be a boolean mask of length {n}, got shape {known.shape}")
@@ -620,17 +631,17 @@ def _read_known_noisy(path: Path, manifest: Manifest) -> tuple[np.ndarray, list[
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"known_noisy: no such file {path}; give a CSV with an image_path column")
+        raise MissingInputError(f"known_noisy: no such file {path}; give a CSV with an image_path column")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "image_path" not in frame.columns:
-        raise ValueError(f"{path}: no image_path column (found {list(frame.columns)}); list the noisy images there")
+        raise InputError(f"{path}: no image_path column (found {list(frame.columns)}); list the noisy images there")
     spelled = {p: i for i, p in enumerate(manifest.frame["image_path"])}
     resolved = {os.path.realpath(p): i for i, p in enumerate(manifest.image_paths())}
     mask = np.zeros(len(manifest), dtype=bool)
     extra: list[Path] = []
     for line, value in enumerate(frame["image_path"].str.strip(), start=2):
         if not value:
-            raise ValueError(f"{path}, row {line}: empty image_path")
+            raise InputError(f"{path}, row {line}: empty image_path")
         if value in spelled:
             mask[spelled[value]] = True
             continue
@@ -641,7 +652,7 @@ def _read_known_noisy(path: Path, manifest: Manifest) -> tuple[np.ndarray, list[
         elif candidate.is_file():
             extra.append(candidate)
         else:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{path}, row {line}: {value!r} is neither an image_path of {manifest.source} nor an existing file "
                 f"(relative paths are read from {path.parent})"
             )
@@ -705,8 +716,7 @@ def _draw_montage(
         ax.imshow(image, cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=7, color="crimson" if is_flagged else "navy", pad=2)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
+    save_figure(fig, path)
 
 
 def _write_montages(
@@ -810,29 +820,13 @@ def run_filter(
     manifest = read_manifest(data)
     out = Path(out)
     if out.resolve() == manifest.root.resolve():
-        raise ValueError(f"--out {out} is the data folder; the kept manifest would overwrite {manifest.source}")
+        raise InputError(f"--out {out} is the data folder; the kept manifest would overwrite {manifest.source}")
     dev = resolve_device(device)
     known = np.zeros(len(manifest), dtype=bool)
     extra_paths: list[Path] = []
     if section.known_noisy is not None:
         known, extra_paths = _read_known_noisy(section.known_noisy, manifest)
-    filt = LatentNoiseFilter(
-        n_clusters=section.n_clusters,
-        grid=section.grid,
-        min_cluster_share=section.min_cluster_share,
-        normal_share=section.normal_share,
-        manifold_components=section.manifold_components,
-        positive_share=section.positive_share,
-        negative_share=section.negative_share,
-        discriminator_steps=section.discriminator_steps,
-        threshold=section.threshold,
-        contamination=section.contamination,
-        quantile=section.quantile,
-        max_fit=section.max_fit,
-        seed=seed,
-        device=dev,
-        progress=progress,
-    )
+    filt = LatentNoiseFilter.from_section(section, seed=seed, device=dev, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
 
     # 2. Latent space

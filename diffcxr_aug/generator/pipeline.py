@@ -30,6 +30,7 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -38,7 +39,7 @@ from diffcxr_aug.generator.disease_adapter import DiseaseKnowledgeAdapter
 from diffcxr_aug.generator.knowledge import knowledge_texts
 from diffcxr_aug.generator.text_encoder import encode_tokens, tokenize
 from diffcxr_aug.generator.token_squeeze import TokenSqueeze
-from diffcxr_aug.generator.vae import decode
+from diffcxr_aug.generator.vae import decode, vae_downsample_factor
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -66,20 +67,14 @@ def _labeler() -> Any:
     return RuleLabeler()
 
 
-def default_scheduler(
-    num_train_timesteps: int = 1000,
-    beta_schedule: str = "scaled_linear",
-    prediction_type: str = "epsilon",
-) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++ (2nd order, multistep) over the training noise schedule (SD's scaled-linear betas)."""
-    return DPMSolverMultistepScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule=beta_schedule,
-        prediction_type=prediction_type,
-        algorithm_type="dpmsolver++",
-        solver_order=2,
+def default_scheduler(training_scheduler: SchedulerMixin) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2nd order, multistep) over the noise schedule the model was trained with.
+
+    The training scheduler owns the schedule (timesteps, betas, prediction type); the sampler is built from its
+    config, so the two cannot drift apart.
+    """
+    return DPMSolverMultistepScheduler.from_config(
+        training_scheduler.config, algorithm_type="dpmsolver++", solver_order=2
     )
 
 
@@ -132,8 +127,7 @@ class DiffCXRPipeline(DiffusionPipeline):
 
     @property
     def image_size(self) -> int:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return int(self.unet.config.sample_size) * factor
+        return int(self.unet.config.sample_size) * vae_downsample_factor(self.vae)
 
     def check_inputs(
         self,

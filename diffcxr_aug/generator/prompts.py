@@ -35,6 +35,7 @@ from diffcxr_aug.data.manifest import (
     read_manifest,
     resolve_manifest_path,
 )
+from diffcxr_aug.errors import InputError, MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +144,14 @@ def load_prompt_pool(source: str | os.PathLike, labels_only: bool = False) -> Pr
         labels_only: write every report from the labels (``--labels-from``), ignoring any report text.
 
     Raises:
-        FileNotFoundError: no such file or folder.
-        ValueError: the source holds no usable prompt (the message says which option fits instead).
+        MissingInputError: no such file or folder.
+        InputError: the source holds no usable prompt (the message says which option fits instead).
     """
     path = Path(source)
     if path.is_dir() or labels_only:
         return _from_manifest(resolve_manifest_path(path), labels_only)
     if not path.is_file():
-        raise FileNotFoundError(f"--prompts {path}: no such file or folder")
+        raise MissingInputError(f"--prompts {path}: no such file or folder")
     if path.suffix.lower() == ".txt":
         reports = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return _from_reports(pd.DataFrame({"report": reports}), path)
@@ -179,7 +180,7 @@ def _from_manifest(path: Path, labels_only: bool) -> PromptPool:
         return PromptPool(out, pool.label_names, path, "labels-from", manifest.root)
     empty = out["report"].str.strip() == ""
     if empty.all():
-        raise ValueError(
+        raise InputError(
             f"{path}: no row has a report to use as a prompt; for a dataset without reports, pass it as "
             "--labels-from to write reports from its labels"
         )
@@ -214,7 +215,7 @@ def _finish(frame: pd.DataFrame, names: list[str], path: Path) -> pd.DataFrame:
 def _from_reports(frame: pd.DataFrame, path: Path) -> PromptPool:
     frame = frame[frame["report"].str.strip() != ""].reset_index(drop=True)
     if len(frame) == 0:
-        raise ValueError(f"{path}: no non-empty report to use as a prompt")
+        raise InputError(f"{path}: no non-empty report to use as a prompt")
     names = _label_columns(frame, path)
     out = _finish(frame, names, path)
     if not names:
@@ -231,7 +232,7 @@ def _from_reports(frame: pd.DataFrame, path: Path) -> PromptPool:
 def _from_labels(frame: pd.DataFrame, path: Path) -> PromptPool:
     names = _label_columns(frame, path)
     if not names:
-        raise ValueError(
+        raise InputError(
             f"{path}: neither a 'report' column nor label columns named as CheXpert or NIH ChestX-ray14 labels "
             f"(found {list(frame.columns)}); for another label set, prepare a manifest and pass --labels-from"
         )

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from diffcxr_aug.config import SynthesizeSection
 from diffcxr_aug.data.manifest import CORE_COLUMNS, MANIFEST_NAME, validate_manifest_frame
+from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.generator.prompts import (
     PromptPool,
     balanced_prompt_rows,
@@ -246,7 +247,7 @@ def _prompt_source(generator: Path, section: SynthesizeSection) -> tuple[Path, b
         data = json.loads(info_path.read_text()).get("data")
         if data:
             return Path(data), False
-    raise ValueError(
+    raise InputError(
         f"{generator} records no training manifest (no training_info.json with 'data'); pass --prompts with a "
         "manifest folder or a CSV / text file of reports, or --labels-from with a manifest"
     )
@@ -304,7 +305,7 @@ def _check_job(out: Path, job: dict[str, Any]) -> dict[str, Any]:
     if changed:
         details = "; ".join(f"{k}: {old!r} -> {job[k]!r}" for k, old in changed.items())
         hints = ", ".join(dict.fromkeys(_hint(key, old) for key, old in changed.items()))
-        raise ValueError(
+        raise InputError(
             f"{out} holds images of another synthesis job ({details}). To finish or grow it, rerun with its "
             f"settings ({hints}); for the new settings choose a new --out"
         )
@@ -583,7 +584,7 @@ def synthesize(
     """
     generator, out = Path(generator), Path(out)
     if not (generator / "model_index.json").is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{generator} is not a trained pipeline folder (no model_index.json); pass the --out of train-generator"
         )
     plan, job = _plan(generator, section, seed)

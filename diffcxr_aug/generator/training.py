@@ -43,6 +43,8 @@ from tqdm.auto import tqdm
 
 from diffcxr_aug.config import GeneratorSection
 from diffcxr_aug.data.manifest import Manifest, read_manifest
+from diffcxr_aug.data.showcase import showcase_rows
+from diffcxr_aug.errors import InputError, MissingInputError, OutputInUseError
 from diffcxr_aug.generator.configs import PAPER_GFLOPS, GeneratorConfig, denoising_step_flops, resolve_config
 from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -84,7 +86,7 @@ def resolve_resume(out: Path, resume: str | os.PathLike | None) -> Path | None:
     existing = list_checkpoints(out)
     if resume is None:
         if existing:
-            raise FileExistsError(
+            raise OutputInUseError(
                 f"{out} already holds checkpoints (latest {existing[-1].name}); pass --resume latest to continue "
                 "that run, or choose another --out"
             )
@@ -96,7 +98,7 @@ def resolve_resume(out: Path, resume: str | os.PathLike | None) -> Path | None:
         return existing[-1]
     path = Path(resume)
     if not (path / CHECKPOINT_STATE).is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"--resume {resume}: not a checkpoint folder (no {CHECKPOINT_STATE}); pass 'latest' or one of "
             f"{[p.name for p in existing] or 'the checkpoint-N folders under OUT/checkpoints'}"
         )
@@ -311,8 +313,6 @@ class _TextStates:
 # --------------------------------------------------------------------------------------------------- helpers
 def validation_rows(manifest: Manifest, n: int, seed: int) -> Manifest:
     """Fixed reports for the sample grids: val rows that together show as many findings as possible."""
-    from diffcxr_aug.data.phantom.montage import showcase_rows
-
     pool = manifest.split("val")
     if len(pool) == 0:
         pool = manifest.split("train")
@@ -377,7 +377,7 @@ def _lock_folder(out: Path) -> Any:
         handle.seek(0)
         owner = handle.read().strip() or "another process"
         handle.close()
-        raise FileExistsError(
+        raise OutputInUseError(
             f"{out} is being trained by {owner}; wait for it to finish (or stop it), or choose another --out"
         ) from None
     handle.seek(0)
@@ -464,12 +464,12 @@ def train_generator(
     if stage == 2:
         raise NotImplementedError("DKIM stage 2 (the disease-knowledge adapter) is a later issue; train stage 1")
     if stage != 1:
-        raise ValueError(f"Unsupported stage {stage!r}; choose 1 (or 2, once DKIM exists)")
+        raise InputError(f"Unsupported stage {stage!r}; choose 1 (or 2, once DKIM exists)")
     out = Path(out)
     manifest = read_manifest(data)
     train = manifest.split("train")
     if len(train) == 0:
-        raise ValueError(f"{manifest.source}: the train split is empty; nothing to train the generator on")
+        raise InputError(f"{manifest.source}: the train split is empty; nothing to train the generator on")
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock_folder(out)
     try:
@@ -643,6 +643,7 @@ def _train(
         cfg.num_tokens,
         PAPER_GFLOPS,
     )
+    # The one home of the noise schedule: the sampling scheduler is built from this one's config.
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_start=0.00085,
@@ -683,7 +684,7 @@ def _train(
             optimizer.load_state_dict(training_state["optimizer"])
         except ValueError as err:
             # e.g. an AVA-TLS-off run saved before its unused pooled projection was frozen: other trainable set.
-            raise ValueError(
+            raise InputError(
                 f"--resume {checkpoint}: its optimizer state does not match the parameters this version trains "
                 f"({err}). It was written by another version of diffcxr-aug; finish it with that version, or start "
                 "a fresh run in another --out."
@@ -713,7 +714,7 @@ def _train(
                 tokenizer=bundle.tokenizer,
                 token_squeeze=squeeze,
                 unet=unet,
-                scheduler=default_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type),
+                scheduler=default_scheduler(noise_scheduler),
                 max_text_tokens=bundle.max_length,
             )
             pipe.set_progress_bar_config(disable=True)
@@ -897,7 +898,7 @@ def _train(
             tokenizer=bundle.tokenizer,
             token_squeeze=squeeze.cpu(),
             unet=unet.cpu(),
-            scheduler=default_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type),
+            scheduler=default_scheduler(noise_scheduler),
             max_text_tokens=bundle.max_length,
         )
         save_pipeline_folder(pipeline, out)

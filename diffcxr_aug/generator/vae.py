@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.manifest import Manifest
+from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.io import atomic_write_json
 from diffcxr_aug.runtime import resolve_device, resolve_mixed_precision
 
@@ -37,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 SD_VAE_ID = "stabilityai/sd-vae-ft-mse"
 
-# Registered architectures for VAEs trained here. Downsampling factor = 2 ** (len(block_out_channels) - 1).
+# Registered architectures for VAEs trained here (downsampling factor: see downsample_factor).
 VAE_CONFIGS: dict[str, dict[str, Any]] = {
     # Tests only: a few thousand parameters, factor 2.
     "tiny": {
@@ -79,7 +81,7 @@ VAE_CONFIGS: dict[str, dict[str, Any]] = {
 def build_vae(name: str = "kl-f4", sample_size: int = 64) -> AutoencoderKL:
     """A randomly initialised single-channel KL-VAE from the registry."""
     if name not in VAE_CONFIGS:
-        raise ValueError(f"Unknown VAE config {name!r}; choose one of: {', '.join(VAE_CONFIGS)}")
+        raise InputError(f"Unknown VAE config {name!r}; choose one of: {', '.join(VAE_CONFIGS)}")
     cfg = dict(VAE_CONFIGS[name])
     depth = len(cfg["block_out_channels"])
     return AutoencoderKL(
@@ -113,14 +115,19 @@ def load_vae(
             str(name_or_path), subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only
         )
     except OSError as err:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Cannot load a VAE from {name_or_path!r} ({err}). Pass a local folder written by save_pretrained, "
             "or a hub id with internet access (or in the local HF cache)."
         ) from err
 
 
+def downsample_factor(block_out_channels: Sequence[int]) -> int:
+    """Image side / latent side of a KL-VAE with these encoder blocks (every block but the last halves the side)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def vae_downsample_factor(vae: AutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return downsample_factor(vae.config.block_out_channels)
 
 
 def _to_vae_input(images: torch.Tensor, vae: AutoencoderKL) -> torch.Tensor:
@@ -256,16 +263,17 @@ def train_vae(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = build_vae(config, sample_size=size)
+    latent_shape(vae, size)  # the image side must be a multiple of the downsampling factor
     factor = vae_downsample_factor(vae)
     if crop_size is not None and not (factor <= crop_size <= size and crop_size % factor == 0):
-        raise ValueError(
+        raise InputError(
             f"crop_size {crop_size} must be a multiple of the VAE's downsampling factor {factor} and at most the "
             f"image size {size}"
         )
     vae = vae.to(dev)
     train = manifest.split("train")
     if len(train) == 0:
-        raise ValueError(f"{manifest.source}: the train split is empty; cannot train a VAE")
+        raise InputError(f"{manifest.source}: the train split is empty; cannot train a VAE")
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         CXRDataset(train, size, progress=progress),
@@ -275,7 +283,7 @@ def train_vae(
         generator=generator,
     )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.05)
+    scheduler = one_cycle_schedule(optimizer, learning_rate, steps)
     sample_generator = torch.Generator(device=dev).manual_seed(seed)
     step, bar = 0, tqdm(total=steps, desc=f"training VAE {config}", disable=not progress, unit="step")
     vae.train()
@@ -335,6 +343,25 @@ def _finished_vae(out: Path, settings: dict[str, Any]) -> tuple[AutoencoderKL, d
     return load_vae(out), metrics
 
 
+def one_cycle_schedule(
+    optimizer: torch.optim.Optimizer, learning_rate: float, steps: int, warmup_share: float = 0.05
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """torch's one-cycle schedule over ``steps`` with a ``warmup_share`` warm-up, defined for every ``steps >= 1``.
+
+    torch's warm-up phase ends at step ``warmup_share * steps - 1``. Below ``1 / warmup_share`` steps that is
+    negative and torch skips the warm-up (the schedule anneals from the peak); at exactly ``1 / warmup_share``
+    steps (20 for 5%) the phase has zero length and torch divides by zero, so that one step count skips the
+    warm-up too (through a halved share), as every shorter run does. Every other step count is left unchanged.
+    """
+    if steps < 1:
+        raise InputError(f"the VAE needs at least 1 training step, got {steps}")
+    if warmup_share * steps - 1 == 0:
+        warmup_share /= 2
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=steps, pct_start=warmup_share
+    )
+
+
 def random_crops(images: torch.Tensor, crop_size: int, generator: torch.Generator) -> torch.Tensor:
     """One random ``crop_size`` square per image of a ``(B, C, H, W)`` batch (positions drawn from ``generator``)."""
     height, width = images.shape[-2:]
@@ -348,7 +375,7 @@ def random_crops(images: torch.Tensor, crop_size: int, generator: torch.Generato
 def latent_shape(vae: AutoencoderKL, size: int) -> tuple[int, int, int]:
     f = vae_downsample_factor(vae)
     if size % f:
-        raise ValueError(f"image size {size} is not divisible by the VAE's downsampling factor {f}")
+        raise InputError(f"image size {size} is not divisible by the VAE's downsampling factor {f}")
     return (vae.config.latent_channels, size // f, size // f)
 
 

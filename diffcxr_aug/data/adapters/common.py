@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from diffcxr_aug.config import DataSection
 from diffcxr_aug.data.cache import open_cache
 from diffcxr_aug.data.images import ImageReadError, verify_image
 from diffcxr_aug.data.labels import VIEWS
@@ -38,6 +39,9 @@ from diffcxr_aug.data.manifest import (
     write_rejected,
 )
 from diffcxr_aug.data.splits import assign_patient_splits
+from diffcxr_aug.errors import InputError, MissingInputError
+
+_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ _VIEW_ALIASES = {
 }
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(InputError):
     """The dataset folder or one of its tables is not in the layout the adapter expects."""
 
 
@@ -101,7 +105,7 @@ def find_table(root: Path, names: Sequence[str], what: str) -> Path:
             if candidate.is_file():
                 return candidate
     tried = ", ".join(f"{n}[.gz]" for n in names)
-    raise FileNotFoundError(f"{root}: no {what} found (looked for {tried})")
+    raise MissingInputError(f"{root}: no {what} found (looked for {tried})")
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -246,7 +250,7 @@ def assign_splits(frame: pd.DataFrame, seed: int, fractions=(0.7, 0.1, 0.2)) -> 
 def index_dataset(
     candidates: pd.DataFrame,
     out: str | os.PathLike,
-    size: int = 128,
+    size: int = _DATA.size,
     seed: int = 0,
     rejected: list[dict] | None = None,
     progress: bool = True,

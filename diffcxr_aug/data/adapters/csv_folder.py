@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from diffcxr_aug.config import DataSection
 from diffcxr_aug.data.adapters.common import (
     SOURCE_COLUMN,
     DatasetLayoutError,
@@ -27,6 +28,9 @@ from diffcxr_aug.data.adapters.common import (
 )
 from diffcxr_aug.data.manifest import CORE_COLUMNS, META_PREFIX, REJECTED_NAME, RESERVED_COLUMNS, write_rejected
 from diffcxr_aug.data.reports import report_from_text
+from diffcxr_aug.errors import InputError, MissingInputError
+
+_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ def _parse_label_cell(value: str) -> str | None:
 def prepare_csv(
     root: str | os.PathLike,
     out: str | os.PathLike,
-    size: int = 128,
+    size: int = _DATA.size,
     seed: int = 0,
     csv: str | os.PathLike | None = None,
     image_col: str = "image",
@@ -83,30 +87,30 @@ def prepare_csv(
     """
     root = Path(root).resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder")
+        raise MissingInputError(f"{root}: no such folder")
     if csv is None:
-        raise ValueError("prepare csv needs csv (the label table)")
+        raise InputError("prepare csv needs csv (the label table)")
     csv_path = Path(csv)
     if not csv_path.is_file() and (root / csv_path).is_file():
         csv_path = root / csv_path
     if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv}: no such file (looked in the working directory and in {root})")
+        raise MissingInputError(f"{csv}: no such file (looked in the working directory and in {root})")
     labels = (
         [c.strip() for c in label_cols.split(",")] if isinstance(label_cols, str) else [c.strip() for c in label_cols]
     )
     labels = [c for c in labels if c]
     if not labels:
-        raise ValueError("prepare csv needs at least one label column (--label-cols 'A,B')")
+        raise InputError("prepare csv needs at least one label column (--label-cols 'A,B')")
     clashes = [c for c in labels if c in CORE_COLUMNS or c in RESERVED_COLUMNS or c.startswith(META_PREFIX)]
     if clashes:
-        raise ValueError(f"label column name(s) {clashes} clash with the manifest's own columns; rename them")
+        raise InputError(f"label column name(s) {clashes} clash with the manifest's own columns; rename them")
 
     table = read_table(csv_path)
     optional = {"--report-col": report_col, "--patient-col": patient_col, "--view-col": view_col}
     wanted = [image_col, *labels, *(c for c in optional.values() if c)]
     require_columns(table, wanted, str(csv_path), hint="Name the columns with --image-col, --label-cols, ...")
     if len(set(labels)) != len(labels):
-        raise ValueError(f"--label-cols lists a column twice: {labels}")
+        raise InputError(f"--label-cols lists a column twice: {labels}")
     if patient_col is None:
         logger.warning(
             "%s: no --patient-col; every image is treated as its own patient, so a patient with several images "

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from diffcxr_aug.config import DataSection
 from diffcxr_aug.data.adapters.common import (
     SOURCE_COLUMN,
     DatasetLayoutError,
@@ -46,6 +47,9 @@ from diffcxr_aug.data.adapters.common import (
 from diffcxr_aug.data.images import ImageReadError, is_dicom, load_image
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.reports import clean_text, format_report
+from diffcxr_aug.errors import MissingInputError
+
+_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +75,7 @@ def _iter_xml(root: Path) -> Iterator[tuple[str, bytes]]:
         return
     files = sorted(root.rglob("*.xml")) if root.is_dir() else []
     if not files:
-        raise FileNotFoundError(f"{root}: no {REPORTS_ARCHIVE} and no report XML files (ecgen-radiology/*.xml)")
+        raise MissingInputError(f"{root}: no {REPORTS_ARCHIVE} and no report XML files (ecgen-radiology/*.xml)")
     for path in files:
         yield str(path.relative_to(root)), path.read_bytes()
 
@@ -225,7 +229,7 @@ def _read_projections(root: Path) -> dict[tuple[str, str], str]:
 def prepare_iu_xray(
     root: str | os.PathLike,
     out: str | os.PathLike,
-    size: int = 128,
+    size: int = _DATA.size,
     seed: int = 0,
     progress: bool = True,
     workers: int | None = None,
@@ -239,7 +243,7 @@ def prepare_iu_xray(
 
     root = Path(root).resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder (expected the IU X-ray root)")
+        raise MissingInputError(f"{root}: no such folder (expected the IU X-ray root)")
     out = Path(out)
     reports = read_iu_reports(root)
     images = _index_images(root)

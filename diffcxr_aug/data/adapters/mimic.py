@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from diffcxr_aug.config import DataSection
 from diffcxr_aug.data.adapters.common import (
     SOURCE_COLUMN,
     DatasetLayoutError,
@@ -34,6 +35,9 @@ from diffcxr_aug.data.adapters.common import (
 )
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.reports import report_from_text
+from diffcxr_aug.errors import MissingInputError
+
+_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ def _labels(root: Path) -> tuple[pd.DataFrame, str]:
 def prepare_mimic(
     root: str | os.PathLike,
     out: str | os.PathLike,
-    size: int = 128,
+    size: int = _DATA.size,
     seed: int = 0,
     progress: bool = True,
     workers: int | None = None,
@@ -93,7 +97,7 @@ def prepare_mimic(
     """
     root = Path(root).resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder (expected the MIMIC-CXR-JPG root)")
+        raise MissingInputError(f"{root}: no such folder (expected the MIMIC-CXR-JPG root)")
     meta_path = find_table(root, [METADATA], "MIMIC-CXR-JPG metadata table")
     meta = read_table(meta_path)
     require_columns(meta, ("dicom_id", "subject_id", "study_id", "ViewPosition"), str(meta_path))

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from diffcxr_aug.config import DataSection
 from diffcxr_aug.data.adapters.common import (
     SOURCE_COLUMN,
     DatasetLayoutError,
@@ -35,6 +36,9 @@ from diffcxr_aug.data.adapters.common import (
 from diffcxr_aug.data.labels import CHEXPERT_LABELS, NIH_LABELS, NIH_TO_CHEXPERT
 from diffcxr_aug.data.manifest import Manifest, is_label_column
 from diffcxr_aug.data.splits import assign_patient_splits
+from diffcxr_aug.errors import MissingInputError
+
+_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ def _find_data_entry(root: Path) -> Path:
     found = sorted(root.glob("Data_Entry_2017*.csv"))
     if found:
         return found[0]
-    raise FileNotFoundError(f"{root}: no Data_Entry_2017*.csv (looked for {', '.join(DATA_ENTRY_NAMES)})")
+    raise MissingInputError(f"{root}: no Data_Entry_2017*.csv (looked for {', '.join(DATA_ENTRY_NAMES)})")
 
 
 def _index_png(root: Path, progress: bool) -> dict[str, Path]:
@@ -78,7 +82,7 @@ def _read_list(path: Path) -> set[str]:
 def prepare_nih(
     root: str | os.PathLike,
     out: str | os.PathLike,
-    size: int = 128,
+    size: int = _DATA.size,
     seed: int = 0,
     progress: bool = True,
     workers: int | None = None,
@@ -99,7 +103,7 @@ def prepare_nih(
     """
     root = Path(root).resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder (expected the ChestX-ray14 root)")
+        raise MissingInputError(f"{root}: no such folder (expected the ChestX-ray14 root)")
     entry_path = _find_data_entry(root)
     table = read_table(entry_path)
     table.columns = [c.strip() for c in table.columns]

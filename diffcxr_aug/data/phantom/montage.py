@@ -6,54 +6,11 @@ import os
 import textwrap
 from pathlib import Path
 
-import numpy as np
-
 from diffcxr_aug.data.images import load_image
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import Manifest, read_manifest
-from diffcxr_aug.io import atomic_path
-
-
-def _severities(frame, index) -> float:
-    """Highest finding severity of a phantom row (from ``meta_findings``), 0 for other manifests."""
-    text = str(frame.at[index, "meta_findings"]) if "meta_findings" in frame.columns else ""
-    values = [float(item.split(":")[1]) for item in text.split(";") if item.count(":") >= 1]
-    return max(values, default=0.0)
-
-
-def showcase_rows(manifest: Manifest, n: int = 12, seed: int = 0) -> list[int]:
-    """Pick ``n`` clean frontal rows that together show every label positive at least once where possible.
-
-    Greedy: first a normal study without devices, then each pick is a row adding labels not yet shown,
-    preferring rows with few findings (each easy to see) and of at least moderate severity (0.7, where
-    the phantom's ``meta_findings`` says), chosen at random among equals.
-    """
-    frame = manifest.frame
-    clean = frame[(frame.get("noise", "") == "") & (frame["view"] != "LATERAL")]
-    rng = np.random.default_rng(seed)
-    labels = [c for c in CHEXPERT_LABELS if c in frame.columns and c != "No Finding"]
-    positive = {i: {c for c in labels if clean.at[i, c] == 1.0} for i in clean.index}
-    picked: list[int] = []
-    shown: set[str] = set()
-    normal = (
-        [i for i in clean.index if clean.at[i, "No Finding"] == 1.0 and not positive[i]]
-        if "No Finding" in clean
-        else []
-    )
-    if normal:
-        picked.append(int(rng.choice(normal)))
-    while len(picked) < min(n, len(clean)):
-        order = rng.permutation(list(positive))
-
-        def score(i, shown=frozenset(shown)):
-            new = positive[i] - shown
-            # Any severity from 0.7 up counts the same (ties go to the random order): clear, not all florid.
-            return (len(new) > 0, -len(positive[i]) if new else 0, min(_severities(clean, i), 0.7) if new else 0.0)
-
-        best = max((i for i in order if i not in picked), key=score)
-        picked.append(int(best))
-        shown |= positive[best]
-    return picked
+from diffcxr_aug.data.showcase import showcase_rows
+from diffcxr_aug.figures import pyplot, save_figure, show_image, wrap_report
 
 
 def _label_line(row, labels: list[str]) -> str:
@@ -94,11 +51,7 @@ def draw_montage(
     Returns:
         The written path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
     rows = list(rows) if rows is not None else showcase_rows(manifest, n)
@@ -115,25 +68,16 @@ def draw_montage(
         r, c = divmod(k, cols)
         row = frame.loc[i]
         ax = fig.add_subplot(grid[2 * r, c])
-        ax.imshow(load_image(paths[frame.index.get_loc(i)]), cmap="gray", vmin=0.0, vmax=1.0, interpolation="lanczos")
+        show_image(ax, load_image(paths[frame.index.get_loc(i)]), interpolation="lanczos")
         ax.set_anchor("S")  # sit on the report text below, whatever the cell's aspect
-        ax.set_xticks([])
-        ax.set_yticks([])
         noise = str(row.get("noise", "") or "")
         head = f"{row['view']}" + (f"   noise: {noise}" if noise else "")
         label_text = "\n".join(textwrap.wrap(_label_line(row, labels), wrap - 8))
         ax.set_title(head + "\n" + label_text, fontsize=7, color="crimson" if noise else "navy", pad=2, loc="left")
         tx = fig.add_subplot(grid[2 * r + 1, c])
         tx.axis("off")
-        report = " ".join(str(row["report"]).split())
-        wrapped = textwrap.wrap(report, wrap)
-        if len(wrapped) > max_lines:
-            wrapped = wrapped[: max_lines - 1] + [wrapped[max_lines - 1][: wrap - 3] + "..."]
+        wrapped = wrap_report(row["report"], wrap, max_lines)
         tx.text(0.0, 1.0, "\n".join(wrapped), fontsize=6.3, va="top", ha="left", family="DejaVu Sans")
     if title:
         fig.suptitle(title, fontsize=11, y=1.0 - 0.1 / height)
-    out_png = Path(out_png)
-    with atomic_path(out_png, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=dpi, bbox_inches="tight")

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from diffcxr_aug.config import DataSection
 from diffcxr_aug.data.cache import open_cache
 from diffcxr_aug.data.images import save_png
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
@@ -22,6 +23,9 @@ from diffcxr_aug.data.phantom.pathology import cardiothoracic_ratio
 from diffcxr_aug.data.phantom.render import render_frontal, resample
 from diffcxr_aug.data.phantom.reports import write_report
 from diffcxr_aug.data.splits import DEFAULT_FRACTIONS, assign_patient_splits
+from diffcxr_aug.errors import InputError
+
+_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +61,15 @@ def _render_and_save(job: tuple[StudyTruth, int, int, str]) -> None:
 
 def _check_args(n: int, size: int, noise_rate: float, split_fractions) -> None:
     if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+        raise InputError(f"n must be at least 1, got {n}")
     if not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(
+        raise InputError(
             f"size must be between {MIN_SIZE} and {MAX_SIZE} px (64 to 512 is the designed range), got {size}"
         )
     if not 0.0 <= noise_rate <= 1.0:
-        raise ValueError(f"noise_rate must be in [0, 1], got {noise_rate}")
+        raise InputError(f"noise_rate must be in [0, 1], got {noise_rate}")
     if len(split_fractions) != 3 or any(f < 0 for f in split_fractions) or abs(sum(split_fractions) - 1) > 1e-6:
-        raise ValueError(f"split_fractions must be three non-negative numbers summing to 1, got {split_fractions}")
+        raise InputError(f"split_fractions must be three non-negative numbers summing to 1, got {split_fractions}")
 
 
 def phantom_rows(truths: list[StudyTruth], seed: int) -> list[dict]:
@@ -93,8 +97,8 @@ def phantom_rows(truths: list[StudyTruth], seed: int) -> list[dict]:
 
 def prepare_phantom(
     out: Path,
-    n: int = 2000,
-    size: int = 128,
+    n: int = _DATA.n,
+    size: int = _DATA.size,
     seed: int = 0,
     noise_rate: float = 0.05,
     split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
