@@ -362,8 +362,12 @@ def synthesize(
         float | None,
         typer.Option("--balance", help="oversample rare findings until each label's positive share reaches this"),
     ] = None,
-    steps: Annotated[int | None, typer.Option("--steps", min=1)] = None,
-    guidance: Annotated[float | None, typer.Option("--guidance", min=0.0)] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help=_field_help(SynthesizeSection, "steps", "sampler steps"))
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", help=_field_help(SynthesizeSection, "guidance", "CFG scale"))
+    ] = None,
     batch_size: Annotated[
         str | None, typer.Option("--batch-size", help="images a sampler call, or auto (CPU: 16; CUDA: what fits)")
     ] = None,

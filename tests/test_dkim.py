@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from diffcxr_aug.generator.configs import build_unet, get_config
 from diffcxr_aug.generator.disease_adapter import DiseaseKnowledgeAdapter
@@ -44,7 +44,7 @@ def tiny_stage1(mode: str = "squeeze") -> DiffCXRPipeline:
         tokenizer=tokenizer,
         token_squeeze=squeeze,
         unet=unet,
-        scheduler=default_scheduler(),
+        scheduler=default_scheduler(DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")),
         max_text_tokens=cfg.max_text_tokens,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -1,7 +1,8 @@
 """How long each step of a recipe should take on a CPU, for the progress line ``[3/6] train-generator ...``.
 
 Costs per unit of work (an image, a training step, a sampler pass), measured on the 2-core AMD EPYC machine this
-project is developed and tested on (AVX512-BF16), at the precision each step picks there. They give the order of
+project is developed and tested on (AVX512-BF16), at the precision each step picks there, calibrated on the
+quickstart's timed run of 2026-12-02 (README). They give the order of
 magnitude a person plans by, not a promise: another CPU, or a busy one, differs. On a GPU no estimate is printed.
 """
 
@@ -11,17 +12,17 @@ from diffcxr_aug.config import Recipe
 
 # Seconds per pixel of a prepared phantom image (drawing, caching, two worker processes).
 PREPARE_PHANTOM_S_PER_PIXEL = 4.0e-6
-# Seconds per pixel of a KL-VAE training step (batch x crop^2), kl-f4 under bf16 autocast; fp32 is about 2x.
-VAE_STEP_S_PER_PIXEL = {"kl-f4": 2.7e-6, "tiny": 2.0e-7}
+# Seconds per pixel of a KL-VAE training step (batch x crop^2), kl-f4 on 32 px crops under bf16 autocast.
+VAE_STEP_S_PER_PIXEL = {"kl-f4": 4.5e-6, "tiny": 2.0e-7}
 # LNFS after the VAE: encoding, K-means, manifold, discriminator (seconds per image, plus fixed).
-FILTER_S_PER_IMAGE, FILTER_FIXED_S = 0.004, 20.0
+FILTER_S_PER_IMAGE, FILTER_FIXED_S = 0.002, 10.0
 # Seconds per training image of the generator's step (UNet forward + backward + AVA-TLS), fp32.
-GENERATOR_S_PER_IMAGE = {"tiny": 0.002, "phantom-64": 0.0145, "phantom-128": 0.09}
+GENERATOR_S_PER_IMAGE = {"tiny": 0.002, "phantom-64": 0.021, "phantom-128": 0.09}
 GENERATOR_FIXED_S = 40.0  # text encoder load, latent and text caches, grids, saving
 # Seconds per image per sampler step (both halves of classifier-free guidance).
-SAMPLE_S_PER_IMAGE_STEP = {"tiny": 0.0005, "phantom-64": 0.011, "phantom-128": 0.05}
+SAMPLE_S_PER_IMAGE_STEP = {"tiny": 0.0005, "phantom-64": 0.014, "phantom-128": 0.05}
 # Seconds per training image of a timm classifier epoch at 64 px (scaled by the pixel count).
-CLASSIFIER_S_PER_IMAGE_64 = {"test_resnet": 0.0045, "resnet10t": 0.006, "resnet18": 0.02}
+CLASSIFIER_S_PER_IMAGE_64 = {"test_resnet": 0.0033, "resnet10t": 0.006, "resnet18": 0.02}
 
 
 def _generator_images(recipe: Recipe) -> float:

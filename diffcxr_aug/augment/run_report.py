@@ -255,7 +255,7 @@ def _classifier_sentence(stats: pd.DataFrame, gains: pd.DataFrame) -> str:
         parts.append(f"{r.source} images change mAUC by {gain} ({verdict} the seed spread{closed})")
     if not parts:
         return f"No mix-mode run at {frac:g} real to compare."
-    return f"With {frac:g} of the real training images, mixing in " + "; ".join(parts) + "."
+    return f"With {frac:g} of the real training images, mixed-in " + "; ".join(parts) + "."
 
 
 def write_run_report(
