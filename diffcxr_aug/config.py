@@ -23,7 +23,8 @@ from diffcxr_aug.io import atomic_write_text
 PipelineStep = Literal["prepare", "filter", "train-generator", "synthesize", "train-classifier", "evaluate"]
 PIPELINE_STEPS: tuple[str, ...] = get_args(PipelineStep)
 DatasetName = Literal["phantom", "mimic-cxr", "iu-xray", "nih-cxr14", "csv"]
-ClassifierMode = Literal["real", "mix", "pretrain-finetune"]
+ClassifierMode = Literal["real", "mix", "pretrain-finetune", "synthetic-only"]
+ClassifierMetric = Literal["report", "truth"]
 SyntheticChoice = Literal["generated", "ceiling", "none"] | Path
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = (*get_args(Device), "cuda:N")  # the command line also takes a GPU index
@@ -268,6 +269,14 @@ class ClassifierSection(Section):
     hflip: bool = Field(False, description="random horizontal flips (off: laterality matters in a chest film)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     n_bootstrap: int = Field(1000, ge=10, description="bootstrap resamples of the test images for the mAUC CI")
+    min_label_support: int = Field(
+        1, ge=1, description="a label counts in mAUC only with at least this many positives and negatives in test"
+    )
+    metric: ClassifierMetric = Field(
+        "report",
+        description="the mAUC the summary, gains and plot use: 'report' (labels from the test reports) or 'truth' "
+        "(the phantom world's truth: every finding known present or absent; results.csv holds both)",
+    )
 
     @field_validator("real_fracs")
     @classmethod

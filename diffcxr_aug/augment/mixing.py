@@ -5,6 +5,9 @@ Modes:
     * ``real``: the real subset alone (the baseline).
     * ``mix``: one training set, the real subset and the synthetic images concatenated.
     * ``pretrain-finetune``: train on the synthetic images, then fine-tune those weights on the real subset.
+    * ``synthetic-only``: the synthetic images alone, no real training image (a hospital that shares a generator
+      or its images instead of patients' films); validation and test stay real. Its one stage is
+      ``pretrain-finetune``'s first, so the two modes share that model.
 """
 
 from __future__ import annotations
@@ -107,4 +110,6 @@ def training_stages(mode: str, real: Manifest, synthetic: Manifest | None) -> li
         return [Stage("train", [real, synthetic])]
     if mode == "pretrain-finetune":
         return [Stage("pretrain", [synthetic], shared=True), Stage("finetune", [real], evaluate_start=True)]
+    if mode == "synthetic-only":
+        return [Stage("pretrain", [synthetic], shared=True)]
     raise InputError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}")

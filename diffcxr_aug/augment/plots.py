@@ -51,6 +51,17 @@ def plot_sweep(
         mean, std = float(all_real["mean"].iloc[0]), float(all_real["std"].iloc[0])
         ax.axhline(mean, color="black", linestyle="--", linewidth=1.0, label=f"all real ({mean:.3f})")
         ax.axhspan(mean - std, mean + std, color="black", alpha=0.08, linewidth=0)
+    # synthetic-only trains on no real image (real fraction 0, off a log axis): a dotted level per source.
+    for source, rows in stats[stats["mode"] == "synthetic-only"].groupby("source"):
+        mean = float(rows["mean"].iloc[0])
+        ax.axhline(
+            mean,
+            color=SOURCE_COLORS.get(source) or "#ff7f0e",
+            linestyle=":",
+            linewidth=1.2,
+            label=f"{source} only, no real image ({mean:.3f})",
+        )
+    stats = stats[stats["mode"] != "synthetic-only"]
     rank = {m: i for i, m in enumerate(MODE_STYLE)}
     lines = sorted(set(zip(stats["mode"], stats["source"], strict=True)), key=lambda k: (rank.get(k[0], 99), k))
     # Nudge the lines apart on the log axis so their error bars do not hide one another.

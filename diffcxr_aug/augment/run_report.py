@@ -181,17 +181,19 @@ def _classifier_tables(results: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _classifier_section(root: Path, paths: dict[str, Path]) -> tuple[list[str], pd.DataFrame | None]:
-    from diffcxr_aug.augment.sweep import FIGURE_NAME, RESULTS_NAME, read_results
+def _classifier_section(root: Path, paths: dict[str, Path], metric: str) -> tuple[list[str], pd.DataFrame | None]:
+    from diffcxr_aug.augment.sweep import FIGURE_NAME, RESULTS_NAME, read_results, scored_view
 
     lines = ["## Classifiers: real only, real + generated, real + ceiling", ""]
     path = paths["classifiers"] / RESULTS_NAME
     if not path.is_file():
         return lines + ["The train-classifier step did not run.", ""], None
-    results = read_results(path)
+    results = scored_view(read_results(path), metric)
     model = ", ".join(sorted(results["model"].astype(str).unique()))
+    against = "the phantom world's truth" if metric == "truth" else "the labels of its reports"
     lines += [
-        f"{model}, tested on the full real test split. Sources: `generated` are this run's generated images, "
+        f"{model}, tested on the full real test split, scored against {against}. Sources: `generated` are this "
+        "run's generated images, "
         "`ceiling` are perfect-generator images drawn from the phantom world's truth (the most images of this kind "
         "could add). Paired gain: mean ± std over seeds of the difference to real-only on the same real subset; "
         "gap closed: the share of the distance from real-only at that fraction to real-only with all real images.",
@@ -265,7 +267,7 @@ def write_run_report(
     root = Path(recipe.output_dir)
     filter_lines, filt = _filter_section(root, paths)
     evaluation_lines, evaluation = _evaluation_section(root, paths)
-    classifier_lines, results = _classifier_section(root, paths)
+    classifier_lines, results = _classifier_section(root, paths, recipe.classifier.metric)
     lines = [
         f"# diffcxr-aug run: {recipe.name}",
         "",

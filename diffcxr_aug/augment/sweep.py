@@ -37,22 +37,33 @@ import math
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from safetensors.torch import load_file
 from torch.utils.data import ConcatDataset
 from tqdm.auto import tqdm
 
 from diffcxr_aug.augment.mixing import MODES, load_synthetic, training_stages
-from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, per_label_auc, scorable_labels
+from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, mask_thin_labels, per_label_auc, scorable_labels
 from diffcxr_aug.classifiers.models import WEIGHTS_NAME, ClassifierConfig, create_classifier, data_config
 from diffcxr_aug.classifiers.subsample import sample_real_fraction
-from diffcxr_aug.classifiers.train import HISTORY_NAME, build_transforms, predict, seeded, train_classifier
+from diffcxr_aug.classifiers.train import (
+    HISTORY_NAME,
+    TrainResult,
+    build_transforms,
+    predict,
+    seeded,
+    train_classifier,
+)
 from diffcxr_aug.config import ClassifierSection
 from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.manifest import Manifest, read_manifest
+from diffcxr_aug.data.phantom.findings import findings_in, truth_labels
 from diffcxr_aug.errors import InputError
 from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
 from diffcxr_aug.runtime import resolve_device
@@ -76,13 +87,19 @@ EXTRA_COLUMNS = [
     "seconds",
     "source",
 ]
+# Scored against the world's truth (phantom data only): the same as mauc, its CI and labels scored.
+TRUTH_COLUMNS = ["mauc_truth", "mauc_truth_ci_low", "mauc_truth_ci_high", "n_labels_truth"]
 RUN_KEY = ["real_frac", "mode", "source", "model", "seed"]
 NO_SOURCE = "none"  # the source of real-only runs
 DEFAULT_SOURCE = "synthetic"  # the name of a synthetic folder given without one
 
 
-def result_columns(label_names: list[str]) -> list[str]:
-    return BASE_COLUMNS + [f"auc_{name}" for name in label_names] + EXTRA_COLUMNS
+def result_columns(label_names: list[str], truth: bool = False) -> list[str]:
+    """The table's columns; with ``truth``, the scores against the phantom world's truth follow."""
+    columns = BASE_COLUMNS + [f"auc_{name}" for name in label_names] + EXTRA_COLUMNS
+    if truth:
+        columns += TRUTH_COLUMNS + [f"auc_truth_{name}" for name in label_names]
+    return columns
 
 
 def _tagged(name: str, source: str) -> str:
@@ -152,7 +169,8 @@ def _check_split(manifest: Manifest, split: str, label_names: list[str]) -> Mani
 
 # Settings that may change between calls into one output folder: they choose which runs exist, not how a
 # run is made (so a sweep can be extended with more fractions, modes or seeds, or resumed elsewhere).
-_PLAN_KEYS = {"real_fracs", "modes", "seeds", "num_workers", "synthetic"}
+# ``metric`` only chooses the score the summary shows: results.csv holds both.
+_PLAN_KEYS = {"real_fracs", "modes", "seeds", "num_workers", "synthetic", "metric"}
 
 
 def _check_same_settings(path: Path, settings: dict) -> dict:
@@ -171,6 +189,9 @@ def _check_same_settings(path: Path, settings: dict) -> dict:
     both_synthetic = bool(old_sources and new_sources)
     ignored = _PLAN_KEYS if both_synthetic else _PLAN_KEYS | {"n_synthetic", "pretrain_epochs"}
     old, new = before.get("classifier", {}), settings["classifier"]
+    # A key newer than the folder's sweep.json, at its default, is how that sweep ran too.
+    defaults = ClassifierSection().model_dump(mode="json")
+    old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     changed = [f"classifier.{k}" for k in sorted(set(old) | set(new)) if k not in ignored and old.get(k) != new.get(k)]
     for key in ("data", "data_config"):
         if before.get(key) != settings[key]:
@@ -192,6 +213,190 @@ def _check_same_settings(path: Path, settings: dict) -> dict:
     return settings
 
 
+SYNTHETIC_ONLY = "synthetic-only"
+# synthetic-only runs train on no real image: one run per source and seed, recorded at real fraction 0.
+SYNTHETIC_ONLY_FRAC = 0.0
+
+
+@dataclass
+class _SweepData:
+    """What every run of one sweep shares: the real splits, the image pipeline and the test truth."""
+
+    train: Manifest
+    label_names: list[str]
+    data_config: dict[str, Any]
+    classifier_config: ClassifierConfig
+    train_tf: Any
+    val_set: CXRDataset
+    test_set: CXRDataset
+    test_paths: np.ndarray
+    # The phantom world's truth for the test split (every label 1 or 0), or None for data without it.
+    test_truth: np.ndarray | None
+    columns: list[str]
+
+
+def split_truth(manifest: Manifest, label_names: list[str]) -> np.ndarray | None:
+    """``(images, labels)`` truth of a phantom split from its ``meta_findings`` column; None without that column.
+
+    Labels the world does not know (any outside the 14 CheXpert labels) are NaN (not scored).
+    """
+    if "meta_findings" not in manifest.frame.columns:
+        return None
+    rows = []
+    for number, text in zip(manifest.frame.index, manifest.frame["meta_findings"].fillna(""), strict=True):
+        try:
+            labels = truth_labels(findings_in(text))
+        except ValueError as error:
+            raise InputError(f"{manifest.source} row {number + 2}, meta_findings: {error}") from None
+        rows.append([labels.get(name, np.nan) for name in label_names])
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(label_names))
+
+
+def _load_sweep_data(data: str | os.PathLike, section: ClassifierSection, progress: bool) -> _SweepData:
+    real = read_manifest(data)
+    label_names = real.label_names
+    if not label_names:
+        raise InputError(f"{real.source}: no label columns; a classifier needs at least one")
+    train_split = _check_split(real, "train", label_names)
+    val_split = _check_split(real, "val", label_names)
+    test_split = _check_split(real, "test", label_names)
+    truth = split_truth(test_split, label_names)
+    if section.metric == "truth" and truth is None:
+        raise InputError(
+            f"{real.source}: classifier.metric 'truth' scores against the phantom world's truth, but the manifest "
+            "has no meta_findings column (not a phantom dataset); use metric 'report'"
+        )
+    # The model's data config fixes the image size and normalisation for every run.
+    probe = create_classifier(section.model, len(label_names), pretrained=False)
+    config = data_config(probe, section.image_size)
+    del probe
+    size = int(config["input_size"][-1])
+    classifier_config = ClassifierConfig(
+        model=section.model,
+        label_names=label_names,
+        image_size=size,
+        mean=float(config["mean"][0]),
+        std=float(config["std"][0]),
+    )
+    eval_tf = build_transforms(config["mean"], config["std"], train=False)
+    return _SweepData(
+        train=train_split,
+        label_names=label_names,
+        data_config=json.loads(json.dumps(config)),
+        classifier_config=classifier_config,
+        train_tf=build_transforms(
+            config["mean"], config["std"], train=True, augment=section.augment, hflip=section.hflip
+        ),
+        val_set=CXRDataset(val_split, size, label_names, transform=eval_tf, progress=progress),
+        test_set=CXRDataset(test_split, size, label_names, transform=eval_tf, progress=progress),
+        test_paths=test_split.frame["image_path"].to_numpy(),
+        test_truth=truth,
+        columns=result_columns(label_names, truth=truth is not None),
+    )
+
+
+def _plan_runs(section: ClassifierSection, sources: Mapping[str, Path]) -> list[tuple[float, str, str, int]]:
+    """Every ``(real_frac, mode, source, seed)`` of the sweep, seed by seed (so each seed's table fills first)."""
+    plan = []
+    for seed in section.seeds:
+        for frac in section.real_fracs:
+            for mode in section.modes:
+                if mode == SYNTHETIC_ONLY:
+                    continue
+                plan += [(frac, mode, src, seed) for src in ([NO_SOURCE] if mode == "real" else list(sources))]
+        if SYNTHETIC_ONLY in section.modes:
+            plan += [(SYNTHETIC_ONLY_FRAC, SYNTHETIC_ONLY, src, seed) for src in sources]
+    return plan
+
+
+def _score(
+    y_true: np.ndarray, y_score: np.ndarray, names: list[str], section: ClassifierSection, seed: int, kind: str = ""
+) -> dict[str, Any]:
+    """mAUC, its bootstrap CI, labels scored and per-label AUCs over the labels with ``min_label_support`` of each
+    class; ``kind`` ``truth`` names the columns of the scores against the world's truth (``mauc_truth``, ...)."""
+    y_true = mask_thin_labels(y_true, section.min_label_support)
+    aucs = per_label_auc(y_true, y_score, names)
+    low = high = math.nan
+    if aucs.scored:
+        low, high = bootstrap_mauc_ci(
+            y_true, y_score, n_bootstrap=section.n_bootstrap, rng=np.random.default_rng(seed)
+        )
+    mauc, auc = ("mauc_truth", "auc_truth_") if kind == "truth" else ("mauc", "auc_")
+    return {
+        mauc: aucs.mauc,
+        **{f"{auc}{n}": aucs.per_label[n] for n in names},
+        f"{mauc}_ci_low": low,
+        f"{mauc}_ci_high": high,
+        "n_labels_truth" if kind == "truth" else "n_labels_scored": len(aucs.scored),
+    }
+
+
+def _train_run(
+    d: _SweepData,
+    section: ClassifierSection,
+    name: str,
+    mode: str,
+    source: str,
+    seed: int,
+    subset: Manifest,
+    synth: Manifest | None,
+    out: Path,
+    device: torch.device,
+    progress: bool,
+) -> tuple[torch.nn.Module, Any]:
+    """Train one run's stages in turn (a shared synthetic-only stage is reused from disk); the model and the
+    last stage's result."""
+    run_dir = out / "runs" / name
+    with seeded(seed, device):
+        model = create_classifier(
+            section.model, len(d.label_names), pretrained=section.pretrained, pretrained_file=section.pretrained_file
+        )
+    result = None
+    for stage in training_stages(mode, subset, synth):
+        if stage.shared:
+            # A stage that sees no real training image gives one model per seed and source, which serves every
+            # real fraction (pretrain-finetune's pretraining, and synthetic-only).
+            stage_dir = out / "runs" / f"{_tagged(stage.name, source)}_seed{seed}"
+            if (stage_dir / HISTORY_NAME).is_file():
+                logger.info("Run %s: reusing the finished %s stage in %s", name, stage.name, stage_dir)
+                model.load_state_dict(load_file(str(stage_dir / WEIGHTS_NAME)))
+                result = TrainResult.from_history(stage_dir / HISTORY_NAME)
+                continue
+        else:
+            stage_dir = run_dir / stage.name
+        train_set = ConcatDataset(
+            [
+                CXRDataset(m, d.classifier_config.image_size, d.label_names, transform=d.train_tf, progress=progress)
+                for m in stage.manifests
+            ]
+        )
+        epochs = section.pretrain_epochs if stage.name == "pretrain" and section.pretrain_epochs else section.epochs
+        # Each stage starts from the seed, so its random draws do not depend on whether an earlier stage ran in
+        # this process or was reused from disk.
+        with seeded(seed, device):
+            result = train_classifier(
+                model,
+                train_set,
+                d.val_set,
+                stage_dir,
+                d.classifier_config,
+                epochs=epochs,
+                batch_size=section.batch_size,
+                learning_rate=section.learning_rate,
+                weight_decay=section.weight_decay,
+                patience=section.patience,
+                uncertainty=section.uncertainty,
+                samples_per_epoch=section.samples_per_epoch,
+                device=device,
+                seed=seed,
+                num_workers=section.num_workers,
+                evaluate_start=stage.evaluate_start,
+                progress=progress,
+                desc=f"{name} {stage.name}",
+            )
+    return model, result
+
+
 def run_sweep(
     data: str | os.PathLike,
     out: str | os.PathLike,
@@ -207,22 +412,15 @@ def run_sweep(
         out: output folder (``results.csv``, ``summary.md``, the figure, checkpoints).
         section: the recipe's classifier section (model, fractions, modes, seeds, training settings).
         synthetic: folder with a synthetic manifest, or a mapping of source names to such folders (each
-            synthetic mode runs once per source), needed by the ``mix`` and ``pretrain-finetune`` modes.
+            synthetic mode runs once per source), needed by the ``mix``, ``pretrain-finetune`` and
+            ``synthetic-only`` modes.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         progress: show progress bars.
 
     Returns:
         The path of ``results.csv``.
     """
-    # 1. Check inputs before any training.
     torch_device = resolve_device(device)
-    real = read_manifest(data)
-    label_names = real.label_names
-    if not label_names:
-        raise InputError(f"{real.source}: no label columns; a classifier needs at least one")
-    train_split = _check_split(real, "train", label_names)
-    val_split = _check_split(real, "val", label_names)
-    test_split = _check_split(real, "test", label_names)
     sources = synthetic_sources(synthetic)
     needs_synthetic = [m for m in section.modes if m != "real"]
     if needs_synthetic and not sources:
@@ -230,51 +428,25 @@ def run_sweep(
     for mode in section.modes:
         if mode not in MODES:
             raise InputError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    d = _load_sweep_data(data, section, progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_NAME
-    columns = result_columns(label_names)
-
-    # 2. The model's data config fixes the image size and normalisation for every run.
-    probe = create_classifier(section.model, len(label_names), pretrained=False)
-    config = data_config(probe, section.image_size)
-    del probe
-    size = int(config["input_size"][-1])
-    classifier_config = ClassifierConfig(
-        model=section.model,
-        label_names=label_names,
-        image_size=size,
-        mean=float(config["mean"][0]),
-        std=float(config["std"][0]),
-    )
     settings = {
         "data": str(Path(data).resolve()),
         "synthetic": {name: str(folder.resolve()) for name, folder in sources.items()},
         "device": str(torch_device),
-        "data_config": json.loads(json.dumps(config)),
+        "data_config": d.data_config,
         "classifier": section.model_dump(mode="json"),
     }
     settings = _check_same_settings(out / "sweep.json", settings)
     atomic_write_json(out / "sweep.json", settings)
-    train_tf = build_transforms(
-        config["mean"], config["std"], train=True, augment=section.augment, hflip=section.hflip
-    )
-    eval_tf = build_transforms(config["mean"], config["std"], train=False)
-    val_set = CXRDataset(val_split, size, label_names, transform=eval_tf, progress=progress)
-    test_set = CXRDataset(test_split, size, label_names, transform=eval_tf, progress=progress)
+    title = f"{section.model} on {Path(d.train.source).parent.name}"
 
-    # 3. Every run not yet in results.csv.
-    plan = [
-        (f, m, src, s)
-        for s in section.seeds
-        for f in section.real_fracs
-        for m in section.modes
-        for src in ([NO_SOURCE] if m == "real" else list(sources))
-    ]
-    done = read_results(results_path)
+    plan = _plan_runs(section, sources)
     finished = {
         (round(float(r.real_frac), 9), str(r.mode), str(r.source), str(r.model), int(r.seed))
-        for r in done.itertuples(index=False)
+        for r in read_results(results_path).itertuples(index=False)
     }
     todo = [(f, m, src, s) for f, m, src, s in plan if (round(f, 9), m, src, section.model, s) not in finished]
     logger.info(
@@ -286,74 +458,27 @@ def run_sweep(
         if mode != "real":
             if (source, seed) not in synthetic_sets:
                 synthetic_sets[source, seed] = load_synthetic(
-                    sources[source], label_names, section.n_synthetic, seed=seed
+                    sources[source], d.label_names, section.n_synthetic, seed=seed
                 )
             synth = synthetic_sets[source, seed]
-        subset = sample_real_fraction(train_split, real_frac, seed, label_names)
+        if mode == SYNTHETIC_ONLY:
+            subset = d.train.subset(d.train.frame.index[:0])
+        else:
+            subset = sample_real_fraction(d.train, real_frac, seed, d.label_names)
         name = run_name(real_frac, mode, seed, source)
         logger.info("Run %s: %d real + %d synthetic images", name, len(subset), 0 if synth is None else len(synth))
         run_dir = out / "runs" / name
         # The real images this run trained on, for audits and paired analyses across modes.
-        atomic_write_text(run_dir / "real_subset.txt", "\n".join(subset.frame["image_path"]) + "\n")
+        atomic_write_text(run_dir / "real_subset.txt", "".join(f"{p}\n" for p in subset.frame["image_path"]))
         start = time.perf_counter()
-        with seeded(seed, torch_device):
-            model = create_classifier(
-                section.model,
-                len(label_names),
-                pretrained=section.pretrained,
-                pretrained_file=section.pretrained_file,
-            )
-        for stage in training_stages(mode, subset, synth):
-            if stage.shared:
-                # Pretraining sees no real training image, so one pretrained model per seed serves every
-                # real fraction.
-                stage_dir = out / "runs" / f"{_tagged(stage.name, source)}_seed{seed}"
-                if (stage_dir / HISTORY_NAME).is_file():
-                    logger.info("Run %s: reusing the finished %s stage in %s", name, stage.name, stage_dir)
-                    model.load_state_dict(load_file(str(stage_dir / WEIGHTS_NAME)))
-                    continue
-            else:
-                stage_dir = run_dir / stage.name
-            train_set = ConcatDataset(
-                [CXRDataset(m, size, label_names, transform=train_tf, progress=progress) for m in stage.manifests]
-            )
-            epochs = (
-                section.pretrain_epochs if stage.name == "pretrain" and section.pretrain_epochs else section.epochs
-            )
-            # Each stage starts from the seed, so its random draws do not depend on whether an earlier
-            # stage ran in this process or was reused from disk.
-            with seeded(seed, torch_device):
-                result = train_classifier(
-                    model,
-                    train_set,
-                    val_set,
-                    stage_dir,
-                    classifier_config,
-                    epochs=epochs,
-                    batch_size=section.batch_size,
-                    learning_rate=section.learning_rate,
-                    weight_decay=section.weight_decay,
-                    patience=section.patience,
-                    uncertainty=section.uncertainty,
-                    samples_per_epoch=section.samples_per_epoch,
-                    device=torch_device,
-                    seed=seed,
-                    num_workers=section.num_workers,
-                    evaluate_start=stage.evaluate_start,
-                    progress=progress,
-                    desc=f"{name} {stage.name}",
-                )
+        model, result = _train_run(d, section, name, mode, source, seed, subset, synth, out, torch_device, progress)
         y_true, y_score = predict(
-            model, test_set, torch_device, max(section.batch_size, 64), section.num_workers, progress, f"{name} test"
+            model, d.test_set, torch_device, max(section.batch_size, 64), section.num_workers, progress, f"{name} test"
         )
-        scores = pd.DataFrame(y_score, columns=label_names)
-        scores.insert(0, "image_path", test_split.frame["image_path"].to_numpy())
+        scores = pd.DataFrame(y_score, columns=d.label_names)
+        scores.insert(0, "image_path", d.test_paths)
         with atomic_path(run_dir / "test_scores.csv") as tmp:
             scores.to_csv(tmp, index=False, float_format="%.6g")
-        aucs = per_label_auc(y_true, y_score, label_names)
-        low, high = bootstrap_mauc_ci(
-            y_true, y_score, n_bootstrap=section.n_bootstrap, rng=np.random.default_rng(seed)
-        )
         row = {
             "real_frac": real_frac,
             "n_real": len(subset),
@@ -361,12 +486,8 @@ def run_sweep(
             "mode": mode,
             "model": section.model,
             "seed": seed,
-            "mauc": aucs.mauc,
-            **{f"auc_{n}": aucs.per_label[n] for n in label_names},
-            "mauc_ci_low": low,
-            "mauc_ci_high": high,
-            "n_labels_scored": len(aucs.scored),
-            "n_test": len(test_set),
+            **_score(y_true, y_score, d.label_names, section, seed),
+            "n_test": len(d.test_set),
             "val_mauc": result.best_val_mauc,
             "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run,
@@ -374,23 +495,58 @@ def run_sweep(
             "seconds": round(time.perf_counter() - start, 1),
             "source": source,
         }
-        frame = append_result(results_path, row, columns)
-        logger.info("Run %s: test mAUC %.4f (95%% CI %.4f-%.4f)", name, aucs.mauc, low, high)
-        write_summary(frame, out / SUMMARY_NAME, title=f"{section.model} on {Path(real.source).parent.name}")
-        _plot(frame, out / FIGURE_NAME)
+        if d.test_truth is not None:
+            row.update(_score(d.test_truth, y_score, d.label_names, section, seed, "truth"))
+        frame = append_result(results_path, row, d.columns)
+        logger.info(
+            "Run %s: test mAUC %.4f (95%% CI %.4f-%.4f)", name, row["mauc"], row["mauc_ci_low"], row["mauc_ci_high"]
+        )
+        _write_outputs(frame, out, title, section.metric)
 
-    # 4. Summary and figure of everything in results.csv (also when nothing was left to run).
     frame = read_results(results_path)
-    if len(frame):
-        write_summary(frame, out / SUMMARY_NAME, title=f"{section.model} on {Path(real.source).parent.name}")
-        _plot(frame, out / FIGURE_NAME)
+    if len(frame):  # also when nothing was left to run
+        _write_outputs(frame, out, title, section.metric)
     return results_path
 
 
-def _plot(frame: pd.DataFrame, path: Path) -> None:
+def scored_view(results: pd.DataFrame, metric: str = "report") -> pd.DataFrame:
+    """``results`` as the summary, the gains and the plot read them: with ``metric`` ``truth``, ``mauc``, its CI,
+    labels scored and the per-label AUCs are those against the world's truth (the report-derived mAUC stays as
+    ``mauc_report``); with ``report``, the table as it is."""
+    if metric != "truth":
+        return results
+    if "mauc_truth" not in results.columns:
+        raise InputError("metric 'truth': these results hold no scores against the truth (not phantom data)")
+    view = results.drop(
+        columns=[c for c in results.columns if c.startswith("auc_") and not c.startswith("auc_truth_")]
+    )
+    view = view.rename(
+        columns={
+            "mauc": "mauc_report",
+            "mauc_ci_low": "mauc_report_ci_low",
+            "mauc_ci_high": "mauc_report_ci_high",
+            "n_labels_scored": "n_labels_report",
+        }
+    )
+    renames = {c: "auc_" + c[len("auc_truth_") :] for c in view.columns if c.startswith("auc_truth_")}
+    renames.update(
+        {
+            "mauc_truth": "mauc",
+            "mauc_truth_ci_low": "mauc_ci_low",
+            "mauc_truth_ci_high": "mauc_ci_high",
+            "n_labels_truth": "n_labels_scored",
+        }
+    )
+    return view.rename(columns=renames)
+
+
+def _write_outputs(results: pd.DataFrame, out: Path, title: str, metric: str) -> None:
     from diffcxr_aug.augment.plots import plot_sweep
 
-    plot_sweep(frame, path)
+    view = scored_view(results, metric)
+    scored = "scored against the world's truth" if metric == "truth" else ""
+    write_summary(view, out / SUMMARY_NAME, title=title, scored=scored)
+    plot_sweep(view, out / FIGURE_NAME)
 
 
 def _with_source(results: pd.DataFrame) -> pd.DataFrame:
@@ -481,15 +637,21 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def summary_markdown(results: pd.DataFrame, title: str = "") -> str:
-    """The sweep's ``summary.md``: the mAUC table, paired gains over real-only and per-label AUCs."""
+def summary_markdown(results: pd.DataFrame, title: str = "", scored: str = "") -> str:
+    """The sweep's ``summary.md``: the mAUC table, paired gains over real-only and per-label AUCs.
+
+    ``scored`` says what the labels were scored against when it is not the test reports (see :func:`scored_view`).
+    """
     stats = summarize(results)
     lines = [f"# Classifier sweep{': ' + title if title else ''}", ""]
     n_test = int(results["n_test"].iloc[0]) if "n_test" in results and len(results) else 0
     lines += [
-        f"{len(results)} runs. Test: the full real test split ({n_test} images). mAUC is the mean ROC AUC over the "
-        "labels with both classes in the test split; ± is the standard deviation over seeds; the CI is the "
-        "95% bootstrap interval over test images, averaged over seeds.",
+        f"{len(results)} runs. Test: the full real test split ({n_test} images), "
+        f"{scored or 'scored against the labels of the test reports'}. mAUC is the mean ROC AUC over the scored "
+        "labels (both classes present, at "
+        "least classifier.min_label_support of each; see the per-label table); ± is the standard deviation over "
+        "seeds; the CI is the 95% bootstrap interval over test images, averaged over seeds. synthetic-only runs "
+        "(real fraction 0) train on no real image.",
         "",
         "| real fraction | mode | source | n real | n synthetic | seeds | mAUC (mean ± std) | bootstrap 95% CI |",
         "|---:|---|---|---:|---:|---:|---|---|",
@@ -530,7 +692,7 @@ def summary_markdown(results: pd.DataFrame, title: str = "") -> str:
         header = [f"{f:g} {m}" if src == NO_SOURCE else f"{f:g} {m} {src}" for f, m, src in order]
         lines += [
             "",
-            "## Per-label test AUC (mean over seeds; n/a: one class only in the test split)",
+            "## Per-label test AUC (mean over seeds; n/a: not scored, too few of one class in the test split)",
             "",
             "| label | " + " | ".join(header) + " |",
             "|---|" + "---:|" * len(header),
@@ -541,9 +703,9 @@ def summary_markdown(results: pd.DataFrame, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(results: pd.DataFrame, path: str | os.PathLike, title: str = "") -> Path:
+def write_summary(results: pd.DataFrame, path: str | os.PathLike, title: str = "", scored: str = "") -> Path:
     path = Path(path)
-    atomic_write_text(path, summary_markdown(results, title))
+    atomic_write_text(path, summary_markdown(results, title, scored))
     return path
 
 

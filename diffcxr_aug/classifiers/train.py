@@ -128,6 +128,21 @@ class TrainResult:
     steps: int
     history: list[dict] = field(default_factory=list)
 
+    @classmethod
+    def from_history(cls, path: str | Path) -> TrainResult:
+        """The result of a finished run from its ``history.json`` (the best epoch is the first best one, as in
+        training; ``steps`` is -1 for a history written before it recorded them)."""
+        history = json.loads(Path(path).read_text(encoding="utf-8"))
+        scores = [-math.inf if h["val_mauc"] is None else h["val_mauc"] for h in history]
+        best = max(range(len(history)), key=lambda i: (scores[i], -i))
+        return cls(
+            best_val_mauc=scores[best],
+            best_epoch=int(history[best]["epoch"]),
+            epochs_run=int(history[-1]["epoch"]),
+            steps=int(history[-1].get("step", -1)),
+            history=history,
+        )
+
 
 def train_classifier(
     model: torch.nn.Module,
@@ -200,7 +215,7 @@ def train_classifier(
     if evaluate_start:
         best, best_epoch = validate("start"), 0
         save_classifier(model, config, checkpoint_dir)
-        history.append({"epoch": 0, "train_loss": None, "val_mauc": best, "lr": None})
+        history.append({"epoch": 0, "train_loss": None, "val_mauc": best, "lr": None, "step": 0})
         logger.info("%s: starting weights, val mAUC %.4f", desc, best)
     epoch = 0
     for epoch in range(1, epochs + 1):
@@ -230,6 +245,7 @@ def train_classifier(
                 "train_loss": running / max(batches, 1),
                 "val_mauc": val_mauc,
                 "lr": scheduler.get_last_lr()[0],
+                "step": step,
             }
         )
         logger.info("%s epoch %d: train loss %.4f, val mAUC %.4f", desc, epoch, running / max(batches, 1), val_mauc)

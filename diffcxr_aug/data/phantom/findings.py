@@ -65,6 +65,36 @@ FINDING_TO_LABEL: dict[str, str] = {
     "support_devices": "Support Devices",
 }
 
+# The findings that make the CheXpert label "Lung Opacity" true.
+LUNG_OPACITY_FINDINGS = frozenset({"opacity", "consolidation", "pneumonia"})
+
+
+def findings_in(description: str) -> set[str]:
+    """The finding names in a ``meta_findings`` text (:meth:`StudyTruth.describe`); empty for a normal study.
+
+    Raises:
+        ValueError: a name that is not one of :data:`FINDINGS`.
+    """
+    names = {part.split(":", 1)[0] for part in str(description).split(";") if part.strip()}
+    unknown = sorted(names - set(FINDINGS))
+    if unknown:
+        raise ValueError(f"unknown finding(s) {unknown} in {description!r}; known: {', '.join(FINDINGS)}")
+    return names
+
+
+def truth_labels(present: set[str]) -> dict[str, int]:
+    """Every CheXpert label's truth (1 present, 0 absent) for a study with the findings ``present``.
+
+    Unlike a report's labels, nothing is unknown or uncertain: the world knows each finding. "Lung Opacity" is
+    true with any of :data:`LUNG_OPACITY_FINDINGS`, "No Finding" when no pathology is present (devices allowed),
+    as the report writer decides them.
+    """
+    labels = {FINDING_TO_LABEL[name]: int(name in present) for name in FINDINGS}
+    labels["Lung Opacity"] = int(bool(LUNG_OPACITY_FINDINGS & present))
+    labels["No Finding"] = int(not (present - {"support_devices"}))
+    return labels
+
+
 # CheXpert frontal training images: share labelled positive (shared/label_stats/prevalence.csv).
 CHEXPERT_POSITIVE: dict[str, float] = {
     "No Finding": 0.0889,
@@ -229,7 +259,7 @@ class StudyTruth:
     @property
     def lung_opacity(self) -> bool:
         """The CheXpert 'Lung Opacity' truth: any parenchymal opacity the report calls an opacity."""
-        return any(self.has(n) for n in ("opacity", "consolidation", "pneumonia"))
+        return bool(LUNG_OPACITY_FINDINGS & set(self.findings))
 
     @property
     def no_finding(self) -> bool:

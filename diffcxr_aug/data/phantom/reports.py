@@ -27,7 +27,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
-from diffcxr_aug.data.phantom.findings import HEALING_BELOW, THORAX_CM, Finding, StudyTruth, lesion_radius
+from diffcxr_aug.data.phantom.findings import (
+    HEALING_BELOW,
+    LUNG_OPACITY_FINDINGS,
+    THORAX_CM,
+    Finding,
+    StudyTruth,
+    lesion_radius,
+)
 
 # Label name -> the finding whose presence makes it true (Lung Opacity is derived, No Finding too).
 LABEL_FINDING: dict[str, str] = {
@@ -148,7 +155,7 @@ def plan_labels(truth: StudyTruth, style: str, rng: np.random.Generator) -> dict
         if label == "Lung Opacity":
             present = truth.lung_opacity
             sev = max(
-                (truth.findings[n].severity for n in ("opacity", "consolidation", "pneumonia") if n in truth.findings),
+                (truth.findings[n].severity for n in LUNG_OPACITY_FINDINGS if n in truth.findings),
                 default=0.0,
             )
         else:

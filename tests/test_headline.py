@@ -1,0 +1,185 @@
+"""The headline experiment's parts: scoring against the phantom world's truth, labels with too few of a class left
+out, the synthetic-only mode, and recipes/augment-phantom128.yaml run through the CLI at smoke size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from diffcxr_aug.augment.mixing import training_stages
+from diffcxr_aug.augment.sweep import _check_same_settings, scored_view, split_truth
+from diffcxr_aug.classifiers.metrics import mask_thin_labels
+from diffcxr_aug.classifiers.train import TrainResult
+from diffcxr_aug.cli import app
+from diffcxr_aug.config import ClassifierSection, load_recipe
+from diffcxr_aug.data.manifest import read_manifest
+from diffcxr_aug.data.phantom import prepare_phantom
+from diffcxr_aug.data.phantom.findings import findings_in, truth_labels
+from diffcxr_aug.errors import InputError
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def phantom_data(tmp_path_factory):
+    return prepare_phantom(tmp_path_factory.mktemp("phantom"), n=60, size=64, seed=0, progress=False, workers=1)
+
+
+def test_truth_labels_follow_the_worlds_definitions():
+    assert findings_in("") == set()
+    assert findings_in("pneumonia:0.50:left:lower;support_devices:0.30:ett") == {"pneumonia", "support_devices"}
+    labels = truth_labels({"pneumonia", "support_devices"})
+    assert len(labels) == 14 and set(labels.values()) == {0, 1}
+    assert labels["Pneumonia"] == labels["Lung Opacity"] == labels["Support Devices"] == 1
+    assert labels["No Finding"] == labels["Consolidation"] == 0
+    normal = truth_labels({"support_devices"})
+    assert normal["No Finding"] == 1 and normal["Lung Opacity"] == 0
+    with pytest.raises(ValueError, match="unknown finding"):
+        findings_in("dragon:0.5")
+
+
+def test_truth_matches_every_label_the_report_states(phantom_data):
+    """Where a phantom report states a label (1 or 0), the truth agrees, and the truth knows every cell."""
+    manifest = read_manifest(phantom_data)
+    truth = split_truth(manifest, manifest.label_names)
+    stated = manifest.labels(manifest.label_names)
+    assert truth.shape == stated.shape and not np.isnan(truth).any()
+    known = (stated == 0) | (stated == 1)
+    assert known.sum() > 0 and (truth[known] == stated[known]).all()
+    # The reports leave many cells unknown that the truth fills in.
+    assert known.mean() < 0.9
+
+
+def test_truth_from_a_bad_row_names_the_file_and_row(phantom_data, tmp_path):
+    manifest = read_manifest(phantom_data)
+    bad = manifest.subset(manifest.frame.index)
+    bad.frame.loc[bad.frame.index[3], "meta_findings"] = "dragon:0.5"
+    with pytest.raises(InputError, match=r"row 5, meta_findings: unknown finding"):
+        split_truth(bad, manifest.label_names)
+
+
+def test_labels_with_too_few_of_a_class_are_not_scored():
+    y = np.array([[1, 1, 0], [0, 1, 0], [0, 0, np.nan], [1, 0, 1]], dtype=float)
+    masked = mask_thin_labels(y, 2)
+    assert not np.isnan(masked[:, :2]).any() and np.isnan(masked[:, 2]).all()
+    assert np.array_equal(mask_thin_labels(y, 1), y, equal_nan=True)
+
+
+def test_synthetic_only_trains_one_shared_stage_pretrain_finetune_also_starts_with(phantom_data):
+    manifest = read_manifest(phantom_data)
+    synthetic = manifest.split("train")
+    empty = synthetic.subset(synthetic.frame.index[:0])
+    (only,) = training_stages("synthetic-only", empty, synthetic)
+    first, _ = training_stages("pretrain-finetune", synthetic, synthetic)
+    assert only.shared and (only.name, len(only.manifests)) == (first.name, len(first.manifests))
+    with pytest.raises(InputError, match="needs synthetic images"):
+        training_stages("synthetic-only", empty, None)
+
+
+def test_a_result_is_read_back_from_its_history(tmp_path):
+    history = [
+        {"epoch": 0, "train_loss": None, "val_mauc": 0.5, "lr": None, "step": 0},
+        {"epoch": 1, "train_loss": 0.7, "val_mauc": 0.62, "lr": 1e-3, "step": 32},
+        {"epoch": 2, "train_loss": 0.6, "val_mauc": 0.62, "lr": 1e-4, "step": 64},
+    ]
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    result = TrainResult.from_history(tmp_path / "history.json")
+    assert (result.best_val_mauc, result.best_epoch, result.epochs_run, result.steps) == (0.62, 1, 2, 64)
+
+
+def test_the_truth_view_replaces_the_scores_and_keeps_the_reports():
+    results = pd.DataFrame(
+        {
+            "mauc": [0.6],
+            "auc_A": [0.6],
+            "mauc_ci_low": [0.5],
+            "mauc_ci_high": [0.7],
+            "n_labels_scored": [1],
+            "mauc_truth": [0.8],
+            "mauc_truth_ci_low": [0.75],
+            "mauc_truth_ci_high": [0.85],
+            "n_labels_truth": [1],
+            "auc_truth_A": [0.8],
+        }
+    )
+    view = scored_view(results, "truth")
+    assert (view["mauc"].item(), view["auc_A"].item(), view["mauc_ci_low"].item()) == (0.8, 0.8, 0.75)
+    assert view["mauc_report"].item() == 0.6 and not any(c.startswith("auc_truth") for c in view.columns)
+    assert scored_view(results, "report") is results
+    with pytest.raises(InputError, match="no scores against the truth"):
+        scored_view(results[["mauc", "auc_A"]], "truth")
+
+
+def test_a_sweep_folder_from_before_a_new_setting_still_resumes(tmp_path):
+    """A key added to the classifier section after a sweep ran, at its default, is how that sweep ran."""
+    new = ClassifierSection().model_dump(mode="json")
+    old = {k: v for k, v in new.items() if k not in ("min_label_support", "metric")}
+    settings = {"data": "D", "data_config": {}, "synthetic": {}, "classifier": new}
+    (tmp_path / "sweep.json").write_text(json.dumps({**settings, "classifier": old}))
+    _check_same_settings(tmp_path / "sweep.json", settings)
+    changed = {**settings, "classifier": {**new, "min_label_support": 20}}
+    with pytest.raises(InputError, match="classifier.min_label_support"):
+        _check_same_settings(tmp_path / "sweep.json", changed)
+
+
+def _smoke_overrides(recipes_dir) -> list[str]:
+    """--set pairs that shrink the headline recipe's world, VAE, generator and sampler to the smoke recipe's."""
+    smoke = yaml.safe_load((recipes_dir / "smoke.yaml").read_text())
+    pairs = []
+    for section in ("data", "generator", "synthesize"):
+        for key, value in smoke[section].items():
+            pairs += ["--set", f"{section}.{key}={json.dumps(value)}"]
+    return pairs
+
+
+def test_the_headline_recipe_runs_every_fraction_source_mode_and_seed(tmp_path, recipes_dir):
+    recipe = load_recipe(recipes_dir / "augment-phantom128.yaml")
+    c = recipe.classifier
+    assert set(c.modes) == {"real", "mix", "pretrain-finetune", "synthetic-only"}
+    assert set(c.synthetic) == {"generated", "ceiling"} and c.real_fracs == [0.01, 0.05, 0.1, 1.0]
+    assert (c.metric, c.min_label_support, len(c.seeds)) == ("truth", 20, 3)
+    assert c.patience >= c.epochs and c.samples_per_epoch  # every run takes the same steps
+    assert recipe.synthesize.n >= 0.7 * recipe.data.n  # at least the real train split
+
+    out = tmp_path / "headline"
+    args = ["run", str(recipes_dir / "augment-phantom128.yaml"), "--set", f"output_dir={out}"]
+    args += ["--set", "steps=[prepare,train-generator,synthesize,train-classifier]"]
+    args += _smoke_overrides(recipes_dir)
+    for key, value in {
+        "classifier.real_fracs": "[0.5,1.0]",
+        "classifier.seeds": "[0,1]",
+        "classifier.n_synthetic": "8",
+        "classifier.epochs": "1",
+        "classifier.patience": "1",
+        "classifier.samples_per_epoch": "16",
+        "classifier.batch_size": "8",
+        "classifier.min_label_support": "2",
+    }.items():
+        args += ["--set", f"{key}={value}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = pd.read_csv(out / "classifiers" / "results.csv")
+    runs = set(zip(results["real_frac"], results["mode"], results["source"], results["seed"], strict=True))
+    expected = {(f, "real", "none", s) for f in (0.5, 1.0) for s in (0, 1)}
+    expected |= {
+        (f, m, src, s)
+        for f in (0.5, 1.0)
+        for m in ("mix", "pretrain-finetune")
+        for src in ("generated", "ceiling")
+        for s in (0, 1)
+    }
+    expected |= {(0.0, "synthetic-only", src, s) for src in ("generated", "ceiling") for s in (0, 1)}
+    assert runs == expected and len(results) == len(expected)
+    assert (results.loc[results["mode"] == "synthetic-only", "n_real"] == 0).all()
+    assert results["mauc_truth"].between(0, 1).all() and (results["n_labels_truth"] >= 1).all()
+    # The truth knows labels the reports leave open: more labels are scored against it.
+    assert (results["n_labels_truth"] >= results["n_labels_scored"]).all()
+    summary = (out / "classifiers" / "summary.md").read_text()
+    assert "scored against the world's truth" in summary and "| 0 | synthetic-only | ceiling |" in summary
+    report = (out / "report.md").read_text()
+    assert "scored against the phantom world's truth" in report
