@@ -283,12 +283,19 @@ def train_generator(
     recipe: RecipeOpt = None,
     stage: Annotated[int, typer.Option("--stage", min=1, max=2, help="1: LDM + AVA-TLS; 2: DKIM adapter")] = 1,
     resume: Annotated[str | None, typer.Option("--resume", help="'latest' or a checkpoint folder")] = None,
+    generator: Annotated[
+        Path | None,
+        typer.Option("--generator", help="stage 2: the stage-1 pipeline folder the DKIM adapter trains on"),
+    ] = None,
     config: Annotated[
         str | None,
         typer.Option("--config", help=f"registered generator config: {', '.join(GENERATOR_CONFIGS)}"),
     ] = None,
     max_steps: Annotated[
-        int | None, typer.Option("--max-steps", help=_field_help(GeneratorSection, "max_steps"))
+        int | None,
+        typer.Option(
+            "--max-steps", help="optimizer steps of the stage trained (max_steps, or stage2_steps with --stage 2)"
+        ),
     ] = None,
     time_limit_minutes: Annotated[
         float | None, typer.Option("--time-limit-minutes", help=_field_help(GeneratorSection, "time_limit_minutes"))
@@ -312,12 +319,15 @@ def train_generator(
     device: DeviceOpt = None,
     seed: SeedOpt = None,
 ) -> None:
-    """Train Diff-CXR (stage 1: text-conditioned LDM with AVA-TLS; stage 2: DKIM adapter)."""
+    """Train Diff-CXR (stage 1: text-conditioned LDM with AVA-TLS; stage 2: the DKIM adapter on a stage-1 model,
+    `--stage 2 --generator STAGE1_DIR`)."""
     rec = _recipe(recipe)
     section: GeneratorSection = _merge(
         rec.generator,
+        {"stage2_steps": "--max-steps"},
         config=config,
-        max_steps=max_steps,
+        max_steps=max_steps if stage == 1 else None,
+        stage2_steps=max_steps if stage == 2 else None,
         time_limit_minutes=time_limit_minutes,
         batch_size=batch_size,
         ava_tls=ava_tls,
@@ -328,7 +338,17 @@ def train_generator(
     from diffcxr_aug.generator.training import train_generator as _train
 
     seed = rec.seed if seed is None else seed
-    path = _call(_train, data, out, section, stage=stage, resume=resume, device=device or rec.device, seed=seed)
+    path = _call(
+        _train,
+        data,
+        out,
+        section,
+        stage=stage,
+        resume=resume,
+        device=device or rec.device,
+        seed=seed,
+        generator=generator,
+    )
     typer.echo(f"wrote {path}")
 
 
@@ -371,6 +391,9 @@ def synthesize(
     batch_size: Annotated[
         str | None, typer.Option("--batch-size", help="images a sampler call, or auto (CPU: 16; CUDA: what fits)")
     ] = None,
+    dkim_scale: Annotated[
+        float | None, typer.Option("--dkim-scale", help=_field_help(SynthesizeSection, "dkim_scale"))
+    ] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
@@ -397,6 +420,7 @@ def synthesize(
         prompts=prompts,
         labels_from=labels_from,
         balance=balance,
+        dkim_scale=dkim_scale,
     )
     from diffcxr_aug.generator.synthesize import synthesize as _synthesize
 

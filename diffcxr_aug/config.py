@@ -123,7 +123,7 @@ class GeneratorSection(Section):
         description="AVA-TLS on: squeeze all report tokens to num_tokens with InfoNCE image alignment; off: the "
         "baseline, the encoder sees only the first num_tokens tokens and no alignment loss is used",
     )
-    dkim: bool = Field(False, description="stage 2: train the DKIM adapter after stage 1 (not built yet)")
+    dkim: bool = Field(False, description="stage 2: train the DKIM adapter on the stage-1 model after stage 1")
     vae: str | None = Field(
         None,
         description="a VAE registry name (kl-f4, kl-f8, ...: trained here on the manifest first) or a pretrained "
@@ -152,8 +152,8 @@ class GeneratorSection(Section):
     time_limit_minutes: float | None = Field(
         None, gt=0, description="stop (checkpoint and pipeline saved) at the first step past this wall-clock time"
     )
-    stage2_steps: int = Field(500, ge=0)
-    # DKIM (stage 2). The adapter and the knowledge text exist; stage-2 training does not yet.
+    stage2_steps: int = Field(500, ge=0, description="stage 2 (DKIM adapter) optimizer steps")
+    # DKIM (stage 2): the adapter trained on the frozen stage-1 model, reading each image's knowledge text.
     dkim_templates: KnowledgeTemplates | None = Field(
         None,
         description="knowledge-text templates: an inline mapping or a YAML/JSON file it names (read when the recipe "
@@ -229,6 +229,12 @@ class SynthesizeSection(Section):
         None, gt=0.0, lt=1.0, description="oversample rare findings so each label's positive share reaches this"
     )
     shard_size: int = Field(1000, ge=1, description="images a folder (images/000/, images/001/, ...) and a shard CSV")
+    dkim_scale: float | None = Field(
+        None,
+        ge=0.0,
+        description="a stage-2 (DKIM) generator: weight of the adapter's residuals (0: stage 1's images exactly); "
+        "None: the generator recipe's dkim_scale; ignored for a stage-1 generator",
+    )
 
 
 class ClassifierSection(Section):

@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 from diffcxr_aug.augment.steps import STEPS_NAME, SUPERSEDED_DIR, Step, StepLedger, run_steps, setting_changes
 from diffcxr_aug.cli import app
 from diffcxr_aug.config import PIPELINE_STEPS, load_recipe
+from diffcxr_aug.data.manifest import read_manifest
+from diffcxr_aug.generator.knowledge import knowledge_texts
 
 runner = CliRunner()
 
@@ -143,7 +145,15 @@ def test_smoke_run_writes_the_report_and_a_rerun_skips_every_step(tmp_path, reci
     assert len(pd.read_csv(out / "synthetic" / "manifest.csv")) == 8
     evaluation = json.loads((out / "evaluation" / "report.json").read_text())
     assert evaluation["synthetic"]["synthetic"]["n_images"] == 8
-    assert evaluation["synthetic"]["synthetic"]["compute"]["generator"]["training_steps"] == 4
+    # generator.dkim: stage 2 trains the adapter on the stage-1 model, and synthesize uses that model.
+    dkim = json.loads((out / "generator-dkim" / "training_info.json").read_text())
+    assert dkim["stage"] == 2 and dkim["steps"] == 2 and dkim["dkim"]["stage1"] == str((out / "generator").resolve())
+    compute = evaluation["synthetic"]["synthetic"]["compute"]["generator"]
+    assert compute["stage"] == 2 and compute["training_steps"] == 2 and compute["stage1_training_steps"] == 4
+    # Each image's knowledge is its prompt row's labels as sentences ("" for one with only uncertain findings).
+    synthetic = read_manifest(out / "synthetic")
+    written = synthetic.frame["meta_knowledge"].fillna("").tolist()
+    assert written == knowledge_texts(synthetic.frame[synthetic.label_names]) and any(written)
     report = (out / "report.md").read_text()
     positions = [report.index(section) for section in REPORT_SECTIONS]
     assert positions == sorted(positions)

@@ -178,13 +178,15 @@ def test_resume_from_a_checkpoint_with_another_trainable_set_says_so(trained, tm
         train_generator(trained["data"], old, GeneratorSection(max_steps=3, **TINY), resume="latest", device="cpu")
 
 
-def test_stage2_and_bad_stage(trained, tmp_path):
-    with pytest.raises(NotImplementedError, match="DKIM stage 2"):
-        train_generator(trained["data"], tmp_path, GeneratorSection(**TINY), stage=2)
+def test_bad_stage_and_stage_mismatches(trained, tmp_path):
+    with pytest.raises(ValueError, match="Unsupported stage 3"):
+        train_generator(trained["data"], tmp_path, GeneratorSection(**TINY), stage=3)
+    with pytest.raises(ValueError, match="pass it with --stage 2"):
+        train_generator(trained["data"], tmp_path, GeneratorSection(**TINY), generator=trained["gen"])
     result = CliRunner().invoke(
         app, ["train-generator", "--data", str(trained["data"]), "--out", str(tmp_path), "--stage", "2"]
     )
-    assert result.exit_code == 2 and "DKIM stage 2" in result.output
+    assert result.exit_code == 2 and "pass --generator STAGE1_DIR" in result.output
 
 
 def test_ava_tls_off_is_the_truncation_baseline(trained, tmp_path):

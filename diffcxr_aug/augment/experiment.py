@@ -23,6 +23,7 @@ def experiment_paths(recipe: Recipe) -> dict[str, Path]:
         "data": root / "data",
         "filtered": root / "filtered",
         "generator": root / "generator",
+        "generator-dkim": root / "generator-dkim",
         "synthetic": root / "synthetic",
         "ceiling": root / "ceiling",
         "classifiers": root / "classifiers",
@@ -150,6 +151,8 @@ CLASSIFIER_EXTENDABLE = frozenset(
 def _generator_step(recipe: Recipe, paths: dict[str, Path], training_data: Path, upstream: dict[str, str]) -> Step:
     from diffcxr_aug.generator.training import train_generator
 
+    dkim = recipe.generator.dkim and recipe.generator.stage2_steps > 0
+
     def run() -> None:
         section = recipe.generator
         shared_vae = filter_vae_for_generator(recipe, paths)
@@ -159,15 +162,19 @@ def _generator_step(recipe: Recipe, paths: dict[str, Path], training_data: Path,
                 shared_vae,
             )
             section = section.model_copy(update={"vae": str(shared_vae)})
-        for stage in (1, 2) if recipe.generator.dkim and recipe.generator.stage2_steps > 0 else (1,):
+        train_generator(
+            training_data, paths["generator"], section, resume="latest", device=recipe.device, seed=recipe.seed
+        )
+        if dkim:  # stage 2: the adapter on the frozen stage-1 model, in its own folder (stage 1 stays usable)
             train_generator(
                 training_data,
-                paths["generator"],
+                paths["generator-dkim"],
                 section,
-                stage=stage,
+                stage=2,
                 resume="latest",
                 device=recipe.device,
                 seed=recipe.seed,
+                generator=paths["generator"],
             )
 
     settings = {
@@ -176,8 +183,15 @@ def _generator_step(recipe: Recipe, paths: dict[str, Path], training_data: Path,
         "training_data": training_data.name,
         "upstream": upstream,
     }
-    done = [paths["generator"] / "model_index.json", paths["generator"] / "training_info.json"]
-    return Step("train-generator", settings, [paths["generator"]], done, run, GENERATOR_EXTENDABLE)
+    folders = [paths["generator"]] + ([paths["generator-dkim"]] if dkim else [])
+    done = [folder / name for folder in folders for name in ("model_index.json", "training_info.json")]
+    return Step("train-generator", settings, folders, done, run, GENERATOR_EXTENDABLE)
+
+
+def final_generator(recipe: Recipe, paths: dict[str, Path]) -> Path:
+    """The recipe's generator: the stage-2 (DKIM) model when the recipe trains one, else stage 1."""
+    dkim = recipe.generator.dkim and recipe.generator.stage2_steps > 0
+    return paths["generator-dkim"] if dkim else paths["generator"]
 
 
 def _synthesize_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) -> Step:
@@ -188,7 +202,7 @@ def _synthesize_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str,
         section = section.model_copy(update={"prompts": paths["data"]})
 
     def run() -> None:
-        synthesize(paths["generator"], paths["synthetic"], section, device=recipe.device, seed=recipe.seed)
+        synthesize(final_generator(recipe, paths), paths["synthetic"], section, device=recipe.device, seed=recipe.seed)
 
     settings = {"synthesize": _dump(section), "seed": recipe.seed, "upstream": upstream}
     done = [paths["synthetic"] / "manifest.csv"]

@@ -29,7 +29,7 @@ REPORT_NAME = "report.md"
 STEP_WHAT = {
     "prepare": "index the dataset into manifest.csv",
     "filter": "LNFS: train the KL-VAE, flag noisy images",
-    "train-generator": "Diff-CXR stage 1 (LDM + AVA-TLS)",
+    "train-generator": "Diff-CXR stage 1 (LDM + AVA-TLS), then stage 2 (the DKIM adapter) with generator.dkim",
     "synthesize": "generate labelled images from training reports",
     "train-classifier": "timm classifiers: real fractions x modes x sources x seeds",
     "evaluate": "FID/KID, precision/recall, faithfulness, privacy",

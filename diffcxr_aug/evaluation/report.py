@@ -295,7 +295,15 @@ def compute_summary(synthetic_dir: Path) -> dict[str, Any]:
             "train_images": info.get("train_images"),
             "data": info.get("data"),
             "device": info.get("device"),
+            "stage": info.get("stage", 1),
         }
+        if info.get("stage") == 2:  # a DKIM model: its stage-1 model's cost too
+            stage1 = _read_json(Path(info["dkim"]["stage1"]) / "training_info.json") or {}
+            summary["generator"].update(
+                stage1_folder=info["dkim"]["stage1"],
+                stage1_training_steps=stage1.get("steps"),
+                stage1_training_wall_minutes=stage1.get("wall_minutes_total"),
+            )
         gflops = info.get("gflops_per_denoising_step")
         if gflops and "steps" in job:
             # Classifier-free guidance runs the UNet on the prompt and on the empty prompt at every step.

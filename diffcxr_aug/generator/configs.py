@@ -304,8 +304,9 @@ def build_unet(
     )
 
 
-def denoising_step_flops(unet: UNet2DConditionModel, num_tokens: int) -> int:
-    """FLOPs of one denoising step: one UNet forward at batch 1 with ``num_tokens`` condition tokens.
+def denoising_step_flops(unet: UNet2DConditionModel, num_tokens: int, adapter: Any | None = None) -> int:
+    """FLOPs of one denoising step: one UNet forward at batch 1 with ``num_tokens`` condition tokens (and, with a
+    DKIM ``adapter``, its forward on as many knowledge tokens, whose residuals the UNet adds).
 
     Counted by ``torch.utils.flop_counter.FlopCounterMode`` (multiply and add counted separately, so
     FLOPs = 2 x MACs; matmuls and convolutions only). With classifier-free guidance a sampler step runs
@@ -322,7 +323,11 @@ def denoising_step_flops(unet: UNet2DConditionModel, num_tokens: int) -> int:
     timestep = torch.tensor([500], device=param.device)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        unet(sample, timestep, encoder_hidden_states=context)
+        residuals = {}
+        if adapter is not None:
+            down, mid = adapter(sample, timestep, encoder_hidden_states=context, return_dict=False)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        unet(sample, timestep, encoder_hidden_states=context, **residuals)
     return int(counter.get_total_flops())
 
 

@@ -87,11 +87,12 @@ JOB_KEYS = (
     "seed",
     "balance",
     "shard_size",
+    "dkim_scale",
 )
 # Values of keys that a job folder written before the key existed implies; a key without one here was not
 # recorded (generator_id, prompts_sha256) or is the current job's (shard_size: a flat images/ folder is moved
 # into shard folders), and is not compared.
-LEGACY_VALUES: dict[str, Any] = {"prompt_kind": "manifest", "balance": None}
+LEGACY_VALUES: dict[str, Any] = {"prompt_kind": "manifest", "balance": None, "dkim_scale": None}
 # Timing and memory of the images made; a run that makes none keeps those of the run that made them.
 PERFORMANCE_KEYS = (
     "seconds",
@@ -113,6 +114,7 @@ _OPTIONS = {
     "guidance": "--guidance",
     "seed": "--seed",
     "balance": "--balance",
+    "dkim_scale": "--dkim-scale",
 }
 
 
@@ -165,15 +167,20 @@ def generator_image_size(generator: Path) -> int:
 
 
 def sampling_gflops(generator: Path, steps: int, guidance: float) -> dict[str, float]:
-    """GFLOPs of one denoising step (a UNet pass at batch 1, counted on the meta device) and of one image
+    """GFLOPs of one denoising step (a UNet pass at batch 1, and the DKIM adapter's when the folder has one, counted
+    on the meta device) and of one image
     (``steps`` of them, twice each with classifier-free guidance); the VAE decode is not counted."""
     from diffusers import UNet2DConditionModel
 
     from diffcxr_aug.generator.configs import denoising_step_flops
+    from diffcxr_aug.generator.disease_adapter import DiseaseKnowledgeAdapter
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(_read_config(generator, "unet"))
-    per_step = denoising_step_flops(unet, int(_read_config(generator, "token_squeeze")["num_tokens"])) / 1e9
+        adapter = (
+            DiseaseKnowledgeAdapter.from_config(_read_config(generator, "adapter")) if has_adapter(generator) else None
+        )
+    per_step = denoising_step_flops(unet, int(_read_config(generator, "token_squeeze")["num_tokens"]), adapter) / 1e9
     return {"gflops_per_denoising_step": per_step, "gflops_per_image": per_step * steps * (2 if guidance > 1 else 1)}
 
 
@@ -185,7 +192,8 @@ class _Plan:
     rows: np.ndarray  # prompt row (position in pool.frame) of images 0..n-1
     seed: int
     shard_size: int
-    meta: dict[str, str]  # meta_generator, meta_sampler, meta_steps, meta_guidance
+    meta: dict[str, str]  # meta_generator, meta_sampler, meta_steps, meta_guidance (and meta_dkim_scale)
+    knowledge: list[str] | None = None  # a DKIM generator: each prompt row's knowledge text
 
     def __post_init__(self) -> None:
         frame = self.pool.frame
@@ -195,13 +203,17 @@ class _Plan:
             for values in frame[self.pool.label_names].to_numpy(dtype=np.float32)
         ]
 
+    def knowledge_of(self, index: int) -> str:
+        return self.knowledge[self.rows[index]]
+
     @property
     def n(self) -> int:
         return len(self.rows)
 
     @property
     def columns(self) -> list[str]:
-        return [*CORE_COLUMNS, *self.pool.label_names, "prompt", "seed", "meta_prompt_image", *self.meta]
+        knowledge = ["meta_knowledge"] if self.knowledge is not None else []
+        return [*CORE_COLUMNS, *self.pool.label_names, "prompt", *knowledge, "seed", "meta_prompt_image", *self.meta]
 
     def report(self, index: int) -> str:
         return self._reports[self.rows[index]]
@@ -217,7 +229,10 @@ class _Plan:
             "report": self._reports[row],
         }
         record.update(zip(self.pool.label_names, self._labels[row], strict=True))
-        record.update(prompt=self._reports[row], seed=str(image_seed(self.seed, index)))
+        record["prompt"] = self._reports[row]
+        if self.knowledge is not None:
+            record["meta_knowledge"] = self.knowledge[row]
+        record["seed"] = str(image_seed(self.seed, index))
         record["meta_prompt_image"] = self._images[row]
         return {**record, **self.meta}
 
@@ -268,6 +283,9 @@ def _plan(generator: Path, section: SynthesizeSection, seed: int) -> tuple[_Plan
         "meta_steps": str(section.steps),
         "meta_guidance": str(section.guidance),
     }
+    dkim_scale, knowledge = _dkim(generator, section, pool)
+    if dkim_scale is not None:
+        meta["meta_dkim_scale"] = str(dkim_scale)
     job = {
         "generator": str(generator.resolve()),
         "prompts": str(pool.source.resolve()),
@@ -278,8 +296,36 @@ def _plan(generator: Path, section: SynthesizeSection, seed: int) -> tuple[_Plan
         "seed": seed,
         "balance": section.balance,
         "shard_size": section.shard_size,
+        "dkim_scale": dkim_scale,
     }
-    return _Plan(pool, rows, seed, section.shard_size, meta), job
+    return _Plan(pool, rows, seed, section.shard_size, meta, knowledge), job
+
+
+def has_adapter(generator: Path) -> bool:
+    """Whether the pipeline folder holds a DKIM adapter (a stage-2 model)."""
+    index = json.loads((generator / "model_index.json").read_text())
+    return (index.get("adapter") or [None])[0] is not None and (generator / "adapter").is_dir()
+
+
+def _dkim(generator: Path, section: SynthesizeSection, pool: PromptPool) -> tuple[float | None, list[str] | None]:
+    """A DKIM generator's residual weight and the knowledge text of every prompt row (written from the row's labels
+    with the adapter's own templates); ``(None, None)`` for a stage-1 generator."""
+    from diffcxr_aug.generator.knowledge import knowledge_texts, load_templates
+
+    if not has_adapter(generator):
+        if section.dkim_scale is not None:
+            logger.info("%s has no DKIM adapter (a stage-1 model): dkim_scale is not used", generator)
+        return None, None
+    scale = section.dkim_scale
+    if scale is None:
+        info = generator / "training_info.json"
+        recorded = json.loads(info.read_text()).get("section", {}) if info.is_file() else {}
+        scale = float(recorded.get("dkim_scale", 1.0))
+    adapter = _read_config(generator, "adapter")
+    templates = load_templates(adapter.get("knowledge_templates"))
+    return scale, knowledge_texts(
+        pool.frame[pool.label_names], templates, adapter.get("knowledge_states", "positive-only")
+    )
 
 
 def _hint(key: str, old: Any) -> str:
@@ -448,12 +494,19 @@ class _Sampler:
             self.pipe = DiffCXRPipeline.from_pretrained(self.generator).to(self.dev)
             self.pipe.set_progress_bar_config(disable=True)
             self.load_seconds = time.perf_counter() - began
+        dkim = {}
+        if self.plan.knowledge is not None:
+            dkim = {
+                "knowledge": [self.plan.knowledge_of(i) for i in batch],
+                "dkim_scale": float(self.plan.meta["meta_dkim_scale"]),
+            }
         return self.pipe(
             [self.plan.report(i) for i in batch],
             num_inference_steps=self.section.steps,
             guidance_scale=self.section.guidance,
             generator=[torch.Generator().manual_seed(image_seed(self.plan.seed, i)) for i in batch],
             output_type="np",
+            **dkim,
         ).images[..., 0]
 
     def __call__(self, indices: list[int]) -> Iterator[tuple[list[int], np.ndarray]]:

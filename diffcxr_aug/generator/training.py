@@ -1,4 +1,5 @@
-"""Diff-CXR training, stage 1: a report-conditioned latent diffusion model with AVA-TLS, under accelerate.
+"""Diff-CXR training under accelerate: stage 1, a report-conditioned latent diffusion model with AVA-TLS; stage 2,
+the DKIM adapter on the frozen stage-1 model.
 
 One explicit loop (:func:`train_generator`) runs on a CPU, one GPU, or many GPUs / CPU processes with
 ``accelerate launch`` or ``torchrun``. Its steps:
@@ -31,6 +32,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -46,6 +49,7 @@ from diffcxr_aug.data.manifest import Manifest, read_manifest
 from diffcxr_aug.data.showcase import showcase_rows
 from diffcxr_aug.errors import InputError, MissingInputError, OutputInUseError
 from diffcxr_aug.generator.configs import PAPER_GFLOPS, GeneratorConfig, denoising_step_flops, resolve_config
+from diffcxr_aug.generator.token_squeeze import TokenSqueeze
 from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -123,7 +127,8 @@ def _save_checkpoint(
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in objective.state_dict().items()}
+    keep = set(objective.checkpoint_keys())
+    weights = {k: v.detach().contiguous().cpu() for k, v in objective.state_dict().items() if k in keep}
     save_file(weights, tmp / CHECKPOINT_WEIGHTS)
     torch.save(
         {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state_dict()},
@@ -157,6 +162,8 @@ class DiffusionObjective(nn.Module):
             (its states are then passed in precomputed).
         snr_gamma: min-SNR weighting cap; ``None`` for the plain MSE.
         align_weight: weight of the InfoNCE loss.
+        adapter: stage 2: the DKIM adapter, reading the knowledge tokens; its residuals enter the UNet (which,
+            with the rest of stage 1, is frozen). Checkpoints then hold only the modules that train.
     """
 
     def __init__(
@@ -169,6 +176,7 @@ class DiffusionObjective(nn.Module):
         text_encoder: nn.Module | None = None,
         snr_gamma: float | None = None,
         align_weight: float = 0.0,
+        adapter: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -181,6 +189,18 @@ class DiffusionObjective(nn.Module):
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
         self.align_weight = align_weight
+        self.adapter = adapter
+
+    def checkpoint_keys(self) -> list[str]:
+        """The state-dict keys a checkpoint holds: everything in stage 1; in stage 2 the modules that train (the
+        adapter, and the squeeze when it is unfrozen), not the frozen stage-1 weights the run loads anyway."""
+        keys = list(self.state_dict())
+        if self.adapter is None:
+            return keys
+        trains = ["adapter."] + (
+            ["token_squeeze."] if any(p.requires_grad for p in self.token_squeeze.parameters()) else []
+        )
+        return [k for k in keys if k.startswith(tuple(trains))]
 
     def train(self, mode: bool = True) -> DiffusionObjective:
         # The text encoder stays in eval mode: its dropout would draw from the global random state, and
@@ -208,18 +228,16 @@ class DiffusionObjective(nn.Module):
         text: dict[str, torch.Tensor],
         null_text: dict[str, torch.Tensor],
         positive_mask: torch.Tensor | None = None,
+        knowledge: dict[str, torch.Tensor] | None = None,
+        drop_knowledge: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         from diffusers.training_utils import compute_snr
 
         from diffcxr_aug.generator.ava_tls import info_nce
 
         cond = self.condition(text)
-        null = self.condition(null_text)  # the empty report, batch of one
-        keep = ~drop
-        tokens = torch.where(keep[:, None, None], cond.tokens, null.tokens.expand_as(cond.tokens))
-        mask = None
-        if cond.attention_mask is not None:
-            mask = torch.where(keep[:, None], cond.attention_mask, null.attention_mask.expand_as(cond.attention_mask))
+        null = self.condition(null_text)  # the empty report (and empty knowledge), batch of one
+        tokens, mask = _dropped(cond, null, drop)
 
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.prediction_type == "epsilon":
@@ -228,7 +246,19 @@ class DiffusionObjective(nn.Module):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             raise ValueError(f"Unsupported prediction_type {self.prediction_type!r}")
-        pred = self.unet(noisy, timesteps, encoder_hidden_states=tokens, encoder_attention_mask=mask).sample
+        residuals = {}
+        if self.adapter is not None:
+            if knowledge is None or drop_knowledge is None:
+                raise ValueError("the DKIM objective needs `knowledge` and `drop_knowledge`")
+            knowledge_tokens, knowledge_mask = _dropped(self.condition(knowledge), null, drop_knowledge)
+            down, mid = self.adapter(
+                noisy, timesteps, encoder_hidden_states=knowledge_tokens, encoder_attention_mask=knowledge_mask,
+                return_dict=False,
+            )  # fmt: skip
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        pred = self.unet(
+            noisy, timesteps, encoder_hidden_states=tokens, encoder_attention_mask=mask, **residuals
+        ).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.snr_gamma is not None:
             # Min-SNR-gamma (Hang et al. 2023): cap the weight of easy, low-noise timesteps.
@@ -245,6 +275,16 @@ class DiffusionObjective(nn.Module):
             loss = loss + self.align_weight * loss_align
         losses["loss"] = loss
         return losses
+
+
+def _dropped(cond: Any, null: Any, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Condition tokens and mask with the rows in ``drop`` replaced by the empty text's (classifier-free guidance)."""
+    keep = ~drop
+    tokens = torch.where(keep[:, None, None], cond.tokens, null.tokens.expand_as(cond.tokens))
+    mask = None
+    if cond.attention_mask is not None:
+        mask = torch.where(keep[:, None], cond.attention_mask, null.attention_mask.expand_as(cond.attention_mask))
+    return tokens, mask
 
 
 # ------------------------------------------------------------------------------------------------ data streams
@@ -443,29 +483,39 @@ def train_generator(
     resume: str | os.PathLike | None = None,
     device: str = "auto",
     seed: int = 0,
+    generator: str | os.PathLike | None = None,
 ) -> Path:
-    """Train Diff-CXR stage 1 on the train split of the manifest in ``data``; write a pipeline folder.
+    """Train Diff-CXR on the train split of the manifest in ``data``; write a pipeline folder.
+
+    Stage 1 trains the LDM with AVA-TLS (``section.max_steps`` steps). Stage 2 (DKIM) loads the stage-1 pipeline
+    folder ``generator``, freezes all of it (the token squeeze trains too with ``section.stage2_unfreeze_squeeze``)
+    and trains only a :class:`~diffcxr_aug.generator.disease_adapter.DiseaseKnowledgeAdapter` built from its UNet,
+    on each train row's knowledge text (its labels as template sentences), for ``section.stage2_steps`` steps at
+    ``section.stage2_learning_rate``; the output is the stage-1 pipeline plus the adapter. Both stages share one
+    loop and its guarantees (checkpoints, exact resume, logs, sample grids, time limit, ``training_info.json``).
 
     Args:
         data: a manifest folder or file (reports in ``report``; val rows feed the sample grids).
         out: the pipeline folder (``DiffCXRPipeline.from_pretrained(out)``), with ``checkpoints/``,
-            ``logs/``, ``samples/``, ``trained_vae/`` (when trained here) and ``training_info.json``.
+            ``logs/``, ``samples/``, ``trained_vae/`` (stage 1, when trained here) and ``training_info.json``.
         section: the recipe's ``generator`` section.
-        stage: 1 (the LDM with AVA-TLS); 2 (DKIM adapter) is not built yet.
+        stage: 1 (the LDM with AVA-TLS) or 2 (the DKIM adapter on the stage-1 model ``generator``).
         resume: ``None`` (fresh; refuses a folder that has checkpoints), ``latest`` (the newest checkpoint,
             or a fresh start when there is none) or a checkpoint folder.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (under ``accelerate launch`` each process takes its own).
         seed: seeds initialisation, data order and noise (a resumed run keeps the checkpoint's seed).
+        generator: stage 2 only: the stage-1 pipeline folder.
 
     Returns:
         ``out``.
     """
     run_started = time.monotonic()
-    if stage == 2:
-        raise NotImplementedError("DKIM stage 2 (the disease-knowledge adapter) is a later issue; train stage 1")
-    if stage != 1:
-        raise InputError(f"Unsupported stage {stage!r}; choose 1 (or 2, once DKIM exists)")
+    if stage not in (1, 2):
+        raise InputError(f"Unsupported stage {stage!r}; choose 1 (LDM + AVA-TLS) or 2 (the DKIM adapter)")
     out = Path(out)
+    stage1 = _check_stage1_folder(generator, out) if stage == 2 else None
+    if stage == 1 and generator is not None:
+        raise InputError("--generator names the stage-1 model that stage 2 trains on; pass it with --stage 2")
     manifest = read_manifest(data)
     train = manifest.split("train")
     if len(train) == 0:
@@ -473,10 +523,111 @@ def train_generator(
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock_folder(out)
     try:
-        return _start(out, section, manifest, train, resume, device, seed, run_started)
+        return _start(out, section, manifest, train, stage, stage1, resume, device, seed, run_started)
     finally:
         if lock is not None:
             lock.close()
+
+
+def _check_stage1_folder(generator: str | os.PathLike | None, out: Path) -> Path:
+    if generator is None:
+        raise InputError(
+            "stage 2 trains the DKIM adapter on a stage-1 model: pass --generator STAGE1_DIR "
+            "(the --out of a `train-generator --stage 1` run)"
+        )
+    stage1 = Path(generator)
+    info = stage1 / TRAINING_INFO
+    if not (stage1 / "model_index.json").is_file() or not info.is_file():
+        raise MissingInputError(
+            f"--generator {stage1}: not a trained pipeline folder (no model_index.json and {TRAINING_INFO}); "
+            "train stage 1 into it first"
+        )
+    if json.loads(info.read_text(encoding="utf-8")).get("stage", 1) != 1:
+        raise InputError(f"--generator {stage1}: that folder is a stage-2 model; stage 2 trains on a stage-1 folder")
+    if stage1.resolve() == out.resolve():
+        raise InputError(
+            f"--out {out} is the stage-1 folder itself; stage 2 writes a new pipeline folder (the stage-1 "
+            "components plus the adapter), so choose another --out"
+        )
+    return stage1
+
+
+@dataclass
+class _Run:
+    """One invocation of :func:`train_generator`: its settings, then what the build steps add to it."""
+
+    stage: int
+    cfg: GeneratorConfig
+    section: GeneratorSection
+    manifest: Manifest
+    train: Manifest
+    out: Path
+    accelerator: Any
+    seed: int
+    ava_tls: bool
+    checkpoint: Path | None
+    start_step: int
+    mixed_precision: str
+    run_started: float
+    stage1: Path | None = None
+    # Added by the build steps.
+    vae: Any = None
+    vae_info: dict[str, Any] = field(default_factory=dict)
+    bundle: Any = None
+    trainable_text: bool = False
+    text_max_length: int = 0
+    truncated: int = 0
+    text_cache: _TextStates | None = None
+    latents: torch.Tensor | None = None
+    knowledge: list[str] | None = None
+    squeeze: Any = None
+    unet: Any = None
+    tower: Any = None
+    adapter: Any = None
+    noise_scheduler: Any = None
+    objective: Any = None
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    ema: Any = None
+    ema_params: list[torch.nn.Parameter] = field(default_factory=list)
+    flops: float = 0.0
+    unet_params: int = 0
+    prior_minutes: float | None = 0.0
+
+    @property
+    def dev(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def max_steps(self) -> int:
+        return self.section.max_steps if self.stage == 1 else self.section.stage2_steps
+
+    @property
+    def learning_rate(self) -> float:
+        if self.stage == 2 and self.section.stage2_learning_rate is not None:
+            return self.section.stage2_learning_rate
+        return self.section.learning_rate
+
+    @property
+    def model(self) -> DiffusionObjective:
+        return self.accelerator.unwrap_model(self.objective)
+
+    def state(self) -> dict[str, Any]:
+        """What every checkpoint records besides its step."""
+        return {
+            "stage": self.stage,
+            "config": self.cfg.to_dict(),
+            "ava_tls": self.ava_tls,
+            "seed": self.seed,
+            "section": self.section.model_dump(mode="json"),
+            "num_processes": self.accelerator.num_processes,
+            "data": str(Path(self.manifest.source).resolve()),
+            "stage1": None if self.stage1 is None else str(self.stage1.resolve()),
+        }
 
 
 def _start(
@@ -484,6 +635,8 @@ def _start(
     section: GeneratorSection,
     manifest: Manifest,
     train: Manifest,
+    stage: int,
+    stage1: Path | None,
     resume: str | os.PathLike | None,
     device: str,
     seed: int,
@@ -491,266 +644,305 @@ def _start(
 ) -> Path:
     """Resolve the checkpoint and the architecture, start accelerate, train, and always end accelerate."""
     checkpoint = resolve_resume(out, resume)
+    if stage == 1:
+        cfg, ava_tls = resolve_config(section), section.ava_tls
+    else:  # the stage-1 model decides the architecture
+        info = json.loads((stage1 / TRAINING_INFO).read_text(encoding="utf-8"))
+        cfg, ava_tls = GeneratorConfig.from_dict(info["config"]), bool(info["ava_tls"])
+    start_step = 0
     # Architecture, seed and AVA-TLS switch come from the checkpoint on resume (the section may not change them).
     if checkpoint is not None:
         state = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
+        if int(state.get("stage", 1)) != stage:
+            raise InputError(
+                f"--resume {checkpoint}: a stage-{state.get('stage', 1)} checkpoint, and this run trains stage "
+                f"{stage}; resume it with --stage {state.get('stage', 1)}, or choose another --out"
+            )
+        fresh = GeneratorConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
         cfg = GeneratorConfig.from_dict(state["config"])
-        ava_tls, seed_used = bool(state["ava_tls"]), int(state["seed"])
-        fresh = GeneratorConfig.from_dict(json.loads(json.dumps(resolve_config(section).to_dict())))
-        if fresh != cfg or ava_tls != section.ava_tls or seed_used != seed:
+        if fresh != cfg or bool(state["ava_tls"]) != ava_tls or int(state["seed"]) != seed:
             logger.warning(
                 "Resuming %s: architecture, ava_tls and seed are the checkpoint's, not the recipe's", checkpoint
             )
-        start_step = int(state["step"])
-    else:
-        cfg, ava_tls, seed_used, start_step = resolve_config(section), section.ava_tls, seed, 0
+        if stage == 2 and state.get("stage1") != str(stage1.resolve()):
+            logger.warning(
+                "Resuming %s: it was trained on stage-1 model %s, now %s", checkpoint, state["stage1"], stage1
+            )
+        ava_tls, seed, start_step = bool(state["ava_tls"]), int(state["seed"]), int(state["step"])
 
     accelerator, mixed_precision = _accelerator(device, section.mixed_precision)
+    run = _Run(
+        stage, cfg, section, manifest, train, out, accelerator, seed, ava_tls, checkpoint, start_step,
+        mixed_precision, run_started, stage1=stage1,
+    )  # fmt: skip
     try:
-        return _train(
-            cfg,
-            section,
-            manifest,
-            train,
-            out,
-            accelerator,
-            accelerator.device,
-            accelerator.is_main_process,
-            accelerator.is_main_process,
-            seed_used,
-            ava_tls,
-            checkpoint,
-            start_step,
-            mixed_precision,
-            run_started,
-        )
+        if stage == 1:
+            _build_stage1(run)
+        else:
+            _build_stage2(run)
+        _build_optimisation(run)
+        step = _loop(run)
+        if run.main:
+            _save_pipeline(run, step)
+        accelerator.wait_for_everyone()
+        return out
     finally:
         accelerator.end_training()
 
 
-def _train(
-    cfg: GeneratorConfig,
-    section: GeneratorSection,
-    manifest: Manifest,
-    train: Manifest,
-    out: Path,
-    accelerator: Any,
-    dev: torch.device,
-    main: bool,
-    progress: bool,
-    seed: int,
-    ava_tls: bool,
-    checkpoint: Path | None,
-    start_step: int,
-    mixed_precision: str,
-    run_started: float,
-) -> Path:
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-    from safetensors.torch import load_file
-
-    from diffcxr_aug.data.dataset import CXRDataset
-    from diffcxr_aug.generator.ava_tls import ImageTower, same_text_mask
+# ------------------------------------------------------------------------------------------------ the build steps
+def _build_stage1(run: _Run) -> None:
+    """1. the latent space; 2. the report encoder; 3. the squeeze, UNet and image tower, from the seed."""
+    from diffcxr_aug.generator.ava_tls import ImageTower
     from diffcxr_aug.generator.configs import build_unet
-    from diffcxr_aug.generator.figures import save_loss_plot, save_report_grid
-    from diffcxr_aug.generator.pipeline import DiffCXRPipeline, default_scheduler
-    from diffcxr_aug.generator.text_encoder import encode_tokens, load_text_encoder, token_lengths, tokenize
-    from diffcxr_aug.generator.token_squeeze import TokenSqueeze
-    from diffcxr_aug.generator.vae import encode_manifest, latent_shape, to_uint8
+    from diffcxr_aug.generator.text_encoder import load_text_encoder
 
-    policy = cfg.text_encoder_policy
-    squeeze_mode = "squeeze" if ava_tls else "truncate"
-    train_reports = train.frame["report"].tolist()
-
-    # 1. The latent space (the train split is encoded once the text encoder has loaded, so a missing
-    # encoder fails before minutes of encoding).
-    vae, vae_info = _prepare_vae(cfg, manifest, out, accelerator, seed, progress)
-    vae = vae.to(dev)
-    channels, height, width = latent_shape(vae, cfg.image_size)
-
-    # 2. The report encoder. The scratch tokenizer is learned from the train reports (or read back on resume).
+    cfg, section, seed = run.cfg, run.section, run.seed
+    train_reports = run.train.frame["report"].tolist()
+    # The train split is encoded once the text encoder has loaded, so a missing encoder fails before minutes of
+    # encoding.
+    run.vae, run.vae_info = _prepare_vae(cfg, run.manifest, run.out, run.accelerator, seed, run.main)
+    run.vae = run.vae.to(run.dev)
+    # The scratch tokenizer is learned from the train reports (or read back on resume).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        bundle = load_text_encoder(
+        run.bundle = load_text_encoder(
             cfg.text_encoder, cfg.max_text_tokens, reports=train_reports, scratch_config=cfg.scratch_text, seed=seed
         )
-    if checkpoint is not None and (checkpoint / "tokenizer").is_dir():
+    if run.checkpoint is not None and (run.checkpoint / "tokenizer").is_dir():
         from transformers import AutoTokenizer
 
-        bundle.tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
-    text_max_length = cfg.num_tokens if squeeze_mode == "truncate" else bundle.max_length
-    lengths = token_lengths(bundle.tokenizer, train_reports)
-    truncated = sum(n > text_max_length for n in lengths)
-    logger.info(
-        "Text encoder %s (%s, %s): %d of %d train reports are longer than the %d tokens it sees%s",
-        cfg.text_encoder,
-        bundle.backend,
-        policy,
-        truncated,
-        len(train_reports),
-        text_max_length,
-        "" if ava_tls else " (AVA-TLS off: the first K tokens only)",
-    )
-    latents = encode_manifest(vae, train, cfg.image_size, device=dev, progress=progress)
-    text_encoder = bundle.model.to(dev).eval()  # eval: no dropout, so resume stays exact
-    trainable_text = policy in ("finetune", "train")
-    text_encoder.requires_grad_(trainable_text)
-    if trainable_text and getattr(text_encoder, "pooler", None) is not None:
-        text_encoder.pooler.requires_grad_(False)  # unused: the squeeze reads the token states
-    # A frozen encoder's states are computed once per distinct report, unless they would not fit in memory
-    # (a MIMIC-size corpus with a BERT-base encoder); then each batch is encoded as it comes.
-    cache_bytes = sum(min(n, text_max_length) for n in lengths) * bundle.hidden_size * 4
-    text_cache = None
-    if not trainable_text and cache_bytes <= TEXT_CACHE_MAX_BYTES:
-        text_cache = _TextStates(bundle, train_reports, text_max_length, dev, progress)
+        run.bundle.tokenizer = AutoTokenizer.from_pretrained(run.checkpoint / "tokenizer")
+    squeeze_mode = "squeeze" if run.ava_tls else "truncate"
+    run.trainable_text = cfg.text_encoder_policy in ("finetune", "train")
+    _prepare_text(run, cfg.num_tokens if squeeze_mode == "truncate" else run.bundle.max_length)
 
-    # 3. Squeeze, UNet, image tower: initialised from the seed without touching the global random state.
+    # Initialised from the seed without touching the global random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        squeeze = TokenSqueeze(
-            text_dim=bundle.hidden_size,
+        run.squeeze = TokenSqueeze(
+            text_dim=run.bundle.hidden_size,
             cross_attention_dim=cfg.cross_attention_dim,
             num_tokens=cfg.num_tokens,
             mode=squeeze_mode,
             **cfg.squeeze,
         )
-        unet = build_unet(cfg, latent_channels=channels, latent_size=height)
-        use_tower = ava_tls and section.align_weight > 0
-        tower = ImageTower(in_channels=channels, **cfg.image_tower) if use_tower else None
-    if not use_tower and hasattr(squeeze, "pool_proj"):
+        run.unet = build_unet(cfg, latent_channels=run.latents.shape[1], latent_size=run.latents.shape[2])
+        use_tower = run.ava_tls and section.align_weight > 0
+        run.tower = ImageTower(in_channels=run.latents.shape[1], **cfg.image_tower) if use_tower else None
+    if not use_tower and hasattr(run.squeeze, "pool_proj"):
         # Without the InfoNCE loss the pooled embedding reaches no loss: a trainable parameter without gradient
         # would stop DistributedDataParallel (find_unused_parameters is off) at its second step.
-        squeeze.pool_proj.requires_grad_(False)
-    if tower is not None and tower.config.embed_dim != squeeze.config.embed_dim:
+        run.squeeze.pool_proj.requires_grad_(False)
+    if run.tower is not None and run.tower.config.embed_dim != run.squeeze.config.embed_dim:
         raise ValueError(
-            f"config {cfg.name}: image_tower embed_dim ({tower.config.embed_dim}) must equal squeeze embed_dim "
-            f"({squeeze.config.embed_dim})"
+            f"config {cfg.name}: image_tower embed_dim ({run.tower.config.embed_dim}) must equal squeeze embed_dim "
+            f"({run.squeeze.config.embed_dim})"
         )
-    with torch.device("meta"):
-        meta_unet = UNet2DConditionModel.from_config(unet.config)
-    flops = denoising_step_flops(meta_unet, cfg.num_tokens)
-    unet_params = sum(p.numel() for p in unet.parameters())
-    logger.info(
-        "UNet %s: %.1f M parameters, %.3f GFLOPs per denoising step (one UNet pass at batch 1, latents %dx%dx%d, "
-        "%d tokens; x2 with CFG). The paper reports %.3f GFLOPs for its 256 px model.",
-        cfg.name,
-        unet_params / 1e6,
-        flops / 1e9,
-        channels,
-        height,
-        width,
-        cfg.num_tokens,
-        PAPER_GFLOPS,
-    )
     # The one home of the noise schedule: the sampling scheduler is built from this one's config.
-    noise_scheduler = DDPMScheduler(
+    run.noise_scheduler = DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule=cfg.beta_schedule,
         prediction_type=cfg.prediction_type,
     )
-    objective = DiffusionObjective(
-        unet,
-        squeeze,
-        noise_scheduler,
+    _log_unet(run)
+    run.objective = DiffusionObjective(
+        run.unet,
+        run.squeeze,
+        run.noise_scheduler,
         cfg.prediction_type,
-        image_tower=tower,
-        text_encoder=text_encoder if trainable_text else None,
+        image_tower=run.tower,
+        text_encoder=run.bundle.model if run.trainable_text else None,
         snr_gamma=section.snr_gamma,
-        align_weight=section.align_weight if ava_tls else 0.0,
+        align_weight=section.align_weight if run.ava_tls else 0.0,
     )
-    if checkpoint is not None:
-        objective.load_state_dict(load_file(checkpoint / CHECKPOINT_WEIGHTS, device="cpu"))
-    objective.to(dev)
 
-    # 4. Optimizer, schedule, EMA (of everything sampling uses: UNet, squeeze, a trained encoder).
-    text_params = [p for p in text_encoder.parameters() if p.requires_grad] if trainable_text else []
+
+def _build_stage2(run: _Run) -> None:
+    """The stage-1 pipeline, frozen; the knowledge text of every train row; the adapter from its UNet."""
+    from diffcxr_aug.generator.disease_adapter import DiseaseKnowledgeAdapter
+    from diffcxr_aug.generator.knowledge import knowledge_texts
+    from diffcxr_aug.generator.pipeline import DiffCXRPipeline
+    from diffcxr_aug.generator.text_encoder import TextEncoderBundle
+
+    section = run.section
+    pipe = DiffCXRPipeline.from_pretrained(run.stage1, adapter=None)
+    info = json.loads((run.stage1 / TRAINING_INFO).read_text(encoding="utf-8"))
+    run.vae, run.vae_info = pipe.vae.requires_grad_(False).eval().to(run.dev), info.get("vae", {})
+    text = info.get("text_encoder", {})
+    run.bundle = TextEncoderBundle(
+        pipe.text_encoder.eval(), pipe.tokenizer, pipe.config.max_text_tokens, text.get("source", ""),
+        text.get("backend", ""),
+    )  # fmt: skip
+    run.bundle.model.requires_grad_(False)
+    run.squeeze = pipe.token_squeeze.requires_grad_(section.stage2_unfreeze_squeeze)
+    if section.stage2_unfreeze_squeeze and hasattr(run.squeeze, "pool_proj"):
+        run.squeeze.pool_proj.requires_grad_(False)  # stage 2 has no InfoNCE loss: the pooled embedding is unused
+    run.unet = pipe.unet.requires_grad_(False)
+    # The stage-1 training schedule, recovered from the config its sampling scheduler was built from.
+    run.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    run.knowledge = knowledge_texts(
+        run.train.frame[run.train.label_names], section.dkim_templates, section.dkim_states
+    )
+    _prepare_text(run, pipe.text_max_length, extra_texts=run.knowledge)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.seed)
+        run.adapter = DiseaseKnowledgeAdapter.from_unet(
+            run.unet, knowledge_templates=section.dkim_templates, knowledge_states=section.dkim_states
+        )
+    _log_unet(run)
+    logger.info(
+        "DKIM stage 2 on %s: adapter %.1f M parameters (the stage-1 model frozen%s); knowledge e.g. %r",
+        run.stage1,
+        sum(p.numel() for p in run.adapter.parameters()) / 1e6,
+        ", squeeze trained" if section.stage2_unfreeze_squeeze else "",
+        run.knowledge[0],
+    )
+    run.objective = DiffusionObjective(
+        run.unet,
+        run.squeeze,
+        run.noise_scheduler,
+        run.cfg.prediction_type,
+        snr_gamma=section.snr_gamma,
+        adapter=run.adapter,
+    )
+
+
+def _prepare_text(run: _Run, max_length: int, extra_texts: Sequence[str] = ()) -> None:
+    """Encode the train split's latents, and cache a frozen encoder's token states of every distinct report (and
+    knowledge text) unless they would not fit in memory (a MIMIC-size corpus with a BERT-base encoder)."""
+    from diffcxr_aug.generator.text_encoder import token_lengths
+    from diffcxr_aug.generator.vae import encode_manifest
+
+    reports = run.train.frame["report"].tolist()
+    run.text_max_length = max_length
+    lengths = token_lengths(run.bundle.tokenizer, reports)
+    run.truncated = sum(n > max_length for n in lengths)
+    logger.info(
+        "Text encoder %s (%s, %s): %d of %d train reports are longer than the %d tokens it sees%s",
+        run.cfg.text_encoder,
+        run.bundle.backend,
+        run.cfg.text_encoder_policy if run.stage == 1 else "frozen",
+        run.truncated,
+        len(reports),
+        max_length,
+        "" if run.ava_tls else " (AVA-TLS off: the first K tokens only)",
+    )
+    run.latents = encode_manifest(run.vae, run.train, run.cfg.image_size, device=run.dev, progress=run.main)
+    text_encoder = run.bundle.model.to(run.dev).eval()  # eval: no dropout, so resume stays exact
+    text_encoder.requires_grad_(run.trainable_text)
+    if run.trainable_text and getattr(text_encoder, "pooler", None) is not None:
+        text_encoder.pooler.requires_grad_(False)  # unused: the squeeze reads the token states
+    texts = [*reports, *extra_texts]
+    cache_bytes = (
+        sum(min(n, max_length) for n in token_lengths(run.bundle.tokenizer, texts)) * run.bundle.hidden_size * 4
+    )
+    if not run.trainable_text and cache_bytes <= TEXT_CACHE_MAX_BYTES:
+        run.text_cache = _TextStates(run.bundle, texts, max_length, run.dev, run.main)
+
+
+def _log_unet(run: _Run) -> None:
+    with torch.device("meta"):
+        meta_unet = UNet2DConditionModel.from_config(run.unet.config)
+        meta_adapter = None if run.adapter is None else type(run.adapter).from_config(run.adapter.config)
+    run.flops = denoising_step_flops(meta_unet, run.cfg.num_tokens, meta_adapter)
+    run.unet_params = sum(p.numel() for p in run.unet.parameters())
+    channels, height, width = run.latents.shape[1:]
+    logger.info(
+        "UNet %s: %.1f M parameters, %.3f GFLOPs per denoising step (one UNet pass%s at batch 1, latents "
+        "%dx%dx%d, %d tokens; x2 with CFG). The paper reports %.3f GFLOPs for its 256 px model.",
+        run.cfg.name,
+        run.unet_params / 1e6,
+        run.flops / 1e9,
+        "" if run.adapter is None else " and one adapter pass",
+        channels,
+        height,
+        width,
+        run.cfg.num_tokens,
+        PAPER_GFLOPS,
+    )
+
+
+def _build_optimisation(run: _Run) -> None:
+    """4. AdamW, warm-up then constant LR, an EMA of everything sampling uses that trains; restored on resume."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    objective, section, lr = run.objective, run.section, run.learning_rate
+    if run.checkpoint is not None:
+        _load_trainable(objective, run.checkpoint / CHECKPOINT_WEIGHTS)
+    objective.to(run.dev)
+    text_encoder = run.bundle.model
+    text_params = [p for p in text_encoder.parameters() if p.requires_grad] if run.trainable_text else []
     text_ids = {id(p) for p in text_params}
     main_params = [p for p in objective.parameters() if p.requires_grad and id(p) not in text_ids]
-    groups = [{"params": main_params, "lr": section.learning_rate}]
+    groups = [{"params": main_params, "lr": lr}]
     if text_params:
-        scale = FINETUNE_LR_SCALE if policy == "finetune" else 1.0
-        groups.append({"params": text_params, "lr": section.learning_rate * scale})
-    optimizer = torch.optim.AdamW(groups, lr=section.learning_rate, weight_decay=1e-2)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer, num_warmup_steps=section.lr_warmup_steps)
-    ema_modules = [unet, squeeze] + ([text_encoder] if trainable_text else [])
-    ema_params = [p for m in ema_modules for p in m.parameters()]
-    ema = EMAModel(ema_params, decay=section.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
-    if checkpoint is not None:
-        training_state = torch.load(checkpoint / CHECKPOINT_TRAINING_STATE, map_location="cpu", weights_only=True)
+        scale = FINETUNE_LR_SCALE if run.cfg.text_encoder_policy == "finetune" else 1.0
+        groups.append({"params": text_params, "lr": lr * scale})
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-2)
+    run.lr_scheduler = get_scheduler(
+        "constant_with_warmup", optimizer=optimizer, num_warmup_steps=section.lr_warmup_steps
+    )
+    if run.stage == 1:
+        ema_modules = [run.unet, run.squeeze] + ([text_encoder] if run.trainable_text else [])
+    else:
+        ema_modules = [run.adapter] + ([run.squeeze] if section.stage2_unfreeze_squeeze else [])
+    run.ema_params = [p for m in ema_modules for p in m.parameters()]
+    run.ema = EMAModel(run.ema_params, decay=section.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
+    if run.checkpoint is not None:
+        state = torch.load(run.checkpoint / CHECKPOINT_TRAINING_STATE, map_location="cpu", weights_only=True)
         try:
-            optimizer.load_state_dict(training_state["optimizer"])
+            optimizer.load_state_dict(state["optimizer"])
         except ValueError as err:
             # e.g. an AVA-TLS-off run saved before its unused pooled projection was frozen: other trainable set.
             raise InputError(
-                f"--resume {checkpoint}: its optimizer state does not match the parameters this version trains "
+                f"--resume {run.checkpoint}: its optimizer state does not match the parameters this version trains "
                 f"({err}). It was written by another version of diffcxr-aug; finish it with that version, or start "
                 "a fresh run in another --out."
             ) from err
-        lr_scheduler.load_state_dict(training_state["lr_scheduler"])
-        ema.load_state_dict(training_state["ema"])
-        logger.info("Resumed from %s at step %d", checkpoint, start_step)
-    ema.to(dev)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    model = accelerator.unwrap_model(objective)
+        run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        run.ema.load_state_dict(state["ema"])
+        logger.info("Resumed from %s at step %d", run.checkpoint, run.start_step)
+    run.ema.to(run.dev)
+    run.objective, run.optimizer = run.accelerator.prepare(objective, optimizer)
 
-    # Fixed validation reports, their real images, and the pipeline used to sample them.
-    val_rows = validation_rows(manifest, section.num_validation_reports, seed)
-    val_reports = val_rows.frame["report"].tolist()
-    val_real = [to_uint8(s["image"][None])[0] for s in CXRDataset(val_rows, cfg.image_size, progress=False)]
-    val_captions = [label_caption(row, val_rows.label_names) for _, row in val_rows.frame.iterrows()]
 
-    def sample_grid(step: int) -> Path | None:
-        if not val_reports:
-            return None
-        ema.store(ema_params)
-        ema.copy_to(ema_params)
-        try:
-            pipe = DiffCXRPipeline(
-                vae=vae,
-                text_encoder=text_encoder,
-                tokenizer=bundle.tokenizer,
-                token_squeeze=squeeze,
-                unet=unet,
-                scheduler=default_scheduler(noise_scheduler),
-                max_text_tokens=bundle.max_length,
-            )
-            pipe.set_progress_bar_config(disable=True)
-            images = pipe(
-                val_reports,
-                num_inference_steps=section.validation_steps,
-                guidance_scale=section.validation_guidance,
-                generator=torch.Generator().manual_seed(seed),
-                output_type="pt",
-            ).images
-        finally:
-            ema.restore(ema_params)
-        return save_report_grid(
-            val_reports,
-            list(to_uint8(images)),
-            out / SAMPLES_DIR / f"step-{step:06d}.png",
-            real=val_real,
-            captions=val_captions,
-            title=f"{cfg.name}, AVA-TLS {'on' if ava_tls else 'off'}, step {step} (EMA, "
-            f"{section.validation_steps} DPM-Solver++ steps, guidance {section.validation_guidance})",
+def _load_trainable(objective: DiffusionObjective, path: Path) -> None:
+    """Load a checkpoint's weights: all of the objective (stage 1) or the modules that train (stage 2)."""
+    from safetensors.torch import load_file
+
+    saved = load_file(path, device="cpu")
+    missing, unexpected = objective.load_state_dict(saved, strict=False)
+    expected = set(objective.checkpoint_keys())
+    if unexpected or expected - set(saved):
+        raise InputError(
+            f"{path}: its weights do not match what this run trains (missing {sorted(expected - set(saved))[:3]}, "
+            f"unexpected {unexpected[:3]}); it was written by another version or stage; start a fresh run in "
+            "another --out"
         )
 
-    state = {
-        "config": cfg.to_dict(),
-        "ava_tls": ava_tls,
-        "seed": seed,
-        "section": section.model_dump(mode="json"),
-        "num_processes": accelerator.num_processes,
-        "data": str(Path(manifest.source).resolve()),
-    }
+
+# ---------------------------------------------------------------------------------------------------- the loop
+def _loop(run: _Run) -> int:
+    """5-6. Optimizer steps of ``gradient_accumulation_steps`` micro-batches, checkpoints, logs and grids; returns
+    the last step."""
+    from diffcxr_aug.generator.ava_tls import same_text_mask
+    from diffcxr_aug.generator.figures import save_loss_plot
+    from diffcxr_aug.generator.text_encoder import encode_tokens, tokenize
+
+    section, accelerator, dev, main = run.section, run.accelerator, run.dev, run.main
+    objective, model, max_steps = run.objective, run.model, run.max_steps
+    train_reports = run.train.frame["report"].tolist()
+    grids = _SampleGrids(run)
     # Training wall time before this invocation, as of the checkpoint resumed from (None: an older checkpoint that
     # did not record it). Time spent after the last checkpoint of an interrupted run is lost with its work.
-    prior_minutes: float | None = 0.0
-    if checkpoint is not None:
-        checkpoint_state = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
-        prior_minutes = checkpoint_state.get("wall_minutes")
+    run.prior_minutes = 0.0
+    if run.checkpoint is not None:
+        checkpoint_state = json.loads((run.checkpoint / CHECKPOINT_STATE).read_text())
+        run.prior_minutes = checkpoint_state.get("wall_minutes")
         previous = checkpoint_state.get("num_processes")
         if previous not in (None, accelerator.num_processes):
             logger.warning(
@@ -758,52 +950,53 @@ def _train(
                 accelerator.num_processes,
                 previous,
             )
-
-    def wall_minutes() -> tuple[float, float | None]:
-        """Minutes of this invocation (VAE training included) and of the whole run so far."""
-        this = (time.monotonic() - run_started) / 60
-        return round(this, 2), None if prior_minutes is None else round(prior_minutes + this, 2)
-
-    loss_csv = out / LOSS_CSV
+    loss_csv = run.out / LOSS_CSV
     if main:
-        if checkpoint is None:
+        if run.checkpoint is None:
             loss_csv.unlink(missing_ok=True)
         else:
-            _truncate_loss_log(loss_csv, start_step)
-    scratch_tokenizer = bundle.tokenizer if cfg.text_encoder == "scratch" else None
-
-    # 5. The loop: optimizer steps of `accum` micro-batches.
-    accum = section.gradient_accumulation_steps
-    stream = _BatchStream(len(train), section.batch_size, seed, accelerator.process_index, accelerator.num_processes)
+            _truncate_loss_log(loss_csv, run.start_step)
+    scratch_tokenizer = run.bundle.tokenizer if run.cfg.text_encoder == "scratch" and run.stage == 1 else None
 
     def text_inputs(texts: list[str]) -> dict[str, torch.Tensor]:
-        if text_cache is not None:
-            return text_cache.batch(texts, dev)
-        tokens = tokenize(bundle.tokenizer, texts, text_max_length, dev)
-        if trainable_text:
+        if run.text_cache is not None:
+            return run.text_cache.batch(texts, dev)
+        tokens = tokenize(run.bundle.tokenizer, texts, run.text_max_length, dev)
+        if run.trainable_text:
             return tokens  # encoded inside the objective, with gradients
         with torch.no_grad():
-            states, mask = encode_tokens(text_encoder, tokens)
+            states, mask = encode_tokens(run.bundle.model, tokens)
         return {"states": states, "attention_mask": mask}
 
+    accum = section.gradient_accumulation_steps
+    stream = _BatchStream(
+        len(run.train), section.batch_size, run.seed, accelerator.process_index, accelerator.num_processes
+    )
     null_text = text_inputs([""])
-    step = start_step
+    step = run.start_step
     started = time.time()
     pending: list[dict[str, Any]] = []
-    bar = tqdm(total=section.max_steps, initial=step, desc=f"training {cfg.name}", disable=not progress, unit="step")
+    name = run.cfg.name if run.stage == 1 else f"{run.cfg.name} DKIM adapter"
+    bar = tqdm(total=max_steps, initial=step, desc=f"training {name}", disable=not main, unit="step")
     objective.train()
-    while step < section.max_steps:
+    while step < max_steps:
         totals: dict[str, float] = {}
         for k in range(accum):
             micro = step * accum + k
             rows = stream.indices(micro)
             generator = stream.generator(micro)
-            batch_latents = latents[rows]
+            batch_latents = run.latents[rows]
             noise = torch.randn(batch_latents.shape, generator=generator)
-            timesteps = torch.randint(0, cfg.num_train_timesteps, (len(rows),), generator=generator)
+            timesteps = torch.randint(0, run.cfg.num_train_timesteps, (len(rows),), generator=generator)
             drop = torch.rand(len(rows), generator=generator) < section.cfg_dropout
             reports = [train_reports[i] for i in rows]
-            text = text_inputs(reports)
+            knowledge = {}
+            if run.stage == 2:  # the knowledge is dropped independently of the report, so each can be guided alone
+                drop_knowledge = torch.rand(len(rows), generator=generator) < section.knowledge_cfg_dropout
+                knowledge = {
+                    "knowledge": text_inputs([run.knowledge[i] for i in rows]),
+                    "drop_knowledge": drop_knowledge.to(dev),
+                }
             sync = contextlib.nullcontext() if k == accum - 1 else accelerator.no_sync(objective)
             with sync:
                 losses = objective(
@@ -811,18 +1004,19 @@ def _train(
                     noise.to(dev),
                     timesteps.to(dev),
                     drop.to(dev),
-                    text,
+                    text_inputs(reports),
                     null_text,
                     same_text_mask(reports).to(dev),
+                    **knowledge,
                 )
                 accelerator.backward(losses["loss"] / accum)
-            for name, value in losses.items():
-                totals[name] = totals.get(name, 0.0) + float(value.detach()) / accum
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
         accelerator.clip_grad_norm_(objective.parameters(), 1.0)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(ema_params)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.ema.step(run.ema_params)
         step += 1
 
         values = torch.tensor([totals.get(c, float("nan")) for c in LOSS_COLUMNS[1:4]], device=dev)
@@ -831,7 +1025,7 @@ def _train(
             {
                 "step": step,
                 **dict(zip(LOSS_COLUMNS[1:4], reduced.tolist(), strict=True)),
-                "lr": lr_scheduler.get_last_lr()[0],
+                "lr": run.lr_scheduler.get_last_lr()[0],
                 "logit_scale": float(model.image_tower.logit_scale.detach().exp())
                 if model.image_tower is not None
                 else None,
@@ -841,19 +1035,8 @@ def _train(
         last_loss = pending[-1]["loss"]
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}")
-        out_of_time = False
-        if section.time_limit_minutes is not None:
-            # Every process must stop at the same step: the main process's clock decides.
-            flag = torch.tensor([float(time.monotonic() - run_started > 60 * section.time_limit_minutes)], device=dev)
-            out_of_time = bool(accelerator.reduce(flag, "max").item()) and step < section.max_steps
-            if out_of_time:
-                logger.warning(
-                    "time limit of %s minutes reached at step %d of %d: saving and stopping",
-                    section.time_limit_minutes,
-                    step,
-                    section.max_steps,
-                )
-        last = step == section.max_steps or out_of_time
+        out_of_time = _out_of_time(run, step)
+        last = step == max_steps or out_of_time
         if main and (step % section.log_every == 0 or last):
             _append_loss_rows(loss_csv, pending)
             pending = []
@@ -863,90 +1046,188 @@ def _train(
                     _append_loss_rows(loss_csv, pending)
                     pending = []
                 _save_checkpoint(
-                    out,
+                    run.out,
                     step,
                     model,
-                    optimizer,
-                    lr_scheduler,
-                    ema,
-                    {**state, "wall_minutes": wall_minutes()[1]},
+                    run.optimizer,
+                    run.lr_scheduler,
+                    run.ema,
+                    {**run.state(), "wall_minutes": _wall_minutes(run)[1]},
                     scratch_tokenizer,
                     section.checkpoints_total_limit,
                 )
-                save_loss_plot(loss_csv, out / LOSS_PNG)
+                save_loss_plot(loss_csv, run.out / LOSS_PNG)
             accelerator.wait_for_everyone()
         if step % section.sample_every == 0 or last:
             if main:
-                path = sample_grid(step)
+                path = grids.save(step)
                 logger.info("step %d: loss %.4f; samples in %s", step, last_loss, path)
             accelerator.wait_for_everyone()
         if out_of_time:
             break
     bar.close()
+    return step
 
-    # 7. The pipeline with the EMA weights.
-    # Nothing trained (a rerun of a finished job): the pipeline and its training_info.json, with the run's real
-    # timing, stay as they are.
-    up_to_date = step == start_step and (out / "model_index.json").is_file()
-    if main and up_to_date:
-        logger.info("%s already trained to step %d; the pipeline folder is up to date", out, step)
-    elif main:
-        ema.copy_to(ema_params)
-        pipeline = DiffCXRPipeline(
-            vae=vae.cpu(),
-            text_encoder=text_encoder.cpu(),
-            tokenizer=bundle.tokenizer,
-            token_squeeze=squeeze.cpu(),
-            unet=unet.cpu(),
-            scheduler=default_scheduler(noise_scheduler),
-            max_text_tokens=bundle.max_length,
+
+def _out_of_time(run: _Run, step: int) -> bool:
+    """Whether the time limit has passed; every process stops at the same step (the main process's clock)."""
+    limit = run.section.time_limit_minutes
+    if limit is None:
+        return False
+    flag = torch.tensor([float(time.monotonic() - run.run_started > 60 * limit)], device=run.dev)
+    out_of_time = bool(run.accelerator.reduce(flag, "max").item()) and step < run.max_steps
+    if out_of_time:
+        logger.warning(
+            "time limit of %s minutes reached at step %d of %d: saving and stopping", limit, step, run.max_steps
         )
-        save_pipeline_folder(pipeline, out)
-        if tower is not None:
-            model.image_tower.cpu().save_pretrained(out / "image_tower")
-        minutes_this, minutes_total = wall_minutes()
-        info = {
-            "stage": 1,
-            "config": cfg.to_dict(),
-            "ava_tls": ava_tls,
-            "ava_tls_meaning": "squeeze all report tokens to K with InfoNCE image alignment"
-            if ava_tls
-            else "baseline: the encoder sees the first K tokens, linear projection, no alignment",
-            "text_encoder": {
-                "source": cfg.text_encoder,
-                "backend": bundle.backend,
-                "policy": policy,
-                "max_length": text_max_length,
-                "train_reports_truncated": truncated,
-            },
-            "vae": vae_info,
-            "unet_params": unet_params,
-            "gflops_per_denoising_step": flops / 1e9,
-            "paper_gflops": PAPER_GFLOPS,
-            "steps": step,
-            "stopped_by_time_limit": step < section.max_steps,
-            # Wall clock of this invocation (VAE training included), and of every invocation that led to these
-            # weights (None when resumed from a checkpoint that did not record it).
-            "wall_minutes_this_invocation": minutes_this,
-            "wall_minutes_total": minutes_total,
-            "resumed_from_step": start_step,
-            "seed": seed,
-            "num_processes": accelerator.num_processes,
-            "mixed_precision": mixed_precision,
-            "device": str(dev),
-            "data": state["data"],
-            "train_images": len(train),
-            "section": section.model_dump(mode="json"),
+    return out_of_time
+
+
+def _wall_minutes(run: _Run) -> tuple[float, float | None]:
+    """Minutes of this invocation (VAE training included) and of the whole run so far."""
+    this = (time.monotonic() - run.run_started) / 60
+    prior = run.prior_minutes
+    return round(this, 2), None if prior is None else round(prior + this, 2)
+
+
+def _pipeline(run: _Run, device: torch.device | str | None = None) -> Any:
+    """The pipeline of the current weights (the caller swaps the EMA weights in)."""
+    from diffcxr_aug.generator.pipeline import DiffCXRPipeline, default_scheduler
+
+    modules = {
+        "vae": run.vae,
+        "text_encoder": run.bundle.model,
+        "token_squeeze": run.squeeze,
+        "unet": run.unet,
+        "adapter": run.adapter,
+    }
+    if device is not None:
+        modules = {k: None if m is None else m.to(device) for k, m in modules.items()}
+    return DiffCXRPipeline(
+        **modules,
+        tokenizer=run.bundle.tokenizer,
+        scheduler=default_scheduler(run.noise_scheduler),
+        max_text_tokens=run.bundle.max_length,
+    )
+
+
+class _SampleGrids:
+    """Fixed validation reports (with their labels, for the adapter's knowledge), their real images, and a grid of
+    the EMA model's images for them."""
+
+    def __init__(self, run: _Run) -> None:
+        from diffcxr_aug.data.dataset import CXRDataset
+        from diffcxr_aug.generator.vae import to_uint8
+
+        self.run = run
+        self.rows = validation_rows(run.manifest, run.section.num_validation_reports, run.seed)
+        self.reports = self.rows.frame["report"].tolist()
+        self.real = [to_uint8(s["image"][None])[0] for s in CXRDataset(self.rows, run.cfg.image_size, progress=False)]
+        self.captions = [label_caption(row, self.rows.label_names) for _, row in self.rows.frame.iterrows()]
+
+    def save(self, step: int) -> Path | None:
+        from diffcxr_aug.generator.figures import save_report_grid
+        from diffcxr_aug.generator.vae import to_uint8
+
+        run, section = self.run, self.run.section
+        if not self.reports:
+            return None
+        knowledge = {} if run.adapter is None else {"labels": self.rows.frame[self.rows.label_names]}
+        run.ema.store(run.ema_params)
+        run.ema.copy_to(run.ema_params)
+        try:
+            pipe = _pipeline(run)
+            pipe.set_progress_bar_config(disable=True)
+            images = pipe(
+                self.reports,
+                num_inference_steps=section.validation_steps,
+                guidance_scale=section.validation_guidance,
+                generator=torch.Generator().manual_seed(run.seed),
+                output_type="pt",
+                **knowledge,
+            ).images
+        finally:
+            run.ema.restore(run.ema_params)
+        what = f"AVA-TLS {'on' if run.ava_tls else 'off'}" + (", DKIM adapter" if run.stage == 2 else "")
+        return save_report_grid(
+            self.reports,
+            list(to_uint8(images)),
+            run.out / SAMPLES_DIR / f"step-{step:06d}.png",
+            real=self.real,
+            captions=self.captions,
+            title=f"{run.cfg.name}, {what}, step {step} (EMA, {section.validation_steps} DPM-Solver++ steps, "
+            f"guidance {section.validation_guidance})",
+        )
+
+
+# -------------------------------------------------------------------------------------------------- the output
+def _save_pipeline(run: _Run, step: int) -> None:
+    """7. The pipeline with the EMA weights, and ``training_info.json``. Nothing trained (a rerun of a finished
+    job): the pipeline and its training_info.json, with the run's real timing, stay as they are."""
+    out = run.out
+    if step == run.start_step and (out / "model_index.json").is_file():
+        logger.info("%s already trained to step %d; the pipeline folder is up to date", out, step)
+        return
+    run.ema.copy_to(run.ema_params)
+    save_pipeline_folder(_pipeline(run, device="cpu"), out)
+    if run.tower is not None:
+        run.model.image_tower.cpu().save_pretrained(out / "image_tower")
+    minutes_this, minutes_total = _wall_minutes(run)
+    section = run.section
+    info = {
+        "stage": run.stage,
+        "config": run.cfg.to_dict(),
+        "ava_tls": run.ava_tls,
+        "ava_tls_meaning": "squeeze all report tokens to K with InfoNCE image alignment"
+        if run.ava_tls
+        else "baseline: the encoder sees the first K tokens, linear projection, no alignment",
+        "text_encoder": {
+            "source": run.cfg.text_encoder if run.stage == 1 else run.bundle.source,
+            "backend": run.bundle.backend,
+            "policy": run.cfg.text_encoder_policy if run.stage == 1 else "frozen",
+            "max_length": run.text_max_length,
+            "train_reports_truncated": run.truncated,
+        },
+        "vae": run.vae_info,
+        "unet_params": run.unet_params,
+        "gflops_per_denoising_step": run.flops / 1e9,
+        "paper_gflops": PAPER_GFLOPS,
+        "steps": step,
+        "stopped_by_time_limit": step < run.max_steps,
+        # Wall clock of this invocation (VAE training included), and of every invocation that led to these
+        # weights (None when resumed from a checkpoint that did not record it).
+        "wall_minutes_this_invocation": minutes_this,
+        "wall_minutes_total": minutes_total,
+        "resumed_from_step": run.start_step,
+        "seed": run.seed,
+        "num_processes": run.accelerator.num_processes,
+        "mixed_precision": run.mixed_precision,
+        "device": str(run.dev),
+        "data": str(Path(run.manifest.source).resolve()),
+        "train_images": len(run.train),
+        "section": section.model_dump(mode="json"),
+    }
+    if run.stage == 2:
+        stage1_info = json.loads((run.stage1 / TRAINING_INFO).read_text(encoding="utf-8"))
+        info["dkim"] = {
+            "stage1": str(run.stage1.resolve()),
+            "stage1_steps": stage1_info.get("steps"),
+            "adapter_params": sum(p.numel() for p in run.adapter.parameters()),
+            "knowledge_states": section.dkim_states,
+            "knowledge_dropout": section.knowledge_cfg_dropout,
+            "report_dropout": section.cfg_dropout,
+            "squeeze_trained": section.stage2_unfreeze_squeeze,
+            "learning_rate": run.learning_rate,
+            "knowledge_example": run.knowledge[0],
         }
-        atomic_write_json(out / TRAINING_INFO, info)
-        atomic_write_text(out / "README.txt", _folder_readme(cfg, ava_tls, step))
-    accelerator.wait_for_everyone()
-    return out
+    atomic_write_json(out / TRAINING_INFO, info)
+    atomic_write_text(out / "README.txt", _folder_readme(run.cfg, run.ava_tls, step, run.stage))
 
 
-def _folder_readme(cfg: GeneratorConfig, ava_tls: bool, step: int) -> str:
+def _folder_readme(cfg: GeneratorConfig, ava_tls: bool, step: int, stage: int = 1) -> str:
+    what = "stage-1 pipeline" if stage == 1 else "stage-2 pipeline (the stage-1 model plus the DKIM adapter)"
     return (
-        f"Diff-CXR stage-1 pipeline ({cfg.name}, AVA-TLS {'on' if ava_tls else 'off'}, {step} steps).\n\n"
+        f"Diff-CXR {what} ({cfg.name}, AVA-TLS {'on' if ava_tls else 'off'}, {step} steps).\n\n"
         "Load: DiffCXRPipeline.from_pretrained(this folder) (from diffcxr_aug.generator.pipeline).\n"
         "checkpoints/: resumable training state; logs/: loss.csv, loss.png; samples/: validation grids;\n"
         "training_info.json: the resolved configuration, encoder policy, VAE metrics and GFLOPs.\n"
