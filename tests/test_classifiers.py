@@ -349,7 +349,13 @@ def test_train_classifier_cli_errors(tmp_path):
 
 def _fake_results() -> pd.DataFrame:
     rows = []
-    means = {("real", 0.01): 0.60, ("real", 1.0): 0.90, ("mix", 0.01): 0.80, ("pretrain-finetune", 0.01): 0.61}
+    means = {
+        ("real", 0.01): 0.60,
+        ("real", 1.0): 0.90,
+        ("mix", 0.01): 0.80,
+        ("pretrain-finetune", 0.01): 0.61,
+        ("synthetic-only", 0.0): 0.70,
+    }
     for (mode, frac), mean in means.items():
         for seed, noise in enumerate((-0.01, 0.0, 0.01)):
             rows.append(
@@ -366,12 +372,23 @@ def test_paired_gains_summary_and_plot(tmp_path):
     assert gains.loc["mix", "gain_mean"] == pytest.approx(0.20)
     assert gains.loc["mix", "outside_spread"] == 1 and gains.loc["pretrain-finetune", "outside_spread"] == 0
     assert gains.loc["mix", "gap_closed"] == pytest.approx(0.20 / 0.30)
+    assert gains.loc["mix", "gap_closed_std"] == pytest.approx(0.0, abs=1e-9)
+    # synthetic-only trains on no real image: it is set against all real.
+    assert gains.loc["synthetic-only", "against"] == 1.0
+    assert gains.loc["synthetic-only", "gain_mean"] == pytest.approx(-0.20)
     summary = summary_markdown(results, "fake")
-    assert "| 0.01 | mix | synthetic | +0.200 ± 0.000 (3 seeds) | yes, better | 67% | – |" in summary
+    assert "| 0.01 | mix | synthetic | +0.200 ± 0.000 (3 seeds) | yes, better | 67% ± 0% | – |" in summary
     assert (
-        "| 0.01 | pretrain-finetune | synthetic | +0.010 ± 0.000 (3 seeds) | no (within spread) | 3% | 1/3 |"
+        "| 0.01 | pretrain-finetune | synthetic | +0.010 ± 0.000 (3 seeds) | no (within spread) | 3% ± 0% | 1/3 |"
         in summary
     )
+    assert (
+        "| 0 | synthetic-only | synthetic | -0.200 ± 0.000 (3 seeds), against real-only at 1 | yes, worse | n/a | – |"
+        in summary
+    )
+    # Per-label paired gains at the smallest fraction: A gains 0.200 with mix in every seed.
+    assert "## Per-label gains at 0.01 real" in summary
+    assert "| A | +0.200 ± 0.000 + | +0.010 ± 0.000 + |" in summary
     path = plot_sweep(results, tmp_path / "fig.png")
     assert path.stat().st_size > 10_000
 

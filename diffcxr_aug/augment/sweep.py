@@ -582,8 +582,11 @@ def paired_gains(results: pd.DataFrame) -> pd.DataFrame:
     minus its std lies above the real-only mean plus its std, i.e. the seed error bars do not overlap;
     ``-1`` when it lies below, ``0`` when they overlap), ``kept_start`` (runs whose best checkpoint is
     the starting point of their last stage: for ``pretrain-finetune``, fine-tuning never beat the
-    synthetic-only model on validation) and ``gap_closed``: the share of the gap between
-    real-only at this fraction and real-only at fraction 1.0 that the mode closes.
+    synthetic-only model on validation), ``gap_closed``: the share of the gap between real-only at this fraction
+    and real-only at fraction 1.0 that the mode closes (ratio of the means), and ``gap_closed_std``: the standard
+    deviation of the same share computed seed by seed (each seed's run against the same seed's two real-only runs).
+    ``against`` is the real-only fraction compared with: the run's own, or 1.0 (all real) for ``synthetic-only``,
+    which trains on no real image.
     """
     results = _with_source(results)
     real = results[results["mode"] == "real"].set_index(["real_frac", "seed"])["mauc"]
@@ -592,11 +595,18 @@ def paired_gains(results: pd.DataFrame) -> pd.DataFrame:
     rows = []
     synthetic_runs = results[results["mode"] != "real"]
     for (frac, mode, source), group in synthetic_runs.groupby(["real_frac", "mode", "source"]):
-        paired = [(r.mauc - real[(frac, r.seed)]) for r in group.itertuples() if (frac, r.seed) in real.index]
+        against = 1.0 if mode == "synthetic-only" else frac
+        paired = [(r.mauc - real[(against, r.seed)]) for r in group.itertuples() if (against, r.seed) in real.index]
         if not paired:
             continue
         mode_mean, mode_std = stats.loc[(frac, mode, source), ["mauc_mean", "mauc_std"]]
-        real_mean, real_std = stats.loc[(frac, "real", NO_SOURCE), ["mauc_mean", "mauc_std"]]
+        real_mean, real_std = stats.loc[(against, "real", NO_SOURCE), ["mauc_mean", "mauc_std"]]
+        per_seed = [
+            (r.mauc - real[(against, r.seed)]) / (real[(1.0, r.seed)] - real[(against, r.seed)])
+            for r in group.itertuples()
+            if against < 1.0 and (1.0, r.seed) in real.index and (against, r.seed) in real.index
+            and real[(1.0, r.seed)] > real[(against, r.seed)]
+        ]  # fmt: skip
         if mode_mean - mode_std > real_mean + real_std:
             outside = 1
         elif mode_mean + mode_std < real_mean - real_std:
@@ -609,12 +619,14 @@ def paired_gains(results: pd.DataFrame) -> pd.DataFrame:
                 "real_frac": frac,
                 "mode": mode,
                 "source": source,
+                "against": against,
                 "pairs": len(paired),
                 "gain_mean": float(np.mean(paired)),
                 "gain_std": float(np.std(paired, ddof=1)) if len(paired) > 1 else 0.0,
                 "outside_spread": outside,
                 "kept_start": int((group["best_epoch"] == 0).sum()) if "best_epoch" in group else 0,
-                "gap_closed": float((mode_mean - real_mean) / gap) if frac < 1.0 and gap > 0 else math.nan,
+                "gap_closed": float((mode_mean - real_mean) / gap) if against < 1.0 and gap > 0 else math.nan,
+                "gap_closed_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else math.nan,
             }
         )
     return pd.DataFrame(
@@ -623,14 +635,36 @@ def paired_gains(results: pd.DataFrame) -> pd.DataFrame:
             "real_frac",
             "mode",
             "source",
+            "against",
             "pairs",
             "gain_mean",
             "gain_std",
             "outside_spread",
             "kept_start",
             "gap_closed",
+            "gap_closed_std",
         ],
     )
+
+
+def per_label_gains(results: pd.DataFrame, real_frac: float) -> pd.DataFrame:
+    """Per-label paired AUC gains at ``real_frac``: for each synthetic mode and source, the mean and standard
+    deviation over seeds of (its AUC - real-only's AUC, same seed) for every label; one row per label, columns
+    ``(mode, source, "mean" | "std")``. Labels not scored in a run (too few of one class) are left out of its
+    pairs."""
+    results = _with_source(results)
+    labels = [c for c in results.columns if c.startswith("auc_")]
+    at = results[results["real_frac"] == real_frac]
+    real = at[at["mode"] == "real"].set_index("seed")[labels]
+    columns = {}
+    for (mode, source), group in at[at["mode"] != "real"].groupby(["mode", "source"]):
+        runs = group.set_index("seed")[labels]
+        diffs = runs - real.reindex(runs.index)
+        columns[(mode, source, "mean")] = diffs.mean()
+        columns[(mode, source, "std")] = diffs.std(ddof=1)
+    frame = pd.DataFrame(columns)
+    frame.index = [label[len("auc_") :] for label in frame.index]
+    return frame
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -680,10 +714,15 @@ def summary_markdown(results: pd.DataFrame, title: str = "", scored: str = "") -
         ]
         for r in gains.itertuples():
             closed = "n/a" if math.isnan(r.gap_closed) else f"{100 * r.gap_closed:.0f}%"
+            if not math.isnan(r.gap_closed) and not math.isnan(r.gap_closed_std):
+                closed += f" ± {100 * r.gap_closed_std:.0f}%"
             kept = f"{r.kept_start}/{r.pairs}" if r.mode == "pretrain-finetune" else "–"
             gain = f"{r.gain_mean:+.3f} ± {r.gain_std:.3f} ({r.pairs} seeds)"
+            if r.against != r.real_frac:
+                gain += f", against real-only at {r.against:g}"
             verdict_text = verdict[r.outside_spread]
             lines.append(f"| {r.real_frac:g} | {r.mode} | {r.source} | {gain} | {verdict_text} | {closed} | {kept} |")
+        lines += _per_label_gain_lines(results)
     auc_columns = [c for c in results.columns if c.startswith("auc_")]
     if auc_columns:
         per_label = _with_source(results).groupby(["real_frac", "mode", "source"])[auc_columns].mean()
@@ -701,6 +740,40 @@ def summary_markdown(results: pd.DataFrame, title: str = "", scored: str = "") -
             values = [_fmt(float(v)) for v in per_label[column]]
             lines.append(f"| {column[4:]} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _per_label_gain_lines(results: pd.DataFrame) -> list[str]:
+    """The per-label paired gains at the smallest real fraction below 1, as a markdown table."""
+    fractions = sorted(f for f in results["real_frac"].unique() if 0 < f < 1)
+    if not fractions:
+        return []
+    gains = per_label_gains(results, fractions[0])
+    pairs = list(dict.fromkeys((mode, source) for mode, source, _ in gains.columns))
+    if not pairs:
+        return []
+    lines = [
+        "",
+        f"## Per-label gains at {fractions[0]:g} real (paired by seed; mean ± std)",
+        "",
+        "+ helps / − hurts: the mean ± std excludes zero; blank: within the seed spread; n/a: not scored.",
+        "",
+        "| label | " + " | ".join(f"{m} {s}" for m, s in pairs) + " |",
+        "|---|" + "---:|" * len(pairs),
+    ]
+    for label, row in gains.iterrows():
+        cells = []
+        for mode, source in pairs:
+            mean, std = row[(mode, source, "mean")], row[(mode, source, "std")]
+            if pd.isna(mean):
+                cells.append("n/a")
+                continue
+            if pd.isna(std):  # one seed: no spread, no verdict
+                cells.append(f"{mean:+.3f} (1 seed)")
+                continue
+            mark = " +" if mean - std > 0 else (" −" if mean + std < 0 else "")
+            cells.append(f"{mean:+.3f} ± {std:.3f}{mark}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_summary(results: pd.DataFrame, path: str | os.PathLike, title: str = "", scored: str = "") -> Path:
