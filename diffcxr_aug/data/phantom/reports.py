@@ -345,6 +345,11 @@ class _Writer:
         return out
 
     def lungs(self) -> list[str]:
+        # In this order: each group draws from the report's random stream.
+        return self._airspace() + self._edema() + self._atelectasis() + self._lung_lesion()
+
+    def _airspace(self) -> list[str]:
+        """Consolidation, pneumonia and lung opacity, which share their sentences."""
         out = []
         s, f = self.s, self.f
         cons, pna, lo = s["Consolidation"], s["Pneumonia"], s["Lung Opacity"]
@@ -435,6 +440,12 @@ class _Writer:
                     )
                 )
             )
+        return out
+
+    def _edema(self) -> list[str]:
+        """Pulmonary edema."""
+        out = []
+        s, f = self.s, self.f
         if "edema" in f:
             sev = f["edema"].severity
             deg = _degree(sev)
@@ -460,6 +471,12 @@ class _Writer:
                         )
                     )
                 )
+        return out
+
+    def _atelectasis(self) -> list[str]:
+        """Atelectasis, lobar or plate-like."""
+        out = []
+        s, f = self.s, self.f
         if "atelectasis" in f:
             fa = f["atelectasis"]
             where = "bibasilar" if fa.side == "bilateral" else f"{fa.side} basilar"
@@ -498,6 +515,12 @@ class _Writer:
                 )
         elif s["Atelectasis"] == -1.0:
             out.append(self.pick(("This may partly represent atelectasis.", "Atelectasis is also possible.")))
+        return out
+
+    def _lung_lesion(self) -> list[str]:
+        """A nodule or a mass."""
+        out = []
+        s, f = self.s, self.f
         if "lung_lesion" in f:
             fl = f["lung_lesion"]
             loc = _location(fl, self.rng)

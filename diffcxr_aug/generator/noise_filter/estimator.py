@@ -1,37 +1,22 @@
-"""Latent Noise Filtering (LNFS): find the noisy images of a training set in the VAE latent space.
+"""The LNFS estimator: :class:`LatentNoiseFilter` scores images for noise from their VAE latents.
 
-Diff-CXR (Huang et al., arXiv 2410.20165) filters its training set coarse to fine before training the
-latent diffusion model. The authors' released code reads pre-filtered lists, so this is an implementation
-of the method as described:
-
-1. **Coarse** (:class:`LatentNoiseFilter` stage ``kmeans``): K-means on pooled latents. Large clusters are
-   typical; the images nearest their centres seed a set of confidently normal images.
-2. **Manifold** (stage ``manifold``): a linear autoencoder (PCA of the flattened latents) fitted on that
-   set models normal latents; its reconstruction error scores every image.
-3. **Fine** (stage ``discriminator``): a classifier trained with explicit supervision from the confident
-   ends of the manifold score (and from images the user marks as noisy) gives the final noise score. It
-   reads where on the image the manifold fails, so it learns which failures mean noise. It is
-   cross-fitted, so no image is scored by a model that was trained on its own pseudo-label.
-
-What the pooled latent features see: noise in real collections is mostly about layout (laterals,
-rotated films, crops, scanned-film borders), grey levels (inverted films, exposure) or local structure
-(burnt-in text, arrows, screenshots). The features therefore keep a coarse spatial grid of each latent
-channel's mean *and* local standard deviation, plus each channel's grey-level quantiles over the image;
-K-means works on those. The manifold works on the full latent, where small burnt-in text still shows.
-
-:func:`run_filter` is the file-level entry point behind ``diffcxr-aug filter``.
+It works on latents only (no files): ``fit(latents)`` runs the three stages described in
+:mod:`diffcxr_aug.generator.noise_filter`, ``score`` / ``predict`` apply them to new latents, and
+:func:`evaluate_scores` compares scores with a known noise truth. What the pooled latent features see:
+noise in real collections is mostly about layout (laterals, rotated films, crops, scanned-film borders),
+grey levels (inverted films, exposure) or local structure (burnt-in text, arrows, screenshots). The
+features therefore keep a coarse spatial grid of each latent channel's mean *and* local standard
+deviation, plus each channel's grey-level quantiles over the image; K-means works on those. The manifold
+works on the full latent, where small burnt-in text still shows.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -44,24 +29,13 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from diffcxr_aug.config import FilterSection, ThresholdRule
-from diffcxr_aug.errors import InputError, MissingInputError
-from diffcxr_aug.figures import save_figure
-from diffcxr_aug.io import atomic_path, atomic_write_json
-
-if TYPE_CHECKING:
-    from diffusers import AutoencoderKL
-
-    from diffcxr_aug.data.manifest import Manifest
+from diffcxr_aug.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
 _DEFAULTS = FilterSection()
 STAGES = ("kmeans", "manifold", "discriminator")
-SCORES_NAME = "scores.csv"
-REPORT_NAME = "filter_report.json"
-MONTAGE_FLAGGED_NAME = "montage_flagged.png"
-MONTAGE_BORDERLINE_NAME = "montage_borderline.png"
 # Grey-level quantiles of each latent channel: the tails catch inversion and exposure, the median the level.
 _QUANTILES = (0.02, 0.25, 0.5, 0.75, 0.98)
 # The normal set is split in two; each half fits one manifold, which scores the other half.
@@ -333,10 +307,69 @@ class LatentNoiseFilter:
             extra_noisy: optional ``(M, C, h, w)`` latents of known noisy images outside the collection;
                 they join the discriminator's positives.
         """
-        latents = torch.as_tensor(latents).float()
+        latents, known, extra_noisy = self._check_fit_inputs(latents, known_noisy, extra_noisy)
         rng = np.random.default_rng(self.seed)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        self.latent_shape_ = tuple(latents.shape[1:])
+        pooled = latent_features(latents, self.grid)
+        self.standardizer_ = _Standardizer().fit(pooled)
+        x = self.standardizer_.transform(pooled)
+        timings["features"] = time.perf_counter() - t0
+
+        # 1. Coarse: K-means; the dense, typical clusters seed the confident normal set.
+        t0 = time.perf_counter()
+        kmeans_score, cluster = self._fit_kmeans(x)
+        cut = np.quantile(kmeans_score[~known], self.normal_share)
+        normal = ~known & (kmeans_score <= cut)
+        self.normal_mask_ = normal
+        timings["kmeans"] = time.perf_counter() - t0
+        logger.info(
+            "LNFS coarse: %d clusters (%d typical; shares %s); %d confident normals",
+            self.n_clusters,
+            len(self.typical_clusters_),
+            np.round(np.sort(self.cluster_shares_)[::-1], 3).tolist(),
+            int(normal.sum()),
+        )
+
+        # 2. Manifold of the normal latents, cross-fitted on two halves of the normal set.
+        t0 = time.perf_counter()
+        manifold_score, residual_grid = self._fit_manifolds(latents, normal, rng)
+        timings["manifold"] = time.perf_counter() - t0
+
+        # 3. Fine: a discriminator supervised by the confident ends of the manifold score, cross-fitted.
+        t0 = time.perf_counter()
+        positive, negative = self._pseudo_labels(manifold_score, known)
+        disc_x = self._disc_input(residual_grid)
+        extra_x = disc_x[:0]
+        if extra_noisy is not None and len(extra_noisy):
+            _, extra_grid = self._manifold_evidence(extra_noisy, np.full(len(extra_noisy), -1))
+            extra_x = self._disc_input(extra_grid)
+        discriminator_score = self._fit_discriminators(disc_x, positive, negative, extra_x, rng)
+        timings["discriminator"] = time.perf_counter() - t0
+
+        self.train_scores_ = FilterScores(kmeans_score, manifold_score, discriminator_score, cluster)
+        self.flagged_ = self._fit_threshold(self.train_scores_.final_logit, normal) | known
+        self.known_noisy_ = known
+        self.timings_ = timings
+        logger.info(
+            "LNFS: threshold %.4g (%s) flags %d of %d images (%.1f%%)",
+            self.threshold_,
+            self.threshold,
+            int(self.flagged_.sum()),
+            len(latents),
+            100.0 * self.flagged_.mean(),
+        )
+        return self
+
+    def _check_fit_inputs(
+        self,
+        latents: torch.Tensor | np.ndarray,
+        known_noisy: np.ndarray | None,
+        extra_noisy: torch.Tensor | np.ndarray | None,
+    ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
+        """The arguments of :meth:`fit` as float latents and a boolean mask, or an error naming what is wrong."""
+        latents = torch.as_tensor(latents).float()
         n = len(latents)
         min_images = max(20, 4 * self.folds)
         if latents.ndim != 4 or n < min_images:
@@ -355,14 +388,14 @@ class LatentNoiseFilter:
                     f"extra_noisy latents of shape {tuple(extra_noisy.shape[1:])} do not match the collection's "
                     f"{tuple(latents.shape[1:])}"
                 )
-        self.latent_shape_ = tuple(latents.shape[1:])
-        pooled = latent_features(latents, self.grid)
-        self.standardizer_ = _Standardizer().fit(pooled)
-        x = self.standardizer_.transform(pooled)
-        timings["features"] = time.perf_counter() - t0
+        return latents, known, extra_noisy
 
-        # 1. Coarse: K-means; the dense, typical clusters seed the confident normal set.
-        t0 = time.perf_counter()
+    def _fit_kmeans(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 1 on the standardized pooled features: the K-means score and cluster of every image.
+
+        Sets ``kmeans_``, ``cluster_shares_``, ``typical_clusters_`` and ``cluster_radius_``.
+        """
+        n = len(x)
         self.kmeans_ = MiniBatchKMeans(
             n_clusters=self.n_clusters, random_state=self.seed, batch_size=2048, n_init=3, max_iter=200
         ).fit(x)
@@ -377,21 +410,16 @@ class LatentNoiseFilter:
                 for k in range(self.n_clusters)
             ]
         )
-        kmeans_score = self._kmeans_score(distances)
-        cut = np.quantile(kmeans_score[~known], self.normal_share)
-        normal = ~known & (kmeans_score <= cut)
-        self.normal_mask_ = normal
-        timings["kmeans"] = time.perf_counter() - t0
-        logger.info(
-            "LNFS coarse: %d clusters (%d typical; shares %s); %d confident normals",
-            self.n_clusters,
-            len(self.typical_clusters_),
-            np.round(np.sort(self.cluster_shares_)[::-1], 3).tolist(),
-            int(normal.sum()),
-        )
+        return self._kmeans_score(distances), cluster
 
-        # 2. Manifold of the normal latents, cross-fitted on two halves of the normal set.
-        t0 = time.perf_counter()
+    def _fit_manifolds(
+        self, latents: torch.Tensor, normal: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 2: fit one manifold per half of (at most ``max_fit`` of) the normal set.
+
+        Returns every image's manifold score and its residual energy grid, each image scored by the
+        manifolds it was not fitted on. Sets ``manifolds_``, ``manifold_scale_`` and ``residual_scale_``.
+        """
         fit_rows = rng.permutation(np.flatnonzero(normal))[: self.max_fit]
         halves = np.array_split(fit_rows, _MANIFOLD_FOLDS)
         flat = latents.flatten(1)
@@ -399,17 +427,19 @@ class LatentNoiseFilter:
             _LatentManifold(self.manifold_components, self.seed).fit(flat[np.sort(rows)].numpy())
             for rows in tqdm(halves, desc="LNFS manifold", disable=not self.progress)
         ]
-        member = np.full(n, -1)
+        member = np.full(len(latents), -1)
         for k, rows in enumerate(halves):
             member[rows] = k
         raw_error, residual_grid = self._manifold_evidence(latents, member)
         self.manifold_scale_ = float(np.median(raw_error[fit_rows]))
         self.residual_scale_ = np.median(residual_grid[fit_rows], axis=0)
-        manifold_score = raw_error / self.manifold_scale_
-        timings["manifold"] = time.perf_counter() - t0
+        return raw_error / self.manifold_scale_, residual_grid
 
-        # 3. Fine: a discriminator supervised by the confident ends of the manifold score, cross-fitted.
-        t0 = time.perf_counter()
+    def _pseudo_labels(self, manifold_score: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The discriminator's supervision: the top ``positive_share`` of the manifold score plus the known noisy
+        images are positives, the bottom ``negative_share`` (less any positive) negatives. Sets ``pseudo_label_``
+        (1, 0, or -1 for unlabelled)."""
+        n = len(manifold_score)
         order = np.argsort(manifold_score, kind="stable")
         n_pos = max(self.folds, int(round(self.positive_share * n)))
         n_neg = max(self.folds, int(round(self.negative_share * n)))
@@ -420,27 +450,7 @@ class LatentNoiseFilter:
         negative[order[:n_neg]] = True
         negative &= ~positive
         self.pseudo_label_ = np.where(positive, 1, np.where(negative, 0, -1)).astype(np.int8)
-        disc_x = self._disc_input(residual_grid)
-        extra_x = disc_x[:0]
-        if extra_noisy is not None and len(extra_noisy):
-            _, extra_grid = self._manifold_evidence(extra_noisy, np.full(len(extra_noisy), -1))
-            extra_x = self._disc_input(extra_grid)
-        discriminator_score = self._fit_discriminators(disc_x, positive, negative, extra_x, rng)
-        timings["discriminator"] = time.perf_counter() - t0
-
-        self.train_scores_ = FilterScores(kmeans_score, manifold_score, discriminator_score, cluster)
-        self.flagged_ = self._fit_threshold(self.train_scores_.final_logit, normal) | known
-        self.known_noisy_ = known
-        self.timings_ = timings
-        logger.info(
-            "LNFS: threshold %.4g (%s) flags %d of %d images (%.1f%%)",
-            self.threshold_,
-            self.threshold,
-            int(self.flagged_.sum()),
-            n,
-            100.0 * self.flagged_.mean(),
-        )
-        return self
+        return positive, negative
 
     def _kmeans_score(self, distances: np.ndarray) -> np.ndarray:
         typical = self.typical_clusters_
@@ -619,308 +629,3 @@ def evaluate_scores(frame: pd.DataFrame, noise: pd.Series) -> dict:
         }
     result["per_kind"] = per_kind
     return result
-
-
-# ---------------------------------------------------------------------------------------- file level
-def _read_known_noisy(path: Path, manifest: Manifest) -> tuple[np.ndarray, list[Path]]:
-    """Rows of ``manifest`` the user marks noisy, and noisy image files outside it.
-
-    A path in the CSV's ``image_path`` column matches a manifest row when it is spelled as in the
-    manifest, or when it resolves (absolute, or relative to the CSV's folder) to the same file. A path
-    that matches no row but names an existing image is used as an extra noisy example.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"known_noisy: no such file {path}; give a CSV with an image_path column")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if "image_path" not in frame.columns:
-        raise InputError(f"{path}: no image_path column (found {list(frame.columns)}); list the noisy images there")
-    spelled = {p: i for i, p in enumerate(manifest.frame["image_path"])}
-    resolved = {os.path.realpath(p): i for i, p in enumerate(manifest.image_paths())}
-    mask = np.zeros(len(manifest), dtype=bool)
-    extra: list[Path] = []
-    for line, value in enumerate(frame["image_path"].str.strip(), start=2):
-        if not value:
-            raise InputError(f"{path}, row {line}: empty image_path")
-        if value in spelled:
-            mask[spelled[value]] = True
-            continue
-        candidate = Path(value) if Path(value).is_absolute() else path.parent / value
-        row = resolved.get(os.path.realpath(candidate))
-        if row is not None:
-            mask[row] = True
-        elif candidate.is_file():
-            extra.append(candidate)
-        else:
-            raise MissingInputError(
-                f"{path}, row {line}: {value!r} is neither an image_path of {manifest.source} nor an existing file "
-                f"(relative paths are read from {path.parent})"
-            )
-    return mask, extra
-
-
-def _load_images(paths: list[Path], size: int) -> torch.Tensor:
-    from diffcxr_aug.data.images import load_image, to_uint8_square
-
-    arrays = [to_uint8_square(load_image(p), size) for p in paths]
-    return torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0).unsqueeze(1)
-
-
-def _resolve_vae(
-    vae: AutoencoderKL | str | os.PathLike | None,
-    section: FilterSection,
-    manifest: Manifest,
-    out: Path,
-    device: torch.device,
-    seed: int,
-    progress: bool,
-) -> tuple[AutoencoderKL, dict]:
-    from diffusers import AutoencoderKL
-
-    from diffcxr_aug.generator.vae import load_vae, train_vae
-
-    source = vae if vae is not None else section.vae
-    if isinstance(source, AutoencoderKL):
-        return source, {"source": "given"}
-    if source is not None:
-        return load_vae(source), {"source": str(source)}
-    logger.info("No VAE given: training %s for %d steps on %s", section.vae_config, section.vae_steps, manifest.source)
-    model, metrics = train_vae(
-        manifest,
-        out / "vae",
-        config=section.vae_config,
-        size=section.image_size,
-        steps=section.vae_steps,
-        batch_size=section.vae_batch_size,
-        crop_size=section.vae_crop_size,
-        device=str(device),
-        seed=seed,
-        progress=progress,
-    )
-    return model, {"source": str(out / "vae"), "trained_here": True, **metrics}
-
-
-def _draw_montage(
-    images: np.ndarray, titles: list[str], flagged: list[bool], heading: str, path: Path, columns: int = 8
-) -> None:
-    """A grid of images with one caption each (red: flagged, blue: kept), written atomically."""
-    from matplotlib.figure import Figure
-
-    rows = max(1, math.ceil(len(images) / columns))
-    fig = Figure(figsize=(1.6 * columns, 1.85 * rows + 0.4), dpi=100)
-    fig.suptitle(heading, fontsize=10)
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, image, title, is_flagged in zip(axes.ravel(), images, titles, flagged, strict=False):
-        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(title, fontsize=7, color="crimson" if is_flagged else "navy", pad=2)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def _write_montages(
-    manifest: Manifest, scores: pd.DataFrame, threshold: float, size: int, out: Path, n: int = 32
-) -> list[Path]:
-    from diffcxr_aug.data.cache import open_cache
-
-    images = open_cache(manifest.full, size, progress=False)
-    has_noise = "noise" in scores.columns
-
-    def caption(i: int) -> str:
-        text = f"{scores['score'].iat[i]:.3f}"
-        if has_noise:
-            text += "\n" + (scores["noise"].iat[i] or "clean")
-        return text
-
-    order = np.argsort(-scores["score_logit"].to_numpy(), kind="stable")  # the log-odds: no ties at 1.0
-    flagged = scores["flagged"].to_numpy(dtype=bool)
-    top = order[:n]
-    # Borderline: the images on either side of the threshold, half flagged and half kept.
-    n_flagged = int(flagged.sum())
-    start = max(0, min(n_flagged - n // 2, len(order) - n))
-    border = order[start : start + n]
-    written = []
-    for rows, name, heading in (
-        (top, MONTAGE_FLAGGED_NAME, f"LNFS: the {len(top)} highest noise scores"),
-        (border, MONTAGE_BORDERLINE_NAME, f"LNFS: borderline images around the threshold {threshold:.3g}"),
-    ):
-        path = out / name
-        _draw_montage(
-            np.asarray(images[rows]), [caption(i) for i in rows], [bool(flagged[i]) for i in rows], heading, path
-        )
-        written.append(path)
-    return written
-
-
-def _label_prevalence(manifest: Manifest, flagged: np.ndarray) -> dict[str, dict[str, float | None]]:
-    """Share of images marked positive (``1``) per label, among flagged and among kept images.
-
-    Does the filter remove pathology? A filter that prefers to drop, say, films with support devices would
-    teach the generator that they are rarer than they are.
-    """
-    positive = manifest.labels() == 1  # NaN (unknown) compares False
-    out: dict[str, dict[str, float | None]] = {}
-    for j, name in enumerate(manifest.label_names):
-        out[name] = {
-            group: float(positive[rows, j].mean()) if rows.any() else None
-            for group, rows in (("flagged", flagged), ("kept", ~flagged))
-        }
-    return out
-
-
-def _relative_to(paths: list[Path], folder: Path) -> list[str]:
-    """Paths as seen from ``folder`` (relative when possible, so a moved run folder keeps working)."""
-    folder = folder.resolve()
-    out = []
-    for p in paths:
-        try:
-            out.append(os.path.relpath(p.resolve(), folder))
-        except ValueError:  # another drive on Windows
-            out.append(str(p.resolve()))
-    return out
-
-
-def run_filter(
-    data: str | os.PathLike,
-    out: str | os.PathLike,
-    section: FilterSection,
-    vae: AutoencoderKL | str | os.PathLike | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    progress: bool = True,
-) -> Path:
-    """Score every image of a manifest for noise with LNFS and write the kept manifest.
-
-    Writes into ``out``: ``scores.csv`` (every input row: ``image_path, score, flagged``, then the per-stage
-    scores, the K-means cluster, the split and, when known, the ``noise`` truth), ``manifest.csv`` (the kept
-    rows, image paths rewritten to resolve from ``out``), ``montage_flagged.png``,
-    ``montage_borderline.png``, ``filter_report.json`` (thresholds, counts, timings and, when the manifest
-    has a ``noise`` column, ROC AUC of each stage, the share of clean images removed and the recall per
-    noise kind) and, when no VAE is given, the VAE trained here under ``vae/``.
-
-    Args:
-        data: a folder holding ``manifest.csv`` (or the file itself).
-        out: output folder; must differ from the data folder.
-        section: the recipe's ``filter`` section.
-        vae: an ``AutoencoderKL``, or a hub id / folder to load; overrides ``section.vae``. With neither, a
-            small VAE (``section.vae_config``) is trained on the data's train split first.
-        device: ``auto``, ``cpu`` or ``cuda[:N]``.
-        seed: seed of the VAE training and of the filter.
-        progress: show progress bars.
-
-    Returns:
-        The path of the kept manifest.
-    """
-    from diffcxr_aug.data.manifest import read_manifest, write_manifest
-    from diffcxr_aug.generator.vae import encode_manifest, latent_shape
-    from diffcxr_aug.runtime import resolve_device
-
-    # 1. Check inputs (before any expensive work)
-    manifest = read_manifest(data)
-    out = Path(out)
-    if out.resolve() == manifest.root.resolve():
-        raise InputError(f"--out {out} is the data folder; the kept manifest would overwrite {manifest.source}")
-    dev = resolve_device(device)
-    known = np.zeros(len(manifest), dtype=bool)
-    extra_paths: list[Path] = []
-    if section.known_noisy is not None:
-        known, extra_paths = _read_known_noisy(section.known_noisy, manifest)
-    filt = LatentNoiseFilter.from_section(section, seed=seed, device=dev, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # 2. Latent space
-    started = time.perf_counter()
-    model, vae_info = _resolve_vae(vae, section, manifest, out, dev, seed, progress)
-    latent_shape(model, section.image_size)  # fails early on a size the VAE cannot encode
-    vae_seconds = time.perf_counter() - started
-
-    # 3. Encode every row (all splits: noisy images are removed wherever they are)
-    started = time.perf_counter()
-    latents = encode_manifest(model, manifest, section.image_size, device=dev, progress=progress)
-    extra = None
-    if extra_paths:
-        with torch.no_grad():
-            from diffcxr_aug.generator.vae import encode
-
-            extra = encode(model.to(dev).eval(), _load_images(extra_paths, section.image_size).to(dev)).float().cpu()
-    encode_seconds = time.perf_counter() - started
-
-    # 4. Filter
-    filt.fit(latents, known_noisy=known, extra_noisy=extra)
-
-    # 5. Write scores, kept manifest, montages and report
-    paths = _relative_to(manifest.image_paths(), out)
-    scores = filt.train_scores_.frame()
-    scores.insert(0, "image_path", paths)
-    scores.insert(2, "flagged", filt.flagged_.astype(int))
-    scores["confident_normal"] = filt.normal_mask_.astype(int)
-    scores["pseudo_label"] = filt.pseudo_label_
-    scores["known_noisy"] = known.astype(int)
-    scores["split"] = manifest.frame["split"].to_numpy()
-    if "noise" in manifest.frame.columns:
-        scores["noise"] = manifest.frame["noise"].to_numpy()
-    with atomic_path(out / SCORES_NAME) as tmp:
-        scores.to_csv(tmp, index=False, encoding="utf-8", float_format="%.6g")
-
-    kept = manifest.frame.assign(image_path=paths).loc[~filt.flagged_]
-    manifest_path = write_manifest(kept, out / "manifest.csv")
-    montages = _write_montages(manifest, scores, filt.threshold_, section.image_size, out)
-
-    report = {
-        "data": manifest.source,
-        "images": len(manifest),
-        "flagged": int(filt.flagged_.sum()),
-        "kept": int((~filt.flagged_).sum()),
-        "flagged_by_split": scores.groupby("split")["flagged"].sum().astype(int).to_dict(),
-        "threshold": {
-            "rule": section.threshold,
-            "value": filt.threshold_,
-            "contamination": section.contamination,
-            "quantile": section.quantile,
-        },
-        "known_noisy": {"in_manifest": int(known.sum()), "extra_images": len(extra_paths)},
-        "stages": {
-            "kmeans": {
-                "n_clusters": section.n_clusters,
-                "cluster_shares": np.round(filt.cluster_shares_, 4).tolist(),
-                "typical_clusters": filt.typical_clusters_.tolist(),
-                "confident_normals": int(filt.normal_mask_.sum()),
-            },
-            "manifold": {
-                "components": [m.pca_.n_components_ for m in filt.manifolds_],
-                "explained_variance": [float(m.pca_.explained_variance_ratio_.sum()) for m in filt.manifolds_],
-            },
-            "discriminator": {
-                "positives": int((filt.pseudo_label_ == 1).sum()),
-                "negatives": int((filt.pseudo_label_ == 0).sum()),
-                "folds": filt.folds,
-                "steps": section.discriminator_steps,
-            },
-        },
-        "vae": vae_info,
-        "image_size": section.image_size,
-        "latent_shape": list(filt.latent_shape_),
-        "seconds": {"vae": vae_seconds, "encode": encode_seconds, **filt.timings_},
-        "files": [SCORES_NAME, "manifest.csv", *(p.name for p in montages), REPORT_NAME],
-        "section": section.model_dump(mode="json"),
-        "seed": seed,
-        "label_prevalence": _label_prevalence(manifest, filt.flagged_),
-    }
-    if "noise" in manifest.frame.columns:
-        report["evaluation"] = evaluate_scores(scores, manifest.frame["noise"])
-        auc = report["evaluation"].get("roc_auc", {})
-        if auc:
-            logger.info(
-                "LNFS vs the noise column: ROC AUC final %.4f (kmeans %.4f, manifold %.4f, discriminator %.4f); "
-                "%.2f%% of clean images removed, recall %.3f",
-                auc["final"],
-                auc["kmeans"],
-                auc["manifold"],
-                auc["discriminator"],
-                100 * report["evaluation"]["clean_removed_share"],
-                report["evaluation"]["recall"],
-            )
-    atomic_write_json(out / REPORT_NAME, report)
-    logger.info("LNFS kept %d of %d images; wrote %s", report["kept"], report["images"], out)
-    return manifest_path

@@ -1,0 +1,371 @@
+"""The file-level LNFS driver behind ``diffcxr-aug filter``: :func:`run_filter`.
+
+It reads a manifest, gets a VAE (given, loaded, or trained on the data), encodes every image, fits a
+:class:`~diffcxr_aug.generator.noise_filter.estimator.LatentNoiseFilter` on the latents and writes
+``scores.csv``, the kept ``manifest.csv``, ``filter_report.json`` and two montages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+
+from diffcxr_aug.config import FilterSection
+from diffcxr_aug.errors import InputError, MissingInputError
+from diffcxr_aug.figures import save_figure
+from diffcxr_aug.generator.noise_filter.estimator import LatentNoiseFilter, evaluate_scores
+from diffcxr_aug.io import atomic_path, atomic_write_json
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+    from diffcxr_aug.data.manifest import Manifest
+
+logger = logging.getLogger(__name__)
+
+SCORES_NAME = "scores.csv"
+REPORT_NAME = "filter_report.json"
+MONTAGE_FLAGGED_NAME = "montage_flagged.png"
+MONTAGE_BORDERLINE_NAME = "montage_borderline.png"
+
+
+def _read_known_noisy(path: Path, manifest: Manifest) -> tuple[np.ndarray, list[Path]]:
+    """Rows of ``manifest`` the user marks noisy, and noisy image files outside it.
+
+    A path in the CSV's ``image_path`` column matches a manifest row when it is spelled as in the
+    manifest, or when it resolves (absolute, or relative to the CSV's folder) to the same file. A path
+    that matches no row but names an existing image is used as an extra noisy example.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"known_noisy: no such file {path}; give a CSV with an image_path column")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "image_path" not in frame.columns:
+        raise InputError(f"{path}: no image_path column (found {list(frame.columns)}); list the noisy images there")
+    spelled = {p: i for i, p in enumerate(manifest.frame["image_path"])}
+    resolved = {os.path.realpath(p): i for i, p in enumerate(manifest.image_paths())}
+    mask = np.zeros(len(manifest), dtype=bool)
+    extra: list[Path] = []
+    for line, value in enumerate(frame["image_path"].str.strip(), start=2):
+        if not value:
+            raise InputError(f"{path}, row {line}: empty image_path")
+        if value in spelled:
+            mask[spelled[value]] = True
+            continue
+        candidate = Path(value) if Path(value).is_absolute() else path.parent / value
+        row = resolved.get(os.path.realpath(candidate))
+        if row is not None:
+            mask[row] = True
+        elif candidate.is_file():
+            extra.append(candidate)
+        else:
+            raise MissingInputError(
+                f"{path}, row {line}: {value!r} is neither an image_path of {manifest.source} nor an existing file "
+                f"(relative paths are read from {path.parent})"
+            )
+    return mask, extra
+
+
+def _load_images(paths: list[Path], size: int) -> torch.Tensor:
+    from diffcxr_aug.data.images import load_image, to_uint8_square
+
+    arrays = [to_uint8_square(load_image(p), size) for p in paths]
+    return torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0).unsqueeze(1)
+
+
+def _resolve_vae(
+    vae: AutoencoderKL | str | os.PathLike | None,
+    section: FilterSection,
+    manifest: Manifest,
+    out: Path,
+    device: torch.device,
+    seed: int,
+    progress: bool,
+) -> tuple[AutoencoderKL, dict]:
+    from diffusers import AutoencoderKL
+
+    from diffcxr_aug.generator.vae import load_vae, train_vae
+
+    source = vae if vae is not None else section.vae
+    if isinstance(source, AutoencoderKL):
+        return source, {"source": "given"}
+    if source is not None:
+        return load_vae(source), {"source": str(source)}
+    logger.info("No VAE given: training %s for %d steps on %s", section.vae_config, section.vae_steps, manifest.source)
+    model, metrics = train_vae(
+        manifest,
+        out / "vae",
+        config=section.vae_config,
+        size=section.image_size,
+        steps=section.vae_steps,
+        batch_size=section.vae_batch_size,
+        crop_size=section.vae_crop_size,
+        device=str(device),
+        seed=seed,
+        progress=progress,
+    )
+    return model, {"source": str(out / "vae"), "trained_here": True, **metrics}
+
+
+def _draw_montage(
+    images: np.ndarray, titles: list[str], flagged: list[bool], heading: str, path: Path, columns: int = 8
+) -> None:
+    """A grid of images with one caption each (red: flagged, blue: kept), written atomically."""
+    from matplotlib.figure import Figure
+
+    rows = max(1, math.ceil(len(images) / columns))
+    fig = Figure(figsize=(1.6 * columns, 1.85 * rows + 0.4), dpi=100)
+    fig.suptitle(heading, fontsize=10)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, title, is_flagged in zip(axes.ravel(), images, titles, flagged, strict=False):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=7, color="crimson" if is_flagged else "navy", pad=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _write_montages(
+    manifest: Manifest, scores: pd.DataFrame, threshold: float, size: int, out: Path, n: int = 32
+) -> list[Path]:
+    from diffcxr_aug.data.cache import open_cache
+
+    images = open_cache(manifest.full, size, progress=False)
+    has_noise = "noise" in scores.columns
+
+    def caption(i: int) -> str:
+        text = f"{scores['score'].iat[i]:.3f}"
+        if has_noise:
+            text += "\n" + (scores["noise"].iat[i] or "clean")
+        return text
+
+    order = np.argsort(-scores["score_logit"].to_numpy(), kind="stable")  # the log-odds: no ties at 1.0
+    flagged = scores["flagged"].to_numpy(dtype=bool)
+    top = order[:n]
+    # Borderline: the images on either side of the threshold, half flagged and half kept.
+    n_flagged = int(flagged.sum())
+    start = max(0, min(n_flagged - n // 2, len(order) - n))
+    border = order[start : start + n]
+    written = []
+    for rows, name, heading in (
+        (top, MONTAGE_FLAGGED_NAME, f"LNFS: the {len(top)} highest noise scores"),
+        (border, MONTAGE_BORDERLINE_NAME, f"LNFS: borderline images around the threshold {threshold:.3g}"),
+    ):
+        path = out / name
+        _draw_montage(
+            np.asarray(images[rows]), [caption(i) for i in rows], [bool(flagged[i]) for i in rows], heading, path
+        )
+        written.append(path)
+    return written
+
+
+def _label_prevalence(manifest: Manifest, flagged: np.ndarray) -> dict[str, dict[str, float | None]]:
+    """Share of images marked positive (``1``) per label, among flagged and among kept images.
+
+    Does the filter remove pathology? A filter that prefers to drop, say, films with support devices would
+    teach the generator that they are rarer than they are.
+    """
+    positive = manifest.labels() == 1  # NaN (unknown) compares False
+    out: dict[str, dict[str, float | None]] = {}
+    for j, name in enumerate(manifest.label_names):
+        out[name] = {
+            group: float(positive[rows, j].mean()) if rows.any() else None
+            for group, rows in (("flagged", flagged), ("kept", ~flagged))
+        }
+    return out
+
+
+def _relative_to(paths: list[Path], folder: Path) -> list[str]:
+    """Paths as seen from ``folder`` (relative when possible, so a moved run folder keeps working)."""
+    folder = folder.resolve()
+    out = []
+    for p in paths:
+        try:
+            out.append(os.path.relpath(p.resolve(), folder))
+        except ValueError:  # another drive on Windows
+            out.append(str(p.resolve()))
+    return out
+
+
+def run_filter(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    section: FilterSection,
+    vae: AutoencoderKL | str | os.PathLike | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Score every image of a manifest for noise with LNFS and write the kept manifest.
+
+    Writes into ``out``: ``scores.csv`` (every input row: ``image_path, score, flagged``, then the per-stage
+    scores, the K-means cluster, the split and, when known, the ``noise`` truth), ``manifest.csv`` (the kept
+    rows, image paths rewritten to resolve from ``out``), ``montage_flagged.png``,
+    ``montage_borderline.png``, ``filter_report.json`` (thresholds, counts, timings and, when the manifest
+    has a ``noise`` column, ROC AUC of each stage, the share of clean images removed and the recall per
+    noise kind) and, when no VAE is given, the VAE trained here under ``vae/``.
+
+    Args:
+        data: a folder holding ``manifest.csv`` (or the file itself).
+        out: output folder; must differ from the data folder.
+        section: the recipe's ``filter`` section.
+        vae: an ``AutoencoderKL``, or a hub id / folder to load; overrides ``section.vae``. With neither, a
+            small VAE (``section.vae_config``) is trained on the data's train split first.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        seed: seed of the VAE training and of the filter.
+        progress: show progress bars.
+
+    Returns:
+        The path of the kept manifest.
+    """
+    from diffcxr_aug.data.manifest import read_manifest, write_manifest
+    from diffcxr_aug.generator.vae import encode_manifest, latent_shape
+    from diffcxr_aug.runtime import resolve_device
+
+    # 1. Check inputs (before any expensive work)
+    manifest = read_manifest(data)
+    out = Path(out)
+    if out.resolve() == manifest.root.resolve():
+        raise InputError(f"--out {out} is the data folder; the kept manifest would overwrite {manifest.source}")
+    dev = resolve_device(device)
+    known = np.zeros(len(manifest), dtype=bool)
+    extra_paths: list[Path] = []
+    if section.known_noisy is not None:
+        known, extra_paths = _read_known_noisy(section.known_noisy, manifest)
+    filt = LatentNoiseFilter.from_section(section, seed=seed, device=dev, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 2. Latent space
+    started = time.perf_counter()
+    model, vae_info = _resolve_vae(vae, section, manifest, out, dev, seed, progress)
+    latent_shape(model, section.image_size)  # fails early on a size the VAE cannot encode
+    vae_seconds = time.perf_counter() - started
+
+    # 3. Encode every row (all splits: noisy images are removed wherever they are)
+    started = time.perf_counter()
+    latents = encode_manifest(model, manifest, section.image_size, device=dev, progress=progress)
+    extra = _encode_files(model, extra_paths, section.image_size, dev) if extra_paths else None
+    encode_seconds = time.perf_counter() - started
+
+    # 4. Filter
+    filt.fit(latents, known_noisy=known, extra_noisy=extra)
+
+    # 5. Write scores, kept manifest, montages and report
+    paths = _relative_to(manifest.image_paths(), out)
+    scores = _write_scores(filt, manifest, paths, known, out / SCORES_NAME)
+    kept = manifest.frame.assign(image_path=paths).loc[~filt.flagged_]
+    manifest_path = write_manifest(kept, out / "manifest.csv")
+    montages = _write_montages(manifest, scores, filt.threshold_, section.image_size, out)
+    report = _filter_report(filt, section, manifest, scores, known, len(extra_paths), vae_info, seed)
+    report["seconds"] = {"vae": vae_seconds, "encode": encode_seconds, **filt.timings_}
+    report["files"] = [SCORES_NAME, "manifest.csv", *(p.name for p in montages), REPORT_NAME]
+    atomic_write_json(out / REPORT_NAME, report)
+    logger.info("LNFS kept %d of %d images; wrote %s", report["kept"], report["images"], out)
+    return manifest_path
+
+
+def _encode_files(model: AutoencoderKL, paths: list[Path], size: int, device: torch.device) -> torch.Tensor:
+    """Latents of image files outside the manifest (the known noisy extras), on the CPU."""
+    from diffcxr_aug.generator.vae import encode
+
+    with torch.no_grad():
+        return encode(model.to(device).eval(), _load_images(paths, size).to(device)).float().cpu()
+
+
+def _write_scores(
+    filt: LatentNoiseFilter, manifest: Manifest, paths: list[str], known: np.ndarray, path: Path
+) -> pd.DataFrame:
+    """Write ``scores.csv``: one row per manifest row, the scores and flags of the fitted ``filt``; return it."""
+    scores = filt.train_scores_.frame()
+    scores.insert(0, "image_path", paths)
+    scores.insert(2, "flagged", filt.flagged_.astype(int))
+    scores["confident_normal"] = filt.normal_mask_.astype(int)
+    scores["pseudo_label"] = filt.pseudo_label_
+    scores["known_noisy"] = known.astype(int)
+    scores["split"] = manifest.frame["split"].to_numpy()
+    if "noise" in manifest.frame.columns:
+        scores["noise"] = manifest.frame["noise"].to_numpy()
+    with atomic_path(path) as tmp:
+        scores.to_csv(tmp, index=False, encoding="utf-8", float_format="%.6g")
+    return scores
+
+
+def _filter_report(
+    filt: LatentNoiseFilter,
+    section: FilterSection,
+    manifest: Manifest,
+    scores: pd.DataFrame,
+    known: np.ndarray,
+    n_extra: int,
+    vae_info: dict,
+    seed: int,
+) -> dict:
+    """The content of ``filter_report.json`` but its ``seconds`` and ``files`` (the caller adds those).
+
+    With a ``noise`` column in the manifest, adds the ``evaluation`` against that truth and logs its AUCs.
+    """
+    report = {
+        "data": manifest.source,
+        "images": len(manifest),
+        "flagged": int(filt.flagged_.sum()),
+        "kept": int((~filt.flagged_).sum()),
+        "flagged_by_split": scores.groupby("split")["flagged"].sum().astype(int).to_dict(),
+        "threshold": {
+            "rule": section.threshold,
+            "value": filt.threshold_,
+            "contamination": section.contamination,
+            "quantile": section.quantile,
+        },
+        "known_noisy": {"in_manifest": int(known.sum()), "extra_images": n_extra},
+        "stages": {
+            "kmeans": {
+                "n_clusters": section.n_clusters,
+                "cluster_shares": np.round(filt.cluster_shares_, 4).tolist(),
+                "typical_clusters": filt.typical_clusters_.tolist(),
+                "confident_normals": int(filt.normal_mask_.sum()),
+            },
+            "manifold": {
+                "components": [m.pca_.n_components_ for m in filt.manifolds_],
+                "explained_variance": [float(m.pca_.explained_variance_ratio_.sum()) for m in filt.manifolds_],
+            },
+            "discriminator": {
+                "positives": int((filt.pseudo_label_ == 1).sum()),
+                "negatives": int((filt.pseudo_label_ == 0).sum()),
+                "folds": filt.folds,
+                "steps": section.discriminator_steps,
+            },
+        },
+        "vae": vae_info,
+        "image_size": section.image_size,
+        "latent_shape": list(filt.latent_shape_),
+        # Filled in by run_filter; placed here so that the report keeps its key order.
+        "seconds": {},
+        "files": [],
+        "section": section.model_dump(mode="json"),
+        "seed": seed,
+        "label_prevalence": _label_prevalence(manifest, filt.flagged_),
+    }
+    if "noise" in manifest.frame.columns:
+        report["evaluation"] = evaluate_scores(scores, manifest.frame["noise"])
+        auc = report["evaluation"].get("roc_auc", {})
+        if auc:
+            logger.info(
+                "LNFS vs the noise column: ROC AUC final %.4f (kmeans %.4f, manifold %.4f, discriminator %.4f); "
+                "%.2f%% of clean images removed, recall %.3f",
+                auc["final"],
+                auc["kmeans"],
+                auc["manifold"],
+                auc["discriminator"],
+                100 * report["evaluation"]["clean_removed_share"],
+                report["evaluation"]["recall"],
+            )
+    return report
