@@ -151,7 +151,7 @@ CLASSIFIER_EXTENDABLE = frozenset(
 def _generator_step(recipe: Recipe, paths: dict[str, Path], training_data: Path, upstream: dict[str, str]) -> Step:
     from diffcxr_aug.generator.training import train_generator
 
-    dkim = recipe.generator.dkim and recipe.generator.stage2_steps > 0
+    dkim = trains_dkim(recipe)
 
     def run() -> None:
         section = recipe.generator
@@ -188,10 +188,14 @@ def _generator_step(recipe: Recipe, paths: dict[str, Path], training_data: Path,
     return Step("train-generator", settings, folders, done, run, GENERATOR_EXTENDABLE)
 
 
+def trains_dkim(recipe: Recipe) -> bool:
+    """Whether the recipe trains stage 2 (the DKIM adapter) after stage 1."""
+    return recipe.generator.dkim and recipe.generator.stage2_steps > 0
+
+
 def final_generator(recipe: Recipe, paths: dict[str, Path]) -> Path:
     """The recipe's generator: the stage-2 (DKIM) model when the recipe trains one, else stage 1."""
-    dkim = recipe.generator.dkim and recipe.generator.stage2_steps > 0
-    return paths["generator-dkim"] if dkim else paths["generator"]
+    return paths["generator-dkim"] if trains_dkim(recipe) else paths["generator"]
 
 
 def _synthesize_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) -> Step:

@@ -194,6 +194,7 @@ class _Plan:
     shard_size: int
     meta: dict[str, str]  # meta_generator, meta_sampler, meta_steps, meta_guidance (and meta_dkim_scale)
     knowledge: list[str] | None = None  # a DKIM generator: each prompt row's knowledge text
+    dkim_scale: float | None = None  # a DKIM generator: the weight of its residuals
 
     def __post_init__(self) -> None:
         frame = self.pool.frame
@@ -298,7 +299,7 @@ def _plan(generator: Path, section: SynthesizeSection, seed: int) -> tuple[_Plan
         "shard_size": section.shard_size,
         "dkim_scale": dkim_scale,
     }
-    return _Plan(pool, rows, seed, section.shard_size, meta, knowledge), job
+    return _Plan(pool, rows, seed, section.shard_size, meta, knowledge, dkim_scale), job
 
 
 def has_adapter(generator: Path) -> bool:
@@ -496,10 +497,7 @@ class _Sampler:
             self.load_seconds = time.perf_counter() - began
         dkim = {}
         if self.plan.knowledge is not None:
-            dkim = {
-                "knowledge": [self.plan.knowledge_of(i) for i in batch],
-                "dkim_scale": float(self.plan.meta["meta_dkim_scale"]),
-            }
+            dkim = {"knowledge": [self.plan.knowledge_of(i) for i in batch], "dkim_scale": self.plan.dkim_scale}
         return self.pipe(
             [self.plan.report(i) for i in batch],
             num_inference_steps=self.section.steps,

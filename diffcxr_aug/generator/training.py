@@ -513,7 +513,7 @@ def train_generator(
     if stage not in (1, 2):
         raise InputError(f"Unsupported stage {stage!r}; choose 1 (LDM + AVA-TLS) or 2 (the DKIM adapter)")
     out = Path(out)
-    stage1 = _check_stage1_folder(generator, out) if stage == 2 else None
+    stage1 = _check_stage1_folder(generator, out) if stage == 2 else None  # (folder, its training_info.json)
     if stage == 1 and generator is not None:
         raise InputError("--generator names the stage-1 model that stage 2 trains on; pass it with --stage 2")
     manifest = read_manifest(data)
@@ -529,7 +529,8 @@ def train_generator(
             lock.close()
 
 
-def _check_stage1_folder(generator: str | os.PathLike | None, out: Path) -> Path:
+def _check_stage1_folder(generator: str | os.PathLike | None, out: Path) -> tuple[Path, dict[str, Any]]:
+    """The stage-1 folder stage 2 trains on, and its ``training_info.json``; refused unless it is one."""
     if generator is None:
         raise InputError(
             "stage 2 trains the DKIM adapter on a stage-1 model: pass --generator STAGE1_DIR "
@@ -542,14 +543,15 @@ def _check_stage1_folder(generator: str | os.PathLike | None, out: Path) -> Path
             f"--generator {stage1}: not a trained pipeline folder (no model_index.json and {TRAINING_INFO}); "
             "train stage 1 into it first"
         )
-    if json.loads(info.read_text(encoding="utf-8")).get("stage", 1) != 1:
+    recorded = json.loads(info.read_text(encoding="utf-8"))
+    if recorded.get("stage", 1) != 1:
         raise InputError(f"--generator {stage1}: that folder is a stage-2 model; stage 2 trains on a stage-1 folder")
     if stage1.resolve() == out.resolve():
         raise InputError(
             f"--out {out} is the stage-1 folder itself; stage 2 writes a new pipeline folder (the stage-1 "
             "components plus the adapter), so choose another --out"
         )
-    return stage1
+    return stage1, recorded
 
 
 @dataclass
@@ -570,6 +572,8 @@ class _Run:
     mixed_precision: str
     run_started: float
     stage1: Path | None = None
+    stage1_info: dict[str, Any] = field(default_factory=dict)  # stage 2: the stage-1 folder's training_info.json
+    checkpoint_state: dict[str, Any] = field(default_factory=dict)  # the state.json of the checkpoint resumed
     # Added by the build steps.
     vae: Any = None
     vae_info: dict[str, Any] = field(default_factory=dict)
@@ -636,7 +640,7 @@ def _start(
     manifest: Manifest,
     train: Manifest,
     stage: int,
-    stage1: Path | None,
+    stage1: tuple[Path, dict[str, Any]] | None,
     resume: str | os.PathLike | None,
     device: str,
     seed: int,
@@ -644,12 +648,12 @@ def _start(
 ) -> Path:
     """Resolve the checkpoint and the architecture, start accelerate, train, and always end accelerate."""
     checkpoint = resolve_resume(out, resume)
+    stage1, stage1_info = stage1 if stage1 is not None else (None, {})
     if stage == 1:
         cfg, ava_tls = resolve_config(section), section.ava_tls
     else:  # the stage-1 model decides the architecture
-        info = json.loads((stage1 / TRAINING_INFO).read_text(encoding="utf-8"))
-        cfg, ava_tls = GeneratorConfig.from_dict(info["config"]), bool(info["ava_tls"])
-    start_step = 0
+        cfg, ava_tls = GeneratorConfig.from_dict(stage1_info["config"]), bool(stage1_info["ava_tls"])
+    start_step, state = 0, {}
     # Architecture, seed and AVA-TLS switch come from the checkpoint on resume (the section may not change them).
     if checkpoint is not None:
         state = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
@@ -673,7 +677,7 @@ def _start(
     accelerator, mixed_precision = _accelerator(device, section.mixed_precision)
     run = _Run(
         stage, cfg, section, manifest, train, out, accelerator, seed, ava_tls, checkpoint, start_step,
-        mixed_precision, run_started, stage1=stage1,
+        mixed_precision, run_started, stage1=stage1, stage1_info=stage1_info, checkpoint_state=state,
     )  # fmt: skip
     try:
         if stage == 1:
@@ -769,7 +773,7 @@ def _build_stage2(run: _Run) -> None:
 
     section = run.section
     pipe = DiffCXRPipeline.from_pretrained(run.stage1, adapter=None)
-    info = json.loads((run.stage1 / TRAINING_INFO).read_text(encoding="utf-8"))
+    info = run.stage1_info
     run.vae, run.vae_info = pipe.vae.requires_grad_(False).eval().to(run.dev), info.get("vae", {})
     text = info.get("text_encoder", {})
     run.bundle = TextEncoderBundle(
@@ -941,9 +945,8 @@ def _loop(run: _Run) -> int:
     # did not record it). Time spent after the last checkpoint of an interrupted run is lost with its work.
     run.prior_minutes = 0.0
     if run.checkpoint is not None:
-        checkpoint_state = json.loads((run.checkpoint / CHECKPOINT_STATE).read_text())
-        run.prior_minutes = checkpoint_state.get("wall_minutes")
-        previous = checkpoint_state.get("num_processes")
+        run.prior_minutes = run.checkpoint_state.get("wall_minutes")
+        previous = run.checkpoint_state.get("num_processes")
         if previous not in (None, accelerator.num_processes):
             logger.warning(
                 "Resuming with %d processes, checkpoint had %d: data order differs",
@@ -1208,10 +1211,9 @@ def _save_pipeline(run: _Run, step: int) -> None:
         "section": section.model_dump(mode="json"),
     }
     if run.stage == 2:
-        stage1_info = json.loads((run.stage1 / TRAINING_INFO).read_text(encoding="utf-8"))
         info["dkim"] = {
             "stage1": str(run.stage1.resolve()),
-            "stage1_steps": stage1_info.get("steps"),
+            "stage1_steps": run.stage1_info.get("steps"),
             "adapter_params": sum(p.numel() for p in run.adapter.parameters()),
             "knowledge_states": section.dkim_states,
             "knowledge_dropout": section.knowledge_cfg_dropout,
