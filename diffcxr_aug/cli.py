@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from diffcxr_aug import __version__
 from diffcxr_aug.config import (
     DEVICES,
+    Attention,
     ClassifierMode,
     ClassifierSection,
     DataSection,
@@ -26,6 +27,8 @@ from diffcxr_aug.config import (
     FilterSection,
     GeneratorSection,
     LabelSection,
+    MixedPrecision,
+    Sampler,
     Section,
     SynthesizeSection,
     ThresholdRule,
@@ -316,6 +319,19 @@ def train_generator(
     vae: Annotated[
         str | None, typer.Option("--vae", help="VAE registry name (trained here first) or pretrained hub id / folder")
     ] = None,
+    mixed_precision: Annotated[
+        str | None,
+        typer.Option(
+            "--mixed-precision",
+            help=f"{' | '.join(get_args(MixedPrecision))}; {_field_help(GeneratorSection, 'mixed_precision')}",
+        ),
+    ] = None,
+    attention: Annotated[
+        str | None,
+        typer.Option(
+            "--attention", help=f"{' | '.join(get_args(Attention))}; {_field_help(GeneratorSection, 'attention')}"
+        ),
+    ] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
 ) -> None:
@@ -334,6 +350,8 @@ def train_generator(
         num_tokens=num_tokens,
         text_encoder=text_encoder,
         vae=vae,
+        mixed_precision=mixed_precision,
+        attention=attention,
     )
     from diffcxr_aug.generator.training import train_generator as _train
 
@@ -394,6 +412,16 @@ def synthesize(
     dkim_scale: Annotated[
         float | None, typer.Option("--dkim-scale", help=_field_help(SynthesizeSection, "dkim_scale"))
     ] = None,
+    sampler: Annotated[
+        str | None,
+        typer.Option(
+            "--sampler", help=f"{' | '.join(get_args(Sampler))}; {_field_help(SynthesizeSection, 'sampler')}"
+        ),
+    ] = None,
+    mixed_precision: Annotated[
+        str | None,
+        typer.Option("--mixed-precision", help=f"no | bf16; {_field_help(SynthesizeSection, 'mixed_precision')}"),
+    ] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
@@ -421,6 +449,8 @@ def synthesize(
         labels_from=labels_from,
         balance=balance,
         dkim_scale=dkim_scale,
+        sampler=sampler,
+        mixed_precision=mixed_precision,
     )
     from diffcxr_aug.generator.synthesize import synthesize as _synthesize
 

@@ -33,6 +33,8 @@ TextEncoderPolicy = Literal["frozen", "finetune", "train"]
 PredictionType = Literal["epsilon", "v_prediction"]
 UncertaintyPolicy = Literal["ignore", "ones", "zeros"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+Attention = Literal["auto", "math", "default"]
+Sampler = Literal["pipeline", "dpm-solver++", "unipc", "ddim"]
 
 RESOLVED_RECIPE_NAME = "recipe.resolved.yaml"
 
@@ -183,7 +185,14 @@ class GeneratorSection(Section):
     validation_steps: int = Field(20, ge=1, description="sampler steps for the validation grids")
     validation_guidance: float = Field(3.0, ge=0.0)
     log_every: int = Field(10, ge=1)
-    mixed_precision: MixedPrecision = Field("auto", description="auto: bf16 on GPU, no on CPU")
+    mixed_precision: MixedPrecision = Field(
+        "auto", description="auto: bf16 on a GPU that has it and on a CPU with native bf16 (AVX512-BF16, AMX), else no"
+    )
+    attention: Attention = Field(
+        "auto",
+        description="scaled-dot-product attention backend: auto (math on a CPU, torch's choice on a GPU), math, "
+        "or default (torch's choice)",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -229,6 +238,12 @@ class SynthesizeSection(Section):
         None, gt=0.0, lt=1.0, description="oversample rare findings so each label's positive share reaches this"
     )
     shard_size: int = Field(1000, ge=1, description="images a folder (images/000/, images/001/, ...) and a shard CSV")
+    sampler: Sampler = Field(
+        "pipeline", description="pipeline: the generator's saved scheduler; or a diffusers one built from its config"
+    )
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16: sample under bf16 autocast (faster on a GPU and on a CPU with native bf16)"
+    )
     dkim_scale: float | None = Field(
         None,
         ge=0.0,

@@ -25,6 +25,7 @@ from diffcxr_aug.generator.training import (
     list_checkpoints,
     train_generator,
 )
+from diffcxr_aug.runtime import cpu_has_bf16, resolve_mixed_precision
 from tests.conftest import make_tiny_manifest
 
 TINY = dict(
@@ -72,6 +73,7 @@ def test_cli_training_writes_pipeline_checkpoints_logs_and_grids(trained):
     info = json.loads((gen / "training_info.json").read_text())
     assert info["text_encoder"]["policy"] == "train" and info["text_encoder"]["backend"] == "scratch"
     assert info["ava_tls"] is True and info["gflops_per_denoising_step"] > 0
+    assert info["mixed_precision"] == "no" and info["attention"] == "math"  # auto attention is math on a CPU
     assert Path(info["data"]) == (trained["data"] / "manifest.csv").resolve()
     model_index = json.loads((gen / "model_index.json").read_text())
     assert model_index["token_squeeze"] == ["diffcxr_aug.generator.token_squeeze", "TokenSqueeze"]
@@ -193,6 +195,7 @@ def test_ava_tls_off_is_the_truncation_baseline(trained, tmp_path):
     """AVA-TLS off, with v-prediction and a one-checkpoint limit (three switches, one short run)."""
     out = tmp_path / "off"
     settings = {**TINY, "checkpoint_every": 1, "checkpoints_total_limit": 1, "prediction_type": "v_prediction"}
+    settings["attention"] = "default"
     train_generator(trained["data"], out, GeneratorSection(max_steps=2, ava_tls=False, **settings), device="cpu")
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
     pipe = DiffCXRPipeline.from_pretrained(out)
@@ -205,6 +208,7 @@ def test_ava_tls_off_is_the_truncation_baseline(trained, tmp_path):
     assert pd.read_csv(out / "logs" / "loss.csv")["loss_align"].isna().all()
     info = json.loads((out / "training_info.json").read_text())
     assert info["ava_tls"] is False and "first K tokens" in info["ava_tls_meaning"]
+    assert info["attention"] == "default"
     images = pipe(["The heart is enlarged."], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 32, 32, 1)
 
@@ -293,16 +297,33 @@ def test_two_process_training_with_torchrun(trained, tmp_path):
     DiffCXRPipeline.from_pretrained(out)
 
 
+def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16():
+    """Training's auto precision (one Accelerator a process, so checked on the rule rather than a second run)."""
+    cpu = torch.device("cpu")
+    assert resolve_mixed_precision("auto", cpu, cpu_auto="bf16") == ("bf16" if cpu_has_bf16() else "no")
+    assert resolve_mixed_precision("auto", cpu) == "no" and resolve_mixed_precision("bf16", cpu) == "bf16"
+
+
 def test_the_smallest_settings_train_and_sample(trained, tmp_path):
-    """One step on one image with one condition token, then one image from one sampler step without guidance."""
+    """One step on one image with one condition token, then one image from one UniPC step without guidance under
+    bf16; another sampler is another job. fp16 training on a CPU is refused before a step."""
     recipe = trained["root"] / "tiny.yaml"
     args = ["train-generator", "--data", str(trained["data"]), "--out", str(tmp_path / "gen"), "--recipe", str(recipe)]
     args += ["--max-steps", "1", "--batch-size", "1", "--num-tokens", "1", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args[:4], str(tmp_path / "fp16"), *args[5:], "--mixed-precision", "fp16"])
+    assert (
+        result.exit_code == 2
+        and "fp16 needs a GPU" in result.output
+        and not list((tmp_path / "fp16").glob("checkpoint-*"))
+    )
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     args = ["synthesize", "--n", "1", "--generator", str(tmp_path / "gen"), "--out", str(tmp_path / "s")]
-    result = CliRunner().invoke(
-        app, [*args, "--steps", "1", "--batch-size", "1", "--guidance", "0", "--device", "cpu"]
-    )
+    args += ["--steps", "1", "--batch-size", "1", "--guidance", "0", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--sampler", "unipc", "--mixed-precision", "bf16"])
     assert result.exit_code == 0, result.output
-    assert len(read_manifest(tmp_path / "s").frame) == 1
+    frame = read_manifest(tmp_path / "s").frame
+    assert len(frame) == 1 and frame["meta_sampler"].tolist() == ["UniPCMultistepScheduler"]
+    assert json.loads((tmp_path / "s" / "synthesis.json").read_text())["mixed_precision"] == "bf16"
+    result = CliRunner().invoke(app, [*args, "--sampler", "ddim", "--mixed-precision", "bf16"])
+    assert result.exit_code == 2 and "'unipc' -> 'ddim'" in result.output and "--sampler unipc" in result.output

@@ -28,13 +28,21 @@ from typing import Any, Literal
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from diffcxr_aug.errors import InputError
 from diffcxr_aug.generator.disease_adapter import DiseaseKnowledgeAdapter
 from diffcxr_aug.generator.knowledge import knowledge_texts
 from diffcxr_aug.generator.text_encoder import encode_tokens, tokenize
@@ -67,15 +75,32 @@ def _labeler() -> Any:
     return RuleLabeler()
 
 
+SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "dpm-solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+}
+
+
+def sampler_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:
+    """The sampler ``name`` (a key of :data:`SAMPLERS`) over the noise schedule of a scheduler ``config``.
+
+    The schedule (timesteps, betas, prediction type) is the model's; only the solver changes, so samplers compare
+    on the same model.
+    """
+    if name not in SAMPLERS:
+        raise InputError(f"Unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    cls, options = SAMPLERS[name]
+    return cls.from_config(config, **options)
+
+
 def default_scheduler(training_scheduler: SchedulerMixin) -> DPMSolverMultistepScheduler:
     """DPM-Solver++ (2nd order, multistep) over the noise schedule the model was trained with.
 
     The training scheduler owns the schedule (timesteps, betas, prediction type); the sampler is built from its
     config, so the two cannot drift apart.
     """
-    return DPMSolverMultistepScheduler.from_config(
-        training_scheduler.config, algorithm_type="dpmsolver++", solver_order=2
-    )
+    return sampler_scheduler("dpm-solver++", training_scheduler.config)
 
 
 class DiffCXRPipeline(DiffusionPipeline):

@@ -88,11 +88,19 @@ JOB_KEYS = (
     "balance",
     "shard_size",
     "dkim_scale",
+    "sampler_option",
+    "mixed_precision",
 )
 # Values of keys that a job folder written before the key existed implies; a key without one here was not
 # recorded (generator_id, prompts_sha256) or is the current job's (shard_size: a flat images/ folder is moved
 # into shard folders), and is not compared.
-LEGACY_VALUES: dict[str, Any] = {"prompt_kind": "manifest", "balance": None, "dkim_scale": None}
+LEGACY_VALUES: dict[str, Any] = {
+    "prompt_kind": "manifest",
+    "balance": None,
+    "dkim_scale": None,
+    "sampler_option": "pipeline",
+    "mixed_precision": "no",
+}
 # Timing and memory of the images made; a run that makes none keeps those of the run that made them.
 PERFORMANCE_KEYS = (
     "seconds",
@@ -115,6 +123,8 @@ _OPTIONS = {
     "seed": "--seed",
     "balance": "--balance",
     "dkim_scale": "--dkim-scale",
+    "sampler_option": "--sampler",
+    "mixed_precision": "--mixed-precision",
 }
 
 
@@ -278,6 +288,10 @@ def _plan(generator: Path, section: SynthesizeSection, seed: int) -> tuple[_Plan
     else:
         rows = balanced_prompt_rows(pool.positives(), section.n, seed, section.balance)
     scheduler = _read_config(generator, "scheduler")["_class_name"]
+    if section.sampler != "pipeline":
+        from diffcxr_aug.generator.pipeline import SAMPLERS
+
+        scheduler = SAMPLERS[section.sampler][0].__name__
     meta = {
         "meta_generator": "",
         "meta_sampler": scheduler,
@@ -298,6 +312,8 @@ def _plan(generator: Path, section: SynthesizeSection, seed: int) -> tuple[_Plan
         "balance": section.balance,
         "shard_size": section.shard_size,
         "dkim_scale": dkim_scale,
+        "sampler_option": section.sampler,  # "sampler" is the scheduler class, in the record
+        "mixed_precision": section.mixed_precision,
     }
     return _Plan(pool, rows, seed, section.shard_size, meta, knowledge, dkim_scale), job
 
@@ -489,15 +505,22 @@ class _Sampler:
 
     def _run(self, batch: list[int]) -> np.ndarray:
         if self.pipe is None:
-            from diffcxr_aug.generator.pipeline import DiffCXRPipeline
+            from diffcxr_aug.generator.pipeline import DiffCXRPipeline, sampler_scheduler
 
             began = time.perf_counter()
             self.pipe = DiffCXRPipeline.from_pretrained(self.generator).to(self.dev)
+            if self.section.sampler != "pipeline":
+                self.pipe.scheduler = sampler_scheduler(self.section.sampler, self.pipe.scheduler.config)
             self.pipe.set_progress_bar_config(disable=True)
             self.load_seconds = time.perf_counter() - began
         dkim = {}
         if self.plan.knowledge is not None:
             dkim = {"knowledge": [self.plan.knowledge_of(i) for i in batch], "dkim_scale": self.plan.dkim_scale}
+        bf16 = self.section.mixed_precision == "bf16"
+        with torch.inference_mode(), torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=bf16):
+            return self._sample(batch, dkim)
+
+    def _sample(self, batch: list[int], dkim: dict[str, Any]) -> np.ndarray:
         return self.pipe(
             [self.plan.report(i) for i in batch],
             num_inference_steps=self.section.steps,
