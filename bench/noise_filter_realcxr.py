@@ -50,6 +50,7 @@ from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import write_manifest
 from diffcxr_aug.data.splits import assign_patient_splits
 from diffcxr_aug.generator.noise_filter import run_filter
+from diffcxr_aug.generator.vae import VAEPlan
 
 SIZE = 256
 KINDS = ("inverted", "rotated", "film_border", "burnt_text", "screenshot", "not_chest")
@@ -201,14 +202,22 @@ def main() -> None:
     parser.add_argument("--variants", type=int, default=5)
     parser.add_argument("--per-kind", type=int, default=3)
     parser.add_argument("--vae-steps", type=int, default=300)
-    parser.add_argument("--vae", type=Path, default=None, help="reuse a VAE (e.g. OUT/filtered/vae of an earlier run)")
+    parser.add_argument("--vae", type=Path, default=None, help="reuse a VAE (OUT/filtered/vae of an earlier run)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     build_pool(args.shared, args.out / "data", args.variants, args.per_kind, args.seed)
-    section = FilterSection(vae_steps=args.vae_steps, image_size=args.size)
-    run_filter(args.out / "data", args.out / "filtered", section, vae=args.vae, device="cpu", seed=args.seed)
+    plan = VAEPlan(None, "kl-f4", size=args.size, steps=args.vae_steps, batch_size=32, crop_size=None)
+    run_filter(
+        args.out / "data",
+        args.out / "filtered",
+        FilterSection(),
+        vae=args.vae,
+        device="cpu",
+        seed=args.seed,
+        vae_plan=plan,
+    )
     report = json.loads((args.out / "filtered" / "filter_report.json").read_text())
     evaluation = report["evaluation"]
     scores = pd.read_csv(args.out / "filtered" / "scores.csv", keep_default_na=False)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # recipes/phantom-128.yaml end to end on 2 CPU cores, timed: prepare (outside the hour), then the hour: LNFS
-# (filter, with the VAE it trains) and the generator on the kept images, in one `diffcxr-aug run`; then N images
+# (the VAE, the filter) and the generator on the kept images, in one `diffcxr-aug run`; then N images
 # at the recipe's guidance from the same prompts and seeds as bench/phantom128_study.sh, and an evaluation.
 #   bash bench/phantom128_recipe.sh [OUT=runs/p128v3] [N=300]
 # Optional: EVAL_CACHE=DIR reuses DIR/reference_classifier (an earlier evaluation's, on the same real data), and
@@ -16,7 +16,7 @@ D=$O/data
 [ -f $D/manifest.csv ] || diffcxr-aug prepare phantom --out $D --n 3000 --size 128 --seed 0
 if [ ! -f $O/hour.json ]; then
   start=$(date +%s)
-  OMP_NUM_THREADS=2 diffcxr-aug run $R --set output_dir=$O --set "steps=[filter, train-generator]" \
+  OMP_NUM_THREADS=2 diffcxr-aug run $R --set output_dir=$O --set "steps=[train-vae, filter, train-generator]" \
     --set seed=${SEED:-0} > $O/run.log 2>&1
   end=$(date +%s)
   python - "$O" "$start" "$end" <<'PY'
@@ -25,8 +25,10 @@ from pathlib import Path
 out, start, end = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 report = json.loads((out / "filtered" / "filter_report.json").read_text())
 info = json.loads((out / "generator" / "training_info.json").read_text())
+steps = json.loads((out / "steps.json").read_text())
 hour = {
     "filter_and_generator_minutes": round((end - start) / 60, 2),
+    "vae_minutes": round(steps["train-vae"]["seconds"] / 60, 2),
     "filter_minutes": round(sum(report["seconds"].values()) / 60, 2),
     "vae": report["vae"],
     "kept": report["kept"],
@@ -53,7 +55,7 @@ if [ -n "${DEST:-}" ]; then
   mkdir -p $DEST docs/figures
   cp $O/hour.json $O/filtered/filter_report.json $O/generator/training_info.json $O/generator/logs/loss.csv \
     $O/synthetic/synthesis.json $O/evaluation/report.md $O/evaluation/report.json $DEST/
-  cp $O/filtered/vae/metrics.json $DEST/vae_metrics.json
+  cp $O/vae/metrics.json $DEST/vae_metrics.json
   cp $O/grid.png docs/figures/generator_phantom128_recipe.png
   cp $O/generator/logs/loss.png docs/figures/generator_phantom128_recipe_loss.png
   cp $O/evaluation/faithfulness_per_label.png docs/figures/evaluation_phantom128_recipe_per_label.png

@@ -32,6 +32,7 @@ from diffcxr_aug.config import (
     Section,
     SynthesizeSection,
     ThresholdRule,
+    VAESection,
     load_recipe,
 )
 from diffcxr_aug.data.prepare import DATASETS
@@ -251,15 +252,16 @@ def filter_(
     known_noisy: Annotated[
         Path | None, typer.Option("--known-noisy", help="CSV with an image_path column of images known to be noisy")
     ] = None,
-    image_size: Annotated[
-        int | None, typer.Option("--image-size", help=_field_help(FilterSection, "image_size"))
+    image_size: Annotated[int | None, typer.Option("--image-size", help=_field_help(VAESection, "size"))] = None,
+    vae_steps: Annotated[
+        int | None, typer.Option("--vae-steps", help=_field_help(VAESection, "steps", "without --vae: VAE steps"))
     ] = None,
-    vae_steps: Annotated[int | None, typer.Option("--vae-steps", help=_field_help(FilterSection, "vae_steps"))] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
 ) -> None:
-    """Latent Noise Filtering (LNFS): drop noisy training images in the VAE latent space."""
+    """Latent Noise Filtering (LNFS): drop noisy training images in the VAE latent space (the --vae folder, or
+    without it the recipe's `vae`, trained first into OUT/vae)."""
     _check_choice(threshold, THRESHOLD_RULES, "--threshold")
     rec = _recipe(recipe)
     section: FilterSection = _merge(
@@ -269,14 +271,51 @@ def filter_(
         threshold=threshold,
         quantile=quantile,
         known_noisy=known_noisy,
-        image_size=image_size,
-        vae_steps=vae_steps,
     )
+    plan = _vae_plan(rec, {"size": "--image-size", "steps": "--vae-steps"}, size=image_size, steps=vae_steps)
     from diffcxr_aug.generator.noise_filter import run_filter
 
     seed = rec.seed if seed is None else seed
-    path = _call(run_filter, data, out, section, vae=vae, device=device or rec.device, seed=seed)
+    path = _call(run_filter, data, out, section, vae=vae, device=device or rec.device, seed=seed, vae_plan=plan)
     typer.echo(f"wrote {path}")
+
+
+def _vae_plan(rec: Any, flags: dict[str, str] | None = None, generator: GeneratorSection | None = None, **updates):
+    """The recipe's VAE plan with the command line's VAE options over its ``vae`` section."""
+    section: VAESection = _merge(rec.vae, flags, **updates)
+    from diffcxr_aug.generator.configs import resolve_config
+    from diffcxr_aug.generator.vae import plan_vae
+
+    return _call(plan_vae, section, _call(resolve_config, generator or rec.generator))
+
+
+@app.command(name="train-vae")
+def train_vae(
+    data: Annotated[Path, typer.Option("--data", help="folder with manifest.csv (its train split trains the VAE)")],
+    out: Annotated[Path, typer.Option("--out", help="VAE folder (AutoencoderKL.from_pretrained-loadable)")],
+    config: Annotated[
+        str | None, typer.Option("--config", help=_field_help(VAESection, "config", "registered KL-VAE"))
+    ] = None,
+    size: Annotated[int | None, typer.Option("--size", help=_field_help(VAESection, "size"))] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help=_field_help(VAESection, "steps"))] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help=_field_help(VAESection, "batch_size"))] = None,
+    crop_size: Annotated[int | None, typer.Option("--crop-size", help=_field_help(VAESection, "crop_size"))] = None,
+    recipe: RecipeOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+) -> None:
+    """Train the KL-VAE of the latent space that `filter --vae OUT` and `train-generator --vae OUT` encode with
+    (the recipe's `vae` section; its unset keys are the generator config's)."""
+    rec = _recipe(recipe)
+    plan = _vae_plan(rec, config=config, size=size, steps=steps, batch_size=batch_size, crop_size=crop_size)
+    if plan.pretrained is not None:
+        _fail(f"the recipe's VAE is pretrained ({plan.pretrained}): pass it as --vae, there is nothing to train")
+    from diffcxr_aug.data.manifest import read_manifest
+
+    manifest = _call(read_manifest, data)
+    seed = rec.seed if seed is None else seed
+    _vae, metrics = _call(plan.train, manifest, out, device=device or rec.device, seed=seed)
+    typer.echo(f"wrote {out} (val PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f})")
 
 
 @app.command(name="train-generator")
@@ -317,7 +356,10 @@ def train_generator(
         typer.Option("--text-encoder", help="minilm | scratch | hf-hub:/local-dir: open_clip | HF name/path"),
     ] = None,
     vae: Annotated[
-        str | None, typer.Option("--vae", help="VAE registry name (trained here first) or pretrained hub id / folder")
+        str | None,
+        typer.Option(
+            "--vae", help="VAE folder (train-vae's --out) or pretrained hub id; a registry name trains it here first"
+        ),
     ] = None,
     mixed_precision: Annotated[
         str | None,
@@ -353,6 +395,9 @@ def train_generator(
         mixed_precision=mixed_precision,
         attention=attention,
     )
+    plan = _vae_plan(rec, generator=section)
+    if section.vae is None:  # the recipe's VAE: pretrained, or its registered architecture trained here first
+        section = section.model_copy(update={"vae": plan.pretrained or plan.config})
     from diffcxr_aug.generator.training import train_generator as _train
 
     seed = rec.seed if seed is None else seed
@@ -366,6 +411,7 @@ def train_generator(
         device=device or rec.device,
         seed=seed,
         generator=generator,
+        vae_plan=plan,
     )
     typer.echo(f"wrote {path}")
 

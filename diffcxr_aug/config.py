@@ -20,7 +20,9 @@ from diffcxr_aug.io import atomic_write_text
 
 # The one home of every set of named choices: the library checks against these (``typing.get_args``), the
 # command line lists them in its help, and pydantic validates recipes with them.
-PipelineStep = Literal["prepare", "filter", "train-generator", "synthesize", "train-classifier", "evaluate"]
+PipelineStep = Literal[
+    "prepare", "train-vae", "filter", "train-generator", "synthesize", "train-classifier", "evaluate"
+]
 PIPELINE_STEPS: tuple[str, ...] = get_args(PipelineStep)
 DatasetName = Literal["phantom", "mimic-cxr", "iu-xray", "nih-cxr14", "csv"]
 ClassifierMode = Literal["real", "mix", "pretrain-finetune", "synthetic-only"]
@@ -77,18 +79,52 @@ class LabelSection(Section):
     )
 
 
+class VAESection(Section):
+    """``train-vae``: the latent space, one KL-VAE that ``filter`` and ``train-generator`` both encode with.
+
+    Keys left at ``None`` keep the generator config's choice (``generator.config``: its VAE, image size and VAE
+    training settings), so a recipe that names only a generator config gets that config's latent space.
+    """
+
+    pretrained: str | None = Field(
+        None, description="a pretrained AutoencoderKL hub id or folder (nothing is trained); None: train `config`"
+    )
+    config: str | None = Field(
+        None, description="registered KL-VAE architecture trained on the data (kl-f4, kl-f8, tiny); None: config's"
+    )
+    size: int | None = Field(
+        None, ge=16, le=1024, description="image side the VAE trains on and the filter encodes at; None: config's"
+    )
+    steps: int | None = Field(None, ge=1, description="training steps; None: the generator config's")
+    batch_size: int | None = Field(None, ge=1, description="training batch size; None: the generator config's")
+    crop_size: int | None = Field(
+        None, ge=1, description="train on random crops of this size (the image size: whole images); None: config's"
+    )
+
+
+# The VAE keys of recipes written before the `vae` section, by section: old key -> `vae` key.
+LEGACY_VAE_KEYS = {
+    "filter": {
+        "vae": "pretrained",
+        "vae_config": "config",
+        "vae_steps": "steps",
+        "vae_batch_size": "batch_size",
+        "vae_crop_size": "crop_size",
+        "image_size": "size",
+    },
+    "generator": {
+        "vae": "pretrained",
+        "vae_steps": "steps",
+        "vae_batch_size": "batch_size",
+        "vae_crop_size": "crop_size",
+    },
+}
+
+
 class FilterSection(Section):
-    """Latent Noise Filtering (LNFS)."""
+    """Latent Noise Filtering (LNFS), in the latent space of the recipe's ``vae``."""
 
     enabled: bool = True
-    vae: str | None = Field(None, description="VAE hub id or folder; None trains a small KL-VAE on the data")
-    vae_config: str = Field("kl-f4", description="registered VAE architecture trained when `vae` is None")
-    vae_steps: int = Field(1000, ge=1, description="training steps of that VAE")
-    vae_batch_size: int = Field(32, ge=1, description="batch size of that VAE training")
-    vae_crop_size: int | None = Field(
-        None, ge=1, description="that VAE trains on random crops of this size (None: whole images)"
-    )
-    image_size: int = Field(64, ge=16, le=1024, description="image side the VAE encodes (must match the VAE)")
     n_clusters: int = Field(8, ge=2)
     contamination: float = Field(0.05, gt=0.0, lt=0.5, description="share of images flagged as noisy")
     threshold: ThresholdRule = Field(
@@ -128,13 +164,9 @@ class GeneratorSection(Section):
     dkim: bool = Field(False, description="stage 2: train the DKIM adapter on the stage-1 model after stage 1")
     vae: str | None = Field(
         None,
-        description="a VAE registry name (kl-f4, kl-f8, ...: trained here on the manifest first) or a pretrained "
-        "AutoencoderKL hub id / folder; None: the config's choice",
-    )
-    vae_steps: int | None = Field(None, ge=1, description="steps of VAE training when the VAE is trained here")
-    vae_batch_size: int | None = Field(None, ge=1, description="batch size of that VAE training")
-    vae_crop_size: int | None = Field(
-        None, ge=1, description="that VAE trains on random crops of this size (the image size: whole images)"
+        description="the VAE folder (the train-vae step's output) or a pretrained AutoencoderKL hub id to encode "
+        "with; a registry name (kl-f4, ...) trains that one here first, with the `vae` section's settings; None: "
+        "the config's choice",
     )
     text_encoder: str | None = Field(
         None,
@@ -328,11 +360,48 @@ class Recipe(Section):
     steps: list[PipelineStep] = Field(default_factory=lambda: list(PIPELINE_STEPS))
     data: DataSection = Field(default_factory=DataSection)
     label: LabelSection = Field(default_factory=LabelSection)
+    vae: VAESection = Field(default_factory=VAESection)
     filter: FilterSection = Field(default_factory=FilterSection)
     generator: GeneratorSection = Field(default_factory=GeneratorSection)
     synthesize: SynthesizeSection = Field(default_factory=SynthesizeSection)
     classifier: ClassifierSection = Field(default_factory=ClassifierSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vae_keys_into_one_section(cls, data: Any) -> Any:
+        """Recipes written before the ``vae`` section set the VAE in ``filter`` (and ``generator``): move those
+        keys into ``vae``; two different values for one setting are an error that names both."""
+        if not isinstance(data, dict) or not isinstance(data.get("vae") or {}, dict):
+            return data  # not a mapping: pydantic's own error says so
+        data = dict(data)
+        vae = dict(data.get("vae") or {})
+        origin = {key: f"vae.{key}" for key in vae}
+        for section, keys in LEGACY_VAE_KEYS.items():
+            body = data.get(section)
+            if not isinstance(body, dict) or not keys.keys() & body.keys():
+                continue
+            body = dict(body)
+            for old, new in keys.items():
+                if old not in body:
+                    continue
+                value = body.pop(old)
+                if value is None:  # an explicit null: the default, nothing to move
+                    continue
+                if (section, old) == ("generator", "vae"):
+                    from diffcxr_aug.generator.vae import VAE_CONFIGS  # a registry name is trained, not loaded
+
+                    new = "config" if value in VAE_CONFIGS else "pretrained"
+                if new in vae and vae[new] != value:
+                    raise ValueError(
+                        f"{origin[new]} is {vae[new]!r} but {section}.{old} is {value!r}: the recipe has one VAE, "
+                        f"set in its `vae` section ({new}); remove {section}.{old}"
+                    )
+                vae[new], origin[new] = value, f"{section}.{old}"
+            data[section] = body
+        if vae:
+            data["vae"] = vae
+        return data
 
     @model_validator(mode="after")
     def _steps_in_order(self) -> Recipe:

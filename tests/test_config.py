@@ -1,18 +1,19 @@
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from diffcxr_aug.config import (
     PIPELINE_STEPS,
     RESOLVED_RECIPE_NAME,
     Recipe,
     RecipeError,
+    VAESection,
     load_recipe,
     write_resolved_recipe,
 )
+from diffcxr_aug.errors import InputError
 
 
 def test_every_shipped_recipe_validates(recipes_dir):
@@ -93,47 +94,59 @@ def test_resolved_recipe_round_trips(tmp_path, recipes_dir):
     assert again == recipe
 
 
-def test_generator_reuses_the_filters_vae_only_when_it_is_the_same_one(tmp_path, recipes_dir):
-    from diffcxr_aug.augment.experiment import experiment_paths, filter_vae_for_generator
-
-    whole = ["filter.vae_crop_size=null", "generator.vae_crop_size=null"]  # whole-image VAEs, as phantom-64's own
-    recipe = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", *whole])
-    paths = experiment_paths(recipe)
-    assert filter_vae_for_generator(recipe, paths) is None  # the filter has not trained one yet
-    folder = paths["filtered"] / "vae"
-    folder.mkdir(parents=True)
-    # What train_vae records of the VAE it trained, as the quickstart asks for it.
-    trained = {"config": "kl-f4", "size": 64, "steps": 800, "batch_size": 32, "crop_size": None, "seed": recipe.seed}
-    (folder / "metrics.json").write_text(json.dumps(trained))
-    assert filter_vae_for_generator(recipe, paths) == folder
-    # A crop the size of the image is a whole-image VAE: still the same one.
-    (folder / "metrics.json").write_text(json.dumps(trained | {"crop_size": 64}))
-    assert filter_vae_for_generator(recipe, paths) == folder
-    # Trained otherwise (the recipe changed after the filter ran, say): the generator trains its own.
-    # The last: a record that does not say its batch size (written by an older version).
-    unknown_batch = {k: v for k, v in trained.items() if k != "batch_size"}
-    changes = [{"steps": 1000}, {"size": 128}, {"config": "kl-f8"}, {"batch_size": 16}, {"crop_size": 32}, {"seed": 7}]
-    for record in [trained | change for change in changes] + [unknown_batch]:
-        (folder / "metrics.json").write_text(json.dumps(record))
-        assert filter_vae_for_generator(recipe, paths) is None, record
-    # A VAE named in the recipe is used as named.
-    (folder / "metrics.json").write_text(json.dumps(trained))
-    named = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", *whole, "generator.vae=kl-f4"])
-    assert filter_vae_for_generator(named, paths) is None
-
-
-@pytest.mark.parametrize("name", ["phantom-128.yaml", "quickstart.yaml"])
-def test_recipes_train_one_vae_for_filter_and_generator(tmp_path, recipes_dir, name):
-    # The hour of phantom-128 (and the quickstart's 20 minutes) count one VAE training: the filter's, which the
-    # generator then loads. A recipe that changes the filter's VAE keys must change the generator's too.
-    from diffcxr_aug.augment.experiment import experiment_paths, filter_vae_for_generator
+@pytest.mark.parametrize("name", ["phantom-128.yaml", "quickstart.yaml", "smoke.yaml"])
+def test_recipes_have_one_vae_for_filter_and_generator(tmp_path, recipes_dir, name):
+    # The hour of phantom-128 (and the quickstart's 20 minutes) count one VAE training, the train-vae step's,
+    # which the filter and the generator both load by path.
+    from diffcxr_aug.augment.experiment import experiment_paths, plan_steps
 
     recipe = load_recipe(recipes_dir / name, [f"output_dir={tmp_path}"])
-    assert recipe.steps.index("filter") < recipe.steps.index("train-generator") and recipe.generator.use_filtered
-    paths = experiment_paths(recipe)
-    (paths["filtered"] / "vae").mkdir(parents=True)
-    f = recipe.filter
-    trained = {"config": f.vae_config, "size": f.image_size, "steps": f.vae_steps, "batch_size": f.vae_batch_size}
-    trained |= {"crop_size": f.vae_crop_size, "seed": recipe.seed}
-    (paths["filtered"] / "vae" / "metrics.json").write_text(json.dumps(trained))
-    assert filter_vae_for_generator(recipe, paths) == paths["filtered"] / "vae"
+    steps = {step.name: step for step in plan_steps(recipe)}
+    assert list(steps)[:4] == ["prepare", "train-vae", "filter", "train-generator"]
+    vae = str(experiment_paths(recipe)["vae"])
+    assert steps["filter"].settings["vae"] == vae and steps["train-generator"].settings["generator"]["vae"] == vae
+    assert steps["train-vae"].fingerprint in steps["filter"].settings["upstream"].values()
+    assert steps["train-vae"].fingerprint in steps["train-generator"].settings["upstream"].values()
+
+
+def test_vae_keys_of_older_recipes_move_into_the_vae_section():
+    from diffcxr_aug.augment.experiment import recipe_vae_plan, run_order
+
+    legacy = {
+        "steps": ["prepare", "filter", "train-generator"],
+        "filter": {"vae_config": "kl-f4", "vae_steps": 800, "vae_crop_size": 32, "image_size": 64, "vae": None},
+        "generator": {"config": "phantom-64", "vae_steps": 800, "vae_batch_size": None},
+    }
+    recipe = Recipe.model_validate(legacy)
+    assert recipe.vae == VAESection(config="kl-f4", steps=800, crop_size=32, size=64)
+    plan = recipe_vae_plan(recipe)
+    assert (plan.config, plan.steps, plan.batch_size, plan.crop_size, plan.size) == ("kl-f4", 800, 32, 32, 64)
+    assert run_order(recipe) == ["prepare", "train-vae", "filter", "train-generator"]  # the step they lacked
+    # Two values for one setting: one VAE cannot have both.
+    with pytest.raises(ValidationError, match=r"filter.vae_steps is 800 but generator.vae_steps is 1000"):
+        Recipe.model_validate({**legacy, "generator": {"vae_steps": 1000}})
+    with pytest.raises(ValidationError, match=r"vae.steps is 500 but filter.vae_steps is 800"):
+        Recipe.model_validate({**legacy, "vae": {"steps": 500}})
+    # generator.vae: a registry name is the architecture to train, anything else a pretrained VAE.
+    assert Recipe.model_validate({"generator": {"vae": "kl-f8"}}).vae.config == "kl-f8"
+    hub = Recipe.model_validate({"generator": {"vae": "stabilityai/sd-vae-ft-mse"}})
+    assert hub.vae.pretrained == "stabilityai/sd-vae-ft-mse" and recipe_vae_plan(hub).pretrained == hub.vae.pretrained
+    assert "train-vae" not in [s.name for s in _plan(hub)]  # nothing to train
+
+
+def _plan(recipe: Recipe):
+    from diffcxr_aug.augment.experiment import plan_steps
+
+    return plan_steps(recipe)
+
+
+def test_vae_plan_takes_unset_keys_from_the_generator_config():
+    from diffcxr_aug.generator.configs import get_config
+    from diffcxr_aug.generator.vae import plan_vae
+
+    plan = plan_vae(VAESection(), get_config("phantom-128"))
+    assert (plan.config, plan.size, plan.steps, plan.batch_size, plan.crop_size) == ("kl-f4", 128, 1000, 16, 64)
+    assert plan_vae(VAESection(), get_config("paper-256")).pretrained == "stabilityai/sd-vae-ft-mse"
+    assert plan_vae(VAESection(crop_size=128, steps=5), get_config("phantom-128")).crop_size == 128
+    with pytest.raises(InputError, match="vae.pretrained"):
+        plan_vae(VAESection(config="stabilityai/sd-vae-ft-mse"), get_config("phantom-128"))

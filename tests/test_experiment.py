@@ -97,11 +97,12 @@ def test_upstream_changes_reach_every_later_step(recipes_dir, tmp_path):
     from diffcxr_aug.augment.experiment import plan_steps
 
     base = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}"])
-    changed = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", "filter.vae_steps=10"])
+    changed = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", "vae.steps=10"])
     before = {s.name: s.fingerprint for s in plan_steps(base)}
     after = {s.name: s.fingerprint for s in plan_steps(changed)}
     assert before["prepare"] == after["prepare"]
-    assert all(before[n] != after[n] for n in ("filter", "train-generator", "synthesize", "train-classifier"))
+    later = ("train-vae", "filter", "train-generator", "synthesize", "train-classifier")
+    assert all(before[n] != after[n] for n in later)
 
 
 def test_quickstart_runs_the_whole_loop_with_both_synthetic_sources(recipes_dir):
@@ -133,15 +134,19 @@ def test_smoke_run_writes_the_report_and_a_rerun_skips_every_step(tmp_path, reci
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == f"report: {out / 'report.md'}"
     for i, name in enumerate(PIPELINE_STEPS, 1):
-        assert f"[{i}/6] {name} ..." in result.output
+        assert f"[{i}/7] {name} ..." in result.output
     assert (out / "recipe.resolved.yaml").is_file()
     data = pd.read_csv(out / "data" / "manifest.csv")
     scores = pd.read_csv(out / "filtered" / "scores.csv")
     kept = pd.read_csv(out / "filtered" / "manifest.csv")
     assert len(scores) == len(data) == 120 and len(kept) == len(data) - scores["flagged"].sum() < len(data)
     info = json.loads((out / "generator" / "training_info.json").read_text())
-    # generator.use_filtered (default true): stage 1 trains on the manifest the filter kept.
+    # generator.use_filtered (default true): stage 1 trains on the manifest the filter kept, in the VAE of the
+    # train-vae step, which the filter encoded with too (no other VAE is trained).
     assert info["steps"] == 4 and info["data"] == str(out / "filtered" / "manifest.csv")
+    assert info["vae"]["vae"] == str(out / "vae") and info["vae"]["trained"] is False
+    assert json.loads((out / "filtered" / "filter_report.json").read_text())["vae"]["source"] == str(out / "vae")
+    assert not (out / "filtered" / "vae").exists() and not (out / "generator" / "trained_vae").exists()
     assert len(pd.read_csv(out / "synthetic" / "manifest.csv")) == 8
     evaluation = json.loads((out / "evaluation" / "report.json").read_text())
     assert evaluation["synthetic"]["synthetic"]["n_images"] == 8
@@ -176,5 +181,5 @@ def test_smoke_run_writes_the_report_and_a_rerun_skips_every_step(tmp_path, reci
 
     again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
-    assert again.output.count("skipped") == 6, again.output
+    assert again.output.count("skipped") == 7, again.output
     assert {record["status"] for record in json.loads((out / STEPS_NAME).read_text()).values()} == {"done"}

@@ -298,15 +298,16 @@ def test_two_process_training_with_torchrun(trained, tmp_path):
 
 
 def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16():
-    """Training's auto precision (one Accelerator a process, so checked on the rule rather than a second run)."""
+    """The rule behind training's auto precision, on this CPU."""
     cpu = torch.device("cpu")
     assert resolve_mixed_precision("auto", cpu, cpu_auto="bf16") == ("bf16" if cpu_has_bf16() else "no")
     assert resolve_mixed_precision("auto", cpu) == "no" and resolve_mixed_precision("bf16", cpu) == "bf16"
 
 
 def test_the_smallest_settings_train_and_sample(trained, tmp_path):
-    """One step on one image with one condition token, then one image from one UniPC step without guidance under
-    bf16; another sampler is another job. fp16 training on a CPU is refused before a step."""
+    """One step on one image with one condition token at auto precision (bf16 on a CPU with native bf16), then one
+    image from one UniPC step without guidance under bf16; another sampler is another job. fp16 training on a CPU
+    is refused before a step."""
     recipe = trained["root"] / "tiny.yaml"
     args = ["train-generator", "--data", str(trained["data"]), "--out", str(tmp_path / "gen"), "--recipe", str(recipe)]
     args += ["--max-steps", "1", "--batch-size", "1", "--num-tokens", "1", "--device", "cpu"]
@@ -316,8 +317,10 @@ def test_the_smallest_settings_train_and_sample(trained, tmp_path):
         and "fp16 needs a GPU" in result.output
         and not list((tmp_path / "fp16").glob("checkpoint-*"))
     )
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, [*args, "--mixed-precision", "auto"])  # after the fixture's "no", in-process
     assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "gen" / "training_info.json").read_text())
+    assert info["mixed_precision"] == ("bf16" if cpu_has_bf16() else "no") and info["attention"] == "math"
     args = ["synthesize", "--n", "1", "--generator", str(tmp_path / "gen"), "--out", str(tmp_path / "s")]
     args += ["--steps", "1", "--batch-size", "1", "--guidance", "0", "--device", "cpu"]
     result = CliRunner().invoke(app, [*args, "--sampler", "unipc", "--mixed-precision", "bf16"])

@@ -180,12 +180,13 @@ def test_evaluate_scores_reports_each_stage_and_kind():
 
 # ------------------------------------------------------------------------------------ the command line
 FILTER_RECIPE = """
+vae:
+  config: tiny
+  steps: 2
+  batch_size: 4
+  crop_size: 16
+  size: 32
 filter:
-  vae_config: tiny
-  vae_steps: 2
-  vae_batch_size: 4
-  vae_crop_size: 16
-  image_size: 32
   n_clusters: 3
   manifold_components: 8
   discriminator_steps: 20
@@ -230,7 +231,7 @@ def test_cli_filter_writes_the_contract_files(noisy_tiny, tmp_path):
     assert len(kept) == 30 - 3
     assert all(p.is_file() for p in kept.image_paths())
     assert set(kept.frame["image_path"]) == set(scores.loc[scores["flagged"] == 0, "image_path"])
-    # The VAE trained here follows the recipe's batch and crop size (so a generator can share it).
+    # Without --vae the recipe's VAE is trained here first, with its `vae` section's batch, crop and size.
     vae_metrics = json.loads((out / "vae" / "metrics.json").read_text())
     assert (vae_metrics["batch_size"], vae_metrics["crop_size"], vae_metrics["size"], vae_metrics["seed"]) == (
         4,
@@ -271,6 +272,37 @@ def test_cli_filter_with_given_vae_and_known_noisy(noisy_tiny, tmp_path):
     report = json.loads((out / "filter_report.json").read_text())
     assert report["threshold"]["rule"] == "quantile"
     assert report["known_noisy"] == {"in_manifest": 2, "extra_images": 0}
+
+
+def test_train_vae_then_filter_and_generator_encode_with_that_one_vae(noisy_tiny, tmp_path):
+    """`train-vae` makes the latent space; `filter --vae` and `train-generator --vae` read it and train no other."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(FILTER_RECIPE + "generator:\n  config: tiny\n  mixed_precision: 'no'\n")
+    vae = tmp_path / "vae"
+    result = runner.invoke(app, ["train-vae", "--data", str(noisy_tiny), "--out", str(vae), "--recipe", str(recipe)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((vae / "metrics.json").read_text())
+    assert (metrics["config"], metrics["steps"], metrics["batch_size"], metrics["crop_size"], metrics["size"]) == (
+        "tiny", 2, 4, 16, 32
+    )  # fmt: skip
+    args = ["filter", "--data", str(noisy_tiny), "--out", str(tmp_path / "f"), "--recipe", str(recipe)]
+    result = runner.invoke(app, [*args, "--vae", str(vae)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "f" / "filter_report.json").read_text())
+    assert report["vae"]["source"] == str(vae) and report["vae"]["psnr"] == metrics["psnr"]  # its record travels
+    assert report["image_size"] == 32 and not (tmp_path / "f" / "vae").exists()
+    args = ["train-generator", "--data", str(tmp_path / "f"), "--out", str(tmp_path / "g"), "--recipe", str(recipe)]
+    result = runner.invoke(app, [*args, "--vae", str(vae), "--max-steps", "1", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "g" / "training_info.json").read_text())
+    assert info["vae"]["vae"] == str(vae) and info["vae"]["trained"] is False
+    assert info["vae"]["metrics"]["psnr"] == metrics["psnr"] and not (tmp_path / "g" / "trained_vae").exists()
+    # A pretrained VAE has nothing to train.
+    pretrained = tmp_path / "p.yaml"
+    pretrained.write_text(f"vae:\n  pretrained: {vae}\n")
+    result = runner.invoke(app, ["train-vae", "--data", str(noisy_tiny), "--out", str(tmp_path / "v2")] + [
+        "--recipe", str(pretrained)])  # fmt: skip
+    assert result.exit_code == 2 and "nothing to train" in result.output
 
 
 def test_cli_filter_bad_input_exits_2_with_one_line(tmp_path, noisy_tiny):

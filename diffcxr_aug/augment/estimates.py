@@ -63,13 +63,17 @@ def estimate_seconds(step: str, recipe: Recipe) -> float | None:
     pixels = d.size * d.size
     if step == "prepare":
         return d.n * pixels * PREPARE_PHANTOM_S_PER_PIXEL if d.dataset == "phantom" else None
-    if step == "filter":
-        f = recipe.filter
-        per_pixel = VAE_STEP_S_PER_PIXEL.get(f.vae_config) if f.vae is None else 0.0
+    if step == "train-vae":
+        from diffcxr_aug.augment.experiment import recipe_vae_plan
+
+        plan = recipe_vae_plan(recipe)
+        per_pixel = VAE_STEP_S_PER_PIXEL.get(plan.config)
         if per_pixel is None:
             return None
-        crop = f.vae_crop_size or f.image_size
-        return f.vae_steps * f.vae_batch_size * crop * crop * per_pixel + d.n * FILTER_S_PER_IMAGE + FILTER_FIXED_S
+        crop = plan.crop_size or plan.size
+        return plan.steps * plan.batch_size * crop * crop * per_pixel
+    if step == "filter":
+        return d.n * FILTER_S_PER_IMAGE + FILTER_FIXED_S
     if step == "train-generator":
         per_image = GENERATOR_S_PER_IMAGE.get(recipe.generator.config)
         return None if per_image is None else _generator_images(recipe) * per_image + GENERATOR_FIXED_S

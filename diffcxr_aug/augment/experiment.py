@@ -1,9 +1,9 @@
-"""The whole loop from one recipe: prepare, filter, train-generator, synthesize, train-classifier, evaluate, and a
-report of the run (``report.md``)."""
+"""The whole loop from one recipe: prepare, train-vae, filter, train-generator, synthesize, train-classifier,
+evaluate, and a report of the run (``report.md``)."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +21,7 @@ def experiment_paths(recipe: Recipe) -> dict[str, Path]:
     root = recipe.output_dir
     return {
         "data": root / "data",
+        "vae": root / "vae",
         "filtered": root / "filtered",
         "generator": root / "generator",
         "generator-dkim": root / "generator-dkim",
@@ -69,47 +70,19 @@ def _ceiling(recipe: Recipe, paths: dict[str, Path]) -> Path:
     return build_ceiling(paths["ceiling"], n=n, size=recipe.data.size, seed=recipe.seed).parent
 
 
-def filter_vae_for_generator(recipe: Recipe, paths: dict[str, Path]) -> Path | None:
-    """The KL-VAE the filter step trained, when the generator would train the very same one.
-
-    Both train a registered KL-VAE with the recipe's seed; when the seed, architecture, image size, number of
-    steps, batch size and crop size the filter's VAE was trained with (its ``metrics.json``) are the generator's, the
-    generator loads it instead of training a second copy (the same weights: one training, not two). The
-    filter's VAE has seen the whole manifest, noisy images included, while with
-    ``use_filtered`` the generator would have trained its own on the kept images only; the VAE is an image codec
-    (the denoiser, which decides what gets generated, still trains on the kept images only), and sharing it keeps
-    filtered and unfiltered generators in one latent space, so their comparison isolates the filter.
-    """
+def recipe_vae_plan(recipe: Recipe):
+    """The recipe's one latent space (:class:`~diffcxr_aug.generator.vae.VAEPlan`): its ``vae`` section over the
+    generator config's VAE."""
     from diffcxr_aug.generator.configs import resolve_config
+    from diffcxr_aug.generator.vae import plan_vae
 
-    f, g = recipe.filter, recipe.generator
-    folder = paths["filtered"] / "vae"
-    if g.vae is not None or f.vae is not None or not (folder / "metrics.json").is_file():
-        return None
-    cfg = resolve_config(g)
+    return plan_vae(recipe.vae, resolve_config(recipe.generator))
 
-    def whole(crop: int | None, size: int | None) -> int | None:
-        return None if crop in (None, size) else crop  # a crop as large as the image is whole images
 
-    # What was trained, as train_vae recorded it (not what the recipe says now: it may have changed since).
-    trained = json.loads((folder / "metrics.json").read_text())
-    wanted = (
-        recipe.seed,
-        cfg.vae,
-        cfg.image_size,
-        cfg.vae_steps,
-        cfg.vae_batch_size,
-        whole(cfg.vae_crop_size, cfg.image_size),
-    )
-    recorded = (
-        trained.get("seed"),
-        trained.get("config"),
-        trained.get("size"),
-        trained.get("steps"),
-        trained.get("batch_size"),
-        whole(trained.get("crop_size"), trained.get("size")),
-    )
-    return folder if recorded == wanted else None
+def recipe_vae(recipe: Recipe, paths: dict[str, Path]) -> str:
+    """The VAE the filter and the generator encode with: the pretrained one, or the ``train-vae`` step's folder."""
+    plan = recipe_vae_plan(recipe)
+    return plan.pretrained if plan.pretrained is not None else str(paths["vae"])
 
 
 def _dump(section: Any) -> dict[str, Any]:
@@ -126,13 +99,29 @@ def _prepare_step(recipe: Recipe, paths: dict[str, Path]) -> Step:
     return Step("prepare", settings, [paths["data"]], [paths["data"] / "manifest.csv"], run)
 
 
+def _vae_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) -> Step:
+    from diffcxr_aug.data.manifest import read_manifest
+
+    plan = recipe_vae_plan(recipe)
+
+    def run() -> None:
+        plan.train(read_manifest(paths["data"]), paths["vae"], device=recipe.device, seed=recipe.seed)
+
+    settings = {"vae": dataclasses.asdict(plan), "seed": recipe.seed, "upstream": upstream}
+    return Step("train-vae", settings, [paths["vae"]], [paths["vae"] / "metrics.json"], run)
+
+
 def _filter_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) -> Step:
     from diffcxr_aug.generator.noise_filter import run_filter
 
-    def run() -> None:
-        run_filter(paths["data"], paths["filtered"], recipe.filter, vae=None, device=recipe.device, seed=recipe.seed)
+    vae, size = recipe_vae(recipe, paths), recipe_vae_plan(recipe).size
 
-    settings = {"filter": _dump(recipe.filter), "seed": recipe.seed, "upstream": upstream}
+    def run() -> None:
+        run_filter(
+            paths["data"], paths["filtered"], recipe.filter, vae=vae, size=size, device=recipe.device, seed=recipe.seed
+        )
+
+    settings = {"filter": _dump(recipe.filter), "vae": vae, "size": size, "seed": recipe.seed, "upstream": upstream}
     done = [paths["filtered"] / "manifest.csv", paths["filtered"] / "filter_report.json"]
     return Step("filter", settings, [paths["filtered"]], done, run)
 
@@ -153,15 +142,9 @@ def _generator_step(recipe: Recipe, paths: dict[str, Path], training_data: Path,
 
     dkim = trains_dkim(recipe)
 
+    section = recipe.generator.model_copy(update={"vae": recipe_vae(recipe, paths)})  # the recipe's one VAE
+
     def run() -> None:
-        section = recipe.generator
-        shared_vae = filter_vae_for_generator(recipe, paths)
-        if shared_vae is not None:
-            logger.info(
-                "The generator uses the KL-VAE the filter trained (%s): same architecture, size, steps, batch, crop",
-                shared_vae,
-            )
-            section = section.model_copy(update={"vae": str(shared_vae)})
         train_generator(
             training_data, paths["generator"], section, resume="latest", device=recipe.device, seed=recipe.seed
         )
@@ -178,7 +161,7 @@ def _generator_step(recipe: Recipe, paths: dict[str, Path], training_data: Path,
             )
 
     settings = {
-        "generator": _dump(recipe.generator),
+        "generator": _dump(section),
         "seed": recipe.seed,
         "training_data": training_data.name,
         "upstream": upstream,
@@ -268,11 +251,18 @@ def plan_steps(recipe: Recipe) -> list[Step]:
     def upstream(*names: str) -> dict[str, str]:
         return {name: built[name].fingerprint for name in names if name in built}
 
-    if recipe.filter.enabled and "filter" in recipe.steps:
-        built["filter"] = _filter_step(recipe, paths, upstream("prepare"))
+    names = run_order(recipe)
+    if recipe_vae_plan(recipe).pretrained is None:
+        built["train-vae"] = _vae_step(recipe, paths, upstream("prepare"))
+    if recipe.filter.enabled and "filter" in names:
+        built["filter"] = _filter_step(recipe, paths, upstream("prepare", "train-vae"))
     training_data = paths["filtered"] if "filter" in built and recipe.generator.use_filtered else paths["data"]
-    # The filter is upstream even of a generator that trains on every image: it may reuse the filter's VAE.
-    built["train-generator"] = _generator_step(recipe, paths, training_data, upstream("prepare", "filter"))
+    built["train-generator"] = _generator_step(
+        recipe,
+        paths,
+        training_data,
+        upstream("prepare", "train-vae", *(["filter"] if training_data != paths["data"] else [])),
+    )
     built["synthesize"] = _synthesize_step(recipe, paths, upstream("prepare", "train-generator"))
     choices = recipe.classifier.synthetic
     uses_generated = "generated" in (choices if isinstance(choices, list) else [choices])
@@ -281,10 +271,21 @@ def plan_steps(recipe: Recipe) -> list[Step]:
     )
     if recipe.evaluate.enabled:
         built["evaluate"] = _evaluate_step(recipe, paths, upstream("prepare", "synthesize"))
-    steps = [built[name] for name in recipe.steps if name in built]
+    steps = [built[name] for name in names if name in built]
     for step in steps:
         step.estimate_seconds = estimate_seconds(step.name, recipe)
     return steps
+
+
+def run_order(recipe: Recipe) -> list[str]:
+    """The recipe's steps, with ``train-vae`` before ``filter`` and ``train-generator`` when the list leaves it
+    out (recipes written before the step existed): both encode with the VAE it trains."""
+    names = list(recipe.steps)
+    if "train-vae" not in names:
+        users = [i for i, name in enumerate(names) if name in ("filter", "train-generator")]
+        if users:
+            names.insert(users[0], "train-vae")
+    return names
 
 
 def run_experiment(recipe: Recipe, echo: Callable[[str], None] | None = None) -> Path:

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "report.md"
 STEP_WHAT = {
     "prepare": "index the dataset into manifest.csv",
-    "filter": "LNFS: train the KL-VAE, flag noisy images",
+    "train-vae": "train the KL-VAE: the latent space of filter and generator",
+    "filter": "LNFS: flag noisy images in the VAE's latent space",
     "train-generator": "Diff-CXR stage 1 (LDM + AVA-TLS), then stage 2 (the DKIM adapter) with generator.dkim",
     "synthesize": "generate labelled images from training reports",
     "train-classifier": "timm classifiers: real fractions x modes x sources x seeds",
@@ -106,7 +107,8 @@ def _filter_section(root: Path, paths: dict[str, Path]) -> tuple[list[str], dict
     vae = report.get("vae", {})
     if "psnr" in vae:
         lines.append(
-            f"Its KL-VAE reconstructs validation images at {vae['psnr']:.2f} dB PSNR (SSIM {vae['ssim']:.3f})."
+            f"The KL-VAE (train-vae) reconstructs validation images at {vae['psnr']:.2f} dB PSNR "
+            f"(SSIM {vae['ssim']:.3f})."
         )
     montage = paths["filtered"] / "montage_flagged.png"
     if montage.is_file():

@@ -260,9 +260,6 @@ def resolve_config(section: GeneratorSection) -> GeneratorConfig:
         key: getattr(section, key)
         for key in (
             "vae",
-            "vae_steps",
-            "vae_batch_size",
-            "vae_crop_size",
             "text_encoder",
             "text_encoder_policy",
             "num_tokens",

@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -52,6 +52,9 @@ from diffcxr_aug.generator.configs import PAPER_GFLOPS, GeneratorConfig, denoisi
 from diffcxr_aug.generator.token_squeeze import TokenSqueeze
 from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
 from diffcxr_aug.runtime import attention_backend, attention_backend_name, resolve_device, resolve_mixed_precision
+
+if TYPE_CHECKING:
+    from diffcxr_aug.generator.vae import VAEPlan
 
 logger = logging.getLogger(__name__)
 
@@ -437,30 +440,41 @@ def _accelerator(device: str, mixed_precision: str):
     # auto is bf16 on a CPU with native bf16 too: the phantom-128 step is 1.8x faster there, loss unchanged
     # (bench/perf.py; docs/results/perf).
     mixed_precision = resolve_mixed_precision(mixed_precision, resolved, cpu_auto="bf16")
+    _forget_other_precision(mixed_precision)
     return Accelerator(cpu=resolved.type == "cpu", mixed_precision=mixed_precision), mixed_precision
 
 
-def _prepare_vae(cfg: GeneratorConfig, manifest: Manifest, out: Path, accelerator: Any, seed: int, progress: bool):
-    """Load the pretrained VAE, or train the registered one on the manifest first (main process only)."""
-    from diffcxr_aug.generator.vae import VAE_CONFIGS, load_vae, train_vae
+def _forget_other_precision(mixed_precision: str) -> None:
+    """Let a second run in one process (a notebook, a sweep, the test suite) use another precision.
 
+    accelerate keeps one ``AcceleratorState`` a process and refuses an ``Accelerator`` whose precision differs from
+    the first one's. Between two runs nothing of that state is in use, so its precision part is dropped (the
+    process-group part, ``PartialState``, is kept), the way accelerate's own test utilities do between tests.
+    """
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def _prepare_vae(run: _Run):
+    """Load the VAE the config names (a folder or hub id), or train the registered one on the manifest first (main
+    process only), with ``run.vae_plan``'s settings when it plans that one, else the config's."""
+    from diffcxr_aug.config import VAESection
+    from diffcxr_aug.generator.vae import VAE_CONFIGS, load_vae, plan_vae
+
+    cfg, accelerator = run.cfg, run.accelerator
     info: dict[str, Any] = {"vae": cfg.vae}
     if cfg.vae in VAE_CONFIGS:
-        folder = out / TRAINED_VAE_DIR
+        folder = run.out / TRAINED_VAE_DIR
+        plan = run.vae_plan
+        if plan is None or plan.config != cfg.vae:
+            plan = plan_vae(VAESection(config=cfg.vae), cfg)
         if not (folder / "metrics.json").is_file() and accelerator.is_main_process:
-            logger.info("Training a %s KL-VAE on %s for %d steps first", cfg.vae, manifest.source, cfg.vae_steps)
-            train_vae(
-                manifest,
-                folder,
-                config=cfg.vae,
-                size=cfg.image_size,
-                steps=cfg.vae_steps,
-                batch_size=cfg.vae_batch_size,
-                crop_size=cfg.vae_crop_size,
-                device="cpu" if accelerator.device.type == "cpu" else str(accelerator.device),
-                seed=seed,
-                progress=progress,
-            )
+            logger.info("Training a %s KL-VAE on %s for %d steps first", cfg.vae, run.manifest.source, plan.steps)
+            device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
+            plan.train(run.manifest, folder, device=device, seed=run.seed, progress=run.main)
         accelerator.wait_for_everyone()
         vae = load_vae(folder)
         info.update(trained=True, metrics=json.loads((folder / "metrics.json").read_text()))
@@ -469,7 +483,7 @@ def _prepare_vae(cfg: GeneratorConfig, manifest: Manifest, out: Path, accelerato
         vae = load_vae(cfg.vae)
         info["trained"] = False
         metrics = Path(cfg.vae) / "metrics.json"
-        if metrics.is_file():  # a KL-VAE trained by this project (e.g. by the filter): keep its val PSNR/SSIM
+        if metrics.is_file():  # a KL-VAE trained by this project (the train-vae step): keep its val PSNR/SSIM
             info["metrics"] = json.loads(metrics.read_text())
     return vae.requires_grad_(False).eval(), info
 
@@ -484,6 +498,7 @@ def train_generator(
     device: str = "auto",
     seed: int = 0,
     generator: str | os.PathLike | None = None,
+    vae_plan: VAEPlan | None = None,
 ) -> Path:
     """Train Diff-CXR on the train split of the manifest in ``data``; write a pipeline folder.
 
@@ -505,6 +520,8 @@ def train_generator(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (under ``accelerate launch`` each process takes its own).
         seed: seeds initialisation, data order and noise (a resumed run keeps the checkpoint's seed).
         generator: stage 2 only: the stage-1 pipeline folder.
+        vae_plan: stage 1, when the VAE is a registry name (trained here first): the recipe's ``vae`` settings
+            (:func:`~diffcxr_aug.generator.vae.plan_vae`); ``None``: the config's.
 
     Returns:
         ``out``.
@@ -523,7 +540,7 @@ def train_generator(
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock_folder(out)
     try:
-        return _start(out, section, manifest, train, stage, stage1, resume, device, seed, run_started)
+        return _start(out, section, manifest, train, stage, stage1, resume, device, seed, run_started, vae_plan)
     finally:
         if lock is not None:
             lock.close()
@@ -574,6 +591,7 @@ class _Run:
     stage1: Path | None = None
     stage1_info: dict[str, Any] = field(default_factory=dict)  # stage 2: the stage-1 folder's training_info.json
     checkpoint_state: dict[str, Any] = field(default_factory=dict)  # the state.json of the checkpoint resumed
+    vae_plan: VAEPlan | None = None  # the recipe's VAE settings, for a registry VAE trained here
     # Added by the build steps.
     vae: Any = None
     vae_info: dict[str, Any] = field(default_factory=dict)
@@ -645,6 +663,7 @@ def _start(
     device: str,
     seed: int,
     run_started: float,
+    vae_plan: VAEPlan | None = None,
 ) -> Path:
     """Resolve the checkpoint and the architecture, start accelerate, train, and always end accelerate."""
     checkpoint = resolve_resume(out, resume)
@@ -678,6 +697,7 @@ def _start(
     run = _Run(
         stage, cfg, section, manifest, train, out, accelerator, seed, ava_tls, checkpoint, start_step,
         mixed_precision, run_started, stage1=stage1, stage1_info=stage1_info, checkpoint_state=state,
+        vae_plan=vae_plan,
     )  # fmt: skip
     try:
         if stage == 1:
@@ -705,7 +725,7 @@ def _build_stage1(run: _Run) -> None:
     train_reports = run.train.frame["report"].tolist()
     # The train split is encoded once the text encoder has loaded, so a missing encoder fails before minutes of
     # encoding.
-    run.vae, run.vae_info = _prepare_vae(cfg, run.manifest, run.out, run.accelerator, seed, run.main)
+    run.vae, run.vae_info = _prepare_vae(run)
     run.vae = run.vae.to(run.dev)
     # The scratch tokenizer is learned from the train reports (or read back on resume).
     with torch.random.fork_rng(devices=[]):
@@ -932,7 +952,13 @@ def _load_trainable(objective: DiffusionObjective, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- the loop
 def _loop(run: _Run) -> int:
     """5-6. Optimizer steps of ``gradient_accumulation_steps`` micro-batches, checkpoints, logs and grids; returns
-    the last step."""
+    the last step.
+
+    Longer than the package's other functions on purpose: it is the training loop in the form diffusers' training
+    examples use (one ``while`` over steps: batch, forward/backward under the attention backend, clip, optimiser,
+    EMA, then log / checkpoint / sample on their cadences), read top to bottom; the pieces with their own logic
+    (the batch stream, checkpoint writing, the loss log, the sample grids, the time limit) are already functions.
+    """
     from diffcxr_aug.generator.ava_tls import same_text_mask
     from diffcxr_aug.generator.figures import save_loss_plot
     from diffcxr_aug.generator.text_encoder import encode_tokens, tokenize

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,61 @@ VAE_CONFIGS: dict[str, dict[str, Any]] = {
         "mid_block_add_attention": True,
     },
 }
+
+
+@dataclass(frozen=True)
+class VAEPlan:
+    """A recipe's latent space: a pretrained VAE to load (``pretrained``), or a registered one to train.
+
+    Made by :func:`plan_vae` from the recipe's ``vae`` section and the generator config; the ``train-vae`` step,
+    ``filter`` and ``train-generator`` all read this one plan, so they share one VAE.
+    """
+
+    pretrained: str | None
+    config: str | None
+    size: int
+    steps: int
+    batch_size: int
+    crop_size: int | None
+
+    def train(self, manifest: Manifest, out: str | os.PathLike, device: str, seed: int, progress: bool = True):
+        """Train (or, when ``out`` holds it already, load) the planned VAE on ``manifest``; ``(vae, metrics)``."""
+        if self.pretrained is not None:
+            raise InputError(f"the recipe's VAE is pretrained ({self.pretrained}): there is nothing to train")
+        return train_vae(
+            manifest,
+            out,
+            config=self.config,
+            size=self.size,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            crop_size=self.crop_size,
+            device=device,
+            seed=seed,
+            progress=progress,
+        )
+
+
+def plan_vae(section: Any, generator: Any) -> VAEPlan:
+    """The VAE of a recipe's ``vae`` section (a :class:`~diffcxr_aug.config.VAESection`), its ``None`` keys
+    taken from the generator config (a :class:`~diffcxr_aug.generator.configs.GeneratorConfig`)."""
+    pretrained = section.pretrained
+    config = section.config
+    if pretrained is None and config is None:  # the generator config's own choice
+        pretrained, config = (None, generator.vae) if generator.vae in VAE_CONFIGS else (generator.vae, None)
+    if config is not None and config not in VAE_CONFIGS:
+        raise InputError(
+            f"vae.config {config!r} is not a registered VAE ({', '.join(VAE_CONFIGS)}); a pretrained hub id or "
+            "folder goes in vae.pretrained"
+        )
+    return VAEPlan(
+        pretrained=pretrained,
+        config=None if pretrained is not None else config,
+        size=section.size or generator.image_size,
+        steps=section.steps or generator.vae_steps,
+        batch_size=section.batch_size or generator.vae_batch_size,
+        crop_size=section.crop_size if section.crop_size is not None else generator.vae_crop_size,
+    )
 
 
 def build_vae(name: str = "kl-f4", sample_size: int = 64) -> AutoencoderKL:

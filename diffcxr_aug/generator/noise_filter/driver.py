@@ -7,12 +7,13 @@ It reads a manifest, gets a VAE (given, loaded, or trained on the data), encodes
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
     from diffcxr_aug.data.manifest import Manifest
+    from diffcxr_aug.generator.vae import VAEPlan
 
 logger = logging.getLogger(__name__)
 
@@ -81,37 +83,41 @@ def _load_images(paths: list[Path], size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0).unsqueeze(1)
 
 
+def default_vae_plan() -> VAEPlan:
+    """The latent space of a recipe that says nothing about it (the default generator config's VAE)."""
+    from diffcxr_aug.config import GeneratorSection, VAESection
+    from diffcxr_aug.generator.configs import resolve_config
+    from diffcxr_aug.generator.vae import plan_vae
+
+    return plan_vae(VAESection(), resolve_config(GeneratorSection()))
+
+
 def _resolve_vae(
     vae: AutoencoderKL | str | os.PathLike | None,
-    section: FilterSection,
+    plan: VAEPlan,
     manifest: Manifest,
     out: Path,
     device: torch.device,
     seed: int,
     progress: bool,
 ) -> tuple[AutoencoderKL, dict]:
+    """The VAE given (a model, or a folder / hub id to load), or else the planned one, trained here under ``vae/``
+    (or loaded when it is pretrained)."""
     from diffusers import AutoencoderKL
 
-    from diffcxr_aug.generator.vae import load_vae, train_vae
+    from diffcxr_aug.generator.vae import load_vae
 
-    source = vae if vae is not None else section.vae
-    if isinstance(source, AutoencoderKL):
-        return source, {"source": "given"}
+    if isinstance(vae, AutoencoderKL):
+        return vae, {"source": "given"}
+    source = vae if vae is not None else plan.pretrained
     if source is not None:
-        return load_vae(source), {"source": str(source)}
-    logger.info("No VAE given: training %s for %d steps on %s", section.vae_config, section.vae_steps, manifest.source)
-    model, metrics = train_vae(
-        manifest,
-        out / "vae",
-        config=section.vae_config,
-        size=section.image_size,
-        steps=section.vae_steps,
-        batch_size=section.vae_batch_size,
-        crop_size=section.vae_crop_size,
-        device=str(device),
-        seed=seed,
-        progress=progress,
-    )
+        info: dict[str, Any] = {"source": str(source)}
+        metrics = Path(source) / "metrics.json"
+        if metrics.is_file():  # a KL-VAE trained by this project (the train-vae step): keep its record
+            info.update(json.loads(metrics.read_text(encoding="utf-8")))
+        return load_vae(source), info
+    logger.info("No VAE given: training %s for %d steps on %s", plan.config, plan.steps, manifest.source)
+    model, metrics = plan.train(manifest, out / "vae", device=str(device), seed=seed, progress=progress)
     return model, {"source": str(out / "vae"), "trained_here": True, **metrics}
 
 
@@ -204,6 +210,8 @@ def run_filter(
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    size: int | None = None,
+    vae_plan: VAEPlan | None = None,
 ) -> Path:
     """Score every image of a manifest for noise with LNFS and write the kept manifest.
 
@@ -218,11 +226,14 @@ def run_filter(
         data: a folder holding ``manifest.csv`` (or the file itself).
         out: output folder; must differ from the data folder.
         section: the recipe's ``filter`` section.
-        vae: an ``AutoencoderKL``, or a hub id / folder to load; overrides ``section.vae``. With neither, a
-            small VAE (``section.vae_config``) is trained on the data's train split first.
+        vae: an ``AutoencoderKL``, or a folder (the ``train-vae`` step's output) or hub id to load. Without it,
+            ``vae_plan`` is trained on the data's train split first (or loaded, when it names a pretrained VAE).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         seed: seed of the VAE training and of the filter.
         progress: show progress bars.
+        size: the image side the images are encoded at; ``None``: ``vae_plan``'s.
+        vae_plan: the latent space (:func:`~diffcxr_aug.generator.vae.plan_vae`); ``None``: the default recipe's
+            (the ``phantom-64`` generator config's kl-f4 VAE at 64 px).
 
     Returns:
         The path of the kept manifest.
@@ -242,18 +253,20 @@ def run_filter(
     if section.known_noisy is not None:
         known, extra_paths = _read_known_noisy(section.known_noisy, manifest)
     filt = LatentNoiseFilter.from_section(section, seed=seed, device=dev, progress=progress)
+    plan = vae_plan if vae_plan is not None else default_vae_plan()
+    size = size or plan.size
     out.mkdir(parents=True, exist_ok=True)
 
     # 2. Latent space
     started = time.perf_counter()
-    model, vae_info = _resolve_vae(vae, section, manifest, out, dev, seed, progress)
-    latent_shape(model, section.image_size)  # fails early on a size the VAE cannot encode
+    model, vae_info = _resolve_vae(vae, plan, manifest, out, dev, seed, progress)
+    latent_shape(model, size)  # fails early on a size the VAE cannot encode
     vae_seconds = time.perf_counter() - started
 
     # 3. Encode every row (all splits: noisy images are removed wherever they are)
     started = time.perf_counter()
-    latents = encode_manifest(model, manifest, section.image_size, device=dev, progress=progress)
-    extra = _encode_files(model, extra_paths, section.image_size, dev) if extra_paths else None
+    latents = encode_manifest(model, manifest, size, device=dev, progress=progress)
+    extra = _encode_files(model, extra_paths, size, dev) if extra_paths else None
     encode_seconds = time.perf_counter() - started
 
     # 4. Filter
@@ -264,8 +277,8 @@ def run_filter(
     scores = _write_scores(filt, manifest, paths, known, out / SCORES_NAME)
     kept = manifest.frame.assign(image_path=paths).loc[~filt.flagged_]
     manifest_path = write_manifest(kept, out / "manifest.csv")
-    montages = _write_montages(manifest, scores, filt.threshold_, section.image_size, out)
-    report = _filter_report(filt, section, manifest, scores, known, len(extra_paths), vae_info, seed)
+    montages = _write_montages(manifest, scores, filt.threshold_, size, out)
+    report = _filter_report(filt, section, manifest, scores, known, len(extra_paths), vae_info, size, seed)
     report["seconds"] = {"vae": vae_seconds, "encode": encode_seconds, **filt.timings_}
     report["files"] = [SCORES_NAME, "manifest.csv", *(p.name for p in montages), REPORT_NAME]
     atomic_write_json(out / REPORT_NAME, report)
@@ -307,6 +320,7 @@ def _filter_report(
     known: np.ndarray,
     n_extra: int,
     vae_info: dict,
+    size: int,
     seed: int,
 ) -> dict:
     """The content of ``filter_report.json`` but its ``seconds`` and ``files`` (the caller adds those).
@@ -345,7 +359,7 @@ def _filter_report(
             },
         },
         "vae": vae_info,
-        "image_size": section.image_size,
+        "image_size": size,
         "latent_shape": list(filt.latent_shape_),
         # Filled in by run_filter; placed here so that the report keeps its key order.
         "seconds": {},
