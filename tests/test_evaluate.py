@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from diffcxr_aug.cli import app
 from diffcxr_aug.data.manifest import read_manifest, write_manifest
-from diffcxr_aug.evaluation.report import feature_distances, nearest_neighbours, precision_recall, privacy
+from diffcxr_aug.evaluation.fidelity import feature_distances, precision_recall
+from diffcxr_aug.evaluation.privacy import nearest_neighbours, privacy
 from tests.conftest import make_tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")

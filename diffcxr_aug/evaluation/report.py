@@ -23,6 +23,9 @@ the project has, and they are the features that matter for downstream training.
 
 When the real manifest has a ``noise`` column (the phantom world), the fidelity reference is its clean
 rows: a generator is judged against chest X-rays, not against the noise a filter should have removed.
+
+The measures live in :mod:`.fidelity`, :mod:`.faithfulness`, :mod:`.privacy` and :mod:`.compute`; this module
+runs them on every set and writes the report.
 """
 
 from __future__ import annotations
@@ -31,26 +34,23 @@ import json
 import logging
 import math
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, paired_bootstrap_mauc_difference
-from diffcxr_aug.classifiers.models import ClassifierConfig, load_classifier
-from diffcxr_aug.classifiers.train import build_transforms
+from diffcxr_aug.classifiers.models import load_classifier
 from diffcxr_aug.config import EvaluateSection
-from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import Manifest, read_manifest
 from diffcxr_aug.errors import InputError
+from diffcxr_aug.evaluation.compute import compute_summary
 from diffcxr_aug.evaluation.faithfulness import CLASSIFIER_DIR, masked_auc, reference_classifier
-from diffcxr_aug.figures import pyplot, save_figure, show_image
+from diffcxr_aug.evaluation.fidelity import embed, feature_distances
+from diffcxr_aug.evaluation.privacy import plot_neighbours, privacy
+from diffcxr_aug.figures import pyplot, save_figure
 from diffcxr_aug.io import atomic_write_json, atomic_write_text
 
 _REFERENCE = EvaluateSection()  # the reference classifier's defaults live in the recipe section
@@ -61,166 +61,6 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 NEIGHBOURS_PNG = "nearest_neighbours.png"
 PER_LABEL_PNG = "faithfulness_per_label.png"
-COPY_QUANTILE = 0.99
-PR_NEIGHBOURS = 3  # k of improved precision/recall (Kynkäänniemi et al. use 3)
-
-
-class _Features(torch.nn.Module):
-    """Hands precomputed feature rows to torchmetrics unchanged (its ``num_features`` sizes the state)."""
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-@torch.no_grad()
-def embed(
-    model: torch.nn.Module,
-    config: ClassifierConfig,
-    manifest: Manifest,
-    device: torch.device,
-    batch_size: int = 64,
-    desc: str = "features",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Penultimate-layer features, sigmoid scores and stored labels of every row of ``manifest``.
-
-    timm models split into ``forward_features`` and ``forward_head``; ``pre_logits=True`` gives the pooled
-    vector the classifier's last layer reads.
-    """
-    transform = build_transforms((config.mean,), (config.std,), train=False)
-    dataset = CXRDataset(manifest, config.image_size, config.label_names, transform=transform, progress=False)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    model.eval()
-    features, scores, labels = [], [], []
-    for batch in tqdm(loader, desc=desc, leave=False, unit="batch"):
-        pooled = model.forward_head(model.forward_features(batch["image"].to(device)), pre_logits=True)
-        features.append(pooled.float().cpu().numpy())
-        scores.append(torch.sigmoid(model.get_classifier()(pooled).float()).cpu().numpy())
-        labels.append(batch["labels"].numpy())
-    return np.concatenate(features), np.concatenate(scores), np.concatenate(labels)
-
-
-def feature_distances(
-    real: np.ndarray, fake: np.ndarray, seed: int = 0, fid_images: int | None = None
-) -> dict[str, float]:
-    """FID and KID (mean and std over subsets) between two feature sets, by torchmetrics, and improved
-    precision and recall (:func:`precision_recall`, on every row).
-
-    FID is biased upwards by about 1/n, so sets compared with each other (and with the real-to-real floor) must
-    be measured on the same number of images: ``fid_images`` draws that many rows of ``fake`` (seeded) for FID.
-    KID is unbiased and uses every row.
-    """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    if len(real) < 2 or len(fake) < 2:
-        raise ValueError(f"FID needs at least 2 images on each side (got {len(real)} real, {len(fake)} synthetic)")
-    width = real.shape[1]
-    fid = FrechetInceptionDistance(feature=_Features(width), reset_real_features=False)
-    subset = min(1000, len(real), len(fake))
-    with warnings.catch_warnings():  # it keeps every feature row; these are already features, and few
-        warnings.filterwarnings("ignore", message=".*will save all extracted features")
-        kid = KernelInceptionDistance(feature=_Features(width), subsets=50, subset_size=subset)
-    r, f = torch.from_numpy(real).double(), torch.from_numpy(fake).double()
-    n_fid = len(fake) if fid_images is None else min(fid_images, len(fake))
-    if n_fid < len(fake):
-        f_fid = f[np.sort(np.random.default_rng(seed).choice(len(fake), n_fid, replace=False))]
-    else:
-        f_fid = f
-    fid.update(r, real=True)
-    fid.update(f_fid, real=False)
-    kid.update(r, real=True)
-    kid.update(f, real=False)
-    with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global generator
-        torch.manual_seed(seed)
-        kid_mean, kid_std = kid.compute()
-    return {
-        "fid": float(fid.compute()),
-        "kid": float(kid_mean),
-        "kid_std": float(kid_std),
-        # None for sets too small to have k neighbours (tiny test manifests).
-        **(
-            precision_recall(real, fake)
-            if min(len(real), len(fake)) > PR_NEIGHBOURS
-            else {"precision": None, "recall": None, "pr_neighbours": PR_NEIGHBOURS}
-        ),
-        "n_real": len(real),
-        "n_synthetic": len(fake),
-        "n_synthetic_fid": n_fid,
-    }
-
-
-def _inside(queries: np.ndarray, support: np.ndarray, radii: np.ndarray) -> np.ndarray:
-    """Whether each query lies in at least one ball ``||q - support_i|| <= radii_i``."""
-    from sklearn.metrics import pairwise_distances_chunked
-
-    def reduce(chunk: np.ndarray, start: int) -> np.ndarray:
-        return (chunk <= radii[None, :]).any(axis=1)
-
-    return np.concatenate(list(pairwise_distances_chunked(queries, support, reduce_func=reduce)))
-
-
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS) -> dict[str, float]:
-    """Improved precision and recall (Kynkäänniemi et al., NeurIPS 2019) of ``fake`` against ``real`` features.
-
-    Each set's manifold is the union of balls around its rows reaching their k-th nearest neighbour in the same
-    set. Precision: the share of synthetic rows inside the real manifold (images that look like some real image;
-    a malformed or noise-like image falls outside). Recall: the share of real rows inside the synthetic manifold
-    (how much of the real variety is covered). Both depend on the set sizes, so compare sets of equal size.
-    """
-    from sklearn.neighbors import NearestNeighbors
-
-    if min(len(real), len(fake)) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} rows per set ({len(real)}, {len(fake)})")
-
-    def radii(x: np.ndarray) -> np.ndarray:
-        distances, _ = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
-        return distances[:, k]  # column 0 is the row itself
-
-    return {
-        "precision": float(_inside(fake, real, radii(real)).mean()),
-        "recall": float(_inside(real, fake, radii(fake)).mean()),
-        "pr_neighbours": k,
-    }
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def nearest_neighbours(queries: np.ndarray, reference: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine similarity to, and index of, each query's nearest reference row."""
-    q, r = _unit(queries), _unit(reference)
-    best, where = np.empty(len(q)), np.empty(len(q), dtype=np.int64)
-    for start in range(0, len(q), chunk):
-        sims = q[start : start + chunk] @ r.T
-        where[start : start + chunk] = sims.argmax(axis=1)
-        best[start : start + chunk] = sims.max(axis=1)
-    return best, where
-
-
-def privacy(
-    synthetic: np.ndarray, train: np.ndarray, held_out: np.ndarray, quantile: float = COPY_QUANTILE
-) -> dict[str, Any]:
-    """Nearest-training-image similarity of synthetic images against that of held-out real images."""
-    syn_sim, syn_idx = nearest_neighbours(synthetic, train)
-    real_sim, _ = nearest_neighbours(held_out, train)
-    threshold = float(np.quantile(real_sim, quantile))
-    return {
-        "nn_similarity_synthetic_median": float(np.median(syn_sim)),
-        "nn_similarity_real_test_median": float(np.median(real_sim)),
-        "copy_threshold": threshold,
-        "copy_threshold_meaning": f"the {quantile:.0%} quantile of real test images' similarity to their nearest "
-        "training image",
-        "flagged": int((syn_sim > threshold).sum()),
-        "flagged_share": float((syn_sim > threshold).mean()),
-        "expected_share_if_like_real": 1.0 - quantile,
-        "_similarity": syn_sim,
-        "_neighbour": syn_idx,
-    }
 
 
 def _ci(y: np.ndarray, s: np.ndarray, seed: int) -> dict[str, Any]:
@@ -264,74 +104,6 @@ def paired_faithfulness(
                 {"a": a, "b": b, "mauc_difference": diff, "ci95": [low, high], "outside_zero": low > 0 or high < 0}
             )
     return rows
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def compute_summary(synthetic_dir: Path) -> dict[str, Any]:
-    """Training and sampling cost, as far as the generator and the synthesis job recorded them."""
-    job = _read_json(synthetic_dir / "synthesis.json") or {}
-    keys = ("steps", "guidance", "n", "seconds", "images_timed", "images_per_second", "device")
-    summary: dict[str, Any] = {key: job[key] for key in keys if key in job}
-    generator = job.get("generator")
-    info = _read_json(Path(generator) / "training_info.json") if generator else None
-    if info:
-        summary["generator"] = {
-            "folder": generator,
-            "config": info.get("config", {}).get("name"),
-            "ava_tls": info.get("ava_tls"),
-            "training_steps": info.get("steps"),
-            # Every invocation that led to the weights; older folders only recorded the last one.
-            "training_wall_minutes": info.get("wall_minutes_total", info.get("wall_minutes_this_invocation")),
-            "training_wall_minutes_is_total": info.get("wall_minutes_total") is not None,
-            "resumed_from_step": info.get("resumed_from_step"),
-            "gflops_per_denoising_step": info.get("gflops_per_denoising_step"),
-            "unet_params": info.get("unet_params"),
-            "train_images": info.get("train_images"),
-            "data": info.get("data"),
-            "device": info.get("device"),
-            "stage": info.get("stage", 1),
-        }
-        if info.get("stage") == 2:  # a DKIM model: its stage-1 model's cost too
-            stage1 = _read_json(Path(info["dkim"]["stage1"]) / "training_info.json") or {}
-            summary["generator"].update(
-                stage1_folder=info["dkim"]["stage1"],
-                stage1_training_steps=stage1.get("steps"),
-                stage1_training_wall_minutes=stage1.get("wall_minutes_total"),
-            )
-        gflops = info.get("gflops_per_denoising_step")
-        if gflops and "steps" in job:
-            # Classifier-free guidance runs the UNet on the prompt and on the empty prompt at every step.
-            passes = 2 if job.get("guidance", 0) > 1 else 1
-            summary["gflops_per_image"] = float(gflops) * int(job["steps"]) * passes
-    return summary
-
-
-def _plot_neighbours(
-    pairs: list[tuple[str, Manifest, int, Manifest, int, float]], path: Path, size: int
-) -> Path | None:
-    """Synthetic image next to its nearest real training image, for the closest pairs of every set."""
-    if not pairs:
-        return None
-    from diffcxr_aug.data.images import load_image, to_uint8_square
-
-    plt = pyplot()
-
-    fig, axes = plt.subplots(2, len(pairs), figsize=(1.8 * len(pairs), 4.0), squeeze=False)
-    for col, (name, syn, i, real, j, sim) in enumerate(pairs):
-        for row, (manifest, index) in enumerate(((syn, i), (real, j))):
-            show_image(axes[row, col], to_uint8_square(load_image(manifest.image_paths()[index]), size))
-        axes[0, col].set_title(f"{name}\ncos {sim:.3f}", fontsize=8)
-    axes[0, 0].set_ylabel("synthetic", fontsize=9)
-    axes[1, 0].set_ylabel("nearest real\n(train split)", fontsize=9)
-    fig.suptitle("Closest synthetic-to-training pairs (reference-classifier features)", fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=110)
 
 
 def _plot_per_label(results: dict[str, Any], path: Path) -> Path:
@@ -503,7 +275,7 @@ def evaluate(
         )
     results["paired"] = paired_faithfulness(synthetic_manifests, scored, seed)
     figures = {"faithfulness_per_label": str(_plot_per_label(results, out / PER_LABEL_PNG))}
-    neighbours = _plot_neighbours(pairs, out / NEIGHBOURS_PNG, config.image_size)
+    neighbours = plot_neighbours(pairs, out / NEIGHBOURS_PNG, config.image_size)
     if neighbours is not None:
         figures["nearest_neighbours"] = str(neighbours)
     results["figures"] = figures
