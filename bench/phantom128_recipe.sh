@@ -26,7 +26,7 @@ out, start, end = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 report = json.loads((out / "filtered" / "filter_report.json").read_text())
 info = json.loads((out / "generator" / "training_info.json").read_text())
 steps = json.loads((out / "steps.json").read_text())
-hour = {
+hour = {  # filter_and_generator_minutes: the whole timed run (the VAE, the filter and the generator)
     "filter_and_generator_minutes": round((end - start) / 60, 2),
     "vae_minutes": round(steps["train-vae"]["seconds"] / 60, 2),
     "filter_minutes": round(sum(report["seconds"].values()) / 60, 2),

@@ -8,6 +8,7 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -272,11 +273,17 @@ def filter_(
         quantile=quantile,
         known_noisy=known_noisy,
     )
+    if vae is not None and vae_steps is not None:
+        _fail("--vae-steps sets the VAE trained without --vae; with --vae VAE that one is used, none is trained")
     plan = _vae_plan(rec, {"size": "--image-size", "steps": "--vae-steps"}, size=image_size, steps=vae_steps)
+    if vae is not None and image_size is None and (vae / "metrics.json").is_file():
+        image_size = json.loads((vae / "metrics.json").read_text(encoding="utf-8")).get("size")  # its own size
     from diffcxr_aug.generator.noise_filter import run_filter
 
     seed = rec.seed if seed is None else seed
-    path = _call(run_filter, data, out, section, vae=vae, device=device or rec.device, seed=seed, vae_plan=plan)
+    path = _call(
+        run_filter, data, out, section, vae=vae, device=device or rec.device, seed=seed, vae_plan=plan, size=image_size
+    )
     typer.echo(f"wrote {path}")
 
 

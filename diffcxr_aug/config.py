@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from diffcxr_aug.errors import InputError
 from diffcxr_aug.generator.knowledge import KnowledgeTemplates, read_templates_file
@@ -47,6 +47,11 @@ class RecipeError(InputError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _yaml_no(value: Any) -> Any:
+    """YAML 1.1 reads a bare ``no`` as False; that is what the user meant by "no mixed precision"."""
+    return "no" if value is False else value
 
 
 class DataSection(Section):
@@ -100,6 +105,15 @@ class VAESection(Section):
     crop_size: int | None = Field(
         None, ge=1, description="train on random crops of this size (the image size: whole images); None: config's"
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VAESection:
+        if self.pretrained is not None and self.config is not None:
+            raise ValueError(
+                f"vae.pretrained ({self.pretrained}) is loaded and vae.config ({self.config}) is trained: a recipe "
+                "has one VAE, so set one of them"
+            )
+        return self
 
 
 # The VAE keys of recipes written before the `vae` section, by section: old key -> `vae` key.
@@ -164,9 +178,9 @@ class GeneratorSection(Section):
     dkim: bool = Field(False, description="stage 2: train the DKIM adapter on the stage-1 model after stage 1")
     vae: str | None = Field(
         None,
-        description="the VAE folder (the train-vae step's output) or a pretrained AutoencoderKL hub id to encode "
-        "with; a registry name (kl-f4, ...) trains that one here first, with the `vae` section's settings; None: "
-        "the config's choice",
+        description="train-generator --vae: the VAE folder (train-vae's output) or a pretrained AutoencoderKL hub "
+        "id to encode with, or a registry name (kl-f4, ...) to train here first; None: the recipe's `vae` (in a "
+        "recipe file this key moves into that section)",
     )
     text_encoder: str | None = Field(
         None,
@@ -217,7 +231,7 @@ class GeneratorSection(Section):
     validation_steps: int = Field(20, ge=1, description="sampler steps for the validation grids")
     validation_guidance: float = Field(3.0, ge=0.0)
     log_every: int = Field(10, ge=1)
-    mixed_precision: MixedPrecision = Field(
+    mixed_precision: Annotated[MixedPrecision, BeforeValidator(_yaml_no)] = Field(
         "auto", description="auto: bf16 on a GPU that has it and on a CPU with native bf16 (AVX512-BF16, AMX), else no"
     )
     attention: Attention = Field(
@@ -225,12 +239,6 @@ class GeneratorSection(Section):
         description="scaled-dot-product attention backend: auto (math on a CPU, torch's choice on a GPU), math, "
         "or default (torch's choice)",
     )
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no(cls, value: Any) -> Any:
-        # YAML 1.1 reads a bare `no` as False; that is what the user meant by "no mixed precision".
-        return "no" if value is False else value
 
     @field_validator("dkim_templates", mode="before")
     @classmethod
@@ -273,9 +281,10 @@ class SynthesizeSection(Section):
     sampler: Sampler = Field(
         "pipeline", description="pipeline: the generator's saved scheduler; or a diffusers one built from its config"
     )
-    mixed_precision: Literal["no", "bf16"] = Field(
+    mixed_precision: Annotated[Literal["no", "bf16"], BeforeValidator(_yaml_no)] = Field(
         "no", description="bf16: sample under bf16 autocast (faster on a GPU and on a CPU with native bf16)"
     )
+
     dkim_scale: float | None = Field(
         None,
         ge=0.0,
@@ -375,7 +384,7 @@ class Recipe(Section):
         if not isinstance(data, dict) or not isinstance(data.get("vae") or {}, dict):
             return data  # not a mapping: pydantic's own error says so
         data = dict(data)
-        vae = dict(data.get("vae") or {})
+        vae = {key: value for key, value in (data.get("vae") or {}).items() if value is not None}
         origin = {key: f"vae.{key}" for key in vae}
         for section, keys in LEGACY_VAE_KEYS.items():
             body = data.get(section)
@@ -399,8 +408,9 @@ class Recipe(Section):
                     )
                 vae[new], origin[new] = value, f"{section}.{old}"
             data[section] = body
-        if vae:
-            data["vae"] = vae
+        if "pretrained" in vae and not origin.get("config", "vae.").startswith("vae."):
+            vae.pop("config")  # filter.vae_config (always written, default kl-f4) was unused when filter.vae was set
+        data["vae"] = vae
         return data
 
     @model_validator(mode="after")

@@ -55,8 +55,19 @@ def resolve_mixed_precision(choice: str, device: torch.device, cpu_auto: str = "
 def attention_backend_name(choice: str, device: torch.device) -> str:
     """``auto|math|default`` -> the scaled-dot-product attention backend used on ``device``: auto is math on a CPU."""
     if choice == "auto":
-        return "math" if device.type == "cpu" else "default"
+        choice = "math" if device.type == "cpu" else "default"
+    if choice == "math" and _math_attention() is None:  # torch < 2.3 cannot choose
+        return "default"
     return choice
+
+
+def _math_attention() -> contextlib.AbstractContextManager | None:
+    """The math-backend context of ``torch.nn.attention.sdpa_kernel`` (torch >= 2.3), else ``None``."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def attention_backend(choice: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -69,9 +80,7 @@ def attention_backend(choice: str, device: torch.device) -> contextlib.AbstractC
     """
     if attention_backend_name(choice, device) == "default":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
+    return _math_attention()
 
 
 def setup_logging(verbose: bool = False) -> None:

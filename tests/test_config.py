@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -98,15 +100,21 @@ def test_resolved_recipe_round_trips(tmp_path, recipes_dir):
 def test_recipes_have_one_vae_for_filter_and_generator(tmp_path, recipes_dir, name):
     # The hour of phantom-128 (and the quickstart's 20 minutes) count one VAE training, the train-vae step's,
     # which the filter and the generator both load by path.
-    from diffcxr_aug.augment.experiment import experiment_paths, plan_steps
+    from diffcxr_aug.augment.experiment import experiment_paths, plan_steps, recipe_vae, recipe_vae_plan
+    from diffcxr_aug.generator.configs import resolve_config
 
     recipe = load_recipe(recipes_dir / name, [f"output_dir={tmp_path}"])
     steps = {step.name: step for step in plan_steps(recipe)}
     assert list(steps)[:4] == ["prepare", "train-vae", "filter", "train-generator"]
-    vae = str(experiment_paths(recipe)["vae"])
-    assert steps["filter"].settings["vae"] == vae and steps["train-generator"].settings["generator"]["vae"] == vae
+    plan = recipe_vae_plan(recipe)
+    assert steps["filter"].settings["vae"] == steps["train-generator"].settings["vae"] == dataclasses.asdict(plan)
+    assert plan.size == resolve_config(recipe.generator).image_size  # the filter encodes as the generator does
     assert steps["train-vae"].fingerprint in steps["filter"].settings["upstream"].values()
     assert steps["train-vae"].fingerprint in steps["train-generator"].settings["upstream"].values()
+    # The generator step loads the train-vae folder (and moving the output folder redoes nothing).
+    assert recipe_vae(recipe, experiment_paths(recipe)) == str(tmp_path / "vae")
+    moved = {s.name: s for s in plan_steps(load_recipe(recipes_dir / name, [f"output_dir={tmp_path / 'x'}"]))}
+    assert all(moved[n].fingerprint == steps[n].fingerprint for n in ("train-vae", "filter", "train-generator"))
 
 
 def test_vae_keys_of_older_recipes_move_into_the_vae_section():
@@ -132,6 +140,29 @@ def test_vae_keys_of_older_recipes_move_into_the_vae_section():
     hub = Recipe.model_validate({"generator": {"vae": "stabilityai/sd-vae-ft-mse"}})
     assert hub.vae.pretrained == "stabilityai/sd-vae-ft-mse" and recipe_vae_plan(hub).pretrained == hub.vae.pretrained
     assert "train-vae" not in [s.name for s in _plan(hub)]  # nothing to train
+
+
+def test_vae_section_edges():
+    from diffcxr_aug.augment.experiment import recipe_vae_plan
+
+    # An explicit null is the default, not a second value (a resolved recipe writes every key).
+    recipe = Recipe.model_validate({"vae": {"size": None}, "filter": {"image_size": 64}})
+    assert recipe.vae.size == 64
+    assert Recipe.model_validate({"vae": None}).vae == VAESection()
+    # A pretrained VAE of an older recipe's filter wins over its (always written) vae_config.
+    legacy = Recipe.model_validate({"filter": {"vae": "some/vae", "vae_config": "kl-f4"}})
+    assert legacy.vae == VAESection(pretrained="some/vae")
+    with pytest.raises(ValidationError, match="set one of them"):
+        VAESection(pretrained="some/vae", config="kl-f4")
+    # One latent space, one image size: the filter encodes at the size the generator trains at.
+    with pytest.raises(InputError, match=r"vae.size is 128 but the generator config 'phantom-64' trains at 64 px"):
+        recipe_vae_plan(Recipe.model_validate({"vae": {"size": 128}}))
+    assert recipe_vae_plan(Recipe.model_validate({"vae": {"size": 128}, "steps": ["prepare", "filter"]})).size == 128
+    # YAML reads a bare `no` as False: both precision keys take it as "no".
+    no = Recipe.model_validate(
+        yaml.safe_load("generator:\n  mixed_precision: no\nsynthesize:\n  mixed_precision: no\n")
+    )
+    assert no.generator.mixed_precision == no.synthesize.mixed_precision == "no"
 
 
 def _plan(recipe: Recipe):

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from diffcxr_aug.cli import app
 from diffcxr_aug.config import GeneratorSection, SynthesizeSection
 from diffcxr_aug.data.manifest import read_manifest
+from diffcxr_aug.errors import InputError
 from diffcxr_aug.generator.pipeline import DiffCXRPipeline
 from diffcxr_aug.generator.synthesize import synthesize
 from diffcxr_aug.generator.training import (
@@ -25,7 +26,7 @@ from diffcxr_aug.generator.training import (
     list_checkpoints,
     train_generator,
 )
-from diffcxr_aug.runtime import cpu_has_bf16, resolve_mixed_precision
+from diffcxr_aug.runtime import resolve_mixed_precision
 from tests.conftest import make_tiny_manifest
 
 TINY = dict(
@@ -297,17 +298,36 @@ def test_two_process_training_with_torchrun(trained, tmp_path):
     DiffCXRPipeline.from_pretrained(out)
 
 
-def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16():
-    """The rule behind training's auto precision, on this CPU."""
+def test_auto_precision_is_bf16_where_the_cpu_has_native_bf16(monkeypatch):
+    """Training asks for bf16 where the CPU has it (cpu_auto="bf16"), fp32 where it has not; callers that do not ask
+    (cpu_auto "no") get fp32 on every CPU; an explicit choice is kept."""
+    import diffcxr_aug.runtime as runtime
+
     cpu = torch.device("cpu")
-    assert resolve_mixed_precision("auto", cpu, cpu_auto="bf16") == ("bf16" if cpu_has_bf16() else "no")
-    assert resolve_mixed_precision("auto", cpu) == "no" and resolve_mixed_precision("bf16", cpu) == "bf16"
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(runtime, "cpu_has_bf16", lambda native=native: native)
+        assert resolve_mixed_precision("auto", cpu, cpu_auto="bf16") == expected
+        assert resolve_mixed_precision("auto", cpu) == "no" and resolve_mixed_precision("bf16", cpu) == "bf16"
+
+
+def test_samplers_share_the_models_schedule():
+    from diffcxr_aug.generator.pipeline import SAMPLERS, sampler_scheduler
+
+    config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}
+    config |= {"clip_sample": True}  # as a DDPM training scheduler's config carries it
+    for name in SAMPLERS:
+        made = sampler_scheduler(name, config)
+        assert made.config.prediction_type == "v_prediction" and made.config.beta_schedule == "scaled_linear"
+    assert sampler_scheduler("ddim", config).config.clip_sample is False  # latents are not in [-1, 1]
+    assert sampler_scheduler("dpm-solver++", config).config.algorithm_type == "dpmsolver++"
+    with pytest.raises(InputError, match="unipc"):
+        sampler_scheduler("euler", config)
 
 
 def test_the_smallest_settings_train_and_sample(trained, tmp_path):
-    """One step on one image with one condition token at auto precision (bf16 on a CPU with native bf16), then one
-    image from one UniPC step without guidance under bf16; another sampler is another job. fp16 training on a CPU
-    is refused before a step."""
+    """One step on one image with one condition token under bf16 (in the process that trained the fixture in fp32),
+    then one image from one UniPC step without guidance under bf16; another sampler is another job. fp16 training on
+    a CPU is refused before a step."""
     recipe = trained["root"] / "tiny.yaml"
     args = ["train-generator", "--data", str(trained["data"]), "--out", str(tmp_path / "gen"), "--recipe", str(recipe)]
     args += ["--max-steps", "1", "--batch-size", "1", "--num-tokens", "1", "--device", "cpu"]
@@ -317,16 +337,17 @@ def test_the_smallest_settings_train_and_sample(trained, tmp_path):
         and "fp16 needs a GPU" in result.output
         and not list((tmp_path / "fp16").glob("checkpoint-*"))
     )
-    result = CliRunner().invoke(app, [*args, "--mixed-precision", "auto"])  # after the fixture's "no", in-process
+    result = CliRunner().invoke(app, [*args, "--mixed-precision", "bf16"])  # after the fixture's "no", in-process
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "gen" / "training_info.json").read_text())
-    assert info["mixed_precision"] == ("bf16" if cpu_has_bf16() else "no") and info["attention"] == "math"
+    assert info["mixed_precision"] == "bf16" and info["attention"] == "math"
     args = ["synthesize", "--n", "1", "--generator", str(tmp_path / "gen"), "--out", str(tmp_path / "s")]
     args += ["--steps", "1", "--batch-size", "1", "--guidance", "0", "--device", "cpu"]
     result = CliRunner().invoke(app, [*args, "--sampler", "unipc", "--mixed-precision", "bf16"])
     assert result.exit_code == 0, result.output
     frame = read_manifest(tmp_path / "s").frame
     assert len(frame) == 1 and frame["meta_sampler"].tolist() == ["UniPCMultistepScheduler"]
+    assert frame["meta_precision"].tolist() == ["bf16"]
     assert json.loads((tmp_path / "s" / "synthesis.json").read_text())["mixed_precision"] == "bf16"
     result = CliRunner().invoke(app, [*args, "--sampler", "ddim", "--mixed-precision", "bf16"])
     assert result.exit_code == 2 and "'unipc' -> 'ddim'" in result.output and "--sampler unipc" in result.output

@@ -130,7 +130,7 @@ def test_a_sweep_folder_from_before_a_new_setting_still_resumes(tmp_path):
 def _smoke_overrides(recipes_dir) -> list[str]:
     """--set pairs that shrink the headline recipe's world, VAE, generator and sampler to the smoke recipe's."""
     smoke = yaml.safe_load((recipes_dir / "smoke.yaml").read_text())
-    pairs = []
+    pairs = ["--set", f"vae={json.dumps(smoke['vae'])}"]  # the whole section: the smoke's VAE, at its size
     for section in ("data", "generator", "synthesize"):
         for key, value in smoke[section].items():
             pairs += ["--set", f"{section}.{key}={json.dumps(value)}"]

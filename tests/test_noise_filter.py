@@ -297,6 +297,16 @@ def test_train_vae_then_filter_and_generator_encode_with_that_one_vae(noisy_tiny
     info = json.loads((tmp_path / "g" / "training_info.json").read_text())
     assert info["vae"]["vae"] == str(vae) and info["vae"]["trained"] is False
     assert info["vae"]["metrics"]["psnr"] == metrics["psnr"] and not (tmp_path / "g" / "trained_vae").exists()
+    # Without --vae, train-generator trains the recipe's VAE itself, with the recipe's `vae` settings.
+    args = ["train-generator", "--data", str(tmp_path / "f"), "--out", str(tmp_path / "g2"), "--recipe", str(recipe)]
+    result = runner.invoke(app, [*args, "--max-steps", "1", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    own = json.loads((tmp_path / "g2" / "trained_vae" / "metrics.json").read_text())
+    assert (own["config"], own["steps"], own["batch_size"], own["crop_size"], own["size"]) == ("tiny", 2, 4, 16, 32)
+    # --vae-steps trains a VAE, which --vae says not to do.
+    args = ["filter", "--data", str(noisy_tiny), "--out", str(tmp_path / "f3"), "--vae", str(vae), "--vae-steps", "3"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "none is trained" in result.output
     # A pretrained VAE has nothing to train.
     pretrained = tmp_path / "p.yaml"
     pretrained.write_text(f"vae:\n  pretrained: {vae}\n")

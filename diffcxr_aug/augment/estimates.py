@@ -16,8 +16,10 @@ PREPARE_PHANTOM_S_PER_PIXEL = 4.0e-6
 VAE_STEP_S_PER_PIXEL = {"kl-f4": 4.5e-6, "tiny": 2.0e-7}
 # LNFS after the VAE: encoding, K-means, manifold, discriminator (seconds per image, plus fixed).
 FILTER_S_PER_IMAGE, FILTER_FIXED_S = 0.002, 10.0
-# Seconds per training image of the generator's step (UNet forward + backward + AVA-TLS), fp32.
-GENERATOR_S_PER_IMAGE = {"tiny": 0.002, "phantom-64": 0.021, "phantom-128": 0.09}
+# Seconds per training image of the generator's step (UNet forward + backward + AVA-TLS) under bf16 autocast with
+# the math attention backend (auto on this CPU): phantom-128 from the recipe's hour of 2026-12-03 (5,834 steps of 32
+# in 47.06 min), phantom-64 from the quickstart's fp32 figure (0.021) times bench/perf.py's bf16 / fp32 step ratio.
+GENERATOR_S_PER_IMAGE = {"tiny": 0.002, "phantom-64": 0.014, "phantom-128": 0.015}
 GENERATOR_FIXED_S = 40.0  # text encoder load, latent and text caches, grids, saving
 # Seconds per image per sampler step (both halves of classifier-free guidance).
 SAMPLE_S_PER_IMAGE_STEP = {"tiny": 0.0005, "phantom-64": 0.014, "phantom-128": 0.05}

@@ -72,11 +72,19 @@ def _ceiling(recipe: Recipe, paths: dict[str, Path]) -> Path:
 
 def recipe_vae_plan(recipe: Recipe):
     """The recipe's one latent space (:class:`~diffcxr_aug.generator.vae.VAEPlan`): its ``vae`` section over the
-    generator config's VAE."""
+    generator config's VAE. When the recipe trains the generator, the VAE's image size must be the generator's:
+    the filter encodes at that size, so that it works in the latent space the generator trains in."""
     from diffcxr_aug.generator.configs import resolve_config
     from diffcxr_aug.generator.vae import plan_vae
 
-    return plan_vae(recipe.vae, resolve_config(recipe.generator))
+    cfg = resolve_config(recipe.generator)
+    plan = plan_vae(recipe.vae, cfg)
+    if "train-generator" in recipe.steps and plan.size != cfg.image_size:
+        raise InputError(
+            f"vae.size is {plan.size} but the generator config {cfg.name!r} trains at {cfg.image_size} px: one "
+            f"latent space needs one image size; set vae.size: {cfg.image_size} (or leave it unset)"
+        )
+    return plan
 
 
 def recipe_vae(recipe: Recipe, paths: dict[str, Path]) -> str:
@@ -121,7 +129,10 @@ def _filter_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str
             paths["data"], paths["filtered"], recipe.filter, vae=vae, size=size, device=recipe.device, seed=recipe.seed
         )
 
-    settings = {"filter": _dump(recipe.filter), "vae": vae, "size": size, "seed": recipe.seed, "upstream": upstream}
+    # The VAE enters as its plan (and the train-vae fingerprint upstream), not as a path: moving the output folder
+    # does not redo the step.
+    plan = dataclasses.asdict(recipe_vae_plan(recipe))
+    settings = {"filter": _dump(recipe.filter), "vae": plan, "seed": recipe.seed, "upstream": upstream}
     done = [paths["filtered"] / "manifest.csv", paths["filtered"] / "filter_report.json"]
     return Step("filter", settings, [paths["filtered"]], done, run)
 
@@ -161,7 +172,8 @@ def _generator_step(recipe: Recipe, paths: dict[str, Path], training_data: Path,
             )
 
     settings = {
-        "generator": _dump(section),
+        "generator": _dump(recipe.generator),
+        "vae": dataclasses.asdict(recipe_vae_plan(recipe)),
         "seed": recipe.seed,
         "training_data": training_data.name,
         "upstream": upstream,

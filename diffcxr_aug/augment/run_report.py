@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from diffcxr_aug.augment.experiment import run_order
 from diffcxr_aug.augment.steps import StepLedger
 from diffcxr_aug.config import RESOLVED_RECIPE_NAME, Recipe
 from diffcxr_aug.io import atomic_write_text
@@ -69,7 +70,7 @@ def _steps_section(recipe: Recipe, ledger: StepLedger, happened: list[dict[str, 
         "|---|---|---|---:|",
     ]
     total = 0.0
-    for name in recipe.steps:
+    for name in run_order(recipe):  # train-vae too where an older steps list leaves it out
         record = ledger.records.get(name)
         if record is None:
             lines.append(f"| {name} | {STEP_WHAT.get(name, '')} | not run | |")

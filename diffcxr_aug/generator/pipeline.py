@@ -78,7 +78,8 @@ def _labeler() -> Any:
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "dpm-solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "unipc": (UniPCMultistepScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
+    # Stable Diffusion's DDIM settings: no clipping of the predicted x0 (latents are not in [-1, 1]).
+    "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),
 }
 
 

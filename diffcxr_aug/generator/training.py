@@ -453,7 +453,9 @@ def _forget_other_precision(mixed_precision: str) -> None:
     """
     from accelerate.state import AcceleratorState
 
-    state = AcceleratorState._shared_state
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not hasattr(AcceleratorState, "_reset_state"):
+        return  # launched processes run one training each; and an accelerate without the hook keeps its rule
+    state = getattr(AcceleratorState, "_shared_state", None)
     if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
 
@@ -649,6 +651,7 @@ class _Run:
             "num_processes": self.accelerator.num_processes,
             "data": str(Path(self.manifest.source).resolve()),
             "stage1": None if self.stage1 is None else str(self.stage1.resolve()),
+            "mixed_precision": self.mixed_precision,
         }
 
 
@@ -694,6 +697,11 @@ def _start(
         ava_tls, seed, start_step = bool(state["ava_tls"]), int(state["seed"]), int(state["step"])
 
     accelerator, mixed_precision = _accelerator(device, section.mixed_precision)
+    if checkpoint is not None and state.get("mixed_precision", mixed_precision) != mixed_precision:
+        logger.warning(
+            "Resuming %s, trained in %s, in %s (mixed_precision %s here)",
+            checkpoint, state["mixed_precision"], mixed_precision, section.mixed_precision,
+        )  # fmt: skip
     run = _Run(
         stage, cfg, section, manifest, train, out, accelerator, seed, ava_tls, checkpoint, start_step,
         mixed_precision, run_started, stage1=stage1, stage1_info=stage1_info, checkpoint_state=state,

@@ -79,6 +79,10 @@ VAE_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# Training settings of a registered VAE that is not the generator config's own (that config carries its own).
+VAE_TRAINING_DEFAULTS = {"steps": 1000, "batch_size": 32}
+
+
 @dataclass(frozen=True)
 class VAEPlan:
     """A recipe's latent space: a pretrained VAE to load (``pretrained``), or a registered one to train.
@@ -124,13 +128,20 @@ def plan_vae(section: Any, generator: Any) -> VAEPlan:
             f"vae.config {config!r} is not a registered VAE ({', '.join(VAE_CONFIGS)}); a pretrained hub id or "
             "folder goes in vae.pretrained"
         )
+    # The generator config's training settings are for its own VAE; another architecture starts from train_vae's.
+    own = config == generator.vae
+    defaults = {
+        "steps": generator.vae_steps if own else VAE_TRAINING_DEFAULTS["steps"],
+        "batch_size": generator.vae_batch_size if own else VAE_TRAINING_DEFAULTS["batch_size"],
+        "crop_size": generator.vae_crop_size if own else None,
+    }
     return VAEPlan(
         pretrained=pretrained,
         config=None if pretrained is not None else config,
         size=section.size or generator.image_size,
-        steps=section.steps or generator.vae_steps,
-        batch_size=section.batch_size or generator.vae_batch_size,
-        crop_size=section.crop_size if section.crop_size is not None else generator.vae_crop_size,
+        steps=section.steps or defaults["steps"],
+        batch_size=section.batch_size or defaults["batch_size"],
+        crop_size=section.crop_size if section.crop_size is not None else defaults["crop_size"],
     )
 
 
