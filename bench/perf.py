@@ -15,7 +15,8 @@ Prints ratios and counts, never pass/fail:
 - peak resident memory.
 
 Weights are random: speed does not depend on them. Several precisions can be timed in one call
-(``--precision no bf16``); ``--channels-last`` also times the UNet in channels-last memory format.
+(``--precision no bf16``); ``--channels-last`` also times the UNet in channels-last memory format, and
+``--compile`` under ``torch.compile`` (with its compile time and the steps it takes to pay for it).
 """
 
 from __future__ import annotations
@@ -216,6 +217,34 @@ def sampling_figures(parts: dict[str, Any], batch: int, precision: str, attentio
     return figures
 
 
+def compile_rows(args: argparse.Namespace, device: torch.device, eager: list[dict]) -> list:
+    """The eager rows' settings again with the UNet under ``torch.compile``; each row also records the compile time
+    (the training call's time beyond its timed steps, so the FLOP-count pass counts as compile time: an upper
+    bound) and after how many steps the compiled step has paid for it. Sampling recompiles for inference; that
+    compile is not counted."""
+    rows = []
+    for row in [r for r in eager if not r["channels_last"]]:
+        parts = build(args.config, device, channels_last=False)
+        parts["objective"].unet = torch.compile(parts["objective"].unet)
+        started = time.perf_counter()
+        train = train_step_figures(parts, args.batch_size, row["precision"], row["attention"], device, args.repeats)
+        total = time.perf_counter() - started  # the compile, the FLOP count and the timed steps
+        saved = row["train"]["seconds_per_step"] - train["seconds_per_step"]
+        compile_s = total - (args.repeats + 3) * train["seconds_per_step"]
+        # The FLOPs are the eager model's (the counter does not see inside compiled graphs).
+        train["gflops_per_step"] = row["train"]["gflops_per_step"]
+        train["achieved_gflops_s"] = train["gflops_per_step"] / train["seconds_per_step"]
+        train["compile_seconds"] = compile_s
+        train["steps_to_pay"] = compile_s / saved if saved > 0 else None  # None: it never pays
+        sample = sampling_figures(parts, args.sample_batch_size, row["precision"], row["attention"], device,
+                                  args.repeats)  # fmt: skip
+        sample["gflops_per_guided_step"] = row["sample"]["gflops_per_guided_step"]
+        sample["achieved_gflops_s"] = sample["gflops_per_guided_step"] / sample["seconds_per_guided_step"]
+        rows.append({**row, "compiled": True, "train": train, "sample": sample})
+        torch._dynamo.reset()
+    return rows
+
+
 def loading_figures(batch: int, latent: int, n: int = 3000, repeats: int = 50) -> float:
     """Images/s of the cached-latent gather one training step does (``latents[rows]`` of a random batch)."""
     cache = torch.randn(n, 4, latent, latent)
@@ -241,6 +270,11 @@ def main() -> None:
         help="scaled-dot-product attention backend: torch's choice, or the math (matmul) one",
     )
     parser.add_argument("--channels-last", action="store_true", help="also time channels-last memory format")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the UNet under torch.compile (inductor): compile seconds, and the steps it takes to pay",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the figures here")
@@ -265,6 +299,8 @@ def main() -> None:
                 sample = sampling_figures(parts, args.sample_batch_size, precision, attention, device, args.repeats)
                 rows.append({"precision": precision, "attention": attention, "channels_last": channels_last,
                              "limit_gflops_s": limits[precision] / 1e9, "train": train, "sample": sample})  # fmt: skip
+    if args.compile:
+        rows += compile_rows(args, device, rows)
     load = loading_figures(args.batch_size, parts["latent"])
     print(
         "\n| precision | attention | layout | train s/step | steps/s | img/s | GFLOPs/step | train FLOP/s / limit | "
@@ -275,6 +311,9 @@ def main() -> None:
     for row in rows:
         t, s, limit = row["train"], row["sample"], row["limit_gflops_s"]
         layout = "channels-last" if row["channels_last"] else "contiguous"
+        if row.get("compiled"):
+            pays = "never pays" if t["steps_to_pay"] is None else f"pays after {t['steps_to_pay']:.0f} steps"
+            layout = f"compiled ({t['compile_seconds']:.0f} s; {pays})"
         print(
             f"| {row['precision']} | {row['attention']} | {layout} | "
             f"{t['seconds_per_step']:.3f} | {t['steps_per_s']:.2f} | {t['images_per_s']:.1f} | "
