@@ -151,6 +151,9 @@ def evaluate(
 ) -> Path:
     """Write ``OUT/report.json``, ``OUT/report.md`` and figures for one or more synthetic sets.
 
+    Longer than most functions here (its measures live in their own modules): it is the one place that reads the
+    sets, runs each measure on each in order and assembles the record, and #19 reshapes it around feature spaces.
+
     Args:
         real: the real manifest folder or CSV. Its train split trains the reference classifier (and is the
             privacy reference), its val and test splits give the real-to-real floor and the fidelity
