@@ -87,9 +87,10 @@ def recipe_vae_plan(recipe: Recipe):
     return plan
 
 
-def recipe_vae(recipe: Recipe, paths: dict[str, Path]) -> str:
-    """The VAE the filter and the generator encode with: the pretrained one, or the ``train-vae`` step's folder."""
-    plan = recipe_vae_plan(recipe)
+def recipe_vae(recipe: Recipe, paths: dict[str, Path], plan: Any = None) -> str:
+    """The VAE the filter and the generator encode with: the pretrained one, or the ``train-vae`` step's folder
+    (``plan``: the recipe's :func:`recipe_vae_plan`, when the caller has it)."""
+    plan = plan if plan is not None else recipe_vae_plan(recipe)
     return plan.pretrained if plan.pretrained is not None else str(paths["vae"])
 
 
@@ -107,10 +108,8 @@ def _prepare_step(recipe: Recipe, paths: dict[str, Path]) -> Step:
     return Step("prepare", settings, [paths["data"]], [paths["data"] / "manifest.csv"], run)
 
 
-def _vae_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) -> Step:
+def _vae_step(recipe: Recipe, paths: dict[str, Path], plan: Any, upstream: dict[str, str]) -> Step:
     from diffcxr_aug.data.manifest import read_manifest
-
-    plan = recipe_vae_plan(recipe)
 
     def run() -> None:
         plan.train(read_manifest(paths["data"]), paths["vae"], device=recipe.device, seed=recipe.seed)
@@ -119,10 +118,10 @@ def _vae_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) 
     return Step("train-vae", settings, [paths["vae"]], [paths["vae"] / "metrics.json"], run)
 
 
-def _filter_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) -> Step:
+def _filter_step(recipe: Recipe, paths: dict[str, Path], plan: Any, upstream: dict[str, str]) -> Step:
     from diffcxr_aug.generator.noise_filter import run_filter
 
-    vae, size = recipe_vae(recipe, paths), recipe_vae_plan(recipe).size
+    vae, size = recipe_vae(recipe, paths, plan), plan.size
 
     def run() -> None:
         run_filter(
@@ -131,8 +130,12 @@ def _filter_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str
 
     # The VAE enters as its plan (and the train-vae fingerprint upstream), not as a path: moving the output folder
     # does not redo the step.
-    plan = dataclasses.asdict(recipe_vae_plan(recipe))
-    settings = {"filter": _dump(recipe.filter), "vae": plan, "seed": recipe.seed, "upstream": upstream}
+    settings = {
+        "filter": _dump(recipe.filter),
+        "vae": dataclasses.asdict(plan),
+        "seed": recipe.seed,
+        "upstream": upstream,
+    }
     done = [paths["filtered"] / "manifest.csv", paths["filtered"] / "filter_report.json"]
     return Step("filter", settings, [paths["filtered"]], done, run)
 
@@ -148,12 +151,14 @@ CLASSIFIER_EXTENDABLE = frozenset(
 )
 
 
-def _generator_step(recipe: Recipe, paths: dict[str, Path], training_data: Path, upstream: dict[str, str]) -> Step:
+def _generator_step(
+    recipe: Recipe, paths: dict[str, Path], plan: Any, training_data: Path, upstream: dict[str, str]
+) -> Step:
     from diffcxr_aug.generator.training import train_generator
 
     dkim = trains_dkim(recipe)
 
-    section = recipe.generator.model_copy(update={"vae": recipe_vae(recipe, paths)})  # the recipe's one VAE
+    section = recipe.generator.model_copy(update={"vae": recipe_vae(recipe, paths, plan)})  # the recipe's one VAE
 
     def run() -> None:
         train_generator(
@@ -173,7 +178,7 @@ def _generator_step(recipe: Recipe, paths: dict[str, Path], training_data: Path,
 
     settings = {
         "generator": _dump(recipe.generator),
-        "vae": dataclasses.asdict(recipe_vae_plan(recipe)),
+        "vae": dataclasses.asdict(plan),
         "seed": recipe.seed,
         "training_data": training_data.name,
         "upstream": upstream,
@@ -264,14 +269,16 @@ def plan_steps(recipe: Recipe) -> list[Step]:
         return {name: built[name].fingerprint for name in names if name in built}
 
     names = run_order(recipe)
-    if recipe_vae_plan(recipe).pretrained is None:
-        built["train-vae"] = _vae_step(recipe, paths, upstream("prepare"))
+    plan = recipe_vae_plan(recipe)  # the one latent space of every step that encodes
+    if plan.pretrained is None:
+        built["train-vae"] = _vae_step(recipe, paths, plan, upstream("prepare"))
     if recipe.filter.enabled and "filter" in names:
-        built["filter"] = _filter_step(recipe, paths, upstream("prepare", "train-vae"))
+        built["filter"] = _filter_step(recipe, paths, plan, upstream("prepare", "train-vae"))
     training_data = paths["filtered"] if "filter" in built and recipe.generator.use_filtered else paths["data"]
     built["train-generator"] = _generator_step(
         recipe,
         paths,
+        plan,
         training_data,
         upstream("prepare", "train-vae", *(["filter"] if training_data != paths["data"] else [])),
     )
