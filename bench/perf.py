@@ -160,7 +160,10 @@ def train_step_figures(parts: dict[str, Any], batch: int, precision: str, attent
         fwd_bwd()
     optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
-    times = _timed(step, device, warmup=2, repeats=repeats)
+    for _ in range(2):  # warm-up (and, compiled, the compile): not in the shares
+        step()
+    phases.update(dict.fromkeys(phases, 0.0))
+    times = _timed(step, device, warmup=0, repeats=repeats)
     total = sum(phases.values())
     seconds = sorted(times)[len(times) // 2]
     return {

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue 15's acceptance run: the phantom-128 recipe's hour with the fast settings (bf16 autocast and the math
-# attention backend, the recipe's defaults on a CPU with native bf16) against the fp32 hour (fp32, torch's default
-# attention: the settings before), at equal wall time, on the same machine, from one LNFS filter (its VAE and kept
+# Issue 15's acceptance run: the phantom-128 recipe's hour with the fast settings (bf16 autocast, the math
+# attention backend and the compiled UNet: the recipe's defaults on a CPU with native bf16) against the fp32 hour
+# (fp32, torch's default attention, eager: the settings before), at equal wall time, on the same machine, from one LNFS filter (its VAE and kept
 # images are shared), sampled from the same prompts and seeds and scored by one `evaluate` (paired intervals).
 # Then the sampler sweep on the fast model: DPM-Solver++ and UniPC at 10, 15, 25 and 50 steps (bf16 sampling).
-#   bash bench/perf_hour.sh [OUT=runs/p128v4] [N=300]
+#   [SWEEP=0] bash bench/perf_hour.sh [OUT=runs/p128v4] [N=300]      (SWEEP=0: the two arms only, no sampler sweep)
 # Every step is resumable: rerunning skips what is done (delete OUT/evaluation to evaluate again). DEST=DIR copies
 # the small records there (bench/perf_hour_summary.py --dest).
 set -euo pipefail
@@ -29,7 +29,7 @@ arm() {  # arm NAME OPTIONS...
     --out $O/gen-$name --recipe $R --max-steps 100000 "$@" > $O/train-$name.log 2>&1
 }
 arm fast
-arm fp32 --mixed-precision no --attention default
+arm fp32 --mixed-precision no --attention default --no-compile
 syn() {  # syn NAME GENERATOR OPTIONS...
   local name=$1 gen=$2; shift 2
   [ -f $O/syn-$name/synthesis.json ] || diffcxr-aug synthesize --n $N --generator $O/gen-$gen --out $O/syn-$name \
@@ -39,7 +39,7 @@ syn fast fast
 syn fp32 fp32
 syn fast-bf16 fast --mixed-precision bf16
 sets="--synthetic fast=$O/syn-fast --synthetic fp32=$O/syn-fp32 --synthetic fast-bf16=$O/syn-fast-bf16"
-for sampler in dpm-solver++ unipc; do
+[ "${SWEEP:-1}" = 1 ] && for sampler in dpm-solver++ unipc; do
   for steps in 10 15 25 50; do
     name=${sampler%-solver++}$steps
     [ "$name" = dpm25 ] && continue  # that is fast-bf16

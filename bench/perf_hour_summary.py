@@ -17,7 +17,18 @@ import pandas as pd
 
 from diffcxr_aug.io import atomic_write_json, atomic_write_text
 
-ARMS = {"fast": "bf16 autocast, math attention (auto on this CPU)", "fp32": "fp32, torch's default attention"}
+ARMS = ("fast", "fp32")
+
+
+def _settings(info: dict) -> str:
+    """What an arm ran with, from its training_info.json."""
+    precision = "bf16 autocast" if info["mixed_precision"] == "bf16" else info["mixed_precision"].replace("no", "fp32")
+    attention = {"math": "math attention", "default": "torch's default attention"}.get(
+        info.get("attention", "default")
+    )
+    return ", ".join(
+        [precision, attention or str(info.get("attention"))] + (["compiled UNet"] if info.get("compiled") else [])
+    )
 
 
 def _arm(out: Path, name: str) -> dict:
@@ -25,7 +36,7 @@ def _arm(out: Path, name: str) -> dict:
     loss = pd.read_csv(out / f"gen-{name}" / "logs" / "loss.csv")
     minutes = info["wall_minutes_total"]
     return {
-        "settings": ARMS[name],
+        "settings": _settings(info),
         "mixed_precision": info["mixed_precision"],
         "attention": info.get("attention", "default"),
         "steps": info["steps"],

@@ -162,6 +162,9 @@ def prepare(
     size: Annotated[int | None, typer.Option("--size", help=_field_help(DataSection, "size"))] = None,
     seed: SeedOpt = None,
     n: Annotated[int | None, typer.Option("--n", help=_field_help(DataSection, "n"))] = None,
+    noise_rate: Annotated[
+        float | None, typer.Option("--noise-rate", help=_field_help(DataSection, "noise_rate"))
+    ] = None,
     csv: Annotated[Path | None, typer.Option("--csv", help="csv: the label table")] = None,
     image_col: Annotated[str | None, typer.Option("--image-col", help="csv: column holding image paths")] = None,
     label_cols: Annotated[str | None, typer.Option("--label-cols", help='csv: label columns, "A,B"')] = None,
@@ -179,6 +182,7 @@ def prepare(
         root=root,
         size=size,
         n=n,
+        noise_rate=noise_rate,
         csv=csv,
         image_col=image_col,
         label_cols=[c.strip() for c in label_cols.split(",") if c.strip()] if label_cols else None,
@@ -253,6 +257,14 @@ def filter_(
     known_noisy: Annotated[
         Path | None, typer.Option("--known-noisy", help="CSV with an image_path column of images known to be noisy")
     ] = None,
+    drop_views: Annotated[
+        str | None,
+        typer.Option(
+            "--drop-views",
+            help="views to drop by the manifest's view column before LNFS, e.g. LATERAL or 'LATERAL,UNKNOWN' "
+            "('' for none; default: the recipe's filter.drop_views, none for filter alone)",
+        ),
+    ] = None,
     image_size: Annotated[int | None, typer.Option("--image-size", help=_field_help(VAESection, "size"))] = None,
     vae_steps: Annotated[
         int | None, typer.Option("--vae-steps", help=_field_help(VAESection, "steps", "without --vae: VAE steps"))
@@ -262,7 +274,7 @@ def filter_(
     seed: SeedOpt = None,
 ) -> None:
     """Latent Noise Filtering (LNFS): drop noisy training images in the VAE latent space (the --vae folder, or
-    without it the recipe's `vae`, trained first into OUT/vae)."""
+    without it the recipe's `vae`, trained first into OUT/vae). Rows whose view is in --drop-views go first."""
     _check_choice(threshold, THRESHOLD_RULES, "--threshold")
     rec = _recipe(recipe)
     section: FilterSection = _merge(
@@ -272,6 +284,7 @@ def filter_(
         threshold=threshold,
         quantile=quantile,
         known_noisy=known_noisy,
+        drop_views=[v for v in drop_views.split(",") if v.strip()] if drop_views is not None else None,
     )
     if vae is not None and vae_steps is not None:
         _fail("--vae-steps sets the VAE trained without --vae; with --vae VAE that one is used, none is trained")
@@ -381,6 +394,9 @@ def train_generator(
             "--attention", help=f"{' | '.join(get_args(Attention))}; {_field_help(GeneratorSection, 'attention')}"
         ),
     ] = None,
+    compile_unet: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help=_field_help(GeneratorSection, "compile"))
+    ] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
 ) -> None:
@@ -401,6 +417,7 @@ def train_generator(
         vae=vae,
         mixed_precision=mixed_precision,
         attention=attention,
+        compile=compile_unet,
     )
     plan = _vae_plan(rec, generator=section)
     if section.vae is None:  # the recipe's VAE: pretrained, or its registered architecture trained here first

@@ -37,12 +37,20 @@ UncertaintyPolicy = Literal["ignore", "ones", "zeros"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Attention = Literal["auto", "math", "default"]
 Sampler = Literal["pipeline", "dpm-solver++", "unipc", "ddim"]
+View = Literal["PA", "AP", "LATERAL", "UNKNOWN"]  # the manifest's `view` (diffcxr_aug.data.labels.VIEWS)
 
 RESOLVED_RECIPE_NAME = "recipe.resolved.yaml"
 
 
 class RecipeError(InputError):
     """A recipe that cannot be used; the message names the file, the key and the fix."""
+
+
+def _upper_views(value: Any) -> Any:
+    """``drop_views`` in any case, one name or a list: ``lateral`` and ``[Lateral]`` mean ``[LATERAL]``."""
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    return [v.strip().upper() if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
 
 class Section(BaseModel):
@@ -60,6 +68,9 @@ class DataSection(Section):
     dataset: DatasetName = "phantom"
     root: Path | None = Field(None, description="dataset folder (not needed for phantom)")
     n: int = Field(2000, ge=1, description="phantom: number of images")
+    noise_rate: float = Field(
+        0.05, ge=0.0, le=1.0, description="phantom: expected share of noisy images (laterals, inverted, ...); 0: clean"
+    )
     size: int = Field(128, ge=32, le=1024, description="image side in pixels for the cache")
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     # csv adapter
@@ -140,15 +151,22 @@ class FilterSection(Section):
 
     enabled: bool = True
     n_clusters: int = Field(8, ge=2)
-    contamination: float = Field(0.05, gt=0.0, lt=0.5, description="share of images flagged as noisy")
+    contamination: float = Field(0.05, gt=0.0, lt=0.5, description="threshold contamination: share flagged as noisy")
     threshold: ThresholdRule = Field(
-        "contamination",
-        description="contamination: flag the top `contamination` share; quantile: flag scores above the "
-        "`quantile` of the confident normal images' scores (the count follows the data)",
+        "quantile",
+        description="quantile: flag scores above the `quantile` of the confident normal images' scores (the count "
+        "follows the data: the best rule at 1%, 5% and 12% noise, bench/noise_filter_contamination.py); "
+        "contamination: flag the top `contamination` share",
     )
     quantile: float = Field(0.995, gt=0.0, lt=1.0)
     known_noisy: Path | None = Field(
         None, description="CSV with an image_path column: images known to be noisy (supervise the discriminator)"
+    )
+    drop_views: Annotated[list[View] | None, BeforeValidator(_upper_views)] = Field(
+        None,
+        description="views the manifest's `view` column names that are dropped before LNFS, recorded in scores.csv "
+        "with the reason (metadata first, latents second); None: LATERAL when the run trains the generator, none "
+        "for `filter` alone",
     )
     # Per-stage knobs (see diffcxr_aug.generator.noise_filter.LatentNoiseFilter).
     grid: int = Field(4, ge=1, description="spatial grid the latents are pooled to")
@@ -238,6 +256,11 @@ class GeneratorSection(Section):
         "auto",
         description="scaled-dot-product attention backend: auto (math on a CPU, torch's choice on a GPU), math, "
         "or default (torch's choice)",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet (inductor) for training: minutes of compiling first, faster steps after "
+        "(bench/perf.py --compile prints both and the step it pays at); sample grids and saving run it eagerly",
     )
 
     @field_validator("dkim_templates", mode="before")

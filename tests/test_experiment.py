@@ -105,6 +105,26 @@ def test_upstream_changes_reach_every_later_step(recipes_dir, tmp_path):
     assert all(before[n] != after[n] for n in later)
 
 
+def test_run_drops_lateral_views_when_it_trains_the_generator(recipes_dir, tmp_path):
+    """filter.drop_views unset: LATERAL rows go before LNFS when the run trains the generator, none otherwise; set, it
+    is kept. New keys at the value older runs had (noise_rate 0.05, compile off) leave fingerprints as they were."""
+    from diffcxr_aug.augment.experiment import _dump, filter_section, plan_steps
+
+    def recipe(*overrides: str):
+        return load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", *overrides])
+
+    assert recipe("filter.drop_views=null").filter.drop_views is None
+    assert filter_section(recipe("filter.drop_views=null")).drop_views == ["LATERAL"]
+    assert filter_section(recipe("filter.drop_views=null", "steps=[prepare,filter]")).drop_views == []
+    assert filter_section(recipe("filter.drop_views=[AP]")).drop_views == ["AP"]
+    base = recipe()
+    assert "noise_rate" not in _dump(base.data) and "compile" not in _dump(base.generator)
+    assert _dump(recipe("data.noise_rate=0.12").data)["noise_rate"] == 0.12
+    before = {s.name: s.fingerprint for s in plan_steps(base)}
+    after = {s.name: s.fingerprint for s in plan_steps(recipe("data.noise_rate=0.12"))}
+    assert before["prepare"] != after["prepare"]
+
+
 def test_quickstart_runs_the_whole_loop_with_both_synthetic_sources(recipes_dir):
     recipe = load_recipe(recipes_dir / "quickstart.yaml")
     assert tuple(recipe.steps) == PIPELINE_STEPS

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -351,3 +352,29 @@ def test_the_smallest_settings_train_and_sample(trained, tmp_path):
     assert json.loads((tmp_path / "s" / "synthesis.json").read_text())["mixed_precision"] == "bf16"
     result = CliRunner().invoke(app, [*args, "--sampler", "ddim", "--mixed-precision", "bf16"])
     assert result.exit_code == 2 and "'unipc' -> 'ddim'" in result.output and "--sampler unipc" in result.output
+
+
+def test_compiled_unet_trains_like_the_eager_one(trained, tmp_path):
+    """``compile: true`` runs the UNet's training steps through inductor (graphs are compiled), in place: the same
+    first-step loss as eager (to compiler rounding), the same checkpoint keys, grids drawn eagerly, a loadable
+    pipeline, and the run records it."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    settings = {**TINY, "gradient_accumulation_steps": 1, "sample_every": 2, "checkpoint_every": 2}
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    train_generator(trained["data"], eager, GeneratorSection(max_steps=2, **settings), device="cpu")
+    assert sum(counters["stats"].values()) == 0  # nothing compiled so far
+    train_generator(trained["data"], compiled, GeneratorSection(max_steps=2, compile=True, **settings), device="cpu")
+    assert counters["stats"]["unique_graphs"] >= 1
+    losses = [pd.read_csv(out / "logs" / "loss.csv")["loss"] for out in (eager, compiled)]
+    assert losses[1].iloc[0] == pytest.approx(losses[0].iloc[0], rel=1e-3)
+    keys = [set(load_file(out / "checkpoints" / "checkpoint-2" / CHECKPOINT_WEIGHTS)) for out in (eager, compiled)]
+    assert keys[0] == keys[1] and not any("_orig_mod" in k for k in keys[1])
+    assert (compiled / "samples" / "step-000002.png").is_file()
+    info = json.loads((compiled / "training_info.json").read_text())
+    assert info["compiled"] is True and json.loads((eager / "training_info.json").read_text())["compiled"] is False
+    images = DiffCXRPipeline.from_pretrained(compiled)(["Clear lungs."], num_inference_steps=2, output_type="np")
+    assert np.isfinite(images.images).all()
+    torch._dynamo.reset()

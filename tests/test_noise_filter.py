@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from diffcxr_aug.cli import app
 from diffcxr_aug.data.images import load_image, save_png
 from diffcxr_aug.data.manifest import read_manifest, write_manifest
 from diffcxr_aug.generator.noise_filter import FilterScores, LatentNoiseFilter, evaluate_scores
+from diffcxr_aug.generator.noise_filter.estimator import estimate_contamination
 from diffcxr_aug.generator.vae import build_vae
 from tests.conftest import make_tiny_manifest
 
@@ -69,7 +71,7 @@ def test_separates_synthetic_outliers_at_every_stage():
 def test_contamination_threshold_flags_that_share():
     latents, _ = contaminated()
     for contamination in (0.05, 0.2):
-        filt = LatentNoiseFilter(contamination=contamination, **FAST).fit(latents)
+        filt = LatentNoiseFilter(threshold="contamination", contamination=contamination, **FAST).fit(latents)
         assert abs(int(filt.flagged_.sum()) - contamination * len(latents)) <= 1
 
 
@@ -77,13 +79,21 @@ def test_threshold_is_not_lost_when_probabilities_saturate():
     """Far-off images push the discriminator's probability to exactly 1.0 in float64 (log-odds above ~37). When
     more of them than the contamination share tie there, the threshold must still flag that share."""
     logits = np.r_[np.linspace(-8.0, 2.0, 80), np.linspace(40.0, 90.0, 20)]  # 20% saturate
-    filt = LatentNoiseFilter(contamination=0.1, progress=False)
+    filt = LatentNoiseFilter(threshold="contamination", contamination=0.1, progress=False)
     assert (FilterScores(logits, logits, logits, logits).final == 1.0).sum() == 20
     flagged = filt._fit_threshold(logits, np.ones(100, dtype=bool))
     assert flagged.sum() == 10 and flagged[-10:].all()
     assert filt.threshold_ == 1.0  # reported on the probability scale of the score column
     quantile = LatentNoiseFilter(threshold="quantile", quantile=0.5, progress=False)
     assert quantile._fit_threshold(logits, np.arange(100) < 80).sum() == 60
+
+
+def test_estimated_contamination_reads_the_upper_mode():
+    rng = np.random.default_rng(0)
+    two_modes = np.r_[rng.normal(0.0, 1.0, 950), rng.normal(10.0, 1.0, 50)]
+    assert estimate_contamination(two_modes) == pytest.approx(0.05, abs=0.01)
+    assert estimate_contamination(rng.normal(0.0, 1.0, 1000)) == 0.0  # one mode: no noisy component
+    assert estimate_contamination(np.zeros(500)) == 0.0 and estimate_contamination(np.arange(5.0)) == 0.0
 
 
 def test_quantile_threshold_follows_the_data():
@@ -190,6 +200,7 @@ filter:
   n_clusters: 3
   manifold_components: 8
   discriminator_steps: 20
+  threshold: contamination
   contamination: 0.1
 """
 
@@ -242,6 +253,9 @@ def test_cli_filter_writes_the_contract_files(noisy_tiny, tmp_path):
 
     report = json.loads((out / "filter_report.json").read_text())
     assert report["images"] == 30 and report["flagged"] == 3
+    assert report["threshold"]["flagged_share"] == pytest.approx(0.1)
+    assert 0.0 <= report["threshold"]["estimated_contamination"] < 0.5
+    assert report["dropped_by_view"]["rows"] == 0  # filter alone keeps every view
     assert set(report["evaluation"]["roc_auc"]) == {"final", "kmeans", "manifold", "discriminator"}
     assert set(report["evaluation"]["per_kind"]) == {"inverted", "not_cxr"}
     assert report["vae"]["trained_here"]
@@ -272,6 +286,50 @@ def test_cli_filter_with_given_vae_and_known_noisy(noisy_tiny, tmp_path):
     report = json.loads((out / "filter_report.json").read_text())
     assert report["threshold"]["rule"] == "quantile"
     assert report["known_noisy"] == {"in_manifest": 2, "extra_images": 0}
+
+
+def test_drop_views_removes_rows_by_metadata_before_lnfs(noisy_tiny, tmp_path):
+    """Rows whose view is in --drop-views never reach the latents: flagged with their reason in scores.csv (every
+    input row kept, in order), out of the kept manifest, counted in the report; the rest are scored by LNFS."""
+    frame = read_manifest(noisy_tiny).frame
+    frame.loc[[3, 4, 20], "view"] = "LATERAL"  # 20 is also inverted: its noise is found by metadata first
+    frame.loc[3, "noise"] = "lateral"
+    write_manifest(frame, noisy_tiny)
+    torch.manual_seed(0)
+    vae_dir = tmp_path / "vae"
+    build_vae("tiny", sample_size=32).save_pretrained(vae_dir)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(FILTER_RECIPE)
+    out = tmp_path / "filtered"
+    args = ["filter", "--data", str(noisy_tiny), "--out", str(out), "--recipe", str(recipe), "--vae", str(vae_dir)]
+    result = runner.invoke(app, [*args, "--drop-views", "lateral"])
+    assert result.exit_code == 0, result.output
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False)
+    assert len(scores) == 30 and scores["image_path"].tolist() == [
+        os.path.relpath(p.resolve(), out.resolve()) for p in read_manifest(noisy_tiny).image_paths()
+    ]
+    assert scores.loc[[3, 4, 20], "reason"].tolist() == ["view LATERAL"] * 3
+    assert scores.loc[[3, 4, 20], "flagged"].tolist() == [1, 1, 1]
+    assert (scores.loc[[3, 4, 20], "score"] == "").all()  # never scored
+    lnfs = scores.drop(index=[3, 4, 20])
+    assert (lnfs["score"] != "").all() and set(lnfs.loc[lnfs["flagged"] == 1, "reason"]) == {"lnfs"}
+    assert lnfs["flagged"].sum() == 3  # contamination 0.1 of the 27 LNFS saw, rounded as np.quantile does
+    kept = read_manifest(out).frame
+    assert len(kept) == 30 - 3 - 3 and (kept["view"] != "LATERAL").all()
+    report = json.loads((out / "filter_report.json").read_text())
+    assert report["dropped_by_view"] == {
+        "views": ["LATERAL"], "rows": 3, "by_view": {"LATERAL": 3}, "noisy_rows": 2, "clean_rows": 1
+    }  # fmt: skip
+    assert report["images"] == 27 and report["flagged"] == 3
+    # Off by default for filter alone; an unknown view is one line naming the allowed ones; all dropped: an error.
+    result = runner.invoke(app, [*args[:4], str(tmp_path / "all"), *args[5:]])
+    assert result.exit_code == 0 and len(pd.read_csv(tmp_path / "all" / "manifest.csv")) == 27
+    result = runner.invoke(app, [*args[:4], str(tmp_path / "bad"), *args[5:], "--drop-views", "side"])
+    assert result.exit_code == 2 and "--drop-views" in result.output and "LATERAL" in result.output
+    frame["view"] = "LATERAL"
+    write_manifest(frame, noisy_tiny)
+    result = runner.invoke(app, [*args[:4], str(tmp_path / "none"), *args[5:], "--drop-views", "LATERAL"])
+    assert result.exit_code == 2 and "nothing is left to filter" in result.output
 
 
 def test_train_vae_then_filter_and_generator_encode_with_that_one_vae(noisy_tiny, tmp_path):

@@ -164,6 +164,12 @@ def test_cli_prepare_phantom(tmp_path):
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path)
     assert len(manifest) == 40 and set(manifest.frame["split"]) <= {"train", "val", "test"}
+    args = ["prepare", "phantom", "--n", "40", "--size", "32", "--noise-rate", "0.5", "--out", str(tmp_path / "noisy")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    noisy = read_manifest(tmp_path / "noisy").frame
+    assert 10 <= (noisy["noise"] != "").sum() <= 30  # 20 expected; the default 0.05 gives about 2
+    assert set(noisy.loc[noisy["noise"] == "lateral", "view"]) <= {"LATERAL"}
 
 
 @pytest.mark.parametrize(

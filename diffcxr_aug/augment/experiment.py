@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from diffcxr_aug.augment.steps import Step, StepLedger, run_steps
-from diffcxr_aug.config import Recipe, write_resolved_recipe
+from diffcxr_aug.config import FilterSection, Recipe, write_resolved_recipe
 from diffcxr_aug.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,23 @@ def recipe_vae(recipe: Recipe, paths: dict[str, Path], plan: Any = None) -> str:
     return plan.pretrained if plan.pretrained is not None else str(paths["vae"])
 
 
+# Keys added after runs were recorded, with the value that reproduces what those runs did: left out of a step's
+# settings while they hold it, so that a finished step is not redone only because the recipe schema grew.
+_ADDED_LATER: dict[str, Any] = {"noise_rate": 0.05, "drop_views": [], "compile": False}
+
+
 def _dump(section: Any) -> dict[str, Any]:
-    return section.model_dump(mode="json")
+    dump = section.model_dump(mode="json")
+    return {k: v for k, v in dump.items() if not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
+
+
+def filter_section(recipe: Recipe) -> FilterSection:
+    """The recipe's ``filter`` with ``drop_views`` resolved: unset, it drops LATERAL rows when the run trains the
+    generator (a lateral film in a frontal-report training set is the commonest noise) and none otherwise."""
+    if recipe.filter.drop_views is not None:
+        return recipe.filter
+    trains = "train-generator" in run_order(recipe)
+    return recipe.filter.model_copy(update={"drop_views": ["LATERAL"] if trains else []})
 
 
 def _prepare_step(recipe: Recipe, paths: dict[str, Path]) -> Step:
@@ -122,16 +137,17 @@ def _filter_step(recipe: Recipe, paths: dict[str, Path], plan: Any, upstream: di
     from diffcxr_aug.generator.noise_filter import run_filter
 
     vae, size = recipe_vae(recipe, paths, plan), plan.size
+    section = filter_section(recipe)
 
     def run() -> None:
         run_filter(
-            paths["data"], paths["filtered"], recipe.filter, vae=vae, size=size, device=recipe.device, seed=recipe.seed
+            paths["data"], paths["filtered"], section, vae=vae, size=size, device=recipe.device, seed=recipe.seed
         )
 
     # The VAE enters as its plan (and the train-vae fingerprint upstream), not as a path: moving the output folder
     # does not redo the step.
     settings = {
-        "filter": _dump(recipe.filter),
+        "filter": _dump(section),
         "vae": dataclasses.asdict(plan),
         "seed": recipe.seed,
         "upstream": upstream,

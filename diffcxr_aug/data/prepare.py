@@ -22,6 +22,7 @@ def prepare_data(section: DataSection, out: Path, seed: int = 0) -> Path:
         size=section.size,
         seed=seed,
         n=section.n,
+        noise_rate=section.noise_rate,
         csv=section.csv,
         image_col=section.image_col,
         label_cols=section.label_cols,
@@ -38,6 +39,7 @@ def prepare_dataset(
     size: int = _DATA.size,
     seed: int = 0,
     n: int = _DATA.n,
+    noise_rate: float = _DATA.noise_rate,
     **csv_options,
 ) -> Path:
     """Write ``out/manifest.csv`` (plus ``rejected.csv`` and the image cache) for one dataset.
@@ -49,6 +51,7 @@ def prepare_dataset(
         size: image side of the cache built after indexing.
         seed: drives the phantom world and the patient-level splitter.
         n: phantom only, number of images.
+        noise_rate: phantom only, expected share of noisy images.
         **csv_options: csv only: ``csv``, ``image_col``, ``label_cols``, ``report_col``, ``patient_col``,
             ``view_col``.
 
@@ -59,7 +62,7 @@ def prepare_dataset(
     if dataset == "phantom":
         from diffcxr_aug.data.phantom import prepare_phantom
 
-        return prepare_phantom(out, n=n, size=size, seed=seed)
+        return prepare_phantom(out, n=n, size=size, seed=seed, noise_rate=noise_rate)
     if root is None:
         raise InputError(f"prepare {dataset} needs root (the dataset folder)")
     if dataset == "mimic-cxr":

@@ -15,15 +15,17 @@ of the method as described:
 
 The modules: ``estimator`` (:class:`LatentNoiseFilter` and :func:`latent_features`: latents in, scores
 out, no files) and ``driver`` (:func:`run_filter`, the file-level entry point behind ``diffcxr-aug
-filter``: manifest, VAE, encoding, and the written scores, kept manifest, report and montages).
+filter``: manifest, the rows dropped by their view (``drop_views``, metadata before latents), VAE, encoding, and the
+written scores, kept manifest, report and montages).
 
 Example::
 
     from diffcxr_aug.config import FilterSection
     from diffcxr_aug.generator.noise_filter import LatentNoiseFilter, run_filter
 
-    flagged = LatentNoiseFilter(contamination=0.05).fit(latents).flagged_
-    kept_manifest = run_filter("data/phantom", "runs/filter", FilterSection())
+    flagged = LatentNoiseFilter().fit(latents).flagged_  # above the 99.5th percentile of the confident normals
+    top_5pct = LatentNoiseFilter(threshold="contamination", contamination=0.05).fit(latents).flagged_
+    kept_manifest = run_filter("data/phantom", "runs/filter", FilterSection(drop_views=["LATERAL"]))
 """
 
 from diffcxr_aug.generator.noise_filter.driver import (

@@ -146,6 +146,7 @@ def _write_montages(
     from diffcxr_aug.data.cache import open_cache
 
     images = open_cache(manifest.full, size, progress=False)
+    file_rows = manifest.frame.index.to_numpy()  # the cache holds the whole file; ``manifest`` may be a subset
     has_noise = "noise" in scores.columns
 
     def caption(i: int) -> str:
@@ -168,7 +169,11 @@ def _write_montages(
     ):
         path = out / name
         _draw_montage(
-            np.asarray(images[rows]), [caption(i) for i in rows], [bool(flagged[i]) for i in rows], heading, path
+            np.asarray(images[file_rows[rows]]),
+            [caption(i) for i in rows],
+            [bool(flagged[i]) for i in rows],
+            heading,
+            path,
         )
         written.append(path)
     return written
@@ -243,11 +248,21 @@ def run_filter(
     from diffcxr_aug.runtime import resolve_device
 
     # 1. Check inputs (before any expensive work)
-    manifest = read_manifest(data)
+    everything = read_manifest(data)
     out = Path(out)
-    if out.resolve() == manifest.root.resolve():
-        raise InputError(f"--out {out} is the data folder; the kept manifest would overwrite {manifest.source}")
+    if out.resolve() == everything.root.resolve():
+        raise InputError(f"--out {out} is the data folder; the kept manifest would overwrite {everything.source}")
     dev = resolve_device(device)
+    # Metadata first: the rows whose view says they do not belong never reach the latents.
+    dropped = everything.frame["view"].isin(section.drop_views or ()).to_numpy()
+    if dropped.all():
+        raise InputError(
+            f"{everything.source}: every row's view is one of drop_views {section.drop_views}; nothing is left to "
+            "filter (set filter.drop_views to [] to keep them)"
+        )
+    manifest = everything.subset(~dropped) if dropped.any() else everything
+    if dropped.any():
+        logger.info("LNFS: %d rows dropped by their view (%s) before scoring", int(dropped.sum()), section.drop_views)
     known = np.zeros(len(manifest), dtype=bool)
     extra_paths: list[Path] = []
     if section.known_noisy is not None:
@@ -273,12 +288,13 @@ def run_filter(
     filt.fit(latents, known_noisy=known, extra_noisy=extra)
 
     # 5. Write scores, kept manifest, montages and report
-    paths = _relative_to(manifest.image_paths(), out)
-    scores = _write_scores(filt, manifest, paths, known, out / SCORES_NAME)
-    kept = manifest.frame.assign(image_path=paths).loc[~filt.flagged_]
+    scores = _scores(filt, manifest, _relative_to(manifest.image_paths(), out), known)
+    _write_scores(scores, everything, dropped, out, out / SCORES_NAME)
+    kept = manifest.frame.assign(image_path=scores["image_path"].to_numpy()).loc[~filt.flagged_]
     manifest_path = write_manifest(kept, out / "manifest.csv")
     montages = _write_montages(manifest, scores, filt.threshold_, size, out)
     report = _filter_report(filt, section, manifest, scores, known, len(extra_paths), vae_info, size, seed)
+    report["dropped_by_view"] = _dropped_by_view(everything, dropped, section)
     report["seconds"] = {"vae": vae_seconds, "encode": encode_seconds, **filt.timings_}
     report["files"] = [SCORES_NAME, "manifest.csv", *(p.name for p in montages), REPORT_NAME]
     atomic_write_json(out / REPORT_NAME, report)
@@ -294,22 +310,57 @@ def _encode_files(model: AutoencoderKL, paths: list[Path], size: int, device: to
         return encode(model.to(device).eval(), _load_images(paths, size).to(device)).float().cpu()
 
 
-def _write_scores(
-    filt: LatentNoiseFilter, manifest: Manifest, paths: list[str], known: np.ndarray, path: Path
-) -> pd.DataFrame:
-    """Write ``scores.csv``: one row per manifest row, the scores and flags of the fitted ``filt``; return it."""
+def _scores(filt: LatentNoiseFilter, manifest: Manifest, paths: list[str], known: np.ndarray) -> pd.DataFrame:
+    """One row per scored manifest row: the scores and flags of the fitted ``filt``, and why a row is flagged."""
     scores = filt.train_scores_.frame()
     scores.insert(0, "image_path", paths)
     scores.insert(2, "flagged", filt.flagged_.astype(int))
+    scores.insert(3, "reason", np.where(known, "known noisy", np.where(filt.flagged_, "lnfs", "")))
     scores["confident_normal"] = filt.normal_mask_.astype(int)
     scores["pseudo_label"] = filt.pseudo_label_
     scores["known_noisy"] = known.astype(int)
     scores["split"] = manifest.frame["split"].to_numpy()
     if "noise" in manifest.frame.columns:
         scores["noise"] = manifest.frame["noise"].to_numpy()
+    return scores
+
+
+def _write_scores(scores: pd.DataFrame, everything: Manifest, dropped: np.ndarray, out: Path, path: Path) -> None:
+    """Write ``scores.csv`` for every row of the input manifest, in its order: the LNFS rows' ``scores``, and the
+    rows dropped by their view, flagged with the reason ``view LATERAL`` (and no score: LNFS never saw them)."""
+    if dropped.any():
+        rows = everything.subset(dropped)
+        extra = pd.DataFrame(
+            {
+                "image_path": _relative_to(rows.image_paths(), out),
+                "flagged": 1,
+                "reason": "view " + rows.frame["view"].astype(str),
+                "known_noisy": 0,
+                "split": rows.frame["split"].to_numpy(),
+            }
+        )
+        if "noise" in scores.columns:
+            extra["noise"] = rows.frame["noise"].to_numpy()
+        order = np.argsort(np.r_[np.flatnonzero(~dropped), np.flatnonzero(dropped)], kind="stable")
+        scores = pd.concat([scores, extra[[c for c in scores.columns if c in extra.columns]]], ignore_index=True)
+        scores = scores.iloc[order].reset_index(drop=True)
     with atomic_path(path) as tmp:
         scores.to_csv(tmp, index=False, encoding="utf-8", float_format="%.6g")
-    return scores
+
+
+def _dropped_by_view(everything: Manifest, dropped: np.ndarray, section: FilterSection) -> dict:
+    """What ``drop_views`` removed before LNFS, and (with a ``noise`` column) how much of the noise that was."""
+    views = everything.frame["view"].astype(str)
+    record: dict[str, Any] = {
+        "views": list(section.drop_views or []),
+        "rows": int(dropped.sum()),
+        "by_view": views[dropped].value_counts().astype(int).to_dict(),
+    }
+    if "noise" in everything.frame.columns:
+        noise = everything.frame["noise"].fillna("").astype(str).to_numpy()
+        record["noisy_rows"] = int((dropped & (noise != "")).sum())
+        record["clean_rows"] = int((dropped & (noise == "")).sum())
+    return record
 
 
 def _filter_report(
@@ -336,6 +387,8 @@ def _filter_report(
         "threshold": {
             "rule": section.threshold,
             "value": filt.threshold_,
+            "flagged_share": float(filt.flagged_.mean()),
+            "estimated_contamination": filt.estimated_contamination_,
             "contamination": section.contamination,
             "quantile": section.quantile,
         },
