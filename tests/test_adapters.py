@@ -418,9 +418,10 @@ def test_csv_with_every_label_bad_writes_rejected_and_fails(tmp_path, fixtures_d
 
 
 def test_view_names():
-    assert [common.normalize_view(v) for v in ("pa", "AP AXIAL", "LL", "Lateral", "", None, "oblique")] == [
+    assert [common.normalize_view(v) for v in ("pa", "AP AXIAL", "LL", "Lateral", "L", "", None, "oblique")] == [
         "PA",
         "AP",
+        "LATERAL",
         "LATERAL",
         "LATERAL",
         "UNKNOWN",

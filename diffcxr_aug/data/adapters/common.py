@@ -63,6 +63,7 @@ _VIEW_ALIASES = {
     "AP ERECT": "AP",
     "LATERAL": "LATERAL",
     "LAT": "LATERAL",
+    "L": "LATERAL",  # the ieee8023 COVID-19 collection's metadata
     "LL": "LATERAL",
     "RL": "LATERAL",
     "LEFT LATERAL": "LATERAL",

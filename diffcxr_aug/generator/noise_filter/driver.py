@@ -220,12 +220,15 @@ def run_filter(
 ) -> Path:
     """Score every image of a manifest for noise with LNFS and write the kept manifest.
 
-    Writes into ``out``: ``scores.csv`` (every input row: ``image_path, score, flagged``, then the per-stage
-    scores, the K-means cluster, the split and, when known, the ``noise`` truth), ``manifest.csv`` (the kept
-    rows, image paths rewritten to resolve from ``out``), ``montage_flagged.png``,
-    ``montage_borderline.png``, ``filter_report.json`` (thresholds, counts, timings and, when the manifest
-    has a ``noise`` column, ROC AUC of each stage, the share of clean images removed and the recall per
-    noise kind) and, when no VAE is given, the VAE trained here under ``vae/``.
+    The rows whose ``view`` is in ``section.drop_views`` are dropped first, by their metadata: LNFS never sees
+    them. Writes into ``out``: ``scores.csv`` (every input row, in order: ``image_path, score, flagged, reason``
+    (``lnfs``, ``known noisy``, ``view LATERAL``, or empty when kept), then the per-stage scores, the K-means
+    cluster, the split and, when known, the ``noise`` truth; a row dropped by its view has no scores),
+    ``manifest.csv`` (the kept rows, image paths rewritten to resolve from ``out``), ``montage_flagged.png``,
+    ``montage_borderline.png``, ``filter_report.json`` (threshold, share flagged, estimated contamination, rows
+    dropped by view, counts, timings and, when the manifest has a ``noise`` column, ROC AUC of each stage, the
+    share of clean images removed and the recall per noise kind) and, when no VAE is given, the VAE trained here
+    under ``vae/``.
 
     Args:
         data: a folder holding ``manifest.csv`` (or the file itself).
