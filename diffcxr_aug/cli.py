@@ -609,14 +609,32 @@ def evaluate(
     ] = None,
     model: Annotated[str | None, typer.Option("--model", help=_field_help(EvaluateSection, "model"))] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help=_field_help(EvaluateSection, "epochs"))] = None,
+    features: Annotated[
+        str | None,
+        typer.Option("--features", help="comma-separated: " + _field_help(EvaluateSection, "features")),
+    ] = None,
+    inception_weights: Annotated[
+        Path | None, typer.Option("--inception-weights", help=_field_help(EvaluateSection, "inception_weights"))
+    ] = None,
+    xrv_weights: Annotated[
+        str | None, typer.Option("--xrv-weights", help=_field_help(EvaluateSection, "xrv_weights"))
+    ] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
 ) -> None:
-    """Fidelity (FID/KID), faithfulness (mAUC), privacy (nearest training image) and compute of synthetic sets."""
+    """Fidelity (FID/KID, precision/recall, density/coverage, per label; in one or more feature spaces),
+    faithfulness (mAUC, image-report alignment), privacy (nearest training image) and compute of synthetic sets."""
     rec = _recipe(recipe)
     section: EvaluateSection = _merge(
-        rec.evaluate, flags={"image_size": "--size"}, image_size=size, model=model, epochs=epochs
+        rec.evaluate,
+        flags={"image_size": "--size"},
+        image_size=size,
+        model=model,
+        epochs=epochs,
+        features=[f.strip() for f in features.split(",") if f.strip()] if features else None,
+        inception_weights=inception_weights,
+        xrv_weights=xrv_weights,
     )
     sets: dict[str, Path] = {}
     for item in synthetic:
@@ -641,6 +659,9 @@ def evaluate(
         classifier=classifier,
         model_name=section.model,
         epochs=section.epochs,
+        features=section.features,
+        inception_weights=section.inception_weights,
+        xrv_weights=section.xrv_weights,
     )
     typer.echo(f"wrote {path}")
 

@@ -38,6 +38,8 @@ MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Attention = Literal["auto", "math", "default"]
 Sampler = Literal["pipeline", "dpm-solver++", "unipc", "ddim"]
 View = Literal["PA", "AP", "LATERAL", "UNKNOWN"]  # the manifest's `view` (diffcxr_aug.data.labels.VIEWS)
+FeatureSpaceKind = Literal["reference", "inception", "xrv", "open_clip"]  # open_clip takes ":NAME_OR_DIR"
+FEATURE_KINDS: tuple[str, ...] = get_args(FeatureSpaceKind)
 
 RESOLVED_RECIPE_NAME = "recipe.resolved.yaml"
 
@@ -379,6 +381,22 @@ class EvaluateSection(Section):
     model: str = Field("resnet10t", description="timm model of the reference classifier trained on the real data")
     epochs: int = Field(8, ge=1, description="epochs of that classifier")
     image_size: int | None = Field(None, ge=16, le=1024, description="None: the prepared data's size")
+    features: list[str] = Field(
+        default_factory=lambda: ["reference"],
+        description="feature spaces of the fidelity table: reference, inception, xrv, open_clip:NAME_OR_DIR",
+    )
+    inception_weights: Path | None = Field(None, description="the pt_inception-2015-12-05 weights file (FID)")
+    xrv_weights: str | None = Field(
+        None, description="a torchxrayvision DenseNet-121 state dict file, or a torchxrayvision weights name"
+    )
+
+    @field_validator("features")
+    @classmethod
+    def _known_spaces(cls, value: list[str]) -> list[str]:
+        unknown = [v for v in value if v.partition(":")[0] not in FEATURE_KINDS]
+        if unknown:
+            raise ValueError(f"unknown feature space(s) {unknown}; choose reference, inception, xrv, open_clip:NAME")
+        return value
 
 
 class Recipe(Section):

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from diffcxr_aug.cli import app
 from diffcxr_aug.data.manifest import read_manifest, write_manifest
-from diffcxr_aug.evaluation.fidelity import feature_distances, precision_recall
-from diffcxr_aug.evaluation.privacy import nearest_neighbours, privacy
+from diffcxr_aug.evaluation.fidelity import density_coverage, feature_distances, per_label_fidelity, precision_recall
+from diffcxr_aug.evaluation.privacy import nearest_neighbours, pixel_privacy, privacy
 from tests.conftest import make_tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,6 +42,38 @@ def test_feature_distances_agree_with_the_closed_form_and_grow_with_a_shift():
     assert fewer["n_synthetic_fid"] == 100 and fewer["fid"] != near["fid"] and fewer["kid"] == near["kid"]
     with pytest.raises(ValueError, match="at least 2"):
         feature_distances(a, b[:1])
+
+
+def test_density_and_coverage_by_hand():
+    """Real points 0..9 on a line, k = 1: every real ball has radius 1. A synthetic point at 0.5 lies in the balls of
+    0 and 1, one at 100 in none: density (2 + 0) / (1 x 2) = 1.0, coverage 2 of 10 balls = 0.2."""
+    real = np.arange(10, dtype=float).reshape(-1, 1)
+    assert density_coverage(real, np.array([[0.5], [100.0]]), k=1) == {"density": 1.0, "coverage": 0.2}
+    # Crowding one region: density rises above 1 while coverage stays low; a spread copy covers everything.
+    assert density_coverage(real, np.full((4, 1), 4.5), k=1) == {"density": 2.0, "coverage": 0.2}
+    assert density_coverage(real, real + 0.1, k=1)["coverage"] == 1.0
+    with pytest.raises(ValueError, match="needs more than 3 rows"):
+        density_coverage(real, real[:3])
+
+
+def test_per_label_fid_compares_positives_and_sets_a_floor():
+    """Label A's synthetic positives are drawn off the real ones (FID far above its floor), label B's like them;
+    label C has too few positives for a number."""
+    rng = np.random.default_rng(3)
+
+    def split(n: int, shift_a: float = 0.0):
+        labels = np.zeros((n, 3))
+        labels[: n // 2, 0] = 1
+        labels[n // 2 :, 1] = 1
+        labels[:5, 2] = 1
+        x = rng.normal(size=(n, 4))
+        x[labels[:, 0] == 1] += shift_a
+        return x, labels
+
+    result = per_label_fidelity(split(200), split(200), split(200, shift_a=3.0), ["A", "B", "C"])
+    assert result["A"]["fid"] > 10 * max(result["A"]["floor"]["fid"], 0.1)
+    assert result["B"]["fid"] < 1.0 and result["A"]["n_synthetic"] == result["A"]["n_real"] == 100
+    assert "fid" not in result["C"] and "fewer than 20" in result["C"]["note"] and result["C"]["n_real"] == 5
 
 
 def test_precision_counts_images_off_the_real_manifold_and_recall_the_variety_covered():
@@ -75,6 +107,16 @@ def test_privacy_flags_copies_of_training_images_and_few_fresh_ones():
     assert 40 <= result["flagged"] <= 40 + 16
     medians = result["nn_similarity_synthetic_median"], result["nn_similarity_real_test_median"]
     assert medians[0] == pytest.approx(medians[1], abs=0.05)
+
+
+def test_pixel_space_finds_mirrored_and_noisy_copies():
+    rng = np.random.default_rng(2)
+    train, held_out = rng.normal(size=(200, 64)), rng.normal(size=(100, 64))
+    mirrored = train[:10].reshape(10, 8, 8)[:, :, ::-1].reshape(10, 64)
+    noisy = train[10:20] + 0.05 * rng.normal(size=(10, 64))
+    result = pixel_privacy(np.concatenate([mirrored, noisy, rng.normal(size=(200, 64))]), train, held_out)
+    assert result["_flags"][:20].all() and result["_flags"][20:].mean() <= 0.04
+    assert (result["_neighbour"][:20] == np.arange(20)).all() and result["side"] == 8
 
 
 def synthetic_like(real_folder, out, rows):
@@ -115,6 +157,12 @@ def test_evaluate_cli_reports_every_measure_and_reuses_its_classifier(tmp_path):
     # Copies of training images are all closer to the training set than held-out real images are.
     assert report["synthetic"]["memorised"]["privacy"]["flagged_share"] == 1.0
     assert report["synthetic"]["fresh"]["privacy"]["flagged_share"] < 1.0
+    assert report["synthetic"]["memorised"]["privacy"]["pixel"]["flagged_share"] == 1.0  # exact copies, in pixels too
+    per_label = report["synthetic"]["fresh"]["fidelity_per_label"]["Cardiomegaly"]
+    assert per_label["n_synthetic"] == 12 and "fewer than 20" in per_label["note"]  # 24 images, half positive
+    copies = pd.read_csv(out / "copies" / "memorised.csv")
+    assert len(copies) == 12 and copies["flagged"].all() and (copies["pixel_similarity"] > 0.999).all()
+    assert set(copies["pixel_neighbour"]) <= {str(p) for p in read_manifest(real).image_paths()}
     floor = report["real_test"]["floor"]
     counts = frame["split"].value_counts()
     assert (floor["n_real"], floor["n_synthetic"]) == (counts["test"], counts["val"])
@@ -174,3 +222,86 @@ def test_evaluate_bad_input_is_one_line_and_names_the_problem(tmp_path):
     )
     assert nolabels.exit_code == 2 and "lacks label columns" in nolabels.output
     assert not (tmp_path / "e2").exists()  # not even the reference classifier was trained
+
+
+def _tiny_open_clip(folder):
+    """A tiny open_clip model (1-layer ViT at 32 px, 1-layer text tower) saved as a local folder."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    vision = {"image_size": 32, "layers": 1, "width": 16, "patch_size": 16, "head_width": 8}
+    text = {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}
+    config = {"model_cfg": {"embed_dim": 8, "vision_cfg": vision, "text_cfg": text}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    model = open_clip.create_model(f"local-dir:{folder}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return folder
+
+
+def test_feature_extractors_build_from_local_weights_or_say_why_not(tmp_path):
+    import torch
+    import torchxrayvision as xrv
+    from safetensors.torch import save_file
+
+    from diffcxr_aug.evaluation.features import build_extractor
+
+    images = torch.rand(3, 1, 32, 32)
+    torch.manual_seed(0)
+    dense = xrv.models.DenseNet(weights=None)
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, tmp_path / "xrv.safetensors")
+    xrv_space = build_extractor("xrv", torch.device("cpu"), xrv_weights=str(tmp_path / "xrv.safetensors"))
+    with torch.no_grad():
+        expected = dense.eval().features2(
+            torch.nn.functional.interpolate(images, size=(224, 224), mode="bilinear", antialias=True) * 2048 - 1024
+        )
+    torch.testing.assert_close(xrv_space(images), expected)  # the saved weights, xrv's own scaling
+    assert xrv_space(images).shape == (3, 1024)
+    clip = build_extractor(f"open_clip:local-dir:{_tiny_open_clip(tmp_path / 'clip')}", torch.device("cpu"))
+    assert clip(images).shape == (3, 8) and clip.name.startswith("open_clip:local-dir:")
+    assert "no --inception-weights" in build_extractor("inception", torch.device("cpu"))
+    assert "no such file" in build_extractor("inception", torch.device("cpu"), inception_weights=tmp_path / "x.pth")
+    assert "no --xrv-weights" in build_extractor("xrv", torch.device("cpu"))
+    assert "open_clip_config.json" in build_extractor(f"open_clip:local-dir:{tmp_path}", torch.device("cpu"))
+    save_file({"features.conv0.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="not a torchxrayvision DenseNet-121"):
+        build_extractor("xrv", torch.device("cpu"), xrv_weights=str(tmp_path / "bad.safetensors"))
+
+
+def test_evaluate_reports_every_set_in_every_feature_space(tmp_path):
+    """--features adds spaces beside the reference classifier's; each number's key names its extractor, and a space
+    that cannot be built here is listed with the reason."""
+    import torch
+    import torchxrayvision as xrv
+    from safetensors.torch import save_file
+
+    real = make_tiny_manifest(tmp_path / "real", n=48, size=32, seed=0).parent
+    other = make_tiny_manifest(tmp_path / "other", n=24, size=32, seed=7).parent
+    fresh = synthetic_like(other, tmp_path / "fresh", read_manifest(other).frame.index).parent
+    torch.manual_seed(0)
+    state = xrv.models.DenseNet(weights=None).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "xrv.safetensors")
+    clip = _tiny_open_clip(tmp_path / "clip")
+    out = tmp_path / "eval"
+    args = ["evaluate", "--real", str(real), "--synthetic", f"fresh={fresh}", "--out", str(out), "--epochs", "1"]
+    args += ["--features", f"reference,xrv,inception,open_clip:local-dir:{clip}"]
+    args += ["--xrv-weights", str(tmp_path / "xrv.safetensors"), "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    spaces = report["feature_spaces"]
+    assert set(spaces) == {"reference", "xrv", "inception", f"open_clip:local-dir:{clip}"}
+    assert "no --inception-weights" in spaces["inception"]["note"]
+    assert spaces["xrv"]["extractor"].startswith("torchxrayvision DenseNet-121")
+    metrics = report["metrics"]
+    assert set(metrics) == {"real_floor", "fresh"}
+    for space in ("reference", "xrv", f"open_clip:local-dir:{clip}"):
+        assert metrics["fresh"][f"fid.{space}"] >= 0 and metrics["real_floor"][f"kid.{space}"] is not None
+    assert not any(key.endswith(".inception") for key in metrics["fresh"])
+    md = (out / "report.md").read_text()
+    lead = md.index("## Fidelity in every feature space")
+    assert (
+        lead < md.index("| set | images |") and "| fresh | xrv |" in md and "| (all) | inception | not computed" in md
+    )
+    result = CliRunner().invoke(app, [*args[:-4], "--features", "reference,sift"])
+    assert result.exit_code == 2 and "unknown feature space" in result.output

@@ -378,3 +378,32 @@ def test_compiled_unet_trains_like_the_eager_one(trained, tmp_path):
     images = DiffCXRPipeline.from_pretrained(compiled)(["Clear lungs."], num_inference_steps=2, output_type="np")
     assert np.isfinite(images.images).all()
     torch._dynamo.reset()
+
+
+def test_evaluate_scores_image_prompt_alignment_in_the_generators_towers(trained, tmp_path):
+    """A set made by `synthesize` names its generator; evaluate reads that generator's AVA-TLS image tower and text
+    towers and compares each image with its own prompt and with a shuffled one, beside real test pairs."""
+    from diffcxr_aug.evaluation.alignment import alignment_summary
+    from diffcxr_aug.evaluation.report import evaluate
+
+    args = ["synthesize", "--n", "4", "--generator", str(trained["gen"]), "--out", str(tmp_path / "s")]
+    args += ["--prompts", str(trained["data"]), "--steps", "2", "--batch-size", "4", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(
+        evaluate(trained["data"], tmp_path / "s", tmp_path / "eval", device="cpu", epochs=1).read_text()
+    )
+    alignment = report["synthetic"]["s"]["alignment"]
+    assert Path(alignment["generator"]) == trained["gen"].resolve()
+    for side in ("synthetic", "real_test"):
+        entry = alignment[side]
+        assert (
+            -1.0 <= entry["shuffled"] <= 1.0 and -1.0 <= entry["matched"] <= 1.0 and 0 <= entry["own_text_closer"] <= 1
+        )
+    assert alignment["synthetic"]["n"] == 4
+    assert "Image-report alignment" in (tmp_path / "eval" / "report.md").read_text()
+    # By hand: texts equal to their images are matched at 1; a derangement never pairs an image with its own text.
+    eye = np.eye(5)
+    assert alignment_summary(eye, eye, seed=3) == {
+        "n": 5, "matched": 1.0, "shuffled": 0.0, "difference": 1.0, "own_text_closer": 1.0
+    }  # fmt: skip

@@ -96,7 +96,14 @@ def recipe_vae(recipe: Recipe, paths: dict[str, Path], plan: Any = None) -> str:
 
 # Keys added after runs were recorded, with the value that reproduces what those runs did: left out of a step's
 # settings while they hold it, so that a finished step is not redone only because the recipe schema grew.
-_ADDED_LATER: dict[str, Any] = {"noise_rate": 0.05, "drop_views": [], "compile": False}
+_ADDED_LATER: dict[str, Any] = {
+    "noise_rate": 0.05,
+    "drop_views": [],
+    "compile": False,
+    "features": ["reference"],
+    "inception_weights": None,
+    "xrv_weights": None,
+}
 
 
 def _dump(section: Any) -> dict[str, Any]:
@@ -262,6 +269,9 @@ def _evaluate_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, s
             size=section.image_size or recipe.data.size,
             model_name=section.model,
             epochs=section.epochs,
+            features=section.features,
+            inception_weights=section.inception_weights,
+            xrv_weights=section.xrv_weights,
         )
 
     settings = {"evaluate": _dump(section), "seed": recipe.seed, "upstream": upstream}

@@ -6,6 +6,7 @@ The features come from :func:`embed` (a timm classifier's penultimate layer); se
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.manifest import Manifest
 
 PR_NEIGHBOURS = 3  # k of improved precision/recall (Kynkäänniemi et al. use 3)
+PER_LABEL_MIN_IMAGES = 20  # positives a side before a label gets its own FID
 
 
 class _Features(torch.nn.Module):
@@ -58,11 +60,8 @@ def embed(
     return np.concatenate(features), np.concatenate(scores), np.concatenate(labels)
 
 
-def feature_distances(
-    real: np.ndarray, fake: np.ndarray, seed: int = 0, fid_images: int | None = None
-) -> dict[str, float]:
-    """FID and KID (mean and std over subsets) between two feature sets, by torchmetrics, and improved
-    precision and recall (:func:`precision_recall`, on every row).
+def fid_kid(real: np.ndarray, fake: np.ndarray, seed: int = 0, fid_images: int | None = None) -> dict[str, float]:
+    """FID and KID (mean and std over subsets) between two feature sets, by torchmetrics.
 
     FID is biased upwards by about 1/n, so sets compared with each other (and with the real-to-real floor) must
     be measured on the same number of images: ``fid_images`` draws that many rows of ``fake`` (seeded) for FID.
@@ -96,16 +95,56 @@ def feature_distances(
         "fid": float(fid.compute()),
         "kid": float(kid_mean),
         "kid_std": float(kid_std),
-        # None for sets too small to have k neighbours (tiny test manifests).
-        **(
-            precision_recall(real, fake)
-            if min(len(real), len(fake)) > PR_NEIGHBOURS
-            else {"precision": None, "recall": None, "pr_neighbours": PR_NEIGHBOURS}
-        ),
         "n_real": len(real),
         "n_synthetic": len(fake),
         "n_synthetic_fid": n_fid,
     }
+
+
+def feature_distances(
+    real: np.ndarray, fake: np.ndarray, seed: int = 0, fid_images: int | None = None
+) -> dict[str, float]:
+    """:func:`fid_kid`, improved precision and recall (:func:`precision_recall`) and density and coverage
+    (:func:`density_coverage`), on every row."""
+    enough = min(len(real), len(fake)) > PR_NEIGHBOURS
+    return {
+        **fid_kid(real, fake, seed, fid_images),
+        # None for sets too small to have k neighbours (tiny test manifests).
+        **(
+            {**precision_recall(real, fake), **density_coverage(real, fake)}
+            if enough
+            else {"precision": None, "recall": None, "density": None, "coverage": None, "pr_neighbours": PR_NEIGHBOURS}
+        ),
+    }
+
+
+def per_label_fidelity(
+    test: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    fake: tuple[np.ndarray, np.ndarray],
+    names: list[str],
+    min_images: int = PER_LABEL_MIN_IMAGES,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Conditional FID and KID: for each label, the synthetic images whose prompt states it against the real test
+    images that show it, and the floor (real val against real test images with it) on as many images.
+
+    ``test``, ``val``, ``fake``: ``(features, labels)`` with labels as ``embed`` returns them (1 = positive). A
+    label with fewer than ``min_images`` positives on any side gets its counts and a note, not a number.
+    """
+    out: dict[str, dict] = {}
+    for j, name in enumerate(names):
+        t, v, f = (x[labels[:, j] == 1] for x, labels in (test, val, fake))
+        entry: dict[str, Any] = {"n_real": len(t), "n_val": len(v), "n_synthetic": len(f)}
+        if min(len(t), len(v), len(f)) < min_images:
+            entry["note"] = f"fewer than {min_images} positive images on a side"
+        else:
+            n = min(len(v), len(f))
+            entry.update(fid_kid(t, f, seed, n))
+            floor = fid_kid(t, v, seed, n)
+            entry["floor"] = {"fid": floor["fid"], "kid": floor["kid"], "n_val_fid": floor["n_synthetic_fid"]}
+        out[name] = entry
+    return out
 
 
 def _inside(queries: np.ndarray, support: np.ndarray, radii: np.ndarray) -> np.ndarray:
@@ -126,17 +165,42 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS)
     a malformed or noise-like image falls outside). Recall: the share of real rows inside the synthetic manifold
     (how much of the real variety is covered). Both depend on the set sizes, so compare sets of equal size.
     """
-    from sklearn.neighbors import NearestNeighbors
-
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} rows per set ({len(real)}, {len(fake)})")
-
-    def radii(x: np.ndarray) -> np.ndarray:
-        distances, _ = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
-        return distances[:, k]  # column 0 is the row itself
-
     return {
-        "precision": float(_inside(fake, real, radii(real)).mean()),
-        "recall": float(_inside(real, fake, radii(fake)).mean()),
+        "precision": float(_inside(fake, real, _kth_neighbour_radii(real, k)).mean()),
+        "recall": float(_inside(real, fake, _kth_neighbour_radii(fake, k)).mean()),
         "pr_neighbours": k,
     }
+
+
+def _kth_neighbour_radii(x: np.ndarray, k: int) -> np.ndarray:
+    from sklearn.neighbors import NearestNeighbors
+
+    distances, _ = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
+    return distances[:, k]  # column 0 is the row itself
+
+
+def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS) -> dict[str, float]:
+    """Density and coverage (Naeem et al., ICML 2020) of ``fake`` against ``real`` features.
+
+    Both use only the real manifold (balls around real rows reaching their k-th nearest real neighbour), so one
+    outlying real image cannot inflate them as it inflates recall. Density: the mean number of real balls holding a
+    synthetic row, divided by k (about 1 when synthetic rows are spread as real ones are; above 1 when they crowd
+    the dense regions). Coverage: the share of real balls holding at least one synthetic row (the real variety
+    covered, bounded by 1).
+    """
+    from sklearn.metrics import pairwise_distances_chunked
+
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"density/coverage with k={k} needs more than {k} rows per set ({len(real)}, {len(fake)})")
+    radii = _kth_neighbour_radii(real, k)
+    inside_counts = np.zeros(len(fake))
+    covered = np.zeros(len(real), dtype=bool)
+    start = 0
+    for chunk in pairwise_distances_chunked(fake, real):  # rows: synthetic, columns: real
+        inside = chunk <= radii[None, :]
+        inside_counts[start : start + len(chunk)] = inside.sum(axis=1)
+        covered |= inside.any(axis=0)
+        start += len(chunk)
+    return {"density": float(inside_counts.sum() / (k * len(fake))), "coverage": float(covered.mean())}

@@ -7,34 +7,35 @@ and an ImageNet network is a poor judge of radiographs anyway; a CXR classifier'
 the project has, and they are the features that matter for downstream training.
 
 * **Fidelity**: FID and KID (torchmetrics, fed those features) between each synthetic set and the real
-  test split, and improved precision (the share of synthetic images that fall among real ones: malformed
-  images do not) and recall (the share of the real variety covered). All depend on the feature space and
-  on the number of images, so the report also gives the *real-to-real floor*: the same measures between the
-  real val and test splits, two samples of one distribution. A generator is as good as real data when it
-  reaches that floor.
+  test split, improved precision (the share of synthetic images that fall among real ones: malformed
+  images do not) and recall (the share of the real variety covered), density and coverage (the same on the
+  real images' balls only), and per label FID/KID (positives against positives). All depend on the feature
+  space and on the number of images, so the report also gives the *real-to-real floor*: the same measures
+  between the real val and test splits, two samples of one distribution. A generator is as good as real data
+  when it reaches that floor.
 * **Faithfulness**: the reference classifier's mAUC on the synthetic images against their prompts'
-  labels (the paper's measure), beside its mAUC on the real test split (the ceiling).
-* **Privacy**: for every synthetic image, the cosine similarity of its features to the nearest real
-  training image. The yardstick is the same nearest-neighbour similarity of held-out real test images:
-  a synthetic image closer to a training image than 99% of real test images are is flagged as a possible
-  copy, and the closest pairs are drawn side by side for a person to look at.
+  labels (the paper's measure), beside its mAUC on the real test split (the ceiling); and image-report
+  alignment in the generator's own AVA-TLS towers (:mod:`.alignment`).
+* **Privacy**: for every synthetic image, its similarity to the nearest real training image in the features and
+  in pixel space (mirror included). The yardstick is the same nearest-neighbour similarity of held-out real test
+  images: a synthetic image closer to a training image than 99% of real test images are, in either space, is
+  flagged as a possible copy (``OUT/copies/SET.csv``), and the closest pairs are drawn side by side for a person
+  to look at.
 * **Compute**: what the generator's ``training_info.json`` and the job's ``synthesis.json`` recorded
   (training steps and time, GFLOPs per denoising step, sampler steps, images per second).
 
 When the real manifest has a ``noise`` column (the phantom world), the fidelity reference is its clean
 rows: a generator is judged against chest X-rays, not against the noise a filter should have removed.
 
-The measures live in :mod:`.fidelity`, :mod:`.faithfulness`, :mod:`.privacy` and :mod:`.compute`; this module
-runs them on every set and writes the report.
+The measures live in :mod:`.fidelity`, :mod:`.faithfulness`, :mod:`.alignment`, :mod:`.privacy` and
+:mod:`.compute`; this module runs them on every set and writes the report.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,20 @@ from diffcxr_aug.config import EvaluateSection
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import Manifest, read_manifest
 from diffcxr_aug.errors import InputError
+from diffcxr_aug.evaluation.alignment import AlignmentScorer, set_alignment
 from diffcxr_aug.evaluation.compute import compute_summary
 from diffcxr_aug.evaluation.faithfulness import CLASSIFIER_DIR, masked_auc, reference_classifier
-from diffcxr_aug.evaluation.fidelity import embed, feature_distances
-from diffcxr_aug.evaluation.privacy import plot_neighbours, privacy
+from diffcxr_aug.evaluation.features import flat_metrics, space_fidelity
+from diffcxr_aug.evaluation.fidelity import embed, feature_distances, per_label_fidelity
+from diffcxr_aug.evaluation.markdown import report_markdown
+from diffcxr_aug.evaluation.privacy import (
+    COPIES_DIR,
+    pixel_features,
+    pixel_privacy,
+    plot_neighbours,
+    privacy,
+    write_copies,
+)
 from diffcxr_aug.figures import pyplot, save_figure
 from diffcxr_aug.io import atomic_write_json, atomic_write_text
 
@@ -148,6 +159,9 @@ def evaluate(
     model_name: str = _REFERENCE.model,
     epochs: int = _REFERENCE.epochs,
     max_train_images: int = 20000,
+    features: Sequence[str] = ("reference",),
+    inception_weights: str | os.PathLike | None = None,
+    xrv_weights: str | None = None,
 ) -> Path:
     """Write ``OUT/report.json``, ``OUT/report.md`` and figures for one or more synthetic sets.
 
@@ -167,6 +181,10 @@ def evaluate(
         classifier: a reference classifier folder to reuse instead of training one in ``OUT``.
         model_name, epochs: the reference classifier trained when none is given or cached.
         max_train_images: privacy compares against at most this many training images (a seeded sample).
+        features: the feature spaces of the fidelity table: ``reference`` (the classifier's, always computed),
+            ``inception``, ``xrv``, ``open_clip:NAME_OR_DIR`` (:mod:`.features`); one that cannot be built here
+            is listed with the reason.
+        inception_weights, xrv_weights: the weights of those spaces (:func:`~.features.build_extractor`).
 
     Returns:
         The path of ``report.json``.
@@ -234,6 +252,7 @@ def evaluate(
     feats = {}
     for key, manifest in (("train", train), ("val", reference["val"]), ("test", reference["test"])):
         feats[key] = embed(model, config, manifest, dev, desc=f"features: real {key}")
+    pixels = {key: pixel_features(m, config.image_size) for key, m in (("train", train), ("test", reference["test"]))}
     test_auc = masked_auc(feats["test"][2], feats["test"][1], config.label_names)
     # One FID sample size for the floor and every set (FID's bias depends on it).
     fid_images = min([len(feats["val"][0])] + [len(m) for m in synthetic_manifests.values()])
@@ -250,10 +269,16 @@ def evaluate(
         "synthetic": {},
     }
     pairs, scored = [], {}
+    aligners: dict[Path, tuple[AlignmentScorer, dict[str, Any]]] = {}
     for name, manifest in synthetic_manifests.items():
         f, s, y = embed(model, config, manifest, dev, desc=f"features: {name}")
         scored[name] = (s, y)
         priv = privacy(f, feats["train"][0], feats["test"][0])
+        pixel = pixel_privacy(pixel_features(manifest, config.image_size), pixels["train"], pixels["test"])
+        write_copies(out / COPIES_DIR / f"{name}.csv", manifest, train, priv, pixel)
+        priv["pixel"] = {k: v for k, v in pixel.items() if not k.startswith("_")}
+        either = priv.pop("_flags") | pixel["_flags"]
+        priv["flagged_either"], priv["flagged_either_share"] = int(either.sum()), float(either.mean())
         similarity, neighbour = priv.pop("_similarity"), priv.pop("_neighbour")
         for i in np.argsort(-similarity)[: max(2, 8 // len(synthetic_manifests))]:
             pairs.append((name, manifest, int(i), train, int(neighbour[i]), float(similarity[i])))
@@ -261,10 +286,18 @@ def evaluate(
             "folder": str(sets[name]),
             "n_images": len(manifest),
             "fidelity": feature_distances(feats["test"][0], f, seed, fid_images),
+            "fidelity_per_label": per_label_fidelity(
+                (feats["test"][0], feats["test"][2]),
+                (feats["val"][0], feats["val"][2]),
+                (f, y),
+                config.label_names,
+                seed=seed,
+            ),
             "faithfulness": masked_auc(y, s, config.label_names) | _ci(y, s, seed),
             "privacy": priv,
             "compute": compute_summary(sets[name]),
         }
+        entry["alignment"] = set_alignment(sets[name], manifest, reference["test"], aligners, dev, seed)
         results["synthetic"][name] = entry
         logger.info(
             "%s: FID %.2f (floor %.2f), KID %.4f, faithfulness mAUC %.3f (real test %.3f), %d possible copies",
@@ -276,6 +309,26 @@ def evaluate(
             test_auc["mauc"],
             priv["flagged"],
         )
+    results["feature_spaces"] = {
+        "reference": {
+            "extractor": results["feature_space"],
+            "floor": results["real_test"]["floor"],
+            "synthetic": {name: entry["fidelity"] for name, entry in results["synthetic"].items()},
+        }
+    }
+    for spec in dict.fromkeys(f for f in features if f != "reference"):
+        results["feature_spaces"][spec] = space_fidelity(
+            spec,
+            reference,
+            synthetic_manifests,
+            config.image_size,
+            fid_images,
+            dev,
+            seed,
+            inception_weights,
+            xrv_weights,
+        )
+    results["metrics"] = flat_metrics(results["feature_spaces"])
     results["paired"] = paired_faithfulness(synthetic_manifests, scored, seed)
     figures = {"faithfulness_per_label": str(_plot_per_label(results, out / PER_LABEL_PNG))}
     neighbours = plot_neighbours(pairs, out / NEIGHBOURS_PNG, config.image_size)
@@ -285,92 +338,3 @@ def evaluate(
     atomic_write_text(out / REPORT_MD, report_markdown(results))
     atomic_write_json(out / REPORT_JSON, results)
     return out / REPORT_JSON
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def _ci_text(entry: dict[str, Any]) -> str:
-    ci = entry["faithfulness"].get("mauc_ci95")
-    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-
-
-def report_markdown(results: dict[str, Any]) -> str:
-    """The human-readable report: one row per set, then the per-label faithfulness table."""
-    floor = results["real_test"]["floor"]
-    lines = [
-        "# Synthetic CXR evaluation",
-        "",
-        f"Real data: `{results['real']}`. Feature space: {results['feature_space']}.",
-    ]
-    if results.get("reference_note"):
-        lines.append(f"Note: {results['reference_note']}.")
-    lines += [
-        "",
-        "| set | images | FID | KID (x1000) | precision | recall | faithfulness mAUC | possible copies "
-        "| GFLOPs / image |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| real val vs real test (floor) | {floor['n_synthetic']} | {floor['fid']:.2f} | "
-        f"{1000 * floor['kid']:.2f} ± {1000 * floor['kid_std']:.2f} | {_fmt(floor.get('precision'))} | "
-        f"{_fmt(floor.get('recall'))} | {results['real_test']['faithfulness']['mauc']:.3f} (real test) | | |",
-    ]
-    for name, entry in results["synthetic"].items():
-        fid, priv = entry["fidelity"], entry["privacy"]
-        lines.append(
-            f"| {name} | {entry['n_images']} | {fid['fid']:.2f} | "
-            f"{1000 * fid['kid']:.2f} ± {1000 * fid['kid_std']:.2f} | {_fmt(fid.get('precision'))} | "
-            f"{_fmt(fid.get('recall'))} | {entry['faithfulness']['mauc']:.3f}"
-            f"{_ci_text(entry)} | "
-            f"{priv['flagged']} ({priv['flagged_share']:.1%}) | "
-            f"{_fmt(entry['compute'].get('gflops_per_image'), 1)} |"
-        )
-    lines += [
-        "",
-        "FID and KID: against the real test split, in the reference classifier's feature space; the floor row "
-        f"is two real samples of the same world. FID uses {floor.get('n_synthetic_fid', floor['n_synthetic'])} "
-        "images of every set (its bias depends on the count), KID all of them. Precision: the share of a set's "
-        "images inside the real test images' manifold (k = 3 nearest-neighbour balls, Kynkäänniemi et al. 2019): "
-        "images that look like some real image; recall: the share of real test images inside the set's manifold "
-        "(the real variety it covers). Faithfulness: the reference "
-        "classifier's mAUC against each image's prompt labels. Possible copies: synthetic images closer to a "
-        "training image than "
-        f"{1 - next(iter(results['synthetic'].values()))['privacy']['expected_share_if_like_real']:.0%} "
-        "of real test images are (a set like real data flags about 1%). Brackets: 95% bootstrap intervals over "
-        "the images.",
-    ]
-    if results.get("paired"):
-        lines += [
-            "",
-            "## Paired faithfulness differences (same prompts and seeds)",
-            "",
-            "| a - b | mAUC difference | 95% paired bootstrap CI |",
-            "|---|---|---|",
-        ]
-        for row in results["paired"]:
-            if row["ci95"] is None:
-                lines.append(f"| {row['a']} - {row['b']} | not computable | |")
-                continue
-            low, high = row["ci95"]
-            lines.append(f"| {row['a']} - {row['b']} | {row['mauc_difference']:+.3f} | [{low:+.3f}, {high:+.3f}] |")
-    lines += [
-        "",
-        "## Faithfulness per label (ROC AUC)",
-        "",
-    ]
-    sets = {"real test": results["real_test"]["faithfulness"]} | {
-        name: entry["faithfulness"] for name, entry in results["synthetic"].items()
-    }
-    labels = sorted({label for entry in sets.values() for label in entry["per_label"]})
-    lines.append("| label | " + " | ".join(sets) + " |")
-    lines.append("|---|" + "---|" * len(sets))
-    for label in labels:
-        cells = [_fmt(entry["per_label"].get(label)) for entry in sets.values()]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "## Compute", ""]
-    for name, entry in results["synthetic"].items():
-        lines.append(f"- **{name}**: `{json.dumps(entry['compute'], default=str)}`")
-    lines += ["", "Figures: " + ", ".join(f"`{Path(p).name}`" for p in results["figures"].values()), ""]
-    return "\n".join(lines)
