@@ -28,14 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.mixture import GaussianMixture
 
 from diffcxr_aug.config import FilterSection, GeneratorSection, VAESection
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.data.phantom import prepare_phantom
 from diffcxr_aug.generator.configs import resolve_config
 from diffcxr_aug.generator.noise_filter import run_filter
-from diffcxr_aug.generator.noise_filter.estimator import estimate_contamination
+from diffcxr_aug.generator.noise_filter.estimator import bic_mixture, estimate_contamination
 from diffcxr_aug.generator.vae import plan_vae
 
 CLEAN_COST = 0.1
@@ -45,9 +44,7 @@ def _mixture_threshold(logit: np.ndarray, components: int | None) -> float:
     """Where the top component's posterior passes 0.5 above the largest component's mean (``components`` None:
     chosen by BIC among 1 to 4; one component: nothing is flagged)."""
     x = logit.reshape(-1, 1)
-    ks = [components] if components else [1, 2, 3, 4]
-    models = [GaussianMixture(k, n_init=3, random_state=0).fit(x) for k in ks]
-    model = min(models, key=lambda m: m.bic(x))
+    model = bic_mixture(logit, [components] if components else [1, 2, 3, 4])
     if model.n_components == 1:
         return float("inf")
     means = model.means_.ravel()

@@ -395,7 +395,7 @@ class EvaluateSection(Section):
     def _known_spaces(cls, value: list[str]) -> list[str]:
         unknown = [v for v in value if v.partition(":")[0] not in FEATURE_KINDS]
         if unknown:
-            raise ValueError(f"unknown feature space(s) {unknown}; choose reference, inception, xrv, open_clip:NAME")
+            raise ValueError(f"unknown feature space(s) {unknown}; choose {', '.join(FEATURE_KINDS)} (open_clip:NAME)")
         return value
 
 

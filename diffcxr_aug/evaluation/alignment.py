@@ -19,9 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.manifest import Manifest
 
 logger = logging.getLogger(__name__)
@@ -61,13 +59,13 @@ class AlignmentScorer:
 
     @torch.inference_mode()
     def images(self, manifest: Manifest, batch_size: int = 64) -> np.ndarray:
-        from diffcxr_aug.generator.vae import encode
+        from diffcxr_aug.generator.vae import encode_manifest
 
-        loader = DataLoader(CXRDataset(manifest, self.pipe.image_size, progress=False), batch_size=batch_size)
+        latents = encode_manifest(self.pipe.vae, manifest, self.pipe.image_size, batch_size, self.device, False)
         out = []
-        for batch in loader:
-            latents = encode(self.pipe.vae, batch["image"].to(self.device, self.pipe.vae.dtype))
-            out.append(F.normalize(self.tower(latents.to(self.tower.dtype)).float(), dim=-1).cpu().numpy())
+        for start in range(0, len(latents), batch_size):
+            chunk = latents[start : start + batch_size].to(self.device, self.tower.dtype)
+            out.append(F.normalize(self.tower(chunk).float(), dim=-1).cpu().numpy())
         return np.concatenate(out)
 
     @torch.inference_mode()
