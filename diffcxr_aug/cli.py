@@ -345,6 +345,14 @@ def train_generator(
     recipe: RecipeOpt = None,
     stage: Annotated[int, typer.Option("--stage", min=1, max=2, help="1: LDM + AVA-TLS; 2: DKIM adapter")] = 1,
     resume: Annotated[str | None, typer.Option("--resume", help="'latest' or a checkpoint folder")] = None,
+    reseed: Annotated[
+        bool,
+        typer.Option(
+            "--reseed",
+            help="with --resume: continue with --seed's batches and noise instead of the checkpoint's seed (a branch "
+            "of that checkpoint, e.g. several continuations of one model)",
+        ),
+    ] = False,
     generator: Annotated[
         Path | None,
         typer.Option("--generator", help="stage 2: the stage-1 pipeline folder the DKIM adapter trains on"),
@@ -436,6 +444,7 @@ def train_generator(
         seed=seed,
         generator=generator,
         vae_plan=plan,
+        reseed=reseed,
     )
     typer.echo(f"wrote {path}")
 

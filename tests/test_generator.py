@@ -148,6 +148,42 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(trained, tmp_path):
     assert json.loads((resumed / "training_info.json").read_text()) == info
 
 
+def test_reseed_branches_a_checkpoint_into_another_folder(trained, tmp_path):
+    """`--resume CHECKPOINT --reseed --seed K` continues one model with seed K's batches and noise elsewhere (the
+    equal-budget continuation arms of bench/dkim_budget.py): the branch is reproducible, differs from the
+    checkpoint's own continuation, and keeps the run's VAE."""
+    checkpoint = trained["gen"] / "checkpoints" / "checkpoint-2"
+    section = GeneratorSection(max_steps=3, **TINY)
+    with pytest.raises(InputError, match="pass it with --resume"):
+        train_generator(trained["data"], tmp_path / "x", section, device="cpu", seed=5, reseed=True)
+    # The tiny config trains its VAE inside the run: a branch elsewhere must take that VAE along, not train one.
+    with pytest.raises(InputError, match="copy that folder to"):
+        train_generator(trained["data"], tmp_path / "x", section, resume=checkpoint, device="cpu", seed=5, reseed=True)
+
+    def branch(name: str, seed: int, reseed: bool) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        shutil.copytree(trained["gen"] / "trained_vae", out / "trained_vae")
+        args = ["train-generator", "--data", str(trained["data"]), "--out", str(out), "--resume", str(checkpoint)]
+        args += ["--max-steps", "3", "--seed", str(seed), "--device", "cpu"] + (["--reseed"] if reseed else [])
+        recipe = tmp_path / "tiny.yaml"
+        recipe.write_text(yaml.safe_dump({"generator": TINY}))
+        result = CliRunner().invoke(app, args + ["--recipe", str(recipe)])
+        assert result.exit_code == 0, result.output
+        info = json.loads((out / "training_info.json").read_text())
+        assert info["resumed_from_step"] == 2 and info["steps"] == 3 and info["seed"] == (seed if reseed else 0)
+        state = json.loads((out / "checkpoints" / "checkpoint-3" / "state.json").read_text())
+        assert state["seed"] == info["seed"]  # the branch resumes exactly with its own seed
+        return load_file(out / "checkpoints" / "checkpoint-3" / CHECKPOINT_WEIGHTS)
+
+    a, again, own = branch("a", 5, True), branch("again", 5, True), branch("own", 5, False)
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert any(not torch.equal(a[k], own[k]) for k in a)
+    straight = tmp_path / "straight"
+    train_generator(trained["data"], straight, section, device="cpu")
+    b = load_file(straight / "checkpoints" / "checkpoint-3" / CHECKPOINT_WEIGHTS)
+    assert all(torch.equal(own[k], b[k]) for k in own)  # without --reseed: the checkpoint's own continuation
+
+
 def test_a_folder_being_trained_is_locked(trained, tmp_path):
     import fcntl
 

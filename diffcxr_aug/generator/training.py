@@ -501,6 +501,7 @@ def train_generator(
     seed: int = 0,
     generator: str | os.PathLike | None = None,
     vae_plan: VAEPlan | None = None,
+    reseed: bool = False,
 ) -> Path:
     """Train Diff-CXR on the train split of the manifest in ``data``; write a pipeline folder.
 
@@ -520,15 +521,22 @@ def train_generator(
         resume: ``None`` (fresh; refuses a folder that has checkpoints), ``latest`` (the newest checkpoint,
             or a fresh start when there is none) or a checkpoint folder.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (under ``accelerate launch`` each process takes its own).
-        seed: seeds initialisation, data order and noise (a resumed run keeps the checkpoint's seed).
+        seed: seeds initialisation, data order and noise (a resumed run keeps the checkpoint's seed, unless
+            ``reseed``).
         generator: stage 2 only: the stage-1 pipeline folder.
         vae_plan: stage 1, when the VAE is a registry name (trained here first): the recipe's ``vae`` settings
             (:func:`~diffcxr_aug.generator.vae.plan_vae`); ``None``: the config's.
+        reseed: with ``resume``, draw the rest of the run's batches, noise and dropped reports from ``seed``
+            instead of the checkpoint's seed: a branch of that checkpoint (e.g. several continuations of one
+            model, each with its own seed). The branch is itself exactly resumable: its checkpoints record
+            ``seed``.
 
     Returns:
         ``out``.
     """
     run_started = time.monotonic()
+    if reseed and resume is None:
+        raise InputError("--reseed branches a checkpoint with a new seed: pass it with --resume")
     if stage not in (1, 2):
         raise InputError(f"Unsupported stage {stage!r}; choose 1 (LDM + AVA-TLS) or 2 (the DKIM adapter)")
     out = Path(out)
@@ -542,7 +550,9 @@ def train_generator(
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock_folder(out)
     try:
-        return _start(out, section, manifest, train, stage, stage1, resume, device, seed, run_started, vae_plan)
+        return _start(
+            out, section, manifest, train, stage, stage1, resume, device, seed, run_started, vae_plan, reseed
+        )
     finally:
         if lock is not None:
             lock.close()
@@ -667,6 +677,7 @@ def _start(
     seed: int,
     run_started: float,
     vae_plan: VAEPlan | None = None,
+    reseed: bool = False,
 ) -> Path:
     """Resolve the checkpoint and the architecture, start accelerate, train, and always end accelerate."""
     checkpoint = resolve_resume(out, resume)
@@ -686,7 +697,7 @@ def _start(
             )
         fresh = GeneratorConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
         cfg = GeneratorConfig.from_dict(state["config"])
-        if fresh != cfg or bool(state["ava_tls"]) != ava_tls or int(state["seed"]) != seed:
+        if fresh != cfg or bool(state["ava_tls"]) != ava_tls or (int(state["seed"]) != seed and not reseed):
             logger.warning(
                 "Resuming %s: architecture, ava_tls and seed are the checkpoint's, not the recipe's", checkpoint
             )
@@ -694,7 +705,14 @@ def _start(
             logger.warning(
                 "Resuming %s: it was trained on stage-1 model %s, now %s", checkpoint, state["stage1"], stage1
             )
-        ava_tls, seed, start_step = bool(state["ava_tls"]), int(state["seed"]), int(state["step"])
+        ava_tls, start_step = bool(state["ava_tls"]), int(state["step"])
+        _check_foreign_checkpoint_vae(out, checkpoint, cfg)
+        if reseed:
+            logger.info(
+                "Branching %s (seed %s) with seed %d from step %d", checkpoint, state["seed"], seed, start_step
+            )
+        else:
+            seed = int(state["seed"])
 
     accelerator, mixed_precision = _accelerator(device, section.mixed_precision)
     if checkpoint is not None and state.get("mixed_precision", mixed_precision) != mixed_precision:
@@ -724,6 +742,21 @@ def _start(
         return out
     finally:
         accelerator.end_training()
+
+
+def _check_foreign_checkpoint_vae(out: Path, checkpoint: Path, cfg: GeneratorConfig) -> None:
+    """A checkpoint from another run's folder whose VAE that run trained itself (``trained_vae/``) is refused: here
+    a new VAE would be trained, and the checkpoint's UNet would denoise in a latent space it never saw."""
+    from diffcxr_aug.generator.vae import VAE_CONFIGS
+
+    if cfg.vae not in VAE_CONFIGS or (out / TRAINED_VAE_DIR / "metrics.json").is_file():
+        return
+    origin = checkpoint.resolve().parent.parent
+    if origin != out.resolve():
+        raise InputError(
+            f"--resume {checkpoint}: that run trained its own {cfg.vae} VAE ({origin / TRAINED_VAE_DIR}); copy that "
+            f"folder to {out / TRAINED_VAE_DIR} so that {out} continues in the same latent space"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ the build steps
