@@ -88,6 +88,7 @@ def train_arms(args: argparse.Namespace) -> dict[str, Path]:
     with ``--parallel`` a seed's two arms at once, each on ``--threads`` threads: the same machine load for both."""
     arms: dict[str, Path] = {}
     checkpoint = _latest_checkpoint(args.stage1)
+    (args.out / "arms").mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         pending = []
         for kind in ("dkim", "cont"):

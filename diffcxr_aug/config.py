@@ -399,6 +399,51 @@ class EvaluateSection(Section):
         return value
 
 
+class AblationSection(Section):
+    """``run`` with arms: the recipe's loop once per arm, each arm the recipe with a few keys changed, then one
+    table (:mod:`diffcxr_aug.augment.ablation`). The data and the VAE are shared; each arm filters, trains,
+    synthesizes from the same prompts and seeds, and trains the downstream classifiers; one ``evaluate`` scores
+    every finished arm with one reference classifier, so faithfulness is paired against the baseline."""
+
+    arms: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="arm name -> the recipe keys it changes, dotted (generator.ava_tls: false); {} is the recipe "
+        "as it stands",
+    )
+    baseline: str = Field("full", description="the arm every other is compared with (paired differences)")
+    run: list[str] | None = Field(
+        None, description="the arms to run now (None: all); the table lists every arm, those not run as 'not run'"
+    )
+    records: Path | None = Field(
+        None, description="a folder the table, the joint evaluation and each arm's small records are copied to"
+    )
+
+    @field_validator("arms")
+    @classmethod
+    def _arm_names(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        import re
+
+        bad = [name for name in value if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name)]
+        if bad:
+            raise ValueError(f"arm names are folder names (a-z, 0-9, - and _), got {bad}")
+        for name, changes in value.items():
+            for key in changes or {}:
+                if key.split(".")[0] in ("ablation", "output_dir", "name", "steps", "data", "vae", "seed"):
+                    raise ValueError(
+                        f"arm {name!r} changes {key!r}: arms share the data, the VAE, the seed and the output folder"
+                    )
+        return value
+
+    @model_validator(mode="after")
+    def _known_arms(self) -> AblationSection:
+        if self.arms and self.baseline not in self.arms:
+            raise ValueError(f"ablation.baseline {self.baseline!r} is not one of the arms {list(self.arms)}")
+        unknown = [name for name in self.run or [] if name not in self.arms]
+        if unknown:
+            raise ValueError(f"ablation.run names arm(s) {unknown} that ablation.arms does not define")
+        return self
+
+
 class Recipe(Section):
     """One whole experiment: the loop ``prepare -> filter -> train-generator -> synthesize -> train-classifier
     -> evaluate`` and the settings of each step."""
@@ -416,6 +461,9 @@ class Recipe(Section):
     synthesize: SynthesizeSection = Field(default_factory=SynthesizeSection)
     classifier: ClassifierSection = Field(default_factory=ClassifierSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    ablation: AblationSection | None = Field(
+        None, description="arms: run the loop once per arm and write one comparison table (augment.ablation)"
+    )
 
     @model_validator(mode="before")
     @classmethod

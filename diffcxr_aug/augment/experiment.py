@@ -334,7 +334,8 @@ def run_order(recipe: Recipe) -> list[str]:
 
 
 def run_experiment(recipe: Recipe, echo: Callable[[str], None] | None = None) -> Path:
-    """Run the steps the recipe lists, in order, then write ``report.md``; returns the report's path.
+    """Run the steps the recipe lists, in order, then write ``report.md``; returns the report's path. A recipe
+    with ablation arms runs each arm instead and returns its table (:func:`~.ablation.run_ablation`).
 
     Each step is resumable, and ``steps.json`` records what each step ran with: rerunning the same recipe skips
     the steps that finished, finishes the one that was interrupted, and redoes (after moving the old outputs to
@@ -342,6 +343,10 @@ def run_experiment(recipe: Recipe, echo: Callable[[str], None] | None = None) ->
     """
     from diffcxr_aug.augment.run_report import write_run_report
 
+    if recipe.ablation is not None and recipe.ablation.arms:
+        from diffcxr_aug.augment.ablation import run_ablation
+
+        return run_ablation(recipe, echo=echo)
     echo = echo or (lambda line: logger.info("%s", line))
     resolved = write_resolved_recipe(recipe)
     logger.info("Resolved recipe written to %s", resolved)
