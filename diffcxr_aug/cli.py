@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, get_args
@@ -29,6 +30,7 @@ from diffcxr_aug.config import (
     GeneratorSection,
     LabelSection,
     MixedPrecision,
+    ReportSource,
     Sampler,
     Section,
     SynthesizeSection,
@@ -405,6 +407,13 @@ def train_generator(
     compile_unet: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help=_field_help(GeneratorSection, "compile"))
     ] = None,
+    report_source: Annotated[
+        str | None,
+        typer.Option(
+            "--report-source",
+            help=f"{' | '.join(get_args(ReportSource))}; {_field_help(GeneratorSection, 'report_source')}",
+        ),
+    ] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
 ) -> None:
@@ -426,6 +435,7 @@ def train_generator(
         mixed_precision=mixed_precision,
         attention=attention,
         compile=compile_unet,
+        report_source=report_source,
     )
     plan = _vae_plan(rec, generator=section)
     if section.vae is None:  # the recipe's VAE: pretrained, or its registered architecture trained here first
@@ -686,6 +696,12 @@ def run(
 
     A rerun skips the steps that finished with the same settings and finishes the one that was interrupted.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every process would run every step and write the same files; the steps that scale run as their commands.
+        _fail(
+            "run drives one process and cannot run under torchrun / accelerate launch; run it in one process, and "
+            "launch train-generator and synthesize with --recipe on several GPUs (README: Real data on GPUs)"
+        )
     rec = _call(load_recipe, recipe, set_ or [])
     from diffcxr_aug.augment.experiment import run_experiment
 

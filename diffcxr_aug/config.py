@@ -37,6 +37,7 @@ UncertaintyPolicy = Literal["ignore", "ones", "zeros"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Attention = Literal["auto", "math", "default"]
 Sampler = Literal["pipeline", "dpm-solver++", "unipc", "ddim"]
+ReportSource = Literal["report", "labels"]
 View = Literal["PA", "AP", "LATERAL", "UNKNOWN"]  # the manifest's `view` (diffcxr_aug.data.labels.VIEWS)
 FeatureSpaceKind = Literal["reference", "inception", "xrv", "open_clip"]  # open_clip takes ":NAME_OR_DIR"
 FEATURE_KINDS: tuple[str, ...] = get_args(FeatureSpaceKind)
@@ -194,6 +195,12 @@ class GeneratorSection(Section):
         True,
         description="AVA-TLS on: squeeze all report tokens to num_tokens with InfoNCE image alignment; off: the "
         "baseline, the encoder sees only the first num_tokens tokens and no alignment loss is used",
+    )
+    report_source: ReportSource = Field(
+        "report",
+        description="the text the generator is conditioned on: report (the manifest's report column) or labels "
+        "(template reports written from each image's labels, as synthesize --labels-from writes them: a dataset "
+        "without reports, such as NIH ChestX-ray14; synthesize then draws its prompts from labels too)",
     )
     dkim: bool = Field(False, description="stage 2: train the DKIM adapter on the stage-1 model after stage 1")
     vae: str | None = Field(

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import gzip
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from diffcxr_aug.cli import app
@@ -22,20 +19,16 @@ from diffcxr_aug.data.adapters.mimic import prepare_mimic
 from diffcxr_aug.data.adapters.nih import nih_to_chexpert, prepare_nih
 from diffcxr_aug.data.cache import open_cache
 from diffcxr_aug.data.images import load_image
-from diffcxr_aug.data.labels import CHEXPERT_LABELS, NIH_LABELS
+from diffcxr_aug.data.labels import NIH_LABELS
 from diffcxr_aug.data.manifest import read_manifest
+from tests.conftest import hannover_images, write_iu_layout, write_mimic_layout, write_nih_layout
 
 runner = CliRunner()
 SIZE = 32
 
 
 def _hannover(fixtures_dir: Path) -> list[Path]:
-    return sorted((fixtures_dir / "hannover").glob("*.png"))
-
-
-def _as_jpeg(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    Image.open(source).convert("L").save(target, quality=90)
+    return hannover_images(fixtures_dir)
 
 
 def _truncate(path: Path) -> None:
@@ -69,42 +62,14 @@ def _mimic_fixture(root: Path, fixtures_dir: Path) -> None:
         ("10000898", "50771383", "d6", "LL", han[3], "test"),
         ("10000935", "51178377", "d7", "PA", None, "train"),
     ]
-    meta, split = [], []
-    for subject, study, dicom, view, source, official in images:
-        target = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"
-        if source is not None:
-            if source.suffix == ".jpg":
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(source, target)
-            else:
-                _as_jpeg(source, target)
-        meta.append(
-            {
-                "dicom_id": dicom,
-                "subject_id": subject,
-                "study_id": study,
-                "ViewPosition": view,
-                "Rows": 1,
-                "Columns": 1,
-                "StudyDate": "21800506",
-            }
-        )
-        split.append({"dicom_id": dicom, "study_id": study, "subject_id": subject, "split": official})
-    _truncate(root / "files" / "p10" / "p10000898" / "s50771383" / "d6.jpg")
-    labels = pd.DataFrame(
-        [
-            {"subject_id": "10000032", "study_id": "50414267", "Cardiomegaly": "1.0", "Pleural Effusion": "-1.0"},
-            {"subject_id": "10000032", "study_id": "53189527", "No Finding": "1.0"},
-            {"subject_id": "10000898", "study_id": "50771383", "Edema": "0.0"},
-        ],
-        columns=["subject_id", "study_id", *CHEXPERT_LABELS],
-    )
-    with gzip.open(root / "mimic-cxr-2.0.0-chexpert.csv.gz", "wt") as f:  # the official files are gzipped
-        labels.to_csv(f, index=False)
-    pd.DataFrame(meta).to_csv(root / "mimic-cxr-2.0.0-metadata.csv", index=False)
-    pd.DataFrame(split).to_csv(root / "mimic-cxr-2.0.0-split.csv", index=False)
+    labels = [
+        {"subject_id": "10000032", "study_id": "50414267", "Cardiomegaly": "1.0", "Pleural Effusion": "-1.0"},
+        {"subject_id": "10000032", "study_id": "53189527", "No Finding": "1.0"},
+        {"subject_id": "10000898", "study_id": "50771383", "Edema": "0.0"},
+    ]
     report = "FINAL REPORT\n INDICATION: ___ with cough.\n\n FINDINGS: Mild cardiomegaly.\n IMPRESSION: No ___ edema."
-    (root / "files" / "p10" / "p10000032" / "s50414267.txt").write_text(report)
+    write_mimic_layout(root, images, labels, {("10000032", "50414267"): report})
+    _truncate(root / "files" / "p10" / "p10000898" / "s50771383" / "d6.jpg")
 
 
 def test_mimic(tmp_path, fixtures_dir):
@@ -158,10 +123,6 @@ def test_nih(tmp_path, fixtures_dir):
         "00000003_000.png": han[2],
         "00000004_000.png": han[3],
     }
-    for i, (name, source) in enumerate(names.items()):
-        folder = root / f"images_{i // 3 + 1:03d}" / "images"
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, folder / name)
     entries = [
         ("00000001_000.png", "Cardiomegaly", "1", "PA"),
         ("00027426_000.png", "No Finding", "27426", "PA"),
@@ -171,24 +132,8 @@ def test_nih(tmp_path, fixtures_dir):
         ("00000004_000.png", "Covid", "4", "PA"),  # not a NIH label: rejected, not guessed
         ("00000005_000.png", "No Finding", "5", "PA"),  # no image
     ]
-    pd.DataFrame(
-        [
-            {
-                "Image Index": n,
-                "Finding Labels": f,
-                "Follow-up #": 0,
-                "Patient ID": p,
-                "Patient Age": 50,
-                "Patient Gender": "M",
-                "View Position": v,
-            }
-            for n, f, p, v in entries
-        ]
-    ).to_csv(root / "Data_Entry_2017_v2020.csv", index=False)
-    (root / "train_val_list.txt").write_text(
-        "00000001_000.png\n00000002_000.png\n00000002_001.png\n00000005_000.png\n"
-    )
-    (root / "test_list.txt").write_text("00027426_000.png\n00000003_000.png\n00000004_000.png\n")
+    train_val = ["00000001_000.png", "00000002_000.png", "00000002_001.png", "00000005_000.png"]
+    write_nih_layout(root, entries, names, train_val, ["00027426_000.png", "00000003_000.png", "00000004_000.png"])
     prepare_nih(root, out, size=SIZE, progress=False)
     manifest = read_manifest(out)
     frame = manifest.frame.set_index("study_id")
@@ -219,15 +164,8 @@ def test_nih(tmp_path, fixtures_dir):
 
 
 def test_iu_xray(tmp_path, fixtures_dir):
-    from diffcxr_aug.evaluation.labeler_eval import default_iu_archive
-
     root, out = tmp_path / "iu", tmp_path / "out"
-    (root / "NLMCXR_png").mkdir(parents=True)
-    wanted = {"ecgen-radiology/1.xml", "ecgen-radiology/2.xml", "ecgen-radiology/4.xml"}
-    with tarfile.open(default_iu_archive()) as src, tarfile.open(root / "NLMCXR_reports.tgz", "w:gz") as dst:
-        for member in src:
-            if member.name in wanted:
-                dst.addfile(member, src.extractfile(member))
+    write_iu_layout(root, {"ecgen-radiology/1.xml", "ecgen-radiology/2.xml", "ecgen-radiology/4.xml"})
     han = _hannover(fixtures_dir)
     ids = [
         "CXR1_1_IM-0001-3001",

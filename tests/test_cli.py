@@ -184,3 +184,12 @@ def test_the_smallest_phantom_prepares(tmp_path):
     result = runner.invoke(app, ["prepare", "phantom", "--n", "1", "--size", "32", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert len(read_manifest(tmp_path)) == 1
+
+
+def test_run_refuses_to_start_under_several_processes(recipes_dir, monkeypatch):
+    """Under torchrun / accelerate launch every process would run every step into the same folder: one line says
+    which commands to launch on several GPUs instead."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    result = runner.invoke(app, ["run", str(recipes_dir / "smoke.yaml")])
+    assert result.exit_code == 2 and "launch train-generator and synthesize" in result.output
+    assert len(result.output.strip().splitlines()) == 1

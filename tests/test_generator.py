@@ -17,13 +17,15 @@ from typer.testing import CliRunner
 
 from diffcxr_aug.cli import app
 from diffcxr_aug.config import GeneratorSection, SynthesizeSection
-from diffcxr_aug.data.manifest import read_manifest
+from diffcxr_aug.data.manifest import read_manifest, write_manifest
 from diffcxr_aug.errors import InputError
 from diffcxr_aug.generator.pipeline import DiffCXRPipeline
+from diffcxr_aug.generator.prompts import template_report
 from diffcxr_aug.generator.synthesize import synthesize
 from diffcxr_aug.generator.training import (
     CHECKPOINT_TRAINING_STATE,
     CHECKPOINT_WEIGHTS,
+    conditioning_manifest,
     list_checkpoints,
     train_generator,
 )
@@ -443,3 +445,19 @@ def test_evaluate_scores_image_prompt_alignment_in_the_generators_towers(trained
     assert alignment_summary(eye, eye, seed=3) == {
         "n": 5, "matched": 1.0, "shuffled": 0.0, "difference": 1.0, "own_text_closer": 1.0
     }  # fmt: skip
+
+
+def test_reports_from_labels_condition_a_dataset_without_reports(tmp_path):
+    """A train split whose reports are all empty (NIH ChestX-ray14) is refused with the fix; report_source labels
+    conditions on each row's labels written as the template report that synthesize --labels-from writes."""
+    manifest = read_manifest(make_tiny_manifest(tmp_path / "tiny", n=12).parent)
+    write_manifest(manifest.frame.assign(report=""), tmp_path / "bare")
+    with pytest.raises(InputError, match="every train report is empty.*report_source: labels"):
+        train_generator(tmp_path / "bare", tmp_path / "gen", GeneratorSection(config="tiny"), device="cpu")
+    assert not (tmp_path / "gen").exists()
+    written = conditioning_manifest(read_manifest(tmp_path / "bare"), "labels")
+    first = written.frame.iloc[0]
+    assert first["report"] == template_report(first[written.label_names].to_dict()) == "Cardiomegaly. No pneumothorax."
+    assert conditioning_manifest(manifest, "report") is manifest
+    with pytest.raises(InputError, match="choose report or labels"):
+        conditioning_manifest(manifest, "knowledge")

@@ -274,3 +274,16 @@ def test_balance_raises_a_rare_labels_share(tiny, tmp_path):
     assert table["Cardiomegaly"]["output"] >= 0.3
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x"), "--balance", "1.5"])
     assert result.exit_code == 2 and "--balance 1.5" in result.output
+
+
+def test_synthesize_defaults_to_label_prompts_for_a_generator_trained_on_labels(tmp_path):
+    """No --prompts: a generator trained on template reports (report_source labels) draws its prompts from its
+    training manifest's labels, written the same way; any other generator from that manifest's reports."""
+    from diffcxr_aug.generator.synthesize import _prompt_source
+
+    data = tmp_path / "data" / "manifest.csv"
+    info = {"data": str(data), "section": {"report_source": "labels"}}
+    (tmp_path / "training_info.json").write_text(json.dumps(info))
+    assert _prompt_source(tmp_path, SynthesizeSection()) == (data, True)
+    (tmp_path / "training_info.json").write_text(json.dumps({"data": str(data), "section": {}}))
+    assert _prompt_source(tmp_path, SynthesizeSection()) == (data, False)

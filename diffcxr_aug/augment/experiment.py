@@ -103,6 +103,7 @@ _ADDED_LATER: dict[str, Any] = {
     "features": ["reference"],
     "inception_weights": None,
     "xrv_weights": None,
+    "report_source": "report",
 }
 
 
@@ -225,7 +226,10 @@ def _synthesize_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str,
     from diffcxr_aug.generator.synthesize import synthesize
 
     section = recipe.synthesize
-    if section.prompts is None:
+    if section.prompts is None and section.labels_from is None and recipe.generator.report_source == "labels":
+        # A generator conditioned on template reports gets its prompts written from the labels the same way.
+        section = section.model_copy(update={"labels_from": paths["data"]})
+    elif section.prompts is None:
         section = section.model_copy(update={"prompts": paths["data"]})
 
     def run() -> None:

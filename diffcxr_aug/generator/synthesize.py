@@ -271,9 +271,10 @@ def _prompt_source(generator: Path, section: SynthesizeSection) -> tuple[Path, b
         return Path(section.prompts), False
     info_path = generator / "training_info.json"
     if info_path.is_file():
-        data = json.loads(info_path.read_text()).get("data")
-        if data:
-            return Path(data), False
+        info = json.loads(info_path.read_text())
+        if info.get("data"):
+            # A generator trained on template reports (report_source: labels) gets its prompts written the same way.
+            return Path(info["data"]), info.get("section", {}).get("report_source") == "labels"
     raise InputError(
         f"{generator} records no training manifest (no training_info.json with 'data'); pass --prompts with a "
         "manifest folder or a CSV / text file of reports, or --labels-from with a manifest"

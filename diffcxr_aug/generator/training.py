@@ -543,10 +543,16 @@ def train_generator(
     stage1 = _check_stage1_folder(generator, out) if stage == 2 else None  # (folder, its training_info.json)
     if stage == 1 and generator is not None:
         raise InputError("--generator names the stage-1 model that stage 2 trains on; pass it with --stage 2")
-    manifest = read_manifest(data)
+    manifest = conditioning_manifest(read_manifest(data), section.report_source)
     train = manifest.split("train")
     if len(train) == 0:
         raise InputError(f"{manifest.source}: the train split is empty; nothing to train the generator on")
+    if (train.frame["report"].str.strip() == "").all():
+        raise InputError(
+            f"{manifest.source}: every train report is empty (a dataset without reports, such as NIH ChestX-ray14), "
+            "so the generator would learn no conditioning; set generator.report_source: labels (train-generator "
+            "--report-source labels) to train on template reports written from the labels"
+        )
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock_folder(out)
     try:
@@ -556,6 +562,22 @@ def train_generator(
     finally:
         if lock is not None:
             lock.close()
+
+
+def conditioning_manifest(manifest: Manifest, report_source: str) -> Manifest:
+    """The manifest with the text the generator is conditioned on in ``report``: its own reports (``report``), or
+    each row's labels written as a template report (``labels``, the sentences ``synthesize --labels-from`` writes)."""
+    if report_source == "report":
+        return manifest
+    if report_source != "labels":
+        raise InputError(f"Unsupported report_source {report_source!r}; choose report or labels")
+    if not manifest.label_names:
+        raise InputError(f"{manifest.source}: report_source labels needs label columns, and the manifest has none")
+    from diffcxr_aug.generator.prompts import template_report
+
+    frame = manifest.frame.copy()
+    frame["report"] = [template_report(row) for row in frame[manifest.label_names].to_dict("records")]
+    return Manifest(frame, manifest.root, manifest.source)
 
 
 def _check_stage1_folder(generator: str | os.PathLike | None, out: Path) -> tuple[Path, dict[str, Any]]:
