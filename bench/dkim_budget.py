@@ -54,8 +54,15 @@ BIG = 1_000_000  # --max-steps: the time limit stops every arm
 
 
 def _command(*args: str) -> list[str]:
+    """The ``diffcxr-aug`` of this interpreter's environment (``python -m`` would import a ``diffcxr_aug`` folder
+    in the working directory first, which may be another checkout)."""
     logger.info("$ diffcxr-aug %s", " ".join(args))
-    return [sys.executable, "-m", "diffcxr_aug.cli", *args]
+    script = Path(sys.executable).with_name("diffcxr-aug")
+    return [
+        str(script) if script.is_file() else sys.executable,
+        *([] if script.is_file() else ["-m", "diffcxr_aug.cli"]),
+        *args,
+    ]
 
 
 def _cli(*args: str) -> None:

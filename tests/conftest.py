@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -242,3 +243,23 @@ def write_iu_layout(root: Path, report_files: set[str] | None = None, n_reports:
             if n_reports is not None and len(image_ids) == n_reports:
                 break
     return image_ids
+
+
+def write_tiny_open_clip(clip_dir: Path, bert_dir: Path, tokenizer, context_length: int) -> dict:
+    """A tiny open_clip model with an HF BERT text tower (BiomedCLIP's layout: ``hf_model_name`` names the BERT
+    folder ``bert_dir``, saved before), as a ``local-dir:`` folder: tokenizer and ``open_clip_config.json``. Returns
+    the config; the caller creates the model (``open_clip.create_model(f"local-dir:{clip_dir}")``) and saves its
+    weights as ``open_clip_model.safetensors``."""
+    clip_dir.mkdir(parents=True)
+    tokenizer.save_pretrained(clip_dir)  # open_clip's local-dir reads the tokenizer from the model folder
+    text_cfg = {
+        "hf_model_name": str(bert_dir),
+        "hf_tokenizer_name": str(bert_dir),
+        "hf_proj_type": "linear",
+        "hf_pooler_type": "cls_last_hidden_state_pooler",
+        "context_length": context_length,
+    }
+    vision_cfg = {"image_size": 32, "layers": 1, "width": 16, "patch_size": 16, "head_width": 8}
+    config = {"model_cfg": {"embed_dim": 8, "vision_cfg": vision_cfg, "text_cfg": text_cfg}}
+    (clip_dir / "open_clip_config.json").write_text(json.dumps(config))
+    return config

@@ -44,7 +44,8 @@ def test_ablation_runs_arms_evaluates_them_together_and_tables_them(recipes_dir,
     for arm in ("full", "k4"):
         assert os.readlink(out / "arms" / arm / "data") == "../../data"
         info = json.loads((out / "arms" / arm / "generator" / "training_info.json").read_text())
-        assert info["vae"]["vae"] == str(out / "arms" / arm / "vae") and info["steps"] == 4
+        assert info["vae"]["vae"] == str(out / "vae") and info["steps"] == 4
+        assert not (out / "arms" / arm / "vae").exists()  # no arm trains a VAE of its own
     k4 = json.loads((out / "arms" / "k4" / "generator" / "training_info.json").read_text())
     assert k4["config"]["num_tokens"] == 4
     # no-dkim trains nothing: it samples the full arm's own stage-1 model.
@@ -103,6 +104,7 @@ def test_shipped_ablation_recipe_has_the_papers_arms(recipes_dir):
     assert arms["full"].generator.dkim and arms["full"].filter.enabled and arms["full"].generator.ava_tls
     assert not arms["no-lnfs"].filter.enabled and not arms["no-ava-tls"].generator.ava_tls
     assert arms["no-dkim"].steps == ["synthesize", "train-classifier"]
+    assert {arm.vae.pretrained for arm in arms.values()} == {"runs/ablation-phantom/vae"}  # the shared VAE
     assert [arms[k].generator.num_tokens for k in ("k32", "k128")] == [32, 128]
     assert recipe.classifier.real_fracs == [0.01] and recipe.classifier.modes == ["mix"]
     assert len(recipe.classifier.seeds) == 3

@@ -28,6 +28,7 @@ from tests.conftest import (
     write_iu_layout,
     write_mimic_layout,
     write_nih_layout,
+    write_tiny_open_clip,
     xray_sources,
 )
 
@@ -140,19 +141,7 @@ def tiny_models(tmp_path_factory):
     bert.save_pretrained(root / "bert")
     tokenizer.save_pretrained(root / "bert")
     clip_dir = root / "clip"
-    clip_dir.mkdir()
-    tokenizer.save_pretrained(clip_dir)  # open_clip's local-dir reads the tokenizer from the model folder
-    text_cfg = {
-        "hf_model_name": str(root / "bert"),
-        "hf_tokenizer_name": str(root / "bert"),
-        "hf_proj_type": "linear",
-        "hf_pooler_type": "cls_last_hidden_state_pooler",
-        "context_length": 64,
-    }
-    vision_cfg = {"image_size": 32, "layers": 1, "width": 16, "patch_size": 16, "head_width": 8}
-    (clip_dir / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": {"embed_dim": 8, "vision_cfg": vision_cfg, "text_cfg": text_cfg}})
-    )
+    write_tiny_open_clip(clip_dir, root / "bert", tokenizer, context_length=64)
     torch.manual_seed(0)
     clip = open_clip.create_model(f"local-dir:{clip_dir}")
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, clip_dir / "open_clip_model.safetensors")

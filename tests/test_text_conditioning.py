@@ -25,6 +25,7 @@ from diffcxr_aug.generator.text_encoder import (
     tokenize,
 )
 from diffcxr_aug.generator.token_squeeze import TokenSqueeze
+from tests.conftest import write_tiny_open_clip
 
 REPORTS = ["The heart is enlarged.", "Normal heart size. No pneumothorax.", ""]
 
@@ -81,18 +82,7 @@ def test_open_clip_local_dir_hands_over_its_hf_text_tower(tmp_path):
 
     _, tokenizer = _tiny_bert(tmp_path / "bert")
     clip_dir = tmp_path / "clip"
-    clip_dir.mkdir()
-    tokenizer.save_pretrained(clip_dir)  # open_clip's local-dir reads the tokenizer from the model folder
-    text_cfg = {
-        "hf_model_name": str(tmp_path / "bert"),
-        "hf_tokenizer_name": str(tmp_path / "bert"),
-        "hf_proj_type": "linear",
-        "hf_pooler_type": "cls_last_hidden_state_pooler",
-        "context_length": 24,
-    }
-    vision_cfg = {"image_size": 32, "layers": 1, "width": 16, "patch_size": 16, "head_width": 8}
-    config = {"model_cfg": {"embed_dim": 8, "vision_cfg": vision_cfg, "text_cfg": text_cfg}}
-    (clip_dir / "open_clip_config.json").write_text(json.dumps(config))
+    write_tiny_open_clip(clip_dir, tmp_path / "bert", tokenizer, context_length=24)
     clip = open_clip.create_model(f"local-dir:{clip_dir}")
     # The CLIP checkpoint's text weights (here shifted by 1) must win over the HF model it was built from.
     state = {k: v.contiguous() for k, v in clip.state_dict().items()}

@@ -3,10 +3,11 @@
 A recipe with an ``ablation`` section (:class:`~diffcxr_aug.config.AblationSection`) names arms, each the recipe
 with a few keys changed (``no-ava-tls: {generator.ava_tls: false}``). ``diffcxr-aug run`` then
 
-1. prepares the data and trains the VAE once, in ``OUTPUT_DIR`` (every arm encodes in that one latent space);
-2. runs each arm as its own recipe in ``OUTPUT_DIR/arms/NAME/`` (``data`` and ``vae`` there link to the shared
-   ones): filter, train-generator, synthesize (the same prompts and seeds in every arm) and train-classifier, with
-   its own ``steps.json``, so an arm that finished is skipped and one that was interrupted continues. The baseline
+1. prepares the data and trains the VAE once, in ``OUTPUT_DIR`` (every arm encodes in that one latent space: its
+   recipe names that folder as ``vae.pretrained``);
+2. runs each arm as its own recipe in ``OUTPUT_DIR/arms/NAME/`` (``data`` there links to the shared one): filter,
+   train-generator, synthesize (the same prompts and seeds in every arm) and train-classifier, with its own
+   ``steps.json``, so an arm that finished is skipped and one that was interrupted continues. The baseline
    runs first. An arm that only turns DKIM off (``generator.dkim: false``) of a baseline that trains it does not
    train again: its generator is the baseline's stage-1 model (``arms/NAME/generator`` links to it), so the DKIM
    row is paired with the very model DKIM was trained on;
@@ -75,6 +76,11 @@ def arm_recipe(recipe: Recipe, name: str | None) -> Recipe:
     data["output_dir"] = str(Path(recipe.output_dir) / ARMS_DIR / (name or "recipe"))
     data["steps"] = [s for s in recipe.steps if s in ARM_STEPS]
     data["evaluate"]["enabled"] = False
+    from diffcxr_aug.augment.experiment import experiment_paths, recipe_vae_plan
+
+    plan = recipe_vae_plan(recipe)
+    if plan.pretrained is None:  # the VAE the shared train-vae step trains: every arm loads it, none trains one
+        data["vae"] = {"pretrained": str(experiment_paths(recipe)["vae"]), "size": plan.size}
     data = apply_overrides(data, [f"{key}={json.dumps(value)}" for key, value in changes.items()])
     try:
         arm = Recipe.model_validate(data)
@@ -158,8 +164,8 @@ def run_ablation(recipe: Recipe, echo: Callable[[str], None] | None = None) -> P
 
     echo = echo or (lambda line: logger.info("%s", line))
     section, root = recipe.ablation, Path(recipe.output_dir)
-    write_resolved_recipe(recipe)
     arms = {name: arm_recipe(recipe, name) for name in arm_order(recipe)}  # every arm validates before any work
+    write_resolved_recipe(recipe)
     ledger = StepLedger(root)
     shared = _shared_steps(recipe)
     echo(f"ablation {recipe.name}: shared steps ({', '.join(s.name for s in shared)})")
@@ -173,8 +179,6 @@ def run_ablation(recipe: Recipe, echo: Callable[[str], None] | None = None) -> P
             continue
         arm_root = Path(arm.output_dir)
         _link(arm_root / "data", paths["data"])
-        if "vae" in upstream or paths["vae"].exists():
-            _link(arm_root / "vae", paths["vae"])
         if reuses_baseline_stage1(recipe, name):
             _link(arm_root / "generator", experiment_paths(arms[section.baseline])["generator"])
         echo(f"ablation arm {name} ({_changes_text(section.arms[name])}) in {arm_root}")
