@@ -68,6 +68,8 @@ def reuses_baseline_stage1(recipe: Recipe, name: str) -> bool:
 def arm_recipe(recipe: Recipe, name: str | None) -> Recipe:
     """The recipe of arm ``name`` (``None``: the recipe as it stands) in ``OUTPUT_DIR/arms/NAME``, without the
     shared steps and without its own ``evaluate`` (one evaluation scores every arm)."""
+    from diffcxr_aug.augment.experiment import experiment_paths, recipe_vae_plan
+
     section = recipe.ablation
     changes = {} if name is None else section.arms[name] or {}
     data = recipe.model_dump(mode="json")
@@ -76,8 +78,6 @@ def arm_recipe(recipe: Recipe, name: str | None) -> Recipe:
     data["output_dir"] = str(Path(recipe.output_dir) / ARMS_DIR / (name or "recipe"))
     data["steps"] = [s for s in recipe.steps if s in ARM_STEPS]
     data["evaluate"]["enabled"] = False
-    from diffcxr_aug.augment.experiment import experiment_paths, recipe_vae_plan
-
     plan = recipe_vae_plan(recipe)
     if plan.pretrained is None:  # the VAE the shared train-vae step trains: every arm loads it, none trains one
         data["vae"] = {"pretrained": str(experiment_paths(recipe)["vae"]), "size": plan.size}
