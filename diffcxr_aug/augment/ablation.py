@@ -62,20 +62,20 @@ def reuses_baseline_stage1(recipe: Recipe, name: str) -> bool:
 
     section = recipe.ablation
     changes = section.arms[name] or {}
-    return name != section.baseline and changes == {"generator.dkim": False} and trains_dkim(arm_recipe(recipe, None))
+    return name != section.baseline and changes == {"generator.dkim": False} and trains_dkim(recipe)
 
 
-def arm_recipe(recipe: Recipe, name: str | None) -> Recipe:
-    """The recipe of arm ``name`` (``None``: the recipe as it stands) in ``OUTPUT_DIR/arms/NAME``, without the
+def arm_recipe(recipe: Recipe, name: str) -> Recipe:
+    """The recipe of arm ``name`` in ``OUTPUT_DIR/arms/NAME``, without the
     shared steps and without its own ``evaluate`` (one evaluation scores every arm)."""
     from diffcxr_aug.augment.experiment import experiment_paths, recipe_vae_plan
 
     section = recipe.ablation
-    changes = {} if name is None else section.arms[name] or {}
+    changes = section.arms[name] or {}
     data = recipe.model_dump(mode="json")
     data.pop("ablation")
-    data["name"] = f"{recipe.name}-{name or 'recipe'}"
-    data["output_dir"] = str(Path(recipe.output_dir) / ARMS_DIR / (name or "recipe"))
+    data["name"] = f"{recipe.name}-{name}"
+    data["output_dir"] = str(Path(recipe.output_dir) / ARMS_DIR / name)
     data["steps"] = [s for s in recipe.steps if s in ARM_STEPS]
     data["evaluate"]["enabled"] = False
     plan = recipe_vae_plan(recipe)
@@ -86,7 +86,7 @@ def arm_recipe(recipe: Recipe, name: str | None) -> Recipe:
         arm = Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(_format_validation_error(err, f"ablation arm {name!r}")) from None
-    if name is not None and reuses_baseline_stage1(recipe, name):
+    if reuses_baseline_stage1(recipe, name):
         arm = arm.model_copy(update={"steps": [s for s in arm.steps if s in ("synthesize", "train-classifier")]})
     return arm
 
