@@ -6,10 +6,12 @@
 The set (written as ``synthesize`` would: ``prompt``, ``seed`` and the labels, plus ``meta_planted``): ``n`` images,
 ``share`` of them copies of random *train*-split images, each exact, mirrored, lightly cropped (a random 88-96%
 window resized back) or with Gaussian noise (sigma 0.03), in turn; the rest are *val*-split images, real films the
-generator's training set never held, so they stand for a generator that memorised nothing. Then `evaluate` (its
-reference classifier trained here, or ``--classifier``) and, from ``OUT/evaluation/copies/planted.csv``, the share
-of planted copies flagged (per kind) and of the other images, in each space and in either. The acceptance of #19:
-at least 90% of copies flagged, at most 2% of the others. Prints JSON and writes ``OUT/planted.json``.
+generator's training set never held, so they stand for a generator that memorised nothing. Both are drawn from the
+clean rows when the manifest has a ``noise`` column (a generator is judged as a maker of chest X-rays, and the
+phantom's blank films and laterals have near-twins in every split). Then `evaluate` (its reference classifier trained
+here, or ``--classifier``) and, from ``OUT/evaluation/copies/planted.csv``, the share of planted copies flagged (per
+kind) and of the other images, in each space and in either. The acceptance of #19: at least 90% of copies flagged,
+at most 2% of the others. Prints JSON and writes ``OUT/planted.json``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ def transform(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarra
 def build_set(real: Path, out: Path, n: int, share: float, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     manifest = read_manifest(real)
+    if "noise" in manifest.frame:
+        # The phantom world's noise rows (blank films, laterals) have near-twins in the train split and are LNFS's
+        # business, and `evaluate` calibrates its copy threshold on clean test films: both halves are clean films.
+        manifest = manifest.subset(manifest.frame["noise"].fillna("").astype(str).eq("").to_numpy())
     train, val = manifest.split("train"), manifest.split("val")
     n_copies = max(len(KINDS), int(round(n * share)))
     if len(val) < n - n_copies:

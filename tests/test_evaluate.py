@@ -8,13 +8,21 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from PIL import Image
 from scipy import linalg
 from typer.testing import CliRunner
 
 from diffcxr_aug.cli import app
 from diffcxr_aug.data.manifest import read_manifest, write_manifest
 from diffcxr_aug.evaluation.fidelity import density_coverage, feature_distances, per_label_fidelity, precision_recall
-from diffcxr_aug.evaluation.privacy import nearest_neighbours, pixel_privacy, privacy
+from diffcxr_aug.evaluation.privacy import (
+    _centred,
+    aligned_similarity,
+    nearest_neighbours,
+    pixel_privacy,
+    privacy,
+)
 from tests.conftest import make_tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,14 +117,54 @@ def test_privacy_flags_copies_of_training_images_and_few_fresh_ones():
     assert medians[0] == pytest.approx(medians[1], abs=0.05)
 
 
-def test_pixel_space_finds_mirrored_and_noisy_copies():
-    rng = np.random.default_rng(2)
-    train, held_out = rng.normal(size=(200, 64)), rng.normal(size=(100, 64))
-    mirrored = train[:10].reshape(10, 8, 8)[:, :, ::-1].reshape(10, 64)
-    noisy = train[10:20] + 0.05 * rng.normal(size=(10, 64))
-    result = pixel_privacy(np.concatenate([mirrored, noisy, rng.normal(size=(200, 64))]), train, held_out)
-    assert result["_flags"][:20].all() and result["_flags"][20:].mean() <= 0.04
-    assert (result["_neighbour"][:20] == np.arange(20)).all() and result["side"] == 8
+def films(n, side, seed):
+    """Films like chest X-rays to a copy detector: one shared anatomy (a smooth template) and each film's own detail,
+    so unrelated films correlate highly and only alignment tells a copy. In [0, 1]."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    template = gaussian_blur(torch.rand(1, 1, side, side, generator=torch.Generator().manual_seed(99)), 31, 5.0)
+    detail = gaussian_blur(torch.rand(n, 1, side, side, generator=torch.Generator().manual_seed(seed)), 7, 1.0)
+    x = (template - template.mean()) / template.std() + 0.5 * (detail - detail.mean()) / detail.std()
+    low, high = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+    return (x - low) / (high - low)
+
+
+def cropped(film, scale, corner):
+    """A window of ``scale`` x the side at ``corner`` (y, x), resized back with PIL, as an image editor would."""
+    side = film.shape[-1]
+    window = int(side * scale)
+    y, x = corner
+    img = Image.fromarray((film[0, y : y + window, x : x + window].numpy() * 255).astype(np.uint8))
+    return torch.from_numpy(np.asarray(img.resize((side, side), Image.Resampling.BILINEAR)) / 255.0).float()[None]
+
+
+def test_pixel_space_finds_mirrored_cropped_and_noisy_copies():
+    train, held_out, fresh = films(120, 32, 0), films(200, 32, 1), films(100, 32, 2)
+    g = torch.Generator().manual_seed(3)
+    copies = torch.cat(
+        [
+            train[:4],
+            train[4:8].flip(-1),
+            train[8:12] + 0.03 * torch.randn(4, 1, 32, 32, generator=g),
+            torch.stack(
+                [
+                    cropped(train[12 + i], s, c)
+                    for i, (s, c) in enumerate([(0.86, (0, 0)), (0.86, (4, 0)), (0.86, (0, 4)), (0.88, (3, 3))])
+                ]
+            ),
+        ]
+    )
+    result = pixel_privacy(torch.cat([copies, fresh]), train, held_out)
+    # Without alignment most crops fall among unrelated films: their plain correlation is below the held-out films'.
+    plain = (_centred(copies[12:]) @ _centred(train).T).amax(dim=1)
+    assert (plain < (_centred(held_out) @ _centred(train).T).amax(dim=1).quantile(0.995)).all()
+    assert result["_flags"][:16].all() and result["_flags"][16:].mean() <= 0.04  # about 1 in 200 expected
+    assert (result["_neighbour"][:16] == np.arange(16)).all() and result["side"] == 32
+    # Chunking over films and candidates changes nothing.
+    sims, where = aligned_similarity(copies, train)
+    small_sims, small_where = aligned_similarity(copies, train, chunk=7)
+    assert np.allclose(sims, small_sims, atol=1e-5) and (where == small_where).all()
+    assert (sims[12:] > 0.98).all() and (sims[:4] > 0.9999).all()
 
 
 def synthetic_like(real_folder, out, rows):

@@ -149,10 +149,12 @@ def report_markdown(results: dict[str, Any]) -> str:
         "Faithfulness: the reference "
         "classifier's mAUC against each image's prompt labels. Possible copies: synthetic images closer to a "
         "training image than "
-        f"{1 - next(iter(results['synthetic'].values()))['privacy']['expected_share_if_like_real']:.0%} "
-        "of real test images are, in the classifier's features or in pixel space (32 x 32, mean removed, mirror "
-        f"tried; a set like real data flags about 1% in each); `{COPIES_DIR}/SET.csv` lists every image's nearest "
-        "training image. Brackets: 95% bootstrap intervals over the images.",
+        f"{1 - next(iter(results['synthetic'].values()))['privacy']['expected_share_if_like_real']:.1%} "
+        "of real test images are, in the classifier's features or in pixel space (the correlation with the best "
+        "aligned training film: mirror, zoom to 80% and shift tried; a set like real data flags about "
+        f"{next(iter(results['synthetic'].values()))['privacy']['expected_share_if_like_real']:.1%} in each); "
+        f"`{COPIES_DIR}/SET.csv` lists every image's nearest training image. Brackets: 95% bootstrap intervals "
+        "over the images.",
     ]
     if results.get("paired"):
         lines += [

@@ -17,8 +17,9 @@ the project has, and they are the features that matter for downstream training.
   labels (the paper's measure), beside its mAUC on the real test split (the ceiling); and image-report
   alignment in the generator's own AVA-TLS towers (:mod:`.alignment`).
 * **Privacy**: for every synthetic image, its similarity to the nearest real training image in the features and
-  in pixel space (mirror included). The yardstick is the same nearest-neighbour similarity of held-out real test
-  images: a synthetic image closer to a training image than 99% of real test images are, in either space, is
+  in pixel space (the best-aligned training film: mirror, zoom and shift tried). The yardstick is the same
+  nearest-neighbour similarity of held-out real test images: a synthetic image closer to a training image than
+  99.5% of real test images are, in either space, is
   flagged as a possible copy (``OUT/copies/SET.csv``), and the closest pairs are drawn side by side for a person
   to look at.
 * **Compute**: what the generator's ``training_info.json`` and the job's ``synthesis.json`` recorded
@@ -55,7 +56,7 @@ from diffcxr_aug.evaluation.fidelity import embed, feature_distances, per_label_
 from diffcxr_aug.evaluation.markdown import report_markdown
 from diffcxr_aug.evaluation.privacy import (
     COPIES_DIR,
-    pixel_features,
+    pixel_images,
     pixel_privacy,
     plot_neighbours,
     privacy,
@@ -252,7 +253,9 @@ def evaluate(
     feats = {}
     for key, manifest in (("train", train), ("val", reference["val"]), ("test", reference["test"])):
         feats[key] = embed(model, config, manifest, dev, desc=f"features: real {key}")
-    pixels = {key: pixel_features(m, config.image_size) for key, m in (("train", train), ("test", reference["test"]))}
+    pixels = {
+        key: pixel_images(m, config.image_size).to(dev) for key, m in (("train", train), ("test", reference["test"]))
+    }
     test_auc = masked_auc(feats["test"][2], feats["test"][1], config.label_names)
     # One FID sample size for the floor and every set (FID's bias depends on it).
     fid_images = min([len(feats["val"][0])] + [len(m) for m in synthetic_manifests.values()])
@@ -274,7 +277,7 @@ def evaluate(
         f, s, y = embed(model, config, manifest, dev, desc=f"features: {name}")
         scored[name] = (s, y)
         priv = privacy(f, feats["train"][0], feats["test"][0])
-        pixel = pixel_privacy(pixel_features(manifest, config.image_size), pixels["train"], pixels["test"])
+        pixel = pixel_privacy(pixel_images(manifest, config.image_size).to(dev), pixels["train"], pixels["test"])
         write_copies(out / COPIES_DIR / f"{name}.csv", manifest, train, priv, pixel)
         priv["pixel"] = {k: v for k, v in pixel.items() if not k.startswith("_")}
         either = priv.pop("_flags") | pixel["_flags"]
