@@ -152,19 +152,24 @@ def test_pixel_space_finds_mirrored_cropped_and_noisy_copies():
                     for i, (s, c) in enumerate([(0.86, (0, 0)), (0.86, (4, 0)), (0.86, (0, 4)), (0.88, (3, 3))])
                 ]
             ),
+            cropped(train[16], 0.82, (5, 1))[None],  # a window of 26 / 32 = 81% of the side
+            cropped(train[17], 0.88, (3, 0))[None].flip(-1),  # cropped off-centre, then mirrored
         ]
     )
-    result = pixel_privacy(torch.cat([copies, fresh]), train, held_out)
-    # Without alignment most crops fall among unrelated films: their plain correlation is below the held-out films'.
+    held_out_similarity = aligned_similarity(held_out, train)[0]
+    result = pixel_privacy(torch.cat([copies, fresh]), train, held_out_similarity)
+    # Without alignment the crops fall among unrelated films: their plain correlation is below the held-out films'.
     plain = (_centred(copies[12:]) @ _centred(train).T).amax(dim=1)
     assert (plain < (_centred(held_out) @ _centred(train).T).amax(dim=1).quantile(0.995)).all()
-    assert result["_flags"][:16].all() and result["_flags"][16:].mean() <= 0.04  # about 1 in 200 expected
-    assert (result["_neighbour"][:16] == np.arange(16)).all() and result["side"] == 32
-    # Chunking over films and candidates changes nothing.
+    assert result["_flags"][:18].all() and result["_flags"][18:].mean() <= 0.04  # about 1 in 200 expected
+    assert (result["_neighbour"][:18] == np.arange(18)).all() and result["side"] == 32
+    # Chunks of training films, of query-candidate pairs (fewer than the candidates) and of queries change nothing.
     sims, where = aligned_similarity(copies, train)
-    small_sims, small_where = aligned_similarity(copies, train, chunk=7)
+    small_sims, small_where = aligned_similarity(copies, train, chunk=2, query_chunk=5)
     assert np.allclose(sims, small_sims, atol=1e-5) and (where == small_where).all()
     assert (sims[12:] > 0.98).all() and (sims[:4] > 0.9999).all()
+    with pytest.raises(ValueError, match="held-out"):
+        pixel_privacy(copies, train, np.zeros(0))
 
 
 def synthetic_like(real_folder, out, rows):

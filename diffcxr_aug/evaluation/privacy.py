@@ -10,6 +10,7 @@ set like real data in each)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +24,12 @@ from diffcxr_aug.io import atomic_path
 if TYPE_CHECKING:
     import torch
 
+logger = logging.getLogger(__name__)
+
 COPY_QUANTILE = 0.995
 ALIGN_SIDE = 64  # films are aligned at their own size up to this
 COARSE_SIDE = 16  # the coarse pass over every training film
-CROP_SCALES = (0.96, 0.92, 0.88)  # the coarse windows; the refinement reaches down to MIN_SCALE
+CROP_SCALES = (0.96, 0.92, 0.88, 0.84)  # the coarse windows; the refinement reaches down to MIN_SCALE
 MIN_SCALE = 0.8
 COPIES_DIR = "copies"  # one CSV a set: every image's nearest-training similarity in both spaces, and its flag
 
@@ -76,10 +79,14 @@ def pixel_images(manifest: Manifest, size: int, side: int = ALIGN_SIDE) -> torch
 
     from diffcxr_aug.data.cache import open_cache
 
-    images = np.asarray(open_cache(manifest.full, size, progress=False)[manifest.frame.index.to_numpy()])
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-    side = min(side, x.shape[-1])
-    return F.interpolate(x, size=(side, side), mode="area") if x.shape[-1] != side else x
+    cache = open_cache(manifest.full, size, progress=False)
+    rows = manifest.frame.index.to_numpy()
+    side = min(side, size)
+    out = torch.empty((len(rows), 1, side, side))
+    for start in range(0, len(rows), 1024):  # a float copy of 1,024 films at a time, not of the whole cache
+        x = torch.from_numpy(np.asarray(cache[rows[start : start + 1024]]).astype(np.float32) / 255.0).unsqueeze(1)
+        out[start : start + 1024] = F.interpolate(x, size=(side, side), mode="area") if size != side else x
+    return out
 
 
 def _centred(x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +128,7 @@ def aligned_similarity(
     iterations: int = 4,
     coarse_side: int = COARSE_SIDE,
     chunk: int = 256,
+    query_chunk: int = 4096,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each query film's best correlation with a training film over the mirror image, zooms into the training film
     down to :data:`MIN_SCALE` and shifts of the window, and the training film's index.
@@ -128,31 +136,38 @@ def aligned_similarity(
     A coarse pass compares every query, plain and mirrored, with every training film's :func:`_coarse_params`
     windows at ``coarse_side`` px and keeps each query's ``candidates`` best (film, window, mirror); a pattern
     search then refines the window of each (scale, x and y, the steps halved ``iterations`` times) at the films'
-    own resolution. Both tensors are ``(n, 1, s, s)`` from :func:`pixel_images`, on one device."""
+    own resolution. Both tensors are ``(n, 1, s, s)`` from :func:`pixel_images`, on one device; memory is bounded
+    by ``chunk`` training films (or query-candidate pairs) and ``query_chunk`` queries at a time, however many
+    there are."""
     import torch
     import torch.nn.functional as F
 
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")
-    device, side = queries.device, queries.shape[-1]
+    if len(train) == 0:
+        raise ValueError("no training films to compare with")
+    device, side, n = queries.device, queries.shape[-1], len(queries)
+    if n == 0:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
     params = _coarse_params(device)
-    views = len(params)
+    views, k = len(params), min(candidates, 2 * len(train))
 
     def small(x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, size=(coarse_side, coarse_side), mode="area") if side > coarse_side else x
 
-    n, k = len(queries), min(candidates, 2 * len(train))
     probe = torch.cat([_centred(small(queries)), _centred(small(queries.flip(-1)))])  # plain rows, then mirrored
     best = torch.full((n, k), -2.0, device=device)
     code = torch.zeros((n, k), dtype=torch.long, device=device)  # (film * 2 + mirrored) * views + window
     for start in range(0, len(train), chunk):
-        films = train[start : start + chunk]
-        c = len(films)
-        windows = _centred(small(_windows(films.repeat_interleave(views, 0), params.repeat(c, 1), side))).T
+        block = train[start : start + chunk]
+        c = len(block)
+        windows = _centred(small(_windows(block.repeat_interleave(views, 0), params.repeat(c, 1), side))).T
         top = torch.empty((2 * n, c), device=device)
         window = torch.empty((2 * n, c), dtype=torch.long, device=device)
-        for q in range(0, 2 * n, 4096):  # bounded memory however many queries
-            top[q : q + 4096], window[q : q + 4096] = (probe[q : q + 4096] @ windows).view(-1, c, views).max(dim=2)
+        for q in range(0, 2 * n, query_chunk):
+            top[q : q + query_chunk], window[q : q + query_chunk] = (
+                (probe[q : q + query_chunk] @ windows).view(-1, c, views).max(dim=2)
+            )
         top, window = top.view(2, n, c), window.view(2, n, c)
         film = torch.arange(start, start + c, device=device)
         codes = (film[None, None] * 2 + torch.arange(2, device=device)[:, None, None]) * views + window
@@ -161,48 +176,60 @@ def aligned_similarity(
         keep = pool_sims.topk(k, dim=1).indices
         best, code = pool_sims.gather(1, keep), pool_codes.gather(1, keep)
 
-    film, mirrored, window = code // (2 * views), (code // views) % 2, code % views
-    query = queries.repeat_interleave(k, 0)
-    flip = mirrored.flatten().bool()
-    query[flip] = query[flip].flip(-1)
-    target, films, current = _centred(query), train[film.flatten()], params[window.flatten()].clone()
-    step = torch.tensor([0.02, 0.06, 0.06], device=device)
-    moves = torch.tensor([(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)], device=device)
-    score = torch.empty(len(current), device=device)
-    for _ in range(iterations):
-        trial = current[:, None, :] + moves[None].float() * step
-        trial[..., 0] = trial[..., 0].clamp(MIN_SCALE, 1.0)
-        room = 1.0 - trial[..., 0]
-        trial[..., 1:] = torch.maximum(torch.minimum(trial[..., 1:], room[..., None]), -room[..., None])
-        for s in range(0, len(current), chunk):
-            part = trial[s : s + chunk]
-            rows = len(part) * len(moves)
-            seen = _windows(films[s : s + chunk].repeat_interleave(len(moves), 0), part.reshape(rows, 3), side)
-            sims = torch.einsum("nd,nmd->nm", target[s : s + chunk], _centred(seen).view(len(part), len(moves), -1))
-            score[s : s + chunk], pick = sims.max(dim=1)
-            current[s : s + chunk] = part[torch.arange(len(part), device=device), pick]
-        step = step / 2
+    # Refine every (query, candidate) pair, `chunk` pairs at a time.
+    code = code.flatten()
+    film, mirrored, window = code // (2 * views), (code // views) % 2 == 1, code % views
+    moves = torch.tensor(
+        [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)], dtype=torch.float32, device=device
+    )
+    # The first scale step: its halvings add up to the distance from the smallest coarse window to MIN_SCALE.
+    reach = (min(CROP_SCALES) - MIN_SCALE) / (2.0 - 2.0 ** (1 - iterations))
+    score = torch.empty(n * k, device=device)
+    for s in range(0, n * k, chunk):
+        pairs = torch.arange(s, min(s + chunk, n * k), device=device)
+        query = queries[pairs // k]
+        query = torch.where(mirrored[pairs, None, None, None], query.flip(-1), query)
+        target, films, current = _centred(query), train[film[pairs]], params[window[pairs]]
+        step = torch.tensor([reach, 0.06, 0.06], device=device)
+        for _ in range(iterations):
+            trial = current[:, None, :] + moves[None] * step
+            trial[..., 0] = trial[..., 0].clamp(MIN_SCALE, 1.0)
+            room = 1.0 - trial[..., 0]
+            trial[..., 1:] = torch.maximum(torch.minimum(trial[..., 1:], room[..., None]), -room[..., None])
+            seen = _windows(films.repeat_interleave(len(moves), 0), trial.reshape(-1, 3), side)
+            sims = torch.einsum("nd,nmd->nm", target, _centred(seen).view(len(pairs), len(moves), -1))
+            score[pairs], pick = sims.max(dim=1)
+            current = trial[torch.arange(len(pairs), device=device), pick]
+            step = step / 2
     score = score.view(n, k)
     winner = score.argmax(dim=1)
     rows = torch.arange(n, device=device)
-    return score[rows, winner].cpu().numpy(), film[rows, winner].cpu().numpy()
+    return score[rows, winner].cpu().numpy(), film.view(n, k)[rows, winner].cpu().numpy()
 
 
 def pixel_privacy(
-    synthetic: torch.Tensor, train: torch.Tensor, held_out: torch.Tensor, quantile: float = COPY_QUANTILE
+    synthetic: torch.Tensor, train: torch.Tensor, held_out_similarity: np.ndarray, quantile: float = COPY_QUANTILE
 ) -> dict[str, Any]:
     """:func:`privacy` in pixel space: films from :func:`pixel_images`, similarity from :func:`aligned_similarity`
-    (mirror, crop and shift tolerant), the threshold from held-out films aligned the same way."""
+    (mirror, crop and shift tolerant), the threshold from held-out films' own :func:`aligned_similarity` (computed
+    once for every set)."""
+    if len(held_out_similarity) == 0:
+        raise ValueError("no held-out real films to set the copy threshold with")
+    if len(held_out_similarity) < 1.0 / (1.0 - quantile):
+        logger.warning(
+            "%d held-out real films: the %.1f%% quantile of their similarity is their maximum",
+            len(held_out_similarity),
+            100 * quantile,
+        )
     syn_sim, syn_idx = aligned_similarity(synthetic, train)
-    real_sim, _ = aligned_similarity(held_out, train)
-    threshold = float(np.quantile(real_sim, quantile))
+    threshold = float(np.quantile(held_out_similarity, quantile))
     return {
         "side": int(synthetic.shape[-1]),
-        "nn_similarity_synthetic_median": float(np.median(syn_sim)),
-        "nn_similarity_real_test_median": float(np.median(real_sim)),
+        "nn_similarity_synthetic_median": float(np.median(syn_sim)) if len(syn_sim) else None,
+        "nn_similarity_real_test_median": float(np.median(held_out_similarity)),
         "copy_threshold": threshold,
         "flagged": int((syn_sim > threshold).sum()),
-        "flagged_share": float((syn_sim > threshold).mean()),
+        "flagged_share": float((syn_sim > threshold).mean()) if len(syn_sim) else None,
         "_similarity": syn_sim,
         "_neighbour": syn_idx,
         "_flags": syn_sim > threshold,

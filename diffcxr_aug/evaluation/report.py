@@ -56,6 +56,7 @@ from diffcxr_aug.evaluation.fidelity import embed, feature_distances, per_label_
 from diffcxr_aug.evaluation.markdown import report_markdown
 from diffcxr_aug.evaluation.privacy import (
     COPIES_DIR,
+    aligned_similarity,
     pixel_images,
     pixel_privacy,
     plot_neighbours,
@@ -256,6 +257,7 @@ def evaluate(
     pixels = {
         key: pixel_images(m, config.image_size).to(dev) for key, m in (("train", train), ("test", reference["test"]))
     }
+    held_out_pixels = aligned_similarity(pixels["test"], pixels["train"])[0]  # the pixel copy threshold's yardstick
     test_auc = masked_auc(feats["test"][2], feats["test"][1], config.label_names)
     # One FID sample size for the floor and every set (FID's bias depends on it).
     fid_images = min([len(feats["val"][0])] + [len(m) for m in synthetic_manifests.values()])
@@ -277,7 +279,7 @@ def evaluate(
         f, s, y = embed(model, config, manifest, dev, desc=f"features: {name}")
         scored[name] = (s, y)
         priv = privacy(f, feats["train"][0], feats["test"][0])
-        pixel = pixel_privacy(pixel_images(manifest, config.image_size).to(dev), pixels["train"], pixels["test"])
+        pixel = pixel_privacy(pixel_images(manifest, config.image_size).to(dev), pixels["train"], held_out_pixels)
         write_copies(out / COPIES_DIR / f"{name}.csv", manifest, train, priv, pixel)
         priv["pixel"] = {k: v for k, v in pixel.items() if not k.startswith("_")}
         either = priv.pop("_flags") | pixel["_flags"]
