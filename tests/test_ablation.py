@@ -32,7 +32,7 @@ def test_ablation_runs_arms_evaluates_them_together_and_tables_them(recipes_dir,
     arms = {
         "full": {},
         "no-dkim": {"generator.dkim": False},
-        "k4": {"generator.num_tokens": 4},
+        "k4": {"generator.num_tokens": 4, "filter.enabled": False},  # an arm that skips a step of its list
         "no-ava-tls": {"generator.ava_tls": False},
     }
     path, out = _tiny_ablation(recipes_dir, tmp_path, arms, run=["full", "no-dkim", "k4"])
@@ -74,7 +74,8 @@ def test_ablation_runs_arms_evaluates_them_together_and_tables_them(recipes_dir,
     assert rows["full"]["generator"]["gflops_per_denoising_step"] > 0
     md = (out / "ablation.md").read_text()
     assert "| no-ava-tls | generator.ava_tls: false | not run |" in md
-    assert "| k4 | generator.num_tokens: 4 |" in md
+    assert "| k4 | generator.num_tokens: 4, filter.enabled: false |" in md
+    assert "filter" not in json.loads((out / "arms" / "k4" / "steps.json").read_text())
     records = tmp_path / "records"
     assert (records / "ablation.md").read_text() == md and (records / "k4" / "results.csv").is_file()
 

@@ -103,8 +103,12 @@ def _link(link: Path, target: Path) -> None:
 
 
 def _arm_done(arm: Recipe) -> bool:
+    """Every step the arm's plan runs is done (not every name in its ``steps``: an arm with ``filter.enabled:
+    false`` never runs its filter)."""
+    from diffcxr_aug.augment.experiment import plan_steps
+
     ledger = StepLedger(arm.output_dir)
-    return all(ledger.records.get(s, {}).get("status") == "done" for s in arm.steps)
+    return all(ledger.records.get(step.name, {}).get("status") == "done" for step in plan_steps(arm))
 
 
 def _shared_steps(recipe: Recipe) -> list[Step]:
