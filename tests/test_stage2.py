@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from diffcxr_aug.cli import app
 from diffcxr_aug.config import GeneratorSection, SynthesizeSection
 from diffcxr_aug.data.manifest import read_manifest
+from diffcxr_aug.evaluation.alignment import AlignmentScorer, set_generator, towers_folder
 from diffcxr_aug.generator.pipeline import DiffCXRPipeline
 from diffcxr_aug.generator.synthesize import synthesize
 from diffcxr_aug.generator.training import CHECKPOINT_WEIGHTS, list_checkpoints, train_generator
@@ -132,6 +133,10 @@ def test_synthesize_with_a_dkim_generator_records_knowledge(stages, tmp_path):
     assert frame["meta_knowledge"].str.len().gt(0).all()
     positive = frame["Cardiomegaly"].astype(float) == 1.0
     assert frame.loc[positive, "meta_knowledge"].str.contains("cardiomegaly").all()
+    # evaluate's image-report alignment scores a DKIM set with its stage-1 folder's AVA-TLS towers.
+    assert (stages["gen"] / "image_tower").is_dir() and not (stages["dkim"] / "image_tower").exists()
+    assert towers_folder(stages["dkim"]).resolve() == stages["gen"].resolve()
+    assert AlignmentScorer.available(set_generator(out.parent)) is None
     # Another dkim_scale in the same folder is refused, naming the option.
     with pytest.raises(ValueError, match="--dkim-scale"):
         synthesize(stages["dkim"], tmp_path / "dkim", section.model_copy(update={"dkim_scale": 0.0}), device="cpu")

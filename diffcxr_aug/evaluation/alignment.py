@@ -5,8 +5,9 @@ loss. The same two towers score a set: the cosine similarity of every image to i
 its similarity to another image's prompt of the same set ("shuffled", a seeded derangement). Real test images with
 their own reports, through the same towers, give the reference. A second measure of faithfulness beside the
 reference classifier's mAUC, and one that reads the whole report, not only the 14 labels. It needs the generator's
-towers: a set made by ``synthesize`` names its generator in ``synthesis.json``; a generator trained with AVA-TLS
-off has no image tower, and the set gets a note instead.
+towers: a set made by ``synthesize`` names its generator in ``synthesis.json`` (a stage-2 DKIM generator is scored
+with the towers of its stage-1 folder); a generator trained with AVA-TLS off has no image tower, and the set gets a
+note instead.
 """
 
 from __future__ import annotations
@@ -34,6 +35,19 @@ def set_generator(folder: Path) -> Path | None:
     return Path(generator) if generator else None
 
 
+def towers_folder(generator: Path) -> Path:
+    """The folder whose AVA-TLS towers score ``generator``'s images: the folder itself, or for a stage-2 (DKIM)
+    folder, which keeps no image tower, the stage-1 folder it was trained on (``training_info.json``), whose image
+    tower was trained with the same text towers."""
+    generator = Path(generator)
+    info = generator / "training_info.json"
+    if not (generator / "image_tower").is_dir() and info.is_file():
+        stage1 = (json.loads(info.read_text(encoding="utf-8")).get("dkim") or {}).get("stage1")
+        if stage1 and (Path(stage1) / "image_tower").is_dir():
+            return Path(stage1)
+    return generator
+
+
 class AlignmentScorer:
     """The image tower and the text towers (encoder, token squeeze) of one AVA-TLS generator folder."""
 
@@ -53,7 +67,7 @@ class AlignmentScorer:
             return "the set names no generator (no synthesis.json)"
         if not (Path(generator) / "model_index.json").is_file():
             return f"its generator {generator} is not a pipeline folder here"
-        if not (Path(generator) / "image_tower").is_dir():
+        if not (towers_folder(generator) / "image_tower").is_dir():
             return f"its generator {generator} has no image tower (trained with AVA-TLS off)"
         return None
 
@@ -122,10 +136,11 @@ def set_alignment(
     why = AlignmentScorer.available(generator)
     if why is not None:
         return {"note": why}
-    key = generator.resolve()
+    key = towers_folder(generator).resolve()
     if key not in aligners:
         scorer = AlignmentScorer(key, device)
         aligners[key] = (scorer, scorer.score(real_test, "report", seed))
     scorer, real = aligners[key]
     text = "prompt" if "prompt" in manifest.frame.columns else "report"
-    return {"generator": str(key), "synthetic": scorer.score(manifest, text, seed), "real_test": real}
+    entry = {"generator": str(generator), "synthetic": scorer.score(manifest, text, seed), "real_test": real}
+    return entry | ({"towers": str(key)} if key != generator.resolve() else {})
