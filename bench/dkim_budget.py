@@ -58,11 +58,8 @@ def _command(*args: str) -> list[str]:
     in the working directory first, which may be another checkout)."""
     logger.info("$ diffcxr-aug %s", " ".join(args))
     script = Path(sys.executable).with_name("diffcxr-aug")
-    return [
-        str(script) if script.is_file() else sys.executable,
-        *([] if script.is_file() else ["-m", "diffcxr_aug.cli"]),
-        *args,
-    ]
+    prefix = [str(script)] if script.is_file() else [sys.executable, "-m", "diffcxr_aug.cli"]
+    return [*prefix, *args]
 
 
 def _cli(*args: str) -> None:

@@ -50,11 +50,9 @@ def transform(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarra
 
 def build_set(real: Path, out: Path, n: int, share: float, seed: int) -> Path:
     rng = np.random.default_rng(seed)
-    manifest = read_manifest(real)
-    if "noise" in manifest.frame:
-        # The phantom world's noise rows (blank films, laterals) have near-twins in the train split and are LNFS's
-        # business, and `evaluate` calibrates its copy threshold on clean test films: both halves are clean films.
-        manifest = manifest.subset(manifest.frame["noise"].fillna("").astype(str).eq("").to_numpy())
+    # The phantom world's noise rows (blank films, laterals) have near-twins in the train split and are LNFS's
+    # business, and `evaluate` calibrates its copy threshold on clean test films: both halves are clean films.
+    manifest = read_manifest(real).clean()
     train, val = manifest.split("train"), manifest.split("val")
     n_copies = max(len(KINDS), int(round(n * share)))
     if len(val) < n - n_copies:

@@ -159,6 +159,12 @@ class Manifest:
         """Rows selected by a boolean mask or by index labels (the file's row numbers)."""
         return Manifest(self.frame.loc[mask_or_index], self.root, self.source, parent=self.full)
 
+    def clean(self) -> Manifest:
+        """The rows whose ``noise`` column is empty (the phantom world's truth); every row without that column."""
+        if "noise" not in self.frame.columns:
+            return self
+        return self.subset(self.frame["noise"].fillna("").astype(str).str.strip() == "")
+
 
 def resolve_manifest_path(path: str | os.PathLike) -> Path:
     """Accept either a manifest file or a folder holding ``manifest.csv``."""

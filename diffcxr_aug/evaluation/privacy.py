@@ -223,16 +223,17 @@ def pixel_privacy(
         )
     syn_sim, syn_idx = aligned_similarity(synthetic, train)
     threshold = float(np.quantile(held_out_similarity, quantile))
+    flags = syn_sim > threshold
     return {
         "side": int(synthetic.shape[-1]),
         "nn_similarity_synthetic_median": float(np.median(syn_sim)) if len(syn_sim) else None,
         "nn_similarity_real_test_median": float(np.median(held_out_similarity)),
         "copy_threshold": threshold,
-        "flagged": int((syn_sim > threshold).sum()),
-        "flagged_share": float((syn_sim > threshold).mean()) if len(syn_sim) else None,
+        "flagged": int(flags.sum()),
+        "flagged_share": float(flags.mean()) if len(syn_sim) else None,
         "_similarity": syn_sim,
         "_neighbour": syn_idx,
-        "_flags": syn_sim > threshold,
+        "_flags": flags,
     }
 
 

@@ -241,8 +241,7 @@ def evaluate(
     reference = dict(splits)
     if "noise" in real_manifest.frame.columns:
         for split in ("val", "test"):
-            part = splits[split]
-            clean = part.subset(part.frame["noise"].fillna("").astype(str).str.strip() == "")
+            clean = splits[split].clean()
             if len(clean) >= 2:
                 reference[split] = clean
         clean_note = "the real manifest has a noise column: val/test references are its clean rows"
