@@ -2,7 +2,8 @@
 
     python bench/noise_filter_views.py --root DIR [--out runs/lnfs-views] [--size 64] [--vae-steps 300]
                                        [--seeds 0 1 2] [--bootstrap 2000] [--fit crop|pad]
-                                       [--normalize none|equalize] [--no-metadata-run]
+                                       [--normalize none|equalize] [--filter-normalize none equalize]
+                                       [--no-metadata-run]
 
 ``--root`` is a checkout of the ieee8023 COVID-19 image collection (Cohen et al. 2020), any snapshot: a
 ``metadata.csv`` with ``filename``, ``view``, ``modality`` and ``Patientid`` (or ``patientid``) columns, and the
@@ -23,8 +24,11 @@ metadata off (``drop_views: []``: the latents alone must find the laterals), the
 noise kind against the clean films with a bootstrap 95% interval, and recall / clean removed at the fixed 5% and
 the default quantile threshold (both from the same scores). Then once with ``drop_views: [LATERAL]`` (the metadata
 path): the laterals go by their view and LNFS ranks the rest. ``--fit pad`` and ``--normalize equalize`` build the
-pool padded instead of centre-cropped, or histogram-equalised (the robustness checks; one ``--out`` each). Prints
-JSON and writes it to ``OUT/summary.json``.
+pool padded instead of centre-cropped, or histogram-equalised (the robustness checks; one ``--out`` each: the VAE
+then trains on the equalised pool too). ``--filter-normalize none equalize`` scores each seed twice in the same
+latent space (the VAE trained on the pool as it is, as a recipe's ``train-vae`` would), once with
+``filter.normalize: equalize`` (LNFS equalises each film before encoding it), and prints the paired difference of
+the laterals' AUC by seed. Prints JSON and writes it to ``OUT/summary.json``.
 """
 
 from __future__ import annotations
@@ -155,6 +159,13 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--fit", choices=("crop", "pad"), default="crop", help="centre-crop to a square, or pad")
     parser.add_argument("--normalize", choices=("none", "equalize"), default="none", help="per-image grey levels")
+    parser.add_argument(
+        "--filter-normalize",
+        nargs="+",
+        choices=("none", "equalize"),
+        default=["none"],
+        help="filter.normalize settings, each scored in the same latent space per seed (paired)",
+    )
     parser.add_argument("--no-metadata-run", action="store_true", help="skip the drop_views: [LATERAL] run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -164,13 +175,18 @@ def main() -> None:
     plan = VAEPlan(None, "kl-f4", size=args.size, steps=args.vae_steps, batch_size=32, crop_size=None)
     rng = np.random.default_rng(0)
     summary: dict = {"root": str(args.root), "vae_steps": args.vae_steps, "size": args.size, "fit": args.fit}
-    summary.update({"normalize": args.normalize, "seeds": {}})
+    summary.update({"normalize": args.normalize, "seeds": {}, "filter_normalize": {}})
     for seed in args.seeds:
-        out = args.out / f"seed{seed}"
-        if not (out / "filter_report.json").is_file():
-            run_filter(data, out, FilterSection(drop_views=[]), device="cpu", seed=seed, vae_plan=plan, progress=False)
-        scores = pd.read_csv(out / "scores.csv", keep_default_na=False)
-        summary["seeds"][seed] = score_table(scores, rng, args.bootstrap)
+        base = args.out / f"seed{seed}"  # filter.normalize none; its VAE is the seed's latent space
+        for variant in dict.fromkeys(["none", *args.filter_normalize]):
+            out = base if variant == "none" else args.out / f"seed{seed}-{variant}"
+            if not (out / "filter_report.json").is_file():
+                section = FilterSection(drop_views=[], normalize=variant)
+                vae = base / "vae" if variant != "none" else None
+                run_filter(data, out, section, vae=vae, device="cpu", seed=seed, vae_plan=plan, progress=False)
+            table = score_table(pd.read_csv(out / "scores.csv", keep_default_na=False), rng, args.bootstrap)
+            summary["filter_normalize"].setdefault(variant, {"seeds": {}})["seeds"][seed] = table
+        summary["seeds"][seed] = summary["filter_normalize"]["none"]["seeds"][seed]
     # The metadata path, in the first seed's latent space: laterals go by their view, LNFS ranks the rest.
     out = args.out / "with_metadata"
     if not args.no_metadata_run and not (out / "filter_report.json").is_file():
@@ -183,10 +199,22 @@ def main() -> None:
             "dropped_by_view": report["dropped_by_view"],
             **score_table(pd.read_csv(out / "scores.csv", keep_default_na=False), rng, args.bootstrap),
         }
-    aucs = [s["kinds"]["lateral"]["auc"] for s in summary["seeds"].values()]
-    summary["lateral_auc_mean_std"] = [float(np.mean(aucs)), float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0]
+    baseline = [summary["seeds"][seed]["kinds"]["lateral"]["auc"] for seed in args.seeds]
+    for variant, record in summary["filter_normalize"].items():
+        for kind in ("lateral", "ct"):
+            aucs = [record["seeds"][seed]["kinds"][kind]["auc"] for seed in args.seeds]
+            record[f"{kind}_auc_mean_std"] = _mean_std(aucs)
+        if variant != "none":  # paired by seed: the same VAE, the same data, only the filter's normalisation
+            lateral = [record["seeds"][seed]["kinds"]["lateral"]["auc"] for seed in args.seeds]
+            diffs = [a - b for a, b in zip(lateral, baseline, strict=True)]
+            record["lateral_auc_minus_none"] = {"by_seed": diffs, "mean_std": _mean_std(diffs)}
+    summary["lateral_auc_mean_std"] = _mean_std(baseline)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(summary, indent=2))
+
+
+def _mean_std(values: list[float]) -> list[float]:
+    return [float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0]
 
 
 if __name__ == "__main__":

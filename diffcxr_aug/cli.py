@@ -26,6 +26,7 @@ from diffcxr_aug.config import (
     ClassifierSection,
     DataSection,
     EvaluateSection,
+    FilterNormalize,
     FilterSection,
     GeneratorSection,
     LabelSection,
@@ -54,6 +55,7 @@ logger = logging.getLogger("diffcxr_aug")
 # ``--mode`` picks how synthetic images join the real ones; without --synthetic every run is "real".
 SYNTHETIC_MODES: tuple[str, ...] = tuple(m for m in get_args(ClassifierMode) if m != "real")
 THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
+FILTER_NORMALIZE: tuple[str, ...] = get_args(FilterNormalize)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -267,6 +269,10 @@ def filter_(
             "('' for none; default: the recipe's filter.drop_views, none for filter alone)",
         ),
     ] = None,
+    normalize: Annotated[
+        str | None,
+        typer.Option("--normalize", help=f"{' | '.join(FILTER_NORMALIZE)}: {_field_help(FilterSection, 'normalize')}"),
+    ] = None,
     image_size: Annotated[int | None, typer.Option("--image-size", help=_field_help(VAESection, "size"))] = None,
     vae_steps: Annotated[
         int | None, typer.Option("--vae-steps", help=_field_help(VAESection, "steps", "without --vae: VAE steps"))
@@ -278,6 +284,7 @@ def filter_(
     """Latent Noise Filtering (LNFS): drop noisy training images in the VAE latent space (the --vae folder, or
     without it the recipe's `vae`, trained first into OUT/vae). Rows whose view is in --drop-views go first."""
     _check_choice(threshold, THRESHOLD_RULES, "--threshold")
+    _check_choice(normalize, FILTER_NORMALIZE, "--normalize")
     rec = _recipe(recipe)
     section: FilterSection = _merge(
         rec.filter,
@@ -286,6 +293,7 @@ def filter_(
         threshold=threshold,
         quantile=quantile,
         known_noisy=known_noisy,
+        normalize=normalize,
         drop_views=[v for v in drop_views.split(",") if v.strip()] if drop_views is not None else None,
     )
     if vae is not None and vae_steps is not None:

@@ -27,10 +27,11 @@ PIPELINE_STEPS: tuple[str, ...] = get_args(PipelineStep)
 DatasetName = Literal["phantom", "mimic-cxr", "iu-xray", "nih-cxr14", "csv"]
 ClassifierMode = Literal["real", "mix", "pretrain-finetune", "synthetic-only"]
 ClassifierMetric = Literal["report", "truth"]
-SyntheticChoice = Literal["generated", "ceiling", "none"] | Path
+SyntheticChoice = Literal["generated", "ceiling", "dkim", "dkim-balanced", "none"] | Path
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = (*get_args(Device), "cuda:N")  # the command line also takes a GPU index
 ThresholdRule = Literal["contamination", "quantile"]
+FilterNormalize = Literal["none", "equalize"]
 TextEncoderPolicy = Literal["frozen", "finetune", "train"]
 PredictionType = Literal["epsilon", "v_prediction"]
 UncertaintyPolicy = Literal["ignore", "ones", "zeros"]
@@ -164,6 +165,12 @@ class FilterSection(Section):
     quantile: float = Field(0.995, gt=0.0, lt=1.0)
     known_noisy: Path | None = Field(
         None, description="CSV with an image_path column: images known to be noisy (supervise the discriminator)"
+    )
+    normalize: FilterNormalize = Field(
+        "none",
+        description="equalize: histogram-equalise each image before the VAE encodes it for LNFS, so that exposure "
+        "and contrast, which vary from hospital to hospital, do not outweigh what the film shows (the VAE itself "
+        "and the kept images are unchanged); none: encode the images as they are",
     )
     drop_views: Annotated[list[View] | None, BeforeValidator(_upper_views)] = Field(
         None,
@@ -307,7 +314,11 @@ class SynthesizeSection(Section):
         None, description="a manifest whose labels (not reports) are the prompts, as template reports; over prompts"
     )
     balance: float | None = Field(
-        None, gt=0.0, lt=1.0, description="oversample rare findings so each label's positive share reaches this"
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="oversample rare findings so each label's positive share reaches this (in a recipe whose "
+        "classifier.synthetic lists dkim-balanced, only that set)",
     )
     shard_size: int = Field(1000, ge=1, description="images a folder (images/000/, images/001/, ...) and a shard CSV")
     sampler: Sampler = Field(
@@ -341,8 +352,11 @@ class ClassifierSection(Section):
     modes: list[ClassifierMode] = Field(default_factory=lambda: ["real", "mix", "pretrain-finetune"])
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     # Recipes only: which images the synthetic modes use. "generated": the synthesize step's output;
-    # "ceiling": perfect-generator images drawn from the phantom world's truth; "none"; or a folder. A list runs
-    # every synthetic mode once per source, against the same real-only runs (results.csv's `source` column).
+    # "ceiling": perfect-generator images drawn from the phantom world's truth; "dkim": the stage-2 (DKIM) model's
+    # images, from the same prompts and seeds as "generated", which is then the stage-1 model's (the recipe must
+    # train stage 2: generator.dkim); "dkim-balanced": the stage-2 model's images with synthesize.balance (then
+    # the only balanced set); "none"; or a folder. A list runs every synthetic mode once per source, against the
+    # same real-only runs (results.csv's `source` column).
     synthetic: SyntheticChoice | list[SyntheticChoice] = "generated"
     n_synthetic: int | None = Field(
         None, ge=1, description="synthetic images used (default: all; ceiling: as many as real train)"

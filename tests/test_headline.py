@@ -137,11 +137,15 @@ def _smoke_overrides(recipes_dir) -> list[str]:
     return pairs
 
 
+SETS = {"generated": "synthetic", "dkim": "synthetic-dkim", "dkim-balanced": "synthetic-dkim-balanced"}
+
+
 def test_the_headline_recipe_runs_every_fraction_source_mode_and_seed(tmp_path, recipes_dir):
     recipe = load_recipe(recipes_dir / "augment-phantom128.yaml")
     c = recipe.classifier
     assert set(c.modes) == {"real", "mix", "pretrain-finetune", "synthetic-only"}
-    assert set(c.synthetic) == {"generated", "ceiling"} and c.real_fracs == [0.01, 0.05, 0.1, 1.0]
+    assert set(c.synthetic) == {"generated", "dkim", "dkim-balanced", "ceiling"}
+    assert c.real_fracs == [0.01, 0.05, 0.1, 1.0] and recipe.generator.dkim and recipe.synthesize.balance
     assert (c.metric, c.min_label_support, len(c.seeds)) == ("truth", 20, 3)
     assert c.patience >= c.epochs and c.samples_per_epoch  # every run takes the same steps
     assert recipe.synthesize.n >= 0.7 * recipe.data.n  # at least the real train split
@@ -166,15 +170,20 @@ def test_the_headline_recipe_runs_every_fraction_source_mode_and_seed(tmp_path, 
     results = pd.read_csv(out / "classifiers" / "results.csv")
     runs = set(zip(results["real_frac"], results["mode"], results["source"], results["seed"], strict=True))
     expected = {(f, "real", "none", s) for f in (0.5, 1.0) for s in (0, 1)}
+    sources = ("generated", "dkim", "dkim-balanced", "ceiling")
     expected |= {
-        (f, m, src, s)
-        for f in (0.5, 1.0)
-        for m in ("mix", "pretrain-finetune")
-        for src in ("generated", "ceiling")
-        for s in (0, 1)
+        (f, m, src, s) for f in (0.5, 1.0) for m in ("mix", "pretrain-finetune") for src in sources for s in (0, 1)
     }
-    expected |= {(0.0, "synthetic-only", src, s) for src in ("generated", "ceiling") for s in (0, 1)}
+    expected |= {(0.0, "synthetic-only", src, s) for src in sources for s in (0, 1)}
     assert runs == expected and len(results) == len(expected)
+    # generated and dkim: stage 1 and stage 2 from the same prompts and seeds; dkim-balanced: stage 2, balanced.
+    sets = {name: read_manifest(out / folder).frame for name, folder in SETS.items()}
+    assert sets["generated"]["meta_generator"].nunique() == 1 and "meta_dkim_scale" not in sets["generated"]
+    assert sets["dkim"]["meta_dkim_scale"].notna().all()
+    for column in ("prompt", "seed"):
+        assert sets["generated"][column].tolist() == sets["dkim"][column].tolist()
+    jobs = {name: json.loads((out / folder / "synthesis.json").read_text()) for name, folder in SETS.items()}
+    assert [jobs[name]["balance"] for name in SETS] == [None, None, 0.2]
     assert (results.loc[results["mode"] == "synthetic-only", "n_real"] == 0).all()
     assert results["mauc_truth"].between(0, 1).all() and (results["n_labels_truth"] >= 1).all()
     # The truth knows labels the reports leave open: more labels are scored against it.
@@ -183,3 +192,26 @@ def test_the_headline_recipe_runs_every_fraction_source_mode_and_seed(tmp_path, 
     assert "scored against the world's truth" in summary and "| 0 | synthetic-only | ceiling |" in summary
     report = (out / "report.md").read_text()
     assert "scored against the phantom world's truth" in report
+
+
+def test_dkim_sources_need_a_stage_2_and_a_balance(recipes_dir, tmp_path):
+    from diffcxr_aug.augment.experiment import sampled_sets
+
+    path = recipes_dir / "augment-phantom128.yaml"
+    sets = sampled_sets(load_recipe(path))
+    assert {name: (s.generator, s.out, s.balance) for name, s in sets.items()} == {
+        "generated": ("generator", "synthetic", None),
+        "dkim": ("generator-dkim", "synthetic-dkim", None),
+        "dkim-balanced": ("generator-dkim", "synthetic-dkim-balanced", 0.2),
+    }
+    # Without a DKIM source the one set is the final generator's, balanced as synthesize.balance says.
+    (only,) = sampled_sets(load_recipe(path, ["classifier.synthetic=[generated, ceiling]"])).values()
+    assert (only.generator, only.balance) == ("generator-dkim", 0.2)
+    with pytest.raises(InputError, match="trains no stage 2: set generator.dkim: true"):
+        sampled_sets(load_recipe(path, ["generator.dkim=false"]))
+    with pytest.raises(InputError, match="dkim-balanced but synthesize.balance is not set"):
+        sampled_sets(load_recipe(path, ["synthesize.balance=null"]))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(path), "--set", f"output_dir={out}", "--set", "generator.dkim=false"])
+    assert result.exit_code == 2 and "generator.dkim: true" in result.output
+    assert not out.exists()  # refused before anything was written

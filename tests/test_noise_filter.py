@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from diffcxr_aug.cli import app
+from diffcxr_aug.data.dataset import equalize
 from diffcxr_aug.data.images import load_image, save_png
 from diffcxr_aug.data.manifest import read_manifest, write_manifest
 from diffcxr_aug.generator.noise_filter import FilterScores, LatentNoiseFilter, evaluate_scores
@@ -394,6 +395,57 @@ def test_cli_filter_bad_input_exits_2_with_one_line(tmp_path, noisy_tiny):
         app, ["filter", "--data", str(noisy_tiny), "--out", str(tmp_path / "o"), "--threshold", "median"]
     )
     assert result.exit_code == 2 and "--threshold" in result.output
+    result = runner.invoke(
+        app, ["filter", "--data", str(noisy_tiny), "--out", str(tmp_path / "o"), "--normalize", "clahe"]
+    )
+    assert result.exit_code == 2 and "--normalize" in result.output and "equalize" in result.output
+
+
+def test_equalize_flattens_grey_levels_whatever_the_exposure():
+    g = torch.Generator().manual_seed(0)
+    film = (torch.rand(1, 12, 12, generator=g) * 100).round() / 255  # a dim, low-contrast 144-pixel film
+    flat = equalize(film)
+    levels = torch.unique(film)
+    # Each level becomes its mid-rank: the share of pixels below it plus half of those at it.
+    for level in levels[:: max(1, len(levels) // 7)]:
+        below, at = (film < level).float().mean(), (film == level).float().mean()
+        assert flat[film == level].unique().item() == pytest.approx(float(below + at / 2))
+    assert flat.min() > 0 and flat.max() < 1 and flat.mean().item() == pytest.approx(0.5, abs=1e-6)
+    # Brighter or contrast-stretched (any increasing map of the levels): the same equalised film.
+    assert torch.equal(equalize(film * 2.5), flat) and torch.equal(equalize(film + 120 / 255), flat)
+    assert not torch.equal(equalize(1 - film), flat)  # inversion is not an exposure change
+
+
+def test_filter_normalize_equalize_scores_films_as_their_grey_level_order(noisy_tiny, tmp_path):
+    """With --normalize equalize, LNFS scores the same films at other exposures exactly as before (the VAE sees
+    the equalised films); as they are, the exposure changes the scores."""
+    manifest = read_manifest(noisy_tiny)
+    dim = tmp_path / "dim"
+    write_manifest(manifest.frame, dim / "manifest.csv")
+    exposed = tmp_path / "exposed"
+    write_manifest(manifest.frame, exposed / "manifest.csv")
+    for i, (rel, path) in enumerate(zip(manifest.frame["image_path"], manifest.image_paths(), strict=True)):
+        levels = np.round(load_image(path) * 255).astype(np.uint8) // 2  # 0-127
+        save_png(levels, dim / rel)
+        # Every other film brighter, the rest stretched: increasing maps of the levels, different per film.
+        save_png(levels + 100 if i % 2 else levels * 2, exposed / rel)
+    torch.manual_seed(0)
+    vae_dir = tmp_path / "vae"
+    build_vae("tiny", sample_size=32).save_pretrained(vae_dir)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(FILTER_RECIPE)
+
+    def scores(data: Path, normalize: str) -> pd.DataFrame:
+        out = tmp_path / f"{data.name}-{normalize}"
+        args = ["filter", "--data", str(data), "--out", str(out), "--recipe", str(recipe), "--vae", str(vae_dir)]
+        result = runner.invoke(app, [*args, "--normalize", normalize])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "filter_report.json").read_text())["normalize"] == normalize
+        return pd.read_csv(out / "scores.csv").drop(columns="image_path")
+
+    pd.testing.assert_frame_equal(scores(dim, "equalize"), scores(exposed, "equalize"))
+    as_they_are = scores(dim, "none")["score_logit"], scores(exposed, "none")["score_logit"]
+    assert not np.allclose(*as_they_are)
 
 
 def test_cli_filter_small_value_edges(tmp_path, noisy_tiny):

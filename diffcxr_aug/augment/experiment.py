@@ -26,28 +26,80 @@ def experiment_paths(recipe: Recipe) -> dict[str, Path]:
         "generator": root / "generator",
         "generator-dkim": root / "generator-dkim",
         "synthetic": root / "synthetic",
+        "synthetic-dkim": root / "synthetic-dkim",
+        "synthetic-dkim-balanced": root / "synthetic-dkim-balanced",
         "ceiling": root / "ceiling",
         "classifiers": root / "classifiers",
         "evaluation": root / "evaluation",
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class SampledSet:
+    """One set the synthesize step samples: the generator folder and the output folder (keys of
+    :func:`experiment_paths`) and the positive share its prompts are balanced to (``None``: as drawn)."""
+
+    generator: str
+    out: str
+    balance: float | None
+
+
+DKIM_SOURCES = ("dkim", "dkim-balanced")
+
+
+def _synthetic_choices(recipe: Recipe) -> list:
+    choices = recipe.classifier.synthetic
+    return choices if isinstance(choices, list) else [choices]
+
+
+def sampled_sets(recipe: Recipe) -> dict[str, SampledSet]:
+    """The sets the synthesize step samples, by source name, all from the same prompts and seeds.
+
+    ``generated`` always (into ``synthetic/``): the recipe's final generator, or, when ``classifier.synthetic``
+    lists a DKIM source, the stage-1 model, so that ``generated`` and ``dkim`` are stage 1 and stage 2 image for
+    image. ``dkim`` (``synthetic-dkim/``) and ``dkim-balanced`` (``synthetic-dkim-balanced/``, the only set drawn
+    with ``synthesize.balance`` when it is listed) when the classifier lists them.
+    """
+    choices = _synthetic_choices(recipe)
+    dkim = [c for c in DKIM_SOURCES if c in choices]
+    balance = recipe.synthesize.balance
+    if not dkim:
+        return {"generated": SampledSet(final_generator_key(recipe), "synthetic", balance)}
+    if not trains_dkim(recipe):
+        raise InputError(
+            f"classifier.synthetic lists {' and '.join(dkim)}, the stage-2 (DKIM) model's images, but the recipe "
+            "trains no stage 2: set generator.dkim: true (with generator.stage2_steps above 0)"
+        )
+    if "dkim-balanced" in dkim and balance is None:
+        raise InputError(
+            "classifier.synthetic lists dkim-balanced but synthesize.balance is not set: set it to the positive "
+            "share each finding's prompts should reach (e.g. 0.3)"
+        )
+    plain = None if "dkim-balanced" in dkim else balance
+    sets = {"generated": SampledSet("generator", "synthetic", plain)}
+    if "dkim" in dkim:
+        sets["dkim"] = SampledSet("generator-dkim", "synthetic-dkim", plain)
+    if "dkim-balanced" in dkim:
+        sets["dkim-balanced"] = SampledSet("generator-dkim", "synthetic-dkim-balanced", balance)
+    return sets
+
+
 def classifier_synthetic(recipe: Recipe, paths: dict[str, Path]) -> dict[str, Path]:
     """The named synthetic sets the classifier sweep uses, from ``classifier.synthetic`` (one choice or a list).
 
-    ``generated``: the synthesize step's output (when it exists); ``ceiling``: perfect-generator images
-    rendered from the phantom world (``classifier.n_synthetic`` of them, default as many as the real
-    train split holds); ``none``; or a folder path (named after the folder).
+    ``generated``, ``dkim``, ``dkim-balanced``: the synthesize step's sets (:func:`sampled_sets`, when they
+    exist); ``ceiling``: perfect-generator images rendered from the phantom world (``classifier.n_synthetic`` of
+    them, default as many as the real train split holds); ``none``; or a folder path (named after the folder).
     """
-    choices = recipe.classifier.synthetic
-    choices = choices if isinstance(choices, list) else [choices]
+    sampled = sampled_sets(recipe)
     sources: dict[str, Path] = {}
-    for choice in choices:
+    for choice in _synthetic_choices(recipe):
         if choice == "none":
             continue
-        if choice == "generated":
-            if (paths["synthetic"] / "manifest.csv").is_file():
-                sources["generated"] = paths["synthetic"]
+        if choice in sampled:
+            folder = paths[sampled[choice].out]
+            if (folder / "manifest.csv").is_file():
+                sources[choice] = folder
             continue
         if choice == "ceiling":
             sources["ceiling"] = _ceiling(recipe, paths)
@@ -104,6 +156,7 @@ _ADDED_LATER: dict[str, Any] = {
     "inception_weights": None,
     "xrv_weights": None,
     "report_source": "report",
+    "normalize": "none",
 }
 
 
@@ -168,8 +221,10 @@ def _filter_step(recipe: Recipe, paths: dict[str, Path], plan: Any, upstream: di
 GENERATOR_EXTENDABLE = frozenset(
     f"generator.{k}"
     for k in ("max_steps", "time_limit_minutes", "checkpoint_every", "checkpoints_total_limit", "sample_every")
-) | frozenset({"generator.log_every", "generator.stage2_steps"})
-SYNTHESIZE_EXTENDABLE = frozenset({"synthesize.n", "synthesize.batch_size"})
+) | frozenset({"generator.log_every", "generator.stage2_steps", "generator.dkim"})  # dkim: stage 2 on a stage 1
+SYNTHESIZE_EXTENDABLE = frozenset({"synthesize.n", "synthesize.batch_size"}) | frozenset(
+    f"sets.{name}" for name in DKIM_SOURCES
+)
 CLASSIFIER_EXTENDABLE = frozenset(
     f"classifier.{k}" for k in ("real_fracs", "modes", "seeds", "synthetic", "num_workers")
 )
@@ -217,9 +272,13 @@ def trains_dkim(recipe: Recipe) -> bool:
     return recipe.generator.dkim and recipe.generator.stage2_steps > 0
 
 
+def final_generator_key(recipe: Recipe) -> str:
+    return "generator-dkim" if trains_dkim(recipe) else "generator"
+
+
 def final_generator(recipe: Recipe, paths: dict[str, Path]) -> Path:
     """The recipe's generator: the stage-2 (DKIM) model when the recipe trains one, else stage 1."""
-    return paths["generator-dkim"] if trains_dkim(recipe) else paths["generator"]
+    return paths[final_generator_key(recipe)]
 
 
 def _synthesize_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) -> Step:
@@ -232,12 +291,21 @@ def _synthesize_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str,
     elif section.prompts is None:
         section = section.model_copy(update={"prompts": paths["data"]})
 
+    sets = sampled_sets(recipe)
+
     def run() -> None:
-        synthesize(final_generator(recipe, paths), paths["synthetic"], section, device=recipe.device, seed=recipe.seed)
+        for name, plan in sets.items():
+            if len(sets) > 1:
+                logger.info("Synthesizing the %s set with %s into %s", name, paths[plan.generator], paths[plan.out])
+            job = section.model_copy(update={"balance": plan.balance})
+            synthesize(paths[plan.generator], paths[plan.out], job, device=recipe.device, seed=recipe.seed)
 
     settings = {"synthesize": _dump(section), "seed": recipe.seed, "upstream": upstream}
-    done = [paths["synthetic"] / "manifest.csv"]
-    return Step("synthesize", settings, [paths["synthetic"]], done, run, SYNTHESIZE_EXTENDABLE)
+    if len(sets) > 1:  # a recipe with one set keeps the settings (and the fingerprint) it always had
+        settings["sets"] = {name: {"generator": p.generator, "balance": p.balance} for name, p in sets.items()}
+    outputs = [paths[plan.out] for plan in sets.values()]
+    done = [folder / "manifest.csv" for folder in outputs]
+    return Step("synthesize", settings, outputs, done, run, SYNTHESIZE_EXTENDABLE)
 
 
 def _classifier_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) -> Step:
@@ -266,7 +334,7 @@ def _evaluate_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, s
     def run() -> None:
         evaluate(
             paths["data"],
-            {"synthetic": paths["synthetic"]},
+            evaluated_sets(recipe, paths),
             paths["evaluation"],
             device=recipe.device,
             seed=recipe.seed,
@@ -281,6 +349,15 @@ def _evaluate_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, s
     settings = {"evaluate": _dump(section), "seed": recipe.seed, "upstream": upstream}
     done = [paths["evaluation"] / "report.json"]
     return Step("evaluate", settings, [paths["evaluation"]], done, run)
+
+
+def evaluated_sets(recipe: Recipe, paths: dict[str, Path]) -> dict[str, Path]:
+    """The sets the evaluate step judges in one report: ``synthetic`` (the synthesize step's set), or, when the
+    recipe samples several, each by its source name (so the report pairs stage 1 and stage 2 image for image)."""
+    sets = sampled_sets(recipe)
+    if len(sets) == 1:
+        return {"synthetic": paths["synthetic"]}
+    return {name: paths[plan.out] for name, plan in sets.items()}
 
 
 def plan_steps(recipe: Recipe) -> list[Step]:
@@ -313,8 +390,7 @@ def plan_steps(recipe: Recipe) -> list[Step]:
         upstream("prepare", "train-vae", *(["filter"] if training_data != paths["data"] else [])),
     )
     built["synthesize"] = _synthesize_step(recipe, paths, upstream("prepare", "train-generator"))
-    choices = recipe.classifier.synthetic
-    uses_generated = "generated" in (choices if isinstance(choices, list) else [choices])
+    uses_generated = any(choice in ("generated", *DKIM_SOURCES) for choice in _synthetic_choices(recipe))
     built["train-classifier"] = _classifier_step(
         recipe, paths, upstream("prepare", *(["synthesize"] if uses_generated else []))
     )
@@ -352,8 +428,9 @@ def run_experiment(recipe: Recipe, echo: Callable[[str], None] | None = None) ->
 
         return run_ablation(recipe, echo=echo)
     echo = echo or (lambda line: logger.info("%s", line))
+    steps = plan_steps(recipe)  # a recipe that cannot run fails here, before anything is written
     resolved = write_resolved_recipe(recipe)
     logger.info("Resolved recipe written to %s", resolved)
     ledger = StepLedger(recipe.output_dir)
-    happened = run_steps(plan_steps(recipe), ledger, echo=echo)
+    happened = run_steps(steps, ledger, echo=echo)
     return write_run_report(recipe, experiment_paths(recipe), ledger, happened)

@@ -49,3 +49,17 @@ class CXRDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "labels": self.labels[index], "report": self.reports[index], "index": index}
+
+
+def equalize(image: torch.Tensor) -> torch.Tensor:
+    """Histogram-equalise one 8-bit-valued image in [0, 1] (any shape): each grey level becomes the share of the
+    image's pixels below it plus half of those at it (its mid-rank), so the result's histogram is as flat as the
+    levels allow and depends only on the order of the grey levels, not on exposure or contrast.
+
+    Unlike ``torchvision.transforms.v2.functional.equalize`` (PIL's rule), every image is equalised exactly,
+    small ones included (PIL's rule leaves an image of under 256 pixels as it is).
+    """
+    levels = (image * 255.0).round().clamp(0, 255).long()
+    counts = torch.bincount(levels.flatten(), minlength=256).to(torch.float64)
+    mid_rank = (counts.cumsum(0) - 0.5 * counts) / levels.numel()
+    return mid_rank[levels].to(image.dtype)

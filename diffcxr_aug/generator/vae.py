@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,11 +234,14 @@ def encode_manifest(
     batch_size: int = 64,
     device: str | torch.device = "auto",
     progress: bool = True,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Posterior-mean latents of every row of ``manifest`` (in row order), as a CPU float tensor."""
+    """Posterior-mean latents of every row of ``manifest`` (in row order), as a CPU float tensor; ``transform``
+    applies to each image first (e.g. :func:`~diffcxr_aug.data.dataset.equalize`)."""
     device = resolve_device(device) if isinstance(device, str) else device
     vae = vae.to(device).eval()
-    loader = DataLoader(CXRDataset(manifest, size, progress=progress), batch_size=batch_size, shuffle=False)
+    dataset = CXRDataset(manifest, size, transform=transform, progress=progress)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     chunks = []
     for batch in tqdm(loader, desc="encoding latents", disable=not progress, unit="batch"):
         chunks.append(encode(vae, batch["image"].to(device)).float().cpu())

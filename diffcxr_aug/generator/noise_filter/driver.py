@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ import pandas as pd
 import torch
 
 from diffcxr_aug.config import FilterSection
+from diffcxr_aug.data.dataset import equalize
 from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.figures import save_figure
 from diffcxr_aug.generator.noise_filter.estimator import LatentNoiseFilter, evaluate_scores
@@ -283,8 +285,9 @@ def run_filter(
 
     # 3. Encode every row (all splits: noisy images are removed wherever they are)
     started = time.perf_counter()
-    latents = encode_manifest(model, manifest, size, device=dev, progress=progress)
-    extra = _encode_files(model, extra_paths, size, dev) if extra_paths else None
+    transform = equalize if section.normalize == "equalize" else None
+    latents = encode_manifest(model, manifest, size, device=dev, progress=progress, transform=transform)
+    extra = _encode_files(model, extra_paths, size, dev, transform) if extra_paths else None
     encode_seconds = time.perf_counter() - started
 
     # 4. Filter
@@ -305,12 +308,22 @@ def run_filter(
     return manifest_path
 
 
-def _encode_files(model: AutoencoderKL, paths: list[Path], size: int, device: torch.device) -> torch.Tensor:
-    """Latents of image files outside the manifest (the known noisy extras), on the CPU."""
+def _encode_files(
+    model: AutoencoderKL,
+    paths: list[Path],
+    size: int,
+    device: torch.device,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Latents of image files outside the manifest (the known noisy extras), on the CPU, each image through
+    ``transform`` first as the manifest's are."""
     from diffcxr_aug.generator.vae import encode
 
+    images = _load_images(paths, size)
+    if transform is not None:
+        images = torch.stack([transform(image) for image in images])
     with torch.no_grad():
-        return encode(model.to(device).eval(), _load_images(paths, size).to(device)).float().cpu()
+        return encode(model.to(device).eval(), images.to(device)).float().cpu()
 
 
 def _scores(filt: LatentNoiseFilter, manifest: Manifest, paths: list[str], known: np.ndarray) -> pd.DataFrame:
@@ -416,6 +429,7 @@ def _filter_report(
         },
         "vae": vae_info,
         "image_size": size,
+        "normalize": section.normalize,
         "latent_shape": list(filt.latent_shape_),
         # Filled in by run_filter; placed here so that the report keeps its key order.
         "seconds": {},
