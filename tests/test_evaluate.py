@@ -321,6 +321,37 @@ def test_feature_extractors_build_from_local_weights_or_say_why_not(tmp_path):
         build_extractor("xrv", torch.device("cpu"), xrv_weights=str(tmp_path / "bad.safetensors"))
 
 
+def test_inception_space_builds_from_a_local_weights_file(tmp_path):
+    """The FID InceptionV3 from a weights file made here (its architecture, random weights): the extractor gives
+    that network's 2,048 pool features of the grey film as RGB; a pickle that is not plain weights is refused."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from diffcxr_aug.evaluation.features import InceptionExtractor, build_extractor
+
+    class AsBuilt(FeatureExtractorInceptionV3):
+        """The network with the weights it is built with, to save as a local weights file."""
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    torch.save({}, tmp_path / "empty.pth")
+    torch.manual_seed(0)
+    net = AsBuilt("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(tmp_path / "empty.pth"))
+    torch.save(net.state_dict(), tmp_path / "pt_inception.pth")
+    space = build_extractor("inception", torch.device("cpu"), inception_weights=tmp_path / "pt_inception.pth")
+    assert isinstance(space, InceptionExtractor) and space.name == "inception"
+    films = torch.rand(2, 1, 40, 40)
+    rgb = (films * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        (expected,) = net.eval()(rgb)
+    torch.testing.assert_close(space(films), expected.reshape(2, -1))
+    assert space(films).shape == (2, 2048)
+    torch.save({"weights": torch.zeros(1), "hook": print}, tmp_path / "pickle.pth")
+    with pytest.raises(ValueError, match="not a plain state dict"):
+        build_extractor("inception", torch.device("cpu"), inception_weights=tmp_path / "pickle.pth")
+
+
 def test_evaluate_reports_every_set_in_every_feature_space(tmp_path):
     """--features adds spaces beside the reference classifier's; each number's key names its extractor, and a space
     that cannot be built here is listed with the reason."""

@@ -54,6 +54,15 @@ class InceptionExtractor(Extractor):
 
         self.name, self.device = "inception", device
         self.description = f"InceptionV3 pool3 (2048 features; torchmetrics, weights {weights})"
+        # torch-fidelity unpickles the file in full (weights_only=False); a file that loads with weights_only=True
+        # holds tensors and plain containers only, so that second load runs no code from it.
+        try:
+            torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure means the same: not a plain weights file
+            raise ValueError(
+                f"--inception-weights {weights}: not a plain state dict (torch.load with weights_only=True refused "
+                f"it: {type(err).__name__}); use the pt_inception-2015-12-05 .pth file torch-fidelity downloads"
+            ) from err
         self.model = NoTrainInceptionV3(
             name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(weights)
         ).to(device)
