@@ -201,12 +201,12 @@ def main() -> None:
         }
     baseline = [summary["seeds"][seed]["kinds"]["lateral"]["auc"] for seed in args.seeds]
     for variant, record in summary["filter_normalize"].items():
-        for kind in ("lateral", "ct"):
-            aucs = [record["seeds"][seed]["kinds"][kind]["auc"] for seed in args.seeds]
-            record[f"{kind}_auc_mean_std"] = _mean_std(aucs)
+        seeds = [record["seeds"][seed]["kinds"] for seed in args.seeds]
+        aucs = {kind: [kinds[kind]["auc"] for kinds in seeds] for kind in ("lateral", "ct")}
+        for kind, values in aucs.items():
+            record[f"{kind}_auc_mean_std"] = _mean_std(values)
         if variant != "none":  # paired by seed: the same VAE, the same data, only the filter's normalisation
-            lateral = [record["seeds"][seed]["kinds"]["lateral"]["auc"] for seed in args.seeds]
-            diffs = [a - b for a, b in zip(lateral, baseline, strict=True)]
+            diffs = [a - b for a, b in zip(aucs["lateral"], baseline, strict=True)]
             record["lateral_auc_minus_none"] = {"by_seed": diffs, "mean_std": _mean_std(diffs)}
     summary["lateral_auc_mean_std"] = _mean_std(baseline)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
