@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from diffcxr_aug.augment.mixing import load_synthetic, training_stages
 from diffcxr_aug.augment.plots import plot_sweep
-from diffcxr_aug.augment.sweep import BASE_COLUMNS, paired_gains, summary_markdown
+from diffcxr_aug.augment.sweep import BASE_COLUMNS, headline_markdown, paired_gains, summary_markdown
 from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, per_label_auc, rank_auc
 from diffcxr_aug.classifiers.models import (
     ClassifierConfig,
@@ -391,6 +391,27 @@ def test_paired_gains_summary_and_plot(tmp_path):
     assert "| A | +0.200 ± 0.000 + | +0.010 ± 0.000 + |" in summary
     path = plot_sweep(results, tmp_path / "fig.png")
     assert path.stat().st_size > 10_000
+
+
+def test_headline_tables_pivot_sources_and_mark_gains_outside_the_spread(tmp_path):
+    one = _fake_results()
+    other = one[one["mode"] != "real"].assign(source="ceiling")
+    other["mauc"] += 0.05
+    results = pd.concat([one.assign(source=np.where(one["mode"] == "real", "none", "generated")), other])
+    headline = headline_markdown(results)
+    # ceiling comes after generated (the headline's column order), whatever the order of the rows.
+    assert "| real fraction | n real | mode | real only | generated | ceiling |" in headline
+    assert "| 0.01 | 10 | mix | 0.600 ± 0.010 | 0.800 ± 0.010 | 0.850 ± 0.010 |" in headline
+    assert "| 0 | 0 | synthetic only (no real image) | all real: 0.900 ± 0.010 | 0.700 ± 0.010 | 0.750 ± 0.010 |" in (
+        headline
+    )
+    # Gains: bold outside the spread, the gap closed where there is one, "(worse)" below the spread.
+    assert "| 0.01 | 10 | mix | **+0.200 ± 0.000, 67% ± 0%** | **+0.250 ± 0.000, 83% ± 0%** |" in headline
+    assert "| 0.01 | 10 | pretrain-finetune | +0.010 ± 0.000, 3% ± 0% | **+0.060 ± 0.000, 20% ± 0%** |" in headline
+    assert "| 0 | 0 | synthetic only (no real image) | -0.200 ± 0.000 (worse) | -0.150 ± 0.000 (worse) |" in headline
+    assert summary_markdown(results).count(headline.splitlines()[2]) == 1  # the summary opens with the headline
+    assert headline_markdown(results[results["mode"] == "real"]) == ""
+    plot_sweep(results, tmp_path / "two_sources.png")  # one panel per mode, a colour per source
 
 
 # ---------------------------------------------------------------- the ceiling

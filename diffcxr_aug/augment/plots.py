@@ -1,4 +1,5 @@
-"""The sweep figure: test mAUC against the real fraction, one line per mode and source, error bars over seeds."""
+"""The sweep figure: test mAUC against the real fraction, one panel per synthetic mode, one line per source, error
+bars over seeds."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import pandas as pd
 from diffcxr_aug.errors import InputError
 from diffcxr_aug.figures import pyplot, save_figure
 
-MODE_STYLE = {
-    "real": {"label": "real only", "color": "#444444", "marker": "o"},
-    "mix": {"label": "real + {source} (mix)", "color": "#1f77b4", "marker": "s"},
-    "pretrain-finetune": {"label": "{source} pretrain, real fine-tune", "color": "#d62728", "marker": "^"},
-}
-# A second source of one mode gets its own colour; the line style tells the modes apart.
-SOURCE_COLORS = {"generated": None, "ceiling": "#2ca02c", "dkim": "#9467bd"}
-MODE_LINESTYLE = {"real": "-", "mix": "-", "pretrain-finetune": "--"}
+MODE_TITLE = {"mix": "real + synthetic (mix)", "pretrain-finetune": "synthetic pretrain, real fine-tune"}
+# One colour per synthetic source, the same in every panel; a source not named here takes the next spare colour.
+SOURCE_COLORS = {"generated": "#1f77b4", "dkim": "#9467bd", "dkim-balanced": "#ff7f0e", "ceiling": "#2ca02c"}
+SPARE_COLORS = ["#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+REAL_COLOR = "#444444"
+
+
+def _source_colors(sources: list[str]) -> dict[str, str]:
+    spare = iter(SPARE_COLORS * (1 + len(sources) // len(SPARE_COLORS)))
+    return {s: SOURCE_COLORS.get(s) or next(spare) for s in sources}
 
 
 def plot_sweep(
@@ -27,7 +30,10 @@ def plot_sweep(
 ) -> Path:
     """Draw mAUC against real fraction (log x axis), mean with a standard-deviation bar over seeds.
 
-    The all-real line is the mean of the real-only runs at fraction 1.0, with its seed spread shaded.
+    One panel per synthetic mode (``mix``, ``pretrain-finetune``; one panel when there is neither), sharing the y
+    axis. Every panel has the real-only line (the count-matched duplicate-real control), the all-real level (the
+    mean of the real-only runs at fraction 1.0, its seed spread shaded), one line per synthetic source, and each
+    source's ``synthetic-only`` level (no real image, so no place on the log axis) dotted in its colour.
 
     Args:
         results: a ``results.csv`` path or its frame (columns ``real_frac, mode, seed, mauc``; ``source`` names
@@ -44,52 +50,54 @@ def plot_sweep(
         frame = frame.assign(source=["none" if m == "real" else "synthetic" for m in frame["mode"]])
     stats = frame.groupby(["mode", "source", "real_frac"])["mauc"].agg(["mean", "std", "count"]).reset_index()
     stats["std"] = stats["std"].fillna(0.0)
+    real = stats[stats["mode"] == "real"].sort_values("real_frac")
+    only = stats[stats["mode"] == "synthetic-only"]
+    curves = stats[~stats["mode"].isin(["real", "synthetic-only"])]
+    panels = [m for m in MODE_TITLE if m in set(curves["mode"])] + sorted(set(curves["mode"]) - set(MODE_TITLE))
+    panels = panels or [None]
+    colors = _source_colors(sorted(set(curves["source"]) | set(only["source"])))
+    all_real = real[real["real_frac"] == 1.0]
+    fracs = sorted(set(stats.loc[stats["mode"] != "synthetic-only", "real_frac"]))
 
-    fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=150)
-    all_real = stats[(stats["mode"] == "real") & (stats["real_frac"] == 1.0)]
-    if len(all_real):
-        mean, std = float(all_real["mean"].iloc[0]), float(all_real["std"].iloc[0])
-        ax.axhline(mean, color="black", linestyle="--", linewidth=1.0, label=f"all real ({mean:.3f})")
-        ax.axhspan(mean - std, mean + std, color="black", alpha=0.08, linewidth=0)
-    # synthetic-only trains on no real image (real fraction 0, off a log axis): a dotted level per source.
-    for source, rows in stats[stats["mode"] == "synthetic-only"].groupby("source"):
-        mean = float(rows["mean"].iloc[0])
-        ax.axhline(
-            mean,
-            color=SOURCE_COLORS.get(source) or "#ff7f0e",
-            linestyle=":",
-            linewidth=1.2,
-            label=f"{source} only, no real image ({mean:.3f})",
-        )
-    stats = stats[stats["mode"] != "synthetic-only"]
-    rank = {m: i for i, m in enumerate(MODE_STYLE)}
-    lines = sorted(set(zip(stats["mode"], stats["source"], strict=True)), key=lambda k: (rank.get(k[0], 99), k))
-    # Nudge the lines apart on the log axis so their error bars do not hide one another.
-    offsets = {k: 1.0 + 0.04 * (i - (len(lines) - 1) / 2) for i, k in enumerate(lines)}
-    for mode, source in lines:
-        rows = stats[(stats["mode"] == mode) & (stats["source"] == source)].sort_values("real_frac")
-        style = MODE_STYLE.get(mode, {"label": f"{mode} ({{source}})", "color": None, "marker": "o"})
-        color = (SOURCE_COLORS.get(source) if mode != "real" else None) or style["color"]
-        ax.errorbar(
-            rows["real_frac"] * offsets[mode, source],
-            rows["mean"],
-            yerr=rows["std"],
-            label=style["label"].format(source=source),
-            color=color,
-            marker=style["marker"],
-            linestyle=MODE_LINESTYLE.get(mode, "-"),
-            capsize=3,
-            linewidth=1.5,
-        )
-    ax.set_xscale("log")
-    fracs = sorted(stats["real_frac"].unique())
-    ax.set_xticks(fracs)
-    ax.set_xticklabels([f"{f:g}" for f in fracs])
-    ax.set_xlabel("fraction of the real training split (log scale)")
-    ax.set_ylabel("test mAUC (mean ± std over seeds)")
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.2 * len(panels), 4.4), dpi=150, sharey=True, squeeze=False
+    )
+    for ax, mode in zip(axes[0], panels, strict=True):
+        if len(all_real):
+            mean, std = float(all_real["mean"].iloc[0]), float(all_real["std"].iloc[0])
+            ax.axhline(mean, color="black", linestyle="--", linewidth=1.0, label=f"all real ({mean:.3f})")
+            ax.axhspan(mean - std, mean + std, color="black", alpha=0.08, linewidth=0)
+        for source, rows in only.groupby("source"):
+            mean = float(rows["mean"].iloc[0])
+            ax.axhline(mean, color=colors[source], linestyle=":", linewidth=1.2, label=f"{source} only ({mean:.3f})")
+        sources = sorted(set(curves.loc[curves["mode"] == mode, "source"])) if mode else []
+        lines = [("real only", real, REAL_COLOR, "o")] + [
+            (source, curves[(curves["mode"] == mode) & (curves["source"] == source)], colors[source], "s")
+            for source in sources
+        ]
+        # Nudge the lines apart on the log axis so their error bars do not hide one another.
+        for i, (label, rows, color, marker) in enumerate(lines):
+            rows = rows.sort_values("real_frac")
+            ax.errorbar(
+                rows["real_frac"] * (1.0 + 0.04 * (i - (len(lines) - 1) / 2)),
+                rows["mean"],
+                yerr=rows["std"],
+                label=label if label == "real only" else f"real + {label}",
+                color=color,
+                marker=marker,
+                capsize=3,
+                linewidth=1.5,
+            )
+        ax.set_xscale("log")
+        ax.set_xticks(fracs)
+        ax.set_xticklabels([f"{f:g}" for f in fracs])
+        ax.minorticks_off()
+        ax.set_xlabel("fraction of the real training split (log scale)")
+        ax.set_title(MODE_TITLE.get(mode, mode or "real only"), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("test mAUC (mean ± std over seeds)")
     seeds = int(stats["count"].max()) if len(stats) else 0
-    ax.set_title(title or f"mAUC vs real fraction ({seeds} seeds)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title or f"mAUC vs real fraction ({seeds} seeds)", fontsize=11)
     fig.tight_layout()
     return save_figure(fig, path)

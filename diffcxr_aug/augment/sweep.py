@@ -671,13 +671,97 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+SOURCE_ORDER = ("generated", "dkim", "dkim-balanced", "ceiling")  # the headline's columns, then any other source
+
+
+def _mean_std(mean: float, std: float) -> str:
+    return f"{_fmt(mean)} ± {_fmt(std)}"
+
+
+def headline_markdown(results: pd.DataFrame) -> str:
+    """The two headline tables (the README's front page shows them as they are): test mAUC, and the paired gain
+    over real-only with the share of the gap to all real it closes, one row per real fraction x synthetic mode
+    (and the ``synthetic-only`` row), one column per synthetic source.
+
+    Gains in **bold** lie outside the seed spread (the ± std bars of the mode and of real-only do not overlap);
+    "(worse)" marks one outside the spread below real-only. ``synthetic-only`` trains on no real image and is
+    compared with all real.
+    """
+    results = _with_source(results)
+    if not (results["mode"] != "real").any():
+        return ""
+    stats = summarize(results).set_index(["real_frac", "mode", "source"])
+    gains = paired_gains(results).set_index(["real_frac", "mode", "source"])
+    present = set(results.loc[results["mode"] != "real", "source"])
+    sources = [s for s in SOURCE_ORDER if s in present] + sorted(present - set(SOURCE_ORDER))
+    modes = [m for m in MODES if m not in ("real", "synthetic-only") and m in set(results["mode"])]
+    fracs = sorted(f for f in results.loc[results["mode"] == "real", "real_frac"].unique())
+    rows = [(f, m) for f in fracs for m in modes]
+    if "synthetic-only" in set(results["mode"]):
+        rows.append((0.0, "synthetic-only"))
+
+    def real_only(frac: float) -> str:
+        key = (frac, "real", NO_SOURCE)
+        if key not in stats.index:
+            return "n/a"
+        return _mean_std(*stats.loc[key, ["mauc_mean", "mauc_std"]])
+
+    def n_real(frac: float) -> str:
+        key = (frac, "real", NO_SOURCE)
+        return f"{stats.loc[key, 'n_real']:,.0f}" if key in stats.index else "0"
+
+    head = "| real fraction | n real | mode | " + " | ".join(sources) + " |"
+    rule = "|---:|---:|---|" + "---|" * len(sources)
+    mauc = [
+        "| real fraction | n real | mode | real only | " + " | ".join(sources) + " |",
+        "|---:|---:|---|---|" + "---|" * len(sources),
+    ]
+    gain = [head, rule]
+    for frac, mode in rows:
+        control = f"all real: {real_only(1.0)}" if mode == "synthetic-only" else real_only(frac)
+        cells, gain_cells = [], []
+        for source in sources:
+            key = (frac, mode, source)
+            cells.append(_mean_std(*stats.loc[key, ["mauc_mean", "mauc_std"]]) if key in stats.index else "–")
+            if key not in gains.index:
+                gain_cells.append("–")
+                continue
+            g = gains.loc[key]
+            text = f"{g.gain_mean:+.3f} ± {g.gain_std:.3f}"
+            if not math.isnan(g.gap_closed):
+                spread = "" if math.isnan(g.gap_closed_std) else f" ± {100 * g.gap_closed_std:.0f}%"
+                text += f", {100 * g.gap_closed:.0f}%{spread}"
+            text = {1: f"**{text}**", -1: f"{text} (worse)", 0: text}[int(g.outside_spread)]
+            gain_cells.append(text)
+        name = "synthetic only (no real image)" if mode == "synthetic-only" else mode
+        lead = f"| {frac:g} | {n_real(frac)} | {name} |"
+        mauc.append(f"{lead} {control} | " + " | ".join(cells) + " |")
+        gain.append(f"{lead} " + " | ".join(gain_cells) + " |")
+    return "\n".join(
+        [
+            "Test mAUC, mean ± std over seeds (real only at the same fraction is the count-matched duplicate-real "
+            "control):",
+            "",
+            *mauc,
+            "",
+            "Paired gain over real only at the same fraction (synthetic only: over all real), mean ± std over seeds, "
+            "and the share of the gap from real only to all real that it closes (± its seed-by-seed std); **bold**: "
+            "outside the seed spread:",
+            "",
+            *gain,
+        ]
+    ) + "\n"
+
+
 def summary_markdown(results: pd.DataFrame, title: str = "", scored: str = "") -> str:
-    """The sweep's ``summary.md``: the mAUC table, paired gains over real-only and per-label AUCs.
+    """The sweep's ``summary.md``: the headline tables, the mAUC table, paired gains over real-only and per-label
+    AUCs.
 
     ``scored`` says what the labels were scored against when it is not the test reports (see :func:`scored_view`).
     """
     stats = summarize(results)
     lines = [f"# Classifier sweep{': ' + title if title else ''}", ""]
+    headline = headline_markdown(results)
     n_test = int(results["n_test"].iloc[0]) if "n_test" in results and len(results) else 0
     lines += [
         f"{len(results)} runs. Test: the full real test split ({n_test} images), "
@@ -687,6 +771,7 @@ def summary_markdown(results: pd.DataFrame, title: str = "", scored: str = "") -
         "seeds; the CI is the 95% bootstrap interval over test images, averaged over seeds. synthetic-only runs "
         "(real fraction 0) train on no real image.",
         "",
+        *(["## Headline", "", headline.rstrip("\n"), "", "## Every cell", ""] if headline else []),
         "| real fraction | mode | source | n real | n synthetic | seeds | mAUC (mean ± std) | bootstrap 95% CI |",
         "|---:|---|---|---:|---:|---:|---|---|",
     ]
