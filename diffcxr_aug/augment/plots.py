@@ -59,9 +59,7 @@ def plot_sweep(
     all_real = real[real["real_frac"] == 1.0]
     fracs = sorted(set(stats.loc[stats["mode"] != "synthetic-only", "real_frac"]))
 
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(5.2 * len(panels), 4.4), dpi=150, sharey=True, squeeze=False
-    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), dpi=150, sharey=True, squeeze=False)
     for ax, mode in zip(axes[0], panels, strict=True):
         if len(all_real):
             mean, std = float(all_real["mean"].iloc[0]), float(all_real["std"].iloc[0])

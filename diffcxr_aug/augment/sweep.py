@@ -737,20 +737,19 @@ def headline_markdown(results: pd.DataFrame) -> str:
         lead = f"| {frac:g} | {n_real(frac)} | {name} |"
         mauc.append(f"{lead} {control} | " + " | ".join(cells) + " |")
         gain.append(f"{lead} " + " | ".join(gain_cells) + " |")
-    return "\n".join(
-        [
-            "Test mAUC, mean ± std over seeds (real only at the same fraction is the count-matched duplicate-real "
-            "control):",
-            "",
-            *mauc,
-            "",
-            "Paired gain over real only at the same fraction (synthetic only: over all real), mean ± std over seeds, "
-            "and the share of the gap from real only to all real that it closes (± its seed-by-seed std); **bold**: "
-            "outside the seed spread:",
-            "",
-            *gain,
-        ]
-    ) + "\n"
+    lines = [
+        "Test mAUC, mean ± std over seeds (real only at the same fraction is the count-matched duplicate-real "
+        "control):",
+        "",
+        *mauc,
+        "",
+        "Paired gain over real only at the same fraction (synthetic only: over all real), mean ± std over seeds, and "
+        "the share of the gap from real only to all real that it closes (± its seed-by-seed std); **bold**: outside "
+        "the seed spread:",
+        "",
+        *gain,
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(results: pd.DataFrame, title: str = "", scored: str = "") -> str:
