@@ -33,3 +33,21 @@ def test_ci_runs_the_first_commands_install_without_extras():
     assert "[" not in install  # no extras
     ci = (REPO_ROOT / ".ci" / "run").read_text()
     assert install.replace(".venv", ".venv-core") + " && diffcxr-aug run recipes/smoke.yaml" in ci
+
+
+def test_readme_headline_tables_are_those_of_the_committed_results():
+    """The front page's tables are what the headline run's own results.csv gives (the recipe scores against the
+    phantom world's truth), so a rerun of the recipe, which rewrites its summary from results.csv, reproduces them."""
+    import yaml
+
+    from diffcxr_aug.augment.sweep import headline_markdown, read_results, scored_view
+
+    recipe = yaml.safe_load((REPO_ROOT / "recipes" / "augment-phantom128.yaml").read_text())
+    results = read_results(REPO_ROOT / "docs" / "results" / "augment_phantom128" / "results.csv")
+    assert {"generated", "dkim", "dkim-balanced", "ceiling"} == set(results["source"]) - {"none"}
+    assert set(results["seed"]) == set(recipe["classifier"]["seeds"])
+    tables = headline_markdown(scored_view(results, recipe["classifier"]["metric"]))
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert tables.strip() in readme
+    summary = (REPO_ROOT / "docs" / "results" / "augment_phantom128" / "summary.md").read_text()
+    assert tables.strip() in summary
