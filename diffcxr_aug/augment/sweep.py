@@ -678,6 +678,13 @@ def _mean_std(mean: float, std: float) -> str:
     return f"{_fmt(mean)} ± {_fmt(std)}"
 
 
+def _gap_closed_text(gap_closed: float, gap_closed_std: float) -> str:
+    """``74% ± 8%`` (the share of the gap closed, ± its seed-by-seed std when known); ``""`` when there is no gap."""
+    if math.isnan(gap_closed):
+        return ""
+    return f"{100 * gap_closed:.0f}%" + ("" if math.isnan(gap_closed_std) else f" ± {100 * gap_closed_std:.0f}%")
+
+
 def headline_markdown(results: pd.DataFrame) -> str:
     """The two headline tables (the README's front page shows them as they are): test mAUC, and the paired gain
     over real-only with the share of the gap to all real it closes, one row per real fraction x synthetic mode
@@ -694,11 +701,11 @@ def headline_markdown(results: pd.DataFrame) -> str:
     gains = paired_gains(results).set_index(["real_frac", "mode", "source"])
     present = set(results.loc[results["mode"] != "real", "source"])
     sources = [s for s in SOURCE_ORDER if s in present] + sorted(present - set(SOURCE_ORDER))
-    modes = [m for m in MODES if m not in ("real", "synthetic-only") and m in set(results["mode"])]
+    modes = [m for m in MODES if m not in ("real", SYNTHETIC_ONLY) and m in set(results["mode"])]
     fracs = sorted(f for f in results.loc[results["mode"] == "real", "real_frac"].unique())
     rows = [(f, m) for f in fracs for m in modes]
-    if "synthetic-only" in set(results["mode"]):
-        rows.append((0.0, "synthetic-only"))
+    if SYNTHETIC_ONLY in set(results["mode"]):
+        rows.append((SYNTHETIC_ONLY_FRAC, SYNTHETIC_ONLY))
 
     def real_only(frac: float) -> str:
         key = (frac, "real", NO_SOURCE)
@@ -710,15 +717,11 @@ def headline_markdown(results: pd.DataFrame) -> str:
         key = (frac, "real", NO_SOURCE)
         return f"{stats.loc[key, 'n_real']:,.0f}" if key in stats.index else "0"
 
-    head = "| real fraction | n real | mode | " + " | ".join(sources) + " |"
-    rule = "|---:|---:|---|" + "---|" * len(sources)
-    mauc = [
-        "| real fraction | n real | mode | real only | " + " | ".join(sources) + " |",
-        "|---:|---:|---|---|" + "---|" * len(sources),
-    ]
-    gain = [head, rule]
+    columns, rule = " | ".join(sources) + " |", "---|" * len(sources)
+    mauc = [f"| real fraction | n real | mode | real only | {columns}", f"|---:|---:|---|---|{rule}"]
+    gain = [f"| real fraction | n real | mode | {columns}", f"|---:|---:|---|{rule}"]
     for frac, mode in rows:
-        control = f"all real: {real_only(1.0)}" if mode == "synthetic-only" else real_only(frac)
+        control = f"all real: {real_only(1.0)}" if mode == SYNTHETIC_ONLY else real_only(frac)
         cells, gain_cells = [], []
         for source in sources:
             key = (frac, mode, source)
@@ -728,12 +731,11 @@ def headline_markdown(results: pd.DataFrame) -> str:
                 continue
             g = gains.loc[key]
             text = f"{g.gain_mean:+.3f} ± {g.gain_std:.3f}"
-            if not math.isnan(g.gap_closed):
-                spread = "" if math.isnan(g.gap_closed_std) else f" ± {100 * g.gap_closed_std:.0f}%"
-                text += f", {100 * g.gap_closed:.0f}%{spread}"
+            closed = _gap_closed_text(g.gap_closed, g.gap_closed_std)
+            text += f", {closed}" if closed else ""
             text = {1: f"**{text}**", -1: f"{text} (worse)", 0: text}[int(g.outside_spread)]
             gain_cells.append(text)
-        name = "synthetic only (no real image)" if mode == "synthetic-only" else mode
+        name = "synthetic only (no real image)" if mode == SYNTHETIC_ONLY else mode
         lead = f"| {frac:g} | {n_real(frac)} | {name} |"
         mauc.append(f"{lead} {control} | " + " | ".join(cells) + " |")
         gain.append(f"{lead} " + " | ".join(gain_cells) + " |")
@@ -777,7 +779,7 @@ def summary_markdown(results: pd.DataFrame, title: str = "", scored: str = "") -
     for r in stats.itertuples():
         lines.append(
             f"| {r.real_frac:g} | {r.mode} | {r.source} | {r.n_real:.0f} | {r.n_synthetic:.0f} | {r.seeds} | "
-            f"{_fmt(r.mauc_mean)} ± {_fmt(r.mauc_std)} | {_fmt(r.ci_low)}–{_fmt(r.ci_high)} |"
+            f"{_mean_std(r.mauc_mean, r.mauc_std)} | {_fmt(r.ci_low)}–{_fmt(r.ci_high)} |"
         )
     gains = paired_gains(results)
     if len(gains):
@@ -797,9 +799,7 @@ def summary_markdown(results: pd.DataFrame, title: str = "", scored: str = "") -
             "|---:|---|---|---|---|---:|---:|",
         ]
         for r in gains.itertuples():
-            closed = "n/a" if math.isnan(r.gap_closed) else f"{100 * r.gap_closed:.0f}%"
-            if not math.isnan(r.gap_closed) and not math.isnan(r.gap_closed_std):
-                closed += f" ± {100 * r.gap_closed_std:.0f}%"
+            closed = _gap_closed_text(r.gap_closed, r.gap_closed_std) or "n/a"
             kept = f"{r.kept_start}/{r.pairs}" if r.mode == "pretrain-finetune" else "–"
             gain = f"{r.gain_mean:+.3f} ± {r.gain_std:.3f} ({r.pairs} seeds)"
             if r.against != r.real_frac:
