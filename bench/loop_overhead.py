@@ -14,6 +14,10 @@ interleaved in blocks so that a drifting machine affects every variant alike:
 - ``accelerate``: the objective and optimiser through ``accelerate``'s ``prepare`` (autocast on the forward only,
   outputs cast to fp32), ``accelerator.backward`` and ``accelerator.clip_grad_norm_``, as the loop runs them.
 
+With ``--compile`` every variant runs its networks compiled, as ``train-generator --compile`` does
+(``compile_networks``: UNet, token squeeze, image tower); each variant's first steps, which compile (and, for the
+varying text lengths, recompile), are timed apart and printed as its compile seconds.
+
 Prints the median seconds a step of each and its ratio to ``bench``; never pass/fail.
 """
 
@@ -57,11 +61,14 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6, help="steps a block")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--compile", action="store_true", help="the networks under torch.compile, as the loop's")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from accelerate import Accelerator
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from diffcxr_aug.generator.training import compile_networks
 
     device = torch.device("cpu")
     parts = build(args.config, device, channels_last=False)
@@ -69,9 +76,12 @@ def main() -> None:
     cap, batch, latent = parts["cfg"].max_text_tokens, args.batch_size, parts["latent"]
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     wrapped = copy.deepcopy(objective)
+    if args.compile:
+        compile_networks(objective)
+        compile_networks(wrapped)
     wrapped_optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
     wrapped, wrapped_optimizer = accelerator.prepare(wrapped, wrapped_optimizer)
-    lengths = batch_lengths(args.manifest, batch, args.blocks * args.steps * 4 + 8, cap)
+    lengths = batch_lengths(args.manifest, batch, args.blocks * args.steps * 4 + 16, cap)
 
     def inputs(length: int) -> tuple:
         latents = torch.randn(batch, 4, latent, latent)
@@ -103,10 +113,18 @@ def main() -> None:
         "text-buckets": lambda i: plain(-(-lengths[i] // 64) * 64),
         "accelerate": lambda i: through_accelerate(cap),
     }
-    for fn in variants.values():  # warm-up
-        fn(0)
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    warmup = 3 if args.compile else 1  # compiled: a few lengths, so the varying shapes have recompiled
+    first: dict[str, float] = {}
     i = 0
+    for name, fn in variants.items():  # warm-up (and compile)
+        start = time.perf_counter()
+        for _ in range(warmup):
+            fn(i)
+            i += 1
+        first[name] = time.perf_counter() - start
+    if args.compile:
+        print("warm-up (compile and first steps): " + ", ".join(f"{k} {v:.0f} s" for k, v in first.items()))
+    times: dict[str, list[float]] = {k: [] for k in variants}
     for block in range(args.blocks):
         for name, fn in variants.items():
             start = time.perf_counter()
@@ -117,7 +135,8 @@ def main() -> None:
         print(f"block {block}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), flush=True)
     base = statistics.median(times["bench"])
     source = f"from {args.manifest}" if args.manifest else "120-256 uniform"
-    print(f"\n{args.config}, batch {batch}, {torch.get_num_threads()} threads, text lengths {source} "
+    compiled = ", compiled" if args.compile else ""
+    print(f"\n{args.config}{compiled}, batch {batch}, {torch.get_num_threads()} threads, text lengths {source} "
           f"(median {int(np.median(lengths))})")  # fmt: skip
     print("| variant | s/step (median of blocks) | / bench |\n|---|---|---|")
     for name, values in times.items():

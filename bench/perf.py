@@ -221,14 +221,17 @@ def sampling_figures(parts: dict[str, Any], batch: int, precision: str, attentio
 
 
 def compile_rows(args: argparse.Namespace, device: torch.device, eager: list[dict]) -> list:
-    """The eager rows' settings again with the UNet under ``torch.compile``; each row also records the compile time
+    """The eager rows' settings again with the step's networks (UNet, token squeeze, image tower) under
+    ``torch.compile``, in place as ``train-generator --compile`` compiles them; each row also records the compile time
     (the training call's time beyond its timed steps, so the FLOP-count pass counts as compile time: an upper
     bound) and after how many steps the compiled step has paid for it. Sampling recompiles for inference; that
     compile is not counted."""
+    from diffcxr_aug.generator.training import compile_networks
+
     rows = []
     for row in [r for r in eager if not r["channels_last"]]:
         parts = build(args.config, device, channels_last=False)
-        parts["objective"].unet = torch.compile(parts["objective"].unet)
+        compile_networks(parts["objective"])  # as train-generator's `compile: true` does
         started = time.perf_counter()
         train = train_step_figures(parts, args.batch_size, row["precision"], row["attention"], device, args.repeats)
         total = time.perf_counter() - started  # the compile, the FLOP count and the timed steps
@@ -276,7 +279,7 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also time the UNet under torch.compile (inductor): compile seconds, and the steps it takes to pay",
+        help="also time the step's networks (UNet, token squeeze, image tower) under torch.compile (inductor), as train-generator --compile runs them: compile seconds, and the steps it takes to pay",
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")

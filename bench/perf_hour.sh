@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 15's acceptance run: the phantom-128 recipe's hour with the fast settings (bf16 autocast, the math
-# attention backend and the compiled UNet: the recipe's defaults on a CPU with native bf16) against the fp32 hour
+# attention backend and the compiled UNet, token squeeze and image tower: the recipe's defaults on a CPU with native bf16) against the fp32 hour
 # (fp32, torch's default attention, eager: the settings before), at equal wall time, on the same machine, from one LNFS filter (its VAE and kept
 # images are shared), sampled from the same prompts and seeds and scored by one `evaluate` (paired intervals).
 # Then the sampler sweep on the fast model: DPM-Solver++ and UniPC at 10, 15, 25 and 50 steps (bf16 sampling).
@@ -13,6 +13,8 @@ N=${2:-300}
 R=recipes/phantom-128.yaml
 D=$O/data
 export OMP_NUM_THREADS=2
+# The compiled arm compiles cold, as on a machine's first run: inductor's cache lives in the run's folder.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/$O/inductor-cache}
 [ -f $D/manifest.csv ] || diffcxr-aug prepare phantom --out $D --n 3000 --size 128 --seed 0
 if [ ! -f $O/filtered/filter_report.json ]; then  # the VAE and the filter, timed together (filter_time.txt)
   s=$(date +%s)

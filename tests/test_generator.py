@@ -392,10 +392,10 @@ def test_the_smallest_settings_train_and_sample(trained, tmp_path):
     assert result.exit_code == 2 and "'unipc' -> 'ddim'" in result.output and "--sampler unipc" in result.output
 
 
-def test_compiled_unet_trains_like_the_eager_one(trained, tmp_path):
-    """``compile: true`` runs the UNet's training steps through inductor (graphs are compiled), in place: the same
-    first-step loss as eager (to compiler rounding), the same checkpoint keys, grids drawn eagerly, a loadable
-    pipeline, and the run records it."""
+def test_compiled_networks_train_like_the_eager_ones(trained, tmp_path):
+    """``compile: true`` runs the UNet, the token squeeze and the image tower through inductor (graphs are
+    compiled), in place, with every text batch padded to one length: the same first-step loss as eager (to compiler
+    rounding), the same checkpoint keys, grids drawn eagerly, a loadable pipeline, and the run records it."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -405,7 +405,7 @@ def test_compiled_unet_trains_like_the_eager_one(trained, tmp_path):
     train_generator(trained["data"], eager, GeneratorSection(max_steps=2, **settings), device="cpu")
     assert sum(counters["stats"].values()) == 0  # nothing compiled so far
     train_generator(trained["data"], compiled, GeneratorSection(max_steps=2, compile=True, **settings), device="cpu")
-    assert counters["stats"]["unique_graphs"] >= 1
+    assert counters["stats"]["unique_graphs"] >= 3  # at least one graph for each of the three networks
     losses = [pd.read_csv(out / "logs" / "loss.csv")["loss"] for out in (eager, compiled)]
     assert losses[1].iloc[0] == pytest.approx(losses[0].iloc[0], rel=1e-3)
     keys = [set(load_file(out / "checkpoints" / "checkpoint-2" / CHECKPOINT_WEIGHTS)) for out in (eager, compiled)]
@@ -413,6 +413,7 @@ def test_compiled_unet_trains_like_the_eager_one(trained, tmp_path):
     assert (compiled / "samples" / "step-000002.png").is_file()
     info = json.loads((compiled / "training_info.json").read_text())
     assert info["compiled"] is True and json.loads((eager / "training_info.json").read_text())["compiled"] is False
+    assert info["compiled_networks"] == ["unet", "token_squeeze", "image_tower"]
     images = DiffCXRPipeline.from_pretrained(compiled)(["Clear lungs."], num_inference_steps=2, output_type="np")
     assert np.isfinite(images.images).all()
     torch._dynamo.reset()
