@@ -279,7 +279,8 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also time the step's networks (UNet, token squeeze, image tower) under torch.compile (inductor), as train-generator --compile runs them: compile seconds, and the steps it takes to pay",
+        help="also time the step's networks (UNet, token squeeze, image tower) under torch.compile (inductor), "
+        "as train-generator --compile runs them: compile seconds, and the steps it takes to pay",
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
