@@ -26,8 +26,12 @@ def _settings(info: dict) -> str:
     attention = {"math": "math attention", "default": "torch's default attention"}.get(
         info.get("attention", "default")
     )
+    # Runs before compile_networks compiled the UNet alone and did not record the list.
+    compiled = info.get("compiled_networks") or (["unet"] if info.get("compiled") else [])
+    names = {"unet": "UNet", "token_squeeze": "token squeeze", "image_tower": "image tower", "adapter": "adapter"}
     return ", ".join(
-        [precision, attention or str(info.get("attention"))] + (["compiled UNet"] if info.get("compiled") else [])
+        [precision, attention or str(info.get("attention"))]
+        + (["compiled " + ", ".join(names.get(n, n) for n in compiled)] if compiled else [])
     )
 
 
@@ -43,6 +47,8 @@ def _arm(out: Path, name: str) -> dict:
         "minutes": minutes,
         "seconds_per_step": 60 * minutes / info["steps"],
         "loss_last_200_steps": float(loss["loss"].tail(200).mean()),
+        # The loop's clock at the end of step 1: setting up, and for a compiled arm its compile.
+        "first_step_s": float(loss["elapsed_s"].iloc[0]),
     }
 
 
@@ -104,17 +110,20 @@ def summarize(out: Path) -> dict:
 
 def markdown(s: dict) -> str:
     lines = [
-        f"VAE + LNFS filter (shared by both arms; this run's filter trained the VAE): {s['filter_minutes']:.1f} min. "
-        f"Step ratio fast / fp32: "
+        f"VAE + LNFS filter (shared by both arms): {s['filter_minutes']:.1f} min. Step ratio fast / fp32: "
         f"{s['step_ratio']:.2f}x.",
         "",
-        "| arm | settings | steps | minutes | s/step | loss (last 200 steps) | FID | KID x1000 | faithfulness mAUC |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | settings | steps | minutes | first step ends at (s) | s/step | loss (last 200 steps) | FID "
+        "| KID x1000 "
+        "| faithfulness mAUC |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, arm in s["arms"].items():
         st = s["sets"][name]
+        first = arm.get("first_step_s")
         lines.append(
-            f"| {name} | {arm['settings']} | {arm['steps']} | {arm['minutes']:.1f} | {arm['seconds_per_step']:.3f} "
+            f"| {name} | {arm['settings']} | {arm['steps']} | {arm['minutes']:.1f} "
+            f"| {'' if first is None else f'{first:.0f}'} | {arm['seconds_per_step']:.3f} "
             f"| {arm['loss_last_200_steps']:.4f} | {st['fid']:.2f} "
             f"| {1000 * st['kid']:.1f} ± {1000 * st['kid_std']:.1f} "
             f"| {st['faithfulness']:.3f} [{st['faithfulness_ci95'][0]:.3f}, {st['faithfulness_ci95'][1]:.3f}] |"
@@ -125,10 +134,13 @@ def markdown(s: dict) -> str:
         f"bf16 sampling - fp32 sampling of the fast model: {_fmt_diff(s['bf16_sampling_minus_fp32_sampling'])} "
         f"(FID {s['sets']['fast-bf16']['fid']:.2f} vs {s['sets']['fast']['fid']:.2f}). Floor FID (real vs real) "
         f"{s['floor_fid']:.2f}; real test faithfulness {s['real_test_faithfulness']:.3f}.",
-        "",
-        "| sampler | steps | GFLOPs / image | FID | faithfulness mAUC | vs DPM-Solver++ 25 (paired) | img/s |",
-        "|---|---|---|---|---|---|---|",
     ]
+    if s["sweep"]:  # SWEEP=0 runs have none
+        lines += [
+            "",
+            "| sampler | steps | GFLOPs / image | FID | faithfulness mAUC | vs DPM-Solver++ 25 (paired) | img/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
     for key, row in s["sweep"].items():
         sampler, steps = key.rsplit(" ", 1)
         ips, gflops = row["images_per_second"], row["gflops_per_image"]
@@ -152,8 +164,8 @@ def main() -> None:
     print(text)
     if args.dest:
         args.dest.mkdir(parents=True, exist_ok=True)
-        for name in ("summary.json", "summary.md", "filtered/filter_report.json", "evaluation/report.md",
-                     "evaluation/report.json"):  # fmt: skip
+        for name in ("summary.json", "summary.md", "filtered/filter_report.json", "filter_time.txt",
+                     "evaluation/report.md", "evaluation/report.json"):  # fmt: skip
             shutil.copy(args.out / name, args.dest / Path(name).name)
         for arm in ARMS:
             for name in ("training_info.json", "logs/loss.csv"):

@@ -275,8 +275,9 @@ class GeneratorSection(Section):
     )
     compile: bool = Field(
         False,
-        description="torch.compile the UNet (inductor) for training: minutes of compiling first, faster steps after "
-        "(bench/perf.py --compile prints both and the step it pays at); sample grids and saving run it eagerly",
+        description="torch.compile (inductor) the networks a training step runs (UNet, token squeeze, image tower, "
+        "DKIM adapter): minutes of compiling first, faster steps after (bench/perf.py --compile prints both and the "
+        "step it pays at); sample grids and saving run them eagerly",
     )
 
     @field_validator("dkim_templates", mode="before")
