@@ -148,3 +148,18 @@ def test_synthesize_with_a_dkim_generator_records_knowledge(stages, tmp_path):
     assert "meta_knowledge" not in read_manifest(plain).frame.columns
     for name in read_manifest(plain).frame["image_path"]:
         assert np.array_equal(np.asarray(Image.open(zero.parent / name)), np.asarray(Image.open(plain.parent / name)))
+
+
+def test_stage2_compiled_trains_like_the_eager_run(stages, tmp_path):
+    """``compile: true`` in stage 2 compiles the adapter beside the frozen UNet and squeeze: the same first-step
+    loss as the eager stage-2 run of the fixture (to compiler rounding), and the run records what it compiled."""
+    torch._dynamo.reset()
+    section = GeneratorSection(max_steps=2, compile=True, knowledge_cfg_dropout=0.25, **TINY)
+    out = tmp_path / "dkim-compiled"
+    train_generator(stages["data"], out, section, stage=2, generator=stages["gen"], device="cpu")
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["compiled_networks"] == ["unet", "token_squeeze", "adapter"]
+    losses = [pd.read_csv(folder / "logs" / "loss.csv")["loss"] for folder in (stages["dkim"], out)]
+    assert losses[1].iloc[0] == pytest.approx(losses[0].iloc[0], rel=1e-3)
+    assert set(_weights(out, "adapter")) == set(_weights(stages["dkim"], "adapter"))
+    torch._dynamo.reset()

@@ -285,8 +285,8 @@ def compile_networks(objective: DiffusionObjective) -> list[str]:
     """``torch.compile`` (inductor) the networks a training step runs: the UNet, the token squeeze, the image tower
     and the DKIM adapter, where present. In place (``nn.Module.compile``): each module, its parameters and its
     state-dict keys stay what they were, so checkpoints, the EMA and the saved pipeline are the eager ones'.
-    Returns the names compiled. On 2 CPU cores the squeeze and the tower gain as much as the UNet
-    (``bench/loop_overhead.py --compile``)."""
+    Returns the names compiled. On 2 CPU cores compiling the squeeze and the tower saves nearly as much a step as
+    compiling the UNet (``bench/compile_scope.py``)."""
     names = []
     for name in ("unet", "token_squeeze", "image_tower", "adapter"):
         module = getattr(objective, name)
