@@ -26,6 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import perf  # noqa: E402
 
+from diffcxr_aug.generator.training import compile_networks  # noqa: E402
+
 
 def main() -> None:
     blocks = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -38,18 +40,17 @@ def main() -> None:
         if fused:
             parts["optimizer"] = torch.optim.AdamW(parts["params"], lr=1e-4, fused=True)
         objective = parts["objective"]
-        if "unet" in compiled:
+        if compiled == "unet":
             objective.unet.compile()
-        if "sq" in compiled:
-            objective.token_squeeze.compile()
-            objective.image_tower.compile()
+        elif compiled == "all":
+            compile_networks(objective)  # UNet, token squeeze, image tower: what train-generator --compile compiles
         arms[name] = (parts, precision, attention)
 
     make("fp32", "no", "default", "")
     make("bf16", "bf16", "math", "")
     make("bf16+unet", "bf16", "math", "unet")
-    make("bf16+unet+sq", "bf16", "math", "unet sq")
-    make("bf16+unet+sq+fused", "bf16", "math", "unet sq", fused=True)
+    make("bf16+unet+sq", "bf16", "math", "all")
+    make("bf16+unet+sq+fused", "bf16", "math", "all", fused=True)
     times: dict[str, list[float]] = {k: [] for k in arms}
     for block in range(blocks):
         for name, (parts, precision, attention) in arms.items():

@@ -120,10 +120,9 @@ def markdown(s: dict) -> str:
     ]
     for name, arm in s["arms"].items():
         st = s["sets"][name]
-        first = arm.get("first_step_s")
         lines.append(
             f"| {name} | {arm['settings']} | {arm['steps']} | {arm['minutes']:.1f} "
-            f"| {'' if first is None else f'{first:.0f}'} | {arm['seconds_per_step']:.3f} "
+            f"| {arm['first_step_s']:.0f} | {arm['seconds_per_step']:.3f} "
             f"| {arm['loss_last_200_steps']:.4f} | {st['fid']:.2f} "
             f"| {1000 * st['kid']:.1f} ± {1000 * st['kid_std']:.1f} "
             f"| {st['faithfulness']:.3f} [{st['faithfulness_ci95'][0]:.3f}, {st['faithfulness_ci95'][1]:.3f}] |"
