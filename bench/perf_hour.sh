@@ -4,7 +4,11 @@
 # (fp32, torch's default attention, eager: the settings before), at equal wall time, on the same machine, from one LNFS filter (its VAE and kept
 # images are shared), sampled from the same prompts and seeds and scored by one `evaluate` (paired intervals).
 # Then the sampler sweep on the fast model: DPM-Solver++ and UniPC at 10, 15, 25 and 50 steps (bf16 sampling).
-#   [SWEEP=0] bash bench/perf_hour.sh [OUT=runs/p128v4] [N=300]      (SWEEP=0: the two arms only, no sampler sweep)
+#   [SWEEP=0] [WARM=1] bash bench/perf_hour.sh [OUT=runs/p128v4] [N=300]
+# SWEEP=0: the two arms only, no sampler sweep. WARM=1: a one-step run of the fast arm's settings first, outside the
+# clock (timed in OUT/warmup_time.txt), so the arm finds inductor's cache warm, as every run after a machine's first does;
+# without it the arm compiles cold inside its hour. During each arm OUT/monitor-NAME.txt logs the box every 30 s (load,
+# /proc/stat's cpu line with its steal column, the busiest processes).
 # Every step is resumable: rerunning skips what is done (delete OUT/evaluation to evaluate again). DEST=DIR copies
 # the small records there (bench/perf_hour_summary.py --dest).
 set -euo pipefail
@@ -13,6 +17,7 @@ N=${2:-300}
 R=recipes/phantom-128.yaml
 D=$O/data
 export OMP_NUM_THREADS=2
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # the monitor, should an arm fail
 # The compiled arm compiles cold, as on a machine's first run: inductor's cache lives in the run's folder.
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/$O/inductor-cache}
 [ -f $D/manifest.csv ] || diffcxr-aug prepare phantom --out $D --n 3000 --size 128 --seed 0
@@ -25,11 +30,28 @@ fi
 VAE=$O/vae
 [ -d $VAE ] || VAE=$O/filtered/vae  # the 2026-12-03 record: made before train-vae, its filter trained the VAE
 # max-steps far above what the hour allows: the recipe's 47-minute time limit stops both arms.
+monitor() {  # monitor FILE: what else the box did, every 30 s, until killed
+  while sleep 30; do
+    echo "$(date -u +%T) load $(cut -d' ' -f1-3 /proc/loadavg) | $(head -1 /proc/stat) |" \
+      "$(ps -eo pcpu=,comm= --sort=-pcpu | head -3 | tr -s ' ' | tr '\n' ';')"
+  done >> "$1"
+}
 arm() {  # arm NAME OPTIONS...
   local name=$1; shift
-  [ -f $O/gen-$name/training_info.json ] || diffcxr-aug train-generator --data $O/filtered --vae $VAE \
+  [ -f $O/gen-$name/training_info.json ] && return
+  monitor $O/monitor-$name.txt & local mon=$!
+  diffcxr-aug train-generator --data $O/filtered --vae $VAE \
     --out $O/gen-$name --recipe $R --max-steps 100000 "$@" > $O/train-$name.log 2>&1
+  kill $mon
 }
+if [ "${WARM:-0}" = 1 ] && [ ! -f $O/warmup_time.txt ] && [ ! -f $O/gen-fast/training_info.json ]; then
+  s=$(date +%s)
+  rm -rf $O/warmup
+  diffcxr-aug train-generator --data $O/filtered --vae $VAE --out $O/warmup --recipe $R --max-steps 1 \
+    > $O/warmup.log 2>&1
+  echo "warmup_s $(( $(date +%s) - s ))" > $O/warmup_time.txt
+  rm -rf $O/warmup
+fi
 arm fast
 arm fp32 --mixed-precision no --attention default --no-compile
 syn() {  # syn NAME GENERATOR OPTIONS...

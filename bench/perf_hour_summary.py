@@ -3,7 +3,8 @@
     python bench/perf_hour_summary.py runs/p128v4 [--dest docs/results/perf_hour]
 
 Writes ``OUT/summary.md`` and ``OUT/summary.json`` (and with ``--dest`` copies them there, with the small records:
-training_info.json and loss.csv of each arm, the filter report, the evaluation's report.md and report.json).
+training_info.json and loss.csv of each arm, the filter report, the evaluation's report.md and report.json, the
+warm-up's time and the box monitor's logs where the run has them).
 """
 
 from __future__ import annotations
@@ -52,6 +53,20 @@ def _arm(out: Path, name: str) -> dict:
     }
 
 
+def _box(out: Path, name: str) -> dict | None:
+    """The box during an arm, from ``monitor-NAME.txt`` (``perf_hour.sh`` logs it every 30 s; older runs lack it):
+    the median 1-minute load and the share of CPU time the hypervisor stole, from /proc/stat's first and last line."""
+    path = out / f"monitor-{name}.txt"
+    lines = [line.split("|") for line in path.read_text().splitlines() if "|" in line] if path.exists() else []
+    if len(lines) < 2:
+        return None
+    loads = sorted(float(line[0].split()[2]) for line in lines)
+    first, last = ([int(x) for x in line[1].split()[1:]] for line in (lines[0], lines[-1]))
+    delta = [b - a for a, b in zip(first, last, strict=True)]
+    return {"load_1min_median": loads[len(loads) // 2], "steal_share": delta[7] / max(sum(delta[:8]), 1),
+            "samples": len(lines)}  # fmt: skip
+
+
 def _paired(report: dict, a: str, b: str) -> dict | None:
     for row in report["paired"]:
         if {row["a"], row["b"]} == {a, b} and row.get("ci95") and row.get("mauc_difference") is not None:
@@ -83,6 +98,9 @@ def summarize(out: Path) -> dict:
     report = json.loads((out / "evaluation" / "report.json").read_text())
     filter_s = float((out / "filter_time.txt").read_text().split()[1])
     arms = {name: _arm(out, name) for name in ARMS}
+    for name in ARMS:
+        arms[name]["box"] = _box(out, name)
+    warmup = out / "warmup_time.txt"  # WARM=1: the fast arm's networks compiled before its clock started
     sets = {name: _set(report, name) for name in report["synthetic"]}
     sweep = {}
     for sampler, prefix in (("dpm-solver++", "dpm"), ("unipc", "unipc")):
@@ -98,6 +116,7 @@ def summarize(out: Path) -> dict:
         "filter_minutes": filter_s / 60,
         "arms": arms,
         "step_ratio": arms["fast"]["steps"] / arms["fp32"]["steps"],
+        "warmup_s": float(warmup.read_text().split()[1]) if warmup.exists() else None,
         "sets": sets,
         "fast_minus_fp32": _paired(report, "fast", "fp32"),
         "bf16_sampling_minus_fp32_sampling": _paired(report, "fast-bf16", "fast"),
@@ -111,7 +130,13 @@ def summarize(out: Path) -> dict:
 def markdown(s: dict) -> str:
     lines = [
         f"VAE + LNFS filter (shared by both arms): {s['filter_minutes']:.1f} min. Step ratio fast / fp32: "
-        f"{s['step_ratio']:.2f}x.",
+        f"{s['step_ratio']:.2f}x. Inductor's cache: "
+        + (
+            "cold (the fast arm compiled inside its hour)."
+            if s.get("warmup_s") is None
+            else f"warm (a one-step run of the fast arm's settings compiled first, outside the clock: "
+            f"{s['warmup_s']:.0f} s)."
+        ),
         "",
         "| arm | settings | steps | minutes | first step ends at (s) | s/step | loss (last 200 steps) | FID "
         "| KID x1000 "
@@ -134,6 +159,17 @@ def markdown(s: dict) -> str:
         f"(FID {s['sets']['fast-bf16']['fid']:.2f} vs {s['sets']['fast']['fid']:.2f}). Floor FID (real vs real) "
         f"{s['floor_fid']:.2f}; real test faithfulness {s['real_test_faithfulness']:.3f}.",
     ]
+    boxes = [(name, arm["box"]) for name, arm in s["arms"].items() if arm.get("box")]
+    if boxes:
+        lines += [
+            "",
+            "The box during each arm (monitor-NAME.txt): "
+            + "; ".join(
+                f"{name}: median load {b['load_1min_median']:.2f}, steal {100 * b['steal_share']:.1f}% of CPU time"
+                for name, b in boxes
+            )
+            + ".",
+        ]
     if s["sweep"]:  # SWEEP=0 runs have none
         lines += [
             "",
@@ -166,6 +202,9 @@ def main() -> None:
         for name in ("summary.json", "summary.md", "filtered/filter_report.json", "filter_time.txt",
                      "evaluation/report.md", "evaluation/report.json"):  # fmt: skip
             shutil.copy(args.out / name, args.dest / Path(name).name)
+        for name in ("warmup_time.txt", *(f"monitor-{arm}.txt" for arm in ARMS)):  # where the run has them
+            if (args.out / name).exists():
+                shutil.copy(args.out / name, args.dest / name)
         for arm in ARMS:
             for name in ("training_info.json", "logs/loss.csv"):
                 shutil.copy(args.out / f"gen-{arm}" / name, args.dest / f"{arm}_{Path(name).name}")
