@@ -18,7 +18,8 @@ R=recipes/phantom-128.yaml
 D=$O/data
 export OMP_NUM_THREADS=2
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # the monitor, should an arm fail
-# The compiled arm compiles cold, as on a machine's first run: inductor's cache lives in the run's folder.
+# The compiled arm compiles cold, as on a machine's first run (WARM=1 moves that out of its clock): inductor's
+# cache lives in the run's folder.
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/$O/inductor-cache}
 [ -f $D/manifest.csv ] || diffcxr-aug prepare phantom --out $D --n 3000 --size 128 --seed 0
 if [ ! -f $O/filtered/filter_report.json ]; then  # the VAE and the filter, timed together (filter_time.txt)
