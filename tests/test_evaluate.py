@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from scipy import linalg
 from typer.testing import CliRunner
 
@@ -239,10 +240,16 @@ def test_evaluate_cli_reports_every_measure_and_reuses_its_classifier(tmp_path):
     result = CliRunner().invoke(app, other_size)
     assert result.exit_code == 2 and "other settings" in result.output and "image_size" in result.output
     assert weights.stat().st_mtime_ns == stamp
-    # Weights without history.json are an interrupted training's: trained again, not trusted.
+    # Weights without history.json are an interrupted training's: trained again, not trusted. Trained again from the
+    # same seed, after this process's random state has moved on, they are the same weights (the augmentation draws
+    # are seeded too).
+    first = load_file(weights)
     (out / "reference_classifier" / "history.json").unlink()
+    torch.rand(7)
     assert CliRunner().invoke(app, args).exit_code == 0
     assert weights.stat().st_mtime_ns != stamp and (out / "reference_classifier" / "history.json").is_file()
+    retrained = load_file(weights)
+    assert first.keys() == retrained.keys() and all(torch.equal(first[k], retrained[k]) for k in first)
 
 
 def test_evaluate_bad_input_is_one_line_and_names_the_problem(tmp_path):
