@@ -371,29 +371,28 @@ def _train_run(
             ]
         )
         epochs = section.pretrain_epochs if stage.name == "pretrain" and section.pretrain_epochs else section.epochs
-        # Each stage starts from the seed, so its random draws do not depend on whether an earlier stage ran in
-        # this process or was reused from disk.
-        with seeded(seed, device):
-            result = train_classifier(
-                model,
-                train_set,
-                d.val_set,
-                stage_dir,
-                d.classifier_config,
-                epochs=epochs,
-                batch_size=section.batch_size,
-                learning_rate=section.learning_rate,
-                weight_decay=section.weight_decay,
-                patience=section.patience,
-                uncertainty=section.uncertainty,
-                samples_per_epoch=section.samples_per_epoch,
-                device=device,
-                seed=seed,
-                num_workers=section.num_workers,
-                evaluate_start=stage.evaluate_start,
-                progress=progress,
-                desc=f"{name} {stage.name}",
-            )
+        # Each stage starts from the seed (train_classifier seeds its draws), so its random draws do not depend on
+        # whether an earlier stage ran in this process or was reused from disk.
+        result = train_classifier(
+            model,
+            train_set,
+            d.val_set,
+            stage_dir,
+            d.classifier_config,
+            epochs=epochs,
+            batch_size=section.batch_size,
+            learning_rate=section.learning_rate,
+            weight_decay=section.weight_decay,
+            patience=section.patience,
+            uncertainty=section.uncertainty,
+            samples_per_epoch=section.samples_per_epoch,
+            device=device,
+            seed=seed,
+            num_workers=section.num_workers,
+            evaluate_start=stage.evaluate_start,
+            progress=progress,
+            desc=f"{name} {stage.name}",
+        )
     return model, result
 
 

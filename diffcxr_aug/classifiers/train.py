@@ -211,52 +211,56 @@ def train_classifier(
         y_true, y_score = predict(model, val_set, device, eval_batch, num_workers, progress, desc=f"{desc} {tag} val")
         return per_label_auc(y_true, y_score).mauc
 
-    best, best_epoch, stale, step, history = -math.inf, -1, 0, 0, []
-    if evaluate_start:
-        best, best_epoch = validate("start"), 0
-        save_classifier(model, config, checkpoint_dir)
-        history.append({"epoch": 0, "train_loss": None, "val_mauc": best, "lr": None, "step": 0})
-        logger.info("%s: starting weights, val mAUC %.4f", desc, best)
-    epoch = 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        running, batches = 0.0, 0
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch}/{epochs}", disable=not progress, leave=False, unit="batch")
-        for batch in bar:
-            images = batch["image"].to(device, non_blocking=True)
-            targets = apply_uncertainty(batch["labels"], uncertainty).to(device, non_blocking=True)
-            loss = masked_bce_with_logits(model(images).float(), targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{desc}: loss is {loss.item()} at epoch {epoch}, step {step}; lower classifier.learning_rate"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            running += loss.item()
-            batches += 1
-            bar.set_postfix(loss=f"{running / batches:.4f}")
-        val_mauc = validate(f"epoch {epoch}")
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": running / max(batches, 1),
-                "val_mauc": val_mauc,
-                "lr": scheduler.get_last_lr()[0],
-                "step": step,
-            }
-        )
-        logger.info("%s epoch %d: train loss %.4f, val mAUC %.4f", desc, epoch, running / max(batches, 1), val_mauc)
-        if val_mauc > best:
-            best, best_epoch, stale = val_mauc, epoch, 0
+    # The augmentation (and each loader's base seed) draws from torch's default generator: seeded here, so a run
+    # does not depend on what the caller's process drew before it; the caller's state is restored afterwards.
+    with seeded(seed, device):
+        best, best_epoch, stale, step, history = -math.inf, -1, 0, 0, []
+        if evaluate_start:
+            best, best_epoch = validate("start"), 0
             save_classifier(model, config, checkpoint_dir)
-        else:
-            stale += 1
-            if stale >= patience:
-                logger.info("%s: no better val mAUC for %d epochs; stopping at epoch %d", desc, patience, epoch)
-                break
+            history.append({"epoch": 0, "train_loss": None, "val_mauc": best, "lr": None, "step": 0})
+            logger.info("%s: starting weights, val mAUC %.4f", desc, best)
+        epoch = 0
+        for epoch in range(1, epochs + 1):
+            model.train()
+            running, batches = 0.0, 0
+            bar = tqdm(loader, desc=f"{desc} epoch {epoch}/{epochs}", disable=not progress, leave=False, unit="batch")
+            for batch in bar:
+                images = batch["image"].to(device, non_blocking=True)
+                targets = apply_uncertainty(batch["labels"], uncertainty).to(device, non_blocking=True)
+                loss = masked_bce_with_logits(model(images).float(), targets)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"{desc}: loss is {loss.item()} at epoch {epoch}, step {step}; lower classifier.learning_rate"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                running += loss.item()
+                batches += 1
+                bar.set_postfix(loss=f"{running / batches:.4f}")
+            val_mauc = validate(f"epoch {epoch}")
+            train_loss = running / max(batches, 1)
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "val_mauc": val_mauc,
+                    "lr": scheduler.get_last_lr()[0],
+                    "step": step,
+                }
+            )
+            logger.info("%s epoch %d: train loss %.4f, val mAUC %.4f", desc, epoch, train_loss, val_mauc)
+            if val_mauc > best:
+                best, best_epoch, stale = val_mauc, epoch, 0
+                save_classifier(model, config, checkpoint_dir)
+            else:
+                stale += 1
+                if stale >= patience:
+                    logger.info("%s: no better val mAUC for %d epochs; stopping at epoch %d", desc, patience, epoch)
+                    break
     if best_epoch < 0:
         raise InputError(f"{desc}: validation mAUC was never finite; the validation split has no scorable label")
     model.load_state_dict(load_file(str(checkpoint_dir / WEIGHTS_NAME), device=str(device)))

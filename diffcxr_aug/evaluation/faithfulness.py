@@ -96,24 +96,21 @@ def reference_classifier(
     train_set = CXRDataset(train, size, labels, transform=build_transforms(config["mean"], config["std"], train=True))
     eval_tf = build_transforms(config["mean"], config["std"], train=False)
     val_set = CXRDataset(val, size, labels, transform=eval_tf)
-    # The augmentation draws from torch's default generator: seeded here too, so the judge does not depend on
-    # what this process drew before (the sweep's classifiers train the same way).
-    with seeded(seed, device):
-        train_classifier(
-            model,
-            train_set,
-            val_set,
-            folder,
-            classifier_config,
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            weight_decay=1e-4,
-            patience=max(2, epochs // 3),
-            device=device,
-            seed=seed,
-            desc="reference classifier",
-        )
+    train_classifier(
+        model,
+        train_set,
+        val_set,
+        folder,
+        classifier_config,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=1e-4,
+        patience=max(2, epochs // 3),
+        device=device,
+        seed=seed,
+        desc="reference classifier",
+    )
     return model.eval(), classifier_config
 
 
