@@ -30,7 +30,10 @@ if [ ! -f $O/filtered/filter_report.json ]; then  # the VAE and the filter, time
 fi
 VAE=$O/vae
 [ -d $VAE ] || VAE=$O/filtered/vae  # the 2026-12-03 record: made before train-vae, its filter trained the VAE
-# max-steps far above what the hour allows: the recipe's 47-minute time limit stops both arms.
+train() {  # train OUT OPTIONS...: the recipe's generator on the shared filter and VAE
+  local out=$1; shift
+  diffcxr-aug train-generator --data $O/filtered --vae $VAE --out $out --recipe $R "$@"
+}
 monitor() {  # monitor FILE: what else the box did, every 30 s, until killed
   while sleep 30; do
     echo "$(date -u +%T) load $(cut -d' ' -f1-3 /proc/loadavg) | $(head -1 /proc/stat) |" \
@@ -41,15 +44,14 @@ arm() {  # arm NAME OPTIONS...
   local name=$1; shift
   [ -f $O/gen-$name/training_info.json ] && return
   monitor $O/monitor-$name.txt & local mon=$!
-  diffcxr-aug train-generator --data $O/filtered --vae $VAE \
-    --out $O/gen-$name --recipe $R --max-steps 100000 "$@" > $O/train-$name.log 2>&1
+  # max-steps far above what the hour allows: the recipe's 47-minute time limit stops both arms.
+  train $O/gen-$name --max-steps 100000 "$@" > $O/train-$name.log 2>&1
   kill $mon
 }
 if [ "${WARM:-0}" = 1 ] && [ ! -f $O/warmup_time.txt ] && [ ! -f $O/gen-fast/training_info.json ]; then
   s=$(date +%s)
   rm -rf $O/warmup
-  diffcxr-aug train-generator --data $O/filtered --vae $VAE --out $O/warmup --recipe $R --max-steps 1 \
-    > $O/warmup.log 2>&1
+  train $O/warmup --max-steps 1 > $O/warmup.log 2>&1
   echo "warmup_s $(( $(date +%s) - s ))" > $O/warmup_time.txt
   rm -rf $O/warmup
 fi

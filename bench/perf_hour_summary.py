@@ -50,6 +50,7 @@ def _arm(out: Path, name: str) -> dict:
         "loss_last_200_steps": float(loss["loss"].tail(200).mean()),
         # The loop's clock at the end of step 1: setting up, and for a compiled arm its compile.
         "first_step_s": float(loss["elapsed_s"].iloc[0]),
+        "box": _box(out, name),
     }
 
 
@@ -98,8 +99,6 @@ def summarize(out: Path) -> dict:
     report = json.loads((out / "evaluation" / "report.json").read_text())
     filter_s = float((out / "filter_time.txt").read_text().split()[1])
     arms = {name: _arm(out, name) for name in ARMS}
-    for name in ARMS:
-        arms[name]["box"] = _box(out, name)
     warmup = out / "warmup_time.txt"  # WARM=1: the fast arm's networks compiled before its clock started
     sets = {name: _set(report, name) for name in report["synthetic"]}
     sweep = {}
