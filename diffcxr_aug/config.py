@@ -231,6 +231,13 @@ class GeneratorSection(Section):
     snr_gamma: float | None = Field(5.0, gt=0.0, description="min-SNR loss weighting (Hang et al. 2023); None: off")
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     max_steps: int = Field(2000, ge=1)
+    seeds: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="run: train stage 1 once per seed (generator-seed<S>/), each synthesizing the same prompts "
+        "with the same noise, so the classifier sweep measures the spread between generator trainings (its "
+        "results.csv gains generator_seed); None: one generator, seeded by the recipe's seed",
+    )
     time_limit_minutes: float | None = Field(
         None, gt=0, description="stop (checkpoint and pipeline saved) at the first step past this wall-clock time"
     )
@@ -340,7 +347,10 @@ class SynthesizeSection(Section):
 class ClassifierSection(Section):
     """timm classifiers over real fractions x modes x seeds (``train-classifier`` and recipes)."""
 
-    model: str = Field("resnet18", description="any timm model name")
+    model: str | list[str] = Field(
+        "resnet18",
+        description="any timm model name, or a list: the sweep runs every cell once per model (results.csv's model)",
+    )
     pretrained: bool = Field(False, description="start from the model's pretrained weights (hub or local cache)")
     pretrained_file: Path | None = Field(None, description="local weights file used as the pretrained weights")
     image_size: int | None = Field(

@@ -34,9 +34,11 @@ def _generator_images(recipe: Recipe) -> float:
 
 def _classifier_seconds(recipe: Recipe) -> float | None:
     c = recipe.classifier
-    per_image = CLASSIFIER_S_PER_IMAGE_64.get(c.model)
-    if per_image is None:
+    models = c.model if isinstance(c.model, list) else [c.model]
+    known = [CLASSIFIER_S_PER_IMAGE_64.get(model) for model in models]
+    if None in known:
         return None
+    per_image = sum(known)  # every cell runs once per model
     size = c.image_size or recipe.data.size
     per_image *= (size / 64) ** 2
     train = recipe.data.n * recipe.data.split_fractions[0]
@@ -44,10 +46,11 @@ def _classifier_seconds(recipe: Recipe) -> float | None:
     sources = sum(1 for s in choices if s != "none")
     n_synthetic = c.n_synthetic or (recipe.synthesize.n if "generated" in choices else train)
     total = 0.0
+    generators = len(recipe.generator.seeds or [None])
     for frac in c.real_fracs:
         real = max(1.0, frac * train)
         for mode in c.modes:
-            runs = 1 if mode == "real" else sources
+            runs = 1 if mode == "real" else sources + (generators - 1) * ("generated" in choices)
             images = c.samples_per_epoch or (real if mode == "real" else real + n_synthetic)
             total += runs * c.epochs * images
     # Validation and test passes each epoch, about a third of the training images' cost.
@@ -78,10 +81,15 @@ def estimate_seconds(step: str, recipe: Recipe) -> float | None:
         return d.n * FILTER_S_PER_IMAGE + FILTER_FIXED_S
     if step == "train-generator":
         per_image = GENERATOR_S_PER_IMAGE.get(recipe.generator.config)
-        return None if per_image is None else _generator_images(recipe) * per_image + GENERATOR_FIXED_S
+        if per_image is None:
+            return None
+        return len(recipe.generator.seeds or [None]) * (_generator_images(recipe) * per_image + GENERATOR_FIXED_S)
     if step == "synthesize":
+        from diffcxr_aug.augment.experiment import sampled_sets
+
         per = SAMPLE_S_PER_IMAGE_STEP.get(recipe.generator.config)
-        return None if per is None else recipe.synthesize.n * recipe.synthesize.steps * per
+        sets = len(sampled_sets(recipe))
+        return None if per is None else sets * recipe.synthesize.n * recipe.synthesize.steps * per
     if step == "train-classifier":
         return _classifier_seconds(recipe)
     if step == "evaluate":

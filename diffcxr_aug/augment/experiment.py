@@ -19,7 +19,12 @@ logger = logging.getLogger(__name__)
 def experiment_paths(recipe: Recipe) -> dict[str, Path]:
     """Where each step of a recipe writes, under ``recipe.output_dir``."""
     root = recipe.output_dir
+    per_seed = {}
+    for seed in recipe.generator.seeds or []:  # one stage-1 model and image set per generator seed
+        per_seed[f"generator-seed{seed}"] = root / f"generator-seed{seed}"
+        per_seed[f"synthetic-seed{seed}"] = root / f"synthetic-seed{seed}"
     return {
+        **per_seed,
         "data": root / "data",
         "vae": root / "vae",
         "filtered": root / "filtered",
@@ -42,6 +47,7 @@ class SampledSet:
     generator: str
     out: str
     balance: float | None
+    generator_seed: int | None = None
 
 
 DKIM_SOURCES = ("dkim", "dkim-balanced")
@@ -63,6 +69,17 @@ def sampled_sets(recipe: Recipe) -> dict[str, SampledSet]:
     choices = _synthetic_choices(recipe)
     dkim = [c for c in DKIM_SOURCES if c in choices]
     balance = recipe.synthesize.balance
+    seeds = recipe.generator.seeds
+    if seeds is not None:
+        if dkim or trains_dkim(recipe):
+            raise InputError(
+                "generator.seeds trains several stage-1 models; stage 2 (DKIM) on each is not built: set "
+                "generator.dkim: false and list generated (and ceiling) in classifier.synthetic"
+            )
+        return {
+            f"generated-seed{s}": SampledSet(f"generator-seed{s}", f"synthetic-seed{s}", balance, generator_seed=s)
+            for s in seeds
+        }
     if not dkim:
         return {"generated": SampledSet(final_generator_key(recipe), "synthetic", balance)}
     if not trains_dkim(recipe):
@@ -84,17 +101,28 @@ def sampled_sets(recipe: Recipe) -> dict[str, SampledSet]:
     return sets
 
 
-def classifier_synthetic(recipe: Recipe, paths: dict[str, Path]) -> dict[str, Path]:
+def classifier_synthetic(recipe: Recipe, paths: dict[str, Path]) -> dict[str, Path | dict[int, Path]]:
     """The named synthetic sets the classifier sweep uses, from ``classifier.synthetic`` (one choice or a list).
 
     ``generated``, ``dkim``, ``dkim-balanced``: the synthesize step's sets (:func:`sampled_sets`, when they
     exist); ``ceiling``: perfect-generator images rendered from the phantom world (``classifier.n_synthetic`` of
     them, default as many as the real train split holds); ``none``; or a folder path (named after the folder).
+    With ``generator.seeds``, ``generated`` maps each generator seed to its set.
     """
     sampled = sampled_sets(recipe)
-    sources: dict[str, Path] = {}
+    sources: dict[str, Path | dict[int, Path]] = {}
     for choice in _synthetic_choices(recipe):
         if choice == "none":
+            continue
+        if choice == "generated" and recipe.generator.seeds is not None:
+            # One set per generator seed, under one source name: results.csv's generator_seed tells them apart.
+            by_seed = {
+                plan.generator_seed: paths[plan.out]
+                for plan in sampled.values()
+                if (paths[plan.out] / "manifest.csv").is_file()
+            }
+            if by_seed:
+                sources["generated"] = by_seed
             continue
         if choice in sampled:
             folder = paths[sampled[choice].out]
@@ -157,6 +185,7 @@ _ADDED_LATER: dict[str, Any] = {
     "xrv_weights": None,
     "report_source": "report",
     "normalize": "none",
+    "seeds": None,
 }
 
 
@@ -221,7 +250,7 @@ def _filter_step(recipe: Recipe, paths: dict[str, Path], plan: Any, upstream: di
 GENERATOR_EXTENDABLE = frozenset(
     f"generator.{k}"
     for k in ("max_steps", "time_limit_minutes", "checkpoint_every", "checkpoints_total_limit", "sample_every")
-) | frozenset({"generator.log_every", "generator.stage2_steps", "generator.dkim"})  # dkim: stage 2 on a stage 1
+) | frozenset({"generator.log_every", "generator.stage2_steps", "generator.dkim", "generator.seeds"})
 SYNTHESIZE_EXTENDABLE = frozenset({"synthesize.n", "synthesize.batch_size"}) | frozenset(
     f"sets.{name}" for name in DKIM_SOURCES
 )
@@ -239,7 +268,16 @@ def _generator_step(
 
     section = recipe.generator.model_copy(update={"vae": recipe_vae(recipe, paths, plan)})  # the recipe's one VAE
 
+    seeds = recipe.generator.seeds
+
     def run() -> None:
+        if seeds is not None:  # several stage-1 models, one per seed, one after another (each resumable)
+            for seed in seeds:
+                train_generator(
+                    training_data, paths[f"generator-seed{seed}"], section, resume="latest", device=recipe.device,
+                    seed=seed,
+                )  # fmt: skip
+            return
         train_generator(
             training_data, paths["generator"], section, resume="latest", device=recipe.device, seed=recipe.seed
         )
@@ -262,7 +300,10 @@ def _generator_step(
         "training_data": training_data.name,
         "upstream": upstream,
     }
-    folders = [paths["generator"]] + ([paths["generator-dkim"]] if dkim else [])
+    if seeds is not None:
+        folders = [paths[f"generator-seed{seed}"] for seed in seeds]
+    else:
+        folders = [paths["generator"]] + ([paths["generator-dkim"]] if dkim else [])
     done = [folder / name for folder in folders for name in ("model_index.json", "training_info.json")]
     return Step("train-generator", settings, folders, done, run, GENERATOR_EXTENDABLE)
 
@@ -298,6 +339,7 @@ def _synthesize_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str,
             if len(sets) > 1:
                 logger.info("Synthesizing the %s set with %s into %s", name, paths[plan.generator], paths[plan.out])
             job = section.model_copy(update={"balance": plan.balance})
+            # Every set from the same prompts and noise (the recipe's seed), several generators included.
             synthesize(paths[plan.generator], paths[plan.out], job, device=recipe.device, seed=recipe.seed)
 
     settings = {"synthesize": _dump(section), "seed": recipe.seed, "upstream": upstream}
@@ -305,7 +347,9 @@ def _synthesize_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str,
         settings["sets"] = {name: {"generator": p.generator, "balance": p.balance} for name, p in sets.items()}
     outputs = [paths[plan.out] for plan in sets.values()]
     done = [folder / "manifest.csv" for folder in outputs]
-    return Step("synthesize", settings, outputs, done, run, SYNTHESIZE_EXTENDABLE)
+    # A set added later (another generator seed) extends the step, as the DKIM sets do.
+    extendable = SYNTHESIZE_EXTENDABLE | {f"sets.{name}" for name, plan in sets.items() if plan.generator_seed is not None}
+    return Step("synthesize", settings, outputs, done, run, extendable)
 
 
 def _classifier_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) -> Step:
