@@ -376,8 +376,11 @@ class ClassifierSection(Section):
     pretrain_epochs: int | None = Field(
         None, ge=1, description="pretrain-finetune: epochs on synthetic (default: epochs)"
     )
-    samples_per_epoch: int | None = Field(
-        None, ge=1, description="images drawn per epoch (default: one pass); fixed, every run takes the same steps"
+    samples_per_epoch: Annotated[int, Field(ge=1)] | Literal["matched", "one-pass"] = Field(
+        "matched",
+        description="images drawn per epoch: matched (as many as the real train split holds, for every run, so a "
+        "low real fraction repeats its films: the count-matched duplicate-real control), one-pass (each run one "
+        "pass over its own data: runs with more images take more steps, not a fair comparison) or a number",
     )
     patience: int = Field(3, ge=1, description="early stopping: epochs without a better validation mAUC")
     batch_size: int = Field(32, ge=2, description="at least 2: BatchNorm layers cannot train on one image")
@@ -387,6 +390,11 @@ class ClassifierSection(Section):
     augment: bool = Field(True, description="small rotation/shift/scale and brightness/contrast while training")
     hflip: bool = Field(False, description="random horizontal flips (off: laterality matters in a chest film)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    mixed_precision: Annotated[MixedPrecision, BeforeValidator(_yaml_no)] = Field(
+        "auto",
+        description="autocast while training and testing: auto (bf16 on a GPU that has it and on a CPU with native "
+        "bf16, else no), no, bf16, fp16 (a GPU, with loss scaling)",
+    )
     n_bootstrap: int = Field(1000, ge=10, description="bootstrap resamples of the test images for the mAUC CI")
     min_label_support: int = Field(
         1, ge=1, description="a label counts in mAUC only with at least this many positives and negatives in test"

@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 
 from diffcxr_aug.augment.mixing import load_synthetic, training_stages
 from diffcxr_aug.augment.plots import plot_sweep
-from diffcxr_aug.augment.sweep import BASE_COLUMNS, headline_markdown, paired_gains, summary_markdown
+from diffcxr_aug.augment.results import BASE_COLUMNS
+from diffcxr_aug.augment.statistics import paired_gains, summarize
+from diffcxr_aug.augment.summary import headline_markdown, summary_markdown
 from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, per_label_auc, rank_auc
 from diffcxr_aug.classifiers.models import (
     ClassifierConfig,
@@ -383,8 +385,8 @@ def test_paired_gains_summary_and_plot(tmp_path):
         in summary
     )
     assert (
-        "| 0 | synthetic-only | synthetic | -0.200 ± 0.000 (3 seeds), against real-only at 1 | yes, worse | n/a | – |"
-        in summary
+        "| 0 | synthetic-only | synthetic | -0.200 ± 0.000 (3 seeds), against real-only at 1 | yes, worse | "
+        "78% of all real | – |" in summary
     )
     # Per-label paired gains at the smallest fraction: A gains 0.200 with mix in every seed.
     assert "## Per-label gains at 0.01 real" in summary
@@ -408,10 +410,59 @@ def test_headline_tables_pivot_sources_and_mark_gains_outside_the_spread(tmp_pat
     # Gains: bold outside the spread, the gap closed where there is one, "(worse)" below the spread.
     assert "| 0.01 | 10 | mix | **+0.200 ± 0.000, 67% ± 0%** | **+0.250 ± 0.000, 83% ± 0%** |" in headline
     assert "| 0.01 | 10 | pretrain-finetune | +0.010 ± 0.000, 3% ± 0% | **+0.060 ± 0.000, 20% ± 0%** |" in headline
-    assert "| 0 | 0 | synthetic only (no real image) | -0.200 ± 0.000 (worse) | -0.150 ± 0.000 (worse) |" in headline
+    assert (
+        "| 0 | 0 | synthetic only (no real image) | -0.200 ± 0.000, 78% of all real (worse) | "
+        "-0.150 ± 0.000, 83% of all real (worse) |" in headline
+    )
     assert summary_markdown(results).count(headline.splitlines()[2]) == 1  # the summary opens with the headline
     assert headline_markdown(results[results["mode"] == "real"]) == ""
     plot_sweep(results, tmp_path / "two_sources.png")  # one panel per mode, a colour per source
+
+
+def test_generator_seeds_pool_into_one_cell_with_their_own_spread_and_models_stay_apart(tmp_path):
+    """Runs of several generators pool into one cell per (model, fraction, mode, source): the ± is the combined
+    spread over generators x classifier seeds, the spread between generators (the std of their means) is given
+    apart, and each classifier is paired with its own real-only runs."""
+    rows = []
+    for model, shift in (("small", 0.0), ("big", 0.05)):
+        for seed in (0, 1, 2):
+            noise = 0.01 * (seed - 1)
+            base = {"model": model, "seed": seed, "n_test": 50, "best_epoch": 1, "mauc_ci_low": 0, "mauc_ci_high": 1}
+            rows.append({**base, "real_frac": 0.01, "mode": "real", "source": "none", "mauc": 0.6 + shift + noise})
+            rows.append({**base, "real_frac": 1.0, "mode": "real", "source": "none", "mauc": 0.9 + shift + noise})
+            for g, lift in ((0, 0.15), (1, 0.20), (2, 0.25)):  # three generators, 0.05 apart
+                rows.append({**base, "real_frac": 0.01, "mode": "mix", "source": "generated", "generator_seed": g,
+                             "mauc": 0.6 + shift + noise + lift})  # fmt: skip
+                rows.append({**base, "real_frac": 0.0, "mode": "synthetic-only", "source": "generated",
+                             "generator_seed": g, "mauc": 0.81 + shift + noise})  # fmt: skip
+    results = pd.DataFrame(rows).assign(n_real=1, n_synthetic=1)
+    stats = summarize(results).set_index(["model", "real_frac", "mode", "source"])
+    mix = stats.loc[("small", 0.01, "mix", "generated")]
+    assert (mix.runs, mix.seeds, mix.generators) == (9, 3, 3)
+    assert mix.mauc_mean == pytest.approx(0.8) and mix.mauc_between_generators == pytest.approx(0.05)
+    assert np.isnan(stats.loc[("small", 0.01, "real", "none"), "mauc_between_generators"])
+    gains = paired_gains(results).set_index(["model", "real_frac", "mode", "source"])
+    for model in ("small", "big"):  # each model against its own real-only runs: the same gains
+        g = gains.loc[(model, 0.01, "mix", "generated")]
+        assert (g.pairs, g.generators) == (9, 3)
+        assert g.gain_mean == pytest.approx(0.20) and g.gain_between_generators == pytest.approx(0.05)
+        assert g.gap_closed == pytest.approx(0.20 / 0.30) and g.gap_closed_between_generators == pytest.approx(1 / 6)
+    only = gains.loc[("big", 0.0, "synthetic-only", "generated")]
+    assert only.share_of_all_real == pytest.approx(0.86 / 0.95) and only.against == 1.0
+    headline = headline_markdown(results)
+    # One block per classifier, in the order the sweep ran them, and the spread between generators in brackets.
+    assert "| classifier | real fraction | n real | mode | real only | generated |" in headline
+    assert headline.index("| small |") < headline.index("| big |")
+    assert "| small | 0.01 | 1 | mix | 0.600 ± 0.010 | 0.800 ± 0.044 (generators ± 0.050) |" in headline
+    assert "| big | 0.01 | 1 | mix | **+0.200 ± 0.043, 67% ± 14%** (generators ± 0.050, ± 17%) |" in headline
+    assert "| big | 0 | 0 | synthetic only (no real image) | -0.090 ± 0.000, 91% of all real (worse; generators" in (
+        headline
+    )
+    assert "| small | 1 | 1 | mix |" not in headline  # no mix run at all real: no row
+    summary = summary_markdown(results)
+    assert "| small | 0.01 | mix | generated | +0.200 ± 0.043 (9 runs, 3 generators) | yes, better |" in summary
+    assert "## Per-label" not in summary or "small" in summary
+    plot_sweep(results, tmp_path / "two_models.png")  # a row of panels per model
 
 
 # ---------------------------------------------------------------- the ceiling

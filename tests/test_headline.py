@@ -1,5 +1,6 @@
 """The headline experiment's parts: scoring against the phantom world's truth, labels with too few of a class left
-out, the synthetic-only mode, and recipes/augment-phantom128.yaml run through the CLI at smoke size."""
+out, the synthetic-only mode, and the headline (recipes/augment-phantom128.yaml) and DKIM
+(recipes/dkim-phantom128.yaml) recipes run through the CLI at smoke size."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import yaml
 from typer.testing import CliRunner
 
 from diffcxr_aug.augment.mixing import training_stages
-from diffcxr_aug.augment.sweep import _check_same_settings, scored_view, split_truth
+from diffcxr_aug.augment.results import scored_view
+from diffcxr_aug.augment.sweep import _check_same_settings, split_truth
 from diffcxr_aug.classifiers.metrics import mask_thin_labels
 from diffcxr_aug.classifiers.train import TrainResult
 from diffcxr_aug.cli import app
@@ -119,9 +121,12 @@ def test_a_sweep_folder_from_before_a_new_setting_still_resumes(tmp_path):
     """A key added to the classifier section after a sweep ran, at its default, is how that sweep ran."""
     new = ClassifierSection().model_dump(mode="json")
     old = {k: v for k, v in new.items() if k not in ("min_label_support", "metric")}
-    settings = {"data": "D", "data_config": {}, "synthetic": {}, "classifier": new}
+    settings = {"data": "D", "data_config": {}, "synthetic": {}, "classifier": new, "precision": "no"}
     (tmp_path / "sweep.json").write_text(json.dumps({**settings, "classifier": old}))
     _check_same_settings(tmp_path / "sweep.json", settings)
+    # Sweeps from before the classifiers trained under autocast ran in fp32: a bf16 run would not compare.
+    with pytest.raises(InputError, match=r"precision \(no -> bf16\)"):
+        _check_same_settings(tmp_path / "sweep.json", {**settings, "precision": "bf16"})
     changed = {**settings, "classifier": {**new, "min_label_support": 20}}
     with pytest.raises(InputError, match="classifier.min_label_support"):
         _check_same_settings(tmp_path / "sweep.json", changed)
@@ -140,43 +145,92 @@ def _smoke_overrides(recipes_dir) -> list[str]:
 SETS = {"generated": "synthetic", "dkim": "synthetic-dkim", "dkim-balanced": "synthetic-dkim-balanced"}
 
 
-def test_the_headline_recipe_runs_every_fraction_source_mode_and_seed(tmp_path, recipes_dir):
+def _run_at_smoke_size(recipe_path, out, recipes_dir, steps: str, classifier: dict, extra=()) -> pd.DataFrame:
+    # Compiling is tested on its own (test_stage2); here it would only add minutes.
+    args = ["run", str(recipe_path), "--set", f"output_dir={out}", "--set", f"steps={steps}"]
+    args += ["--set", "generator.compile=false"]
+    args += _smoke_overrides(recipes_dir) + list(extra)
+    for key, value in classifier.items():
+        args += ["--set", f"classifier.{key}={value}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return pd.read_csv(out / "classifiers" / "results.csv")
+
+
+TINY_SWEEP = {
+    "n_synthetic": "8",
+    "epochs": "1",
+    "patience": "1",
+    "samples_per_epoch": "16",
+    "batch_size": "8",
+    "min_label_support": "2",
+}
+
+
+def test_the_headline_recipe_runs_every_generator_classifier_fraction_mode_and_seed(tmp_path, recipes_dir):
+    """#38: three generator trainings x two classifiers x fractions x modes x classifier seeds, every row in
+    results.csv (generator_seed names the generator, model the classifier), and the headline tables from it."""
+    from diffcxr_aug.augment.results import read_results
+    from diffcxr_aug.augment.summary import headline_markdown
+
     recipe = load_recipe(recipes_dir / "augment-phantom128.yaml")
     c = recipe.classifier
-    assert set(c.modes) == {"real", "mix", "pretrain-finetune", "synthetic-only"}
-    assert set(c.synthetic) == {"generated", "dkim", "dkim-balanced", "ceiling"}
-    assert c.real_fracs == [0.01, 0.05, 0.1, 1.0] and recipe.generator.dkim and recipe.synthesize.balance
+    assert recipe.generator.seeds == [0, 1, 2] and not recipe.generator.dkim
+    assert c.model == ["test_resnet", "resnet18"] and c.real_fracs == [0.01, 1.0]
+    assert set(c.modes) == {"real", "mix", "synthetic-only"} and set(c.synthetic) == {"generated", "ceiling"}
     assert (c.metric, c.min_label_support, len(c.seeds)) == ("truth", 20, 3)
-    assert c.patience >= c.epochs and c.samples_per_epoch  # every run takes the same steps
+    assert c.patience >= c.epochs and isinstance(c.samples_per_epoch, int)  # every run takes the same steps
     assert recipe.synthesize.n >= 0.7 * recipe.data.n  # at least the real train split
 
     out = tmp_path / "headline"
-    args = ["run", str(recipes_dir / "augment-phantom128.yaml"), "--set", f"output_dir={out}"]
-    args += ["--set", "steps=[prepare,train-generator,synthesize,train-classifier]"]
-    args += _smoke_overrides(recipes_dir)
-    for key, value in {
-        "classifier.real_fracs": "[0.5,1.0]",
-        "classifier.seeds": "[0,1]",
-        "classifier.n_synthetic": "8",
-        "classifier.epochs": "1",
-        "classifier.patience": "1",
-        "classifier.samples_per_epoch": "16",
-        "classifier.batch_size": "8",
-        "classifier.min_label_support": "2",
-    }.items():
-        args += ["--set", f"{key}={value}"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    results = pd.read_csv(out / "classifiers" / "results.csv")
-    runs = set(zip(results["real_frac"], results["mode"], results["source"], results["seed"], strict=True))
-    expected = {(f, "real", "none", s) for f in (0.5, 1.0) for s in (0, 1)}
+    results = _run_at_smoke_size(
+        recipes_dir / "augment-phantom128.yaml",
+        out,
+        recipes_dir,
+        "[prepare,train-generator,synthesize,train-classifier]",
+        {**TINY_SWEEP, "model": "[test_resnet,resnet10t]", "real_fracs": "[0.5,1.0]", "seeds": "[0,1]"},
+        ["--set", "generator.dkim=false", "--set", "generator.seeds=[0,1]"],
+    )
+    generator = [None if pd.isna(g) else int(g) for g in results["generator_seed"]]
+    columns = [results[c] for c in ("model", "real_frac", "mode", "source")]
+    runs = set(zip(*columns, generator, results["seed"], strict=True))
+    sets = [("generated", 0), ("generated", 1), ("ceiling", None)]
+    expected = set()
+    for m in ("test_resnet", "resnet10t"):
+        for s in (0, 1):
+            expected |= {(m, f, "real", "none", None, s) for f in (0.5, 1.0)}
+            expected |= {(m, f, "mix", src, g, s) for f in (0.5, 1.0) for src, g in sets}
+            expected |= {(m, 0.0, "synthetic-only", src, g, s) for src, g in sets}
+    assert runs == expected and len(results) == len(expected) == 44
+    # The generators' sets: the same prompts and the same noise, from two different models.
+    frames = [read_manifest(out / f"synthetic-seed{g}").frame for g in (0, 1)]
+    for column in ("prompt", "seed"):
+        assert frames[0][column].tolist() == frames[1][column].tolist()
+    assert frames[0]["meta_generator"].iloc[0] != frames[1]["meta_generator"].iloc[0]
+    assert (out / "classifiers" / "runs" / "resnet10t").is_dir()  # a folder of runs per model
+    tables = headline_markdown(scored_view(read_results(out / "classifiers" / "results.csv"), "truth"))
+    assert "| classifier |" in tables and "generators ±" in tables
+    assert tables.strip() in (out / "classifiers" / "summary.md").read_text()
+
+
+def test_the_dkim_recipe_samples_stage_1_and_2_from_the_same_prompts(tmp_path, recipes_dir):
+    """The DKIM experiment (recipes/dkim-phantom128.yaml): stage 1 and stage 2 image for image, and stage 2 with
+    balanced prompts, each a source of the classifier sweep."""
+    recipe = load_recipe(recipes_dir / "dkim-phantom128.yaml")
+    assert set(recipe.classifier.synthetic) == {"generated", "dkim", "dkim-balanced", "ceiling"}
+    assert recipe.generator.dkim and recipe.synthesize.balance
+    out = tmp_path / "dkim"
+    results = _run_at_smoke_size(
+        recipes_dir / "dkim-phantom128.yaml",
+        out,
+        recipes_dir,
+        "[prepare,train-generator,synthesize,train-classifier]",
+        {**TINY_SWEEP, "real_fracs": "[1.0]", "seeds": "[0]", "modes": "[real,mix,synthetic-only]"},
+    )
     sources = ("generated", "dkim", "dkim-balanced", "ceiling")
-    expected |= {
-        (f, m, src, s) for f in (0.5, 1.0) for m in ("mix", "pretrain-finetune") for src in sources for s in (0, 1)
+    assert set(zip(results["mode"], results["source"], strict=True)) == {("real", "none")} | {
+        (m, src) for m in ("mix", "synthetic-only") for src in sources
     }
-    expected |= {(0.0, "synthetic-only", src, s) for src in sources for s in (0, 1)}
-    assert runs == expected and len(results) == len(expected)
-    # generated and dkim: stage 1 and stage 2 from the same prompts and seeds; dkim-balanced: stage 2, balanced.
     sets = {name: read_manifest(out / folder).frame for name, folder in SETS.items()}
     assert sets["generated"]["meta_generator"].nunique() == 1 and "meta_dkim_scale" not in sets["generated"]
     assert sets["dkim"]["meta_dkim_scale"].notna().all()
@@ -197,7 +251,7 @@ def test_the_headline_recipe_runs_every_fraction_source_mode_and_seed(tmp_path, 
 def test_dkim_sources_need_a_stage_2_and_a_balance(recipes_dir, tmp_path):
     from diffcxr_aug.augment.experiment import sampled_sets
 
-    path = recipes_dir / "augment-phantom128.yaml"
+    path = recipes_dir / "dkim-phantom128.yaml"
     sets = sampled_sets(load_recipe(path))
     assert {name: (s.generator, s.out, s.balance) for name, s in sets.items()} == {
         "generated": ("generator", "synthetic", None),

@@ -40,7 +40,8 @@ def test_readme_headline_tables_are_those_of_the_committed_results():
     phantom world's truth), so a rerun of the recipe, which rewrites its summary from results.csv, reproduces them."""
     import yaml
 
-    from diffcxr_aug.augment.sweep import headline_markdown, read_results, scored_view
+    from diffcxr_aug.augment.results import read_results, scored_view
+    from diffcxr_aug.augment.summary import headline_markdown
 
     recipe = yaml.safe_load((REPO_ROOT / "recipes" / "augment-phantom128.yaml").read_text())
     results = read_results(REPO_ROOT / "docs" / "results" / "augment_phantom128" / "results.csv")

@@ -214,7 +214,7 @@ def _mean_std(values: list[float]) -> dict[str, float | int | None]:
 def _downstream(arm: Recipe, metric: str) -> dict[str, Any]:
     """Per real fraction of the arm's synthetic modes: the metric by seed, with mean and std."""
     from diffcxr_aug.augment.experiment import experiment_paths
-    from diffcxr_aug.augment.sweep import RESULTS_NAME
+    from diffcxr_aug.augment.results import RESULTS_NAME
 
     path = experiment_paths(arm)["classifiers"] / RESULTS_NAME
     if not path.is_file():
@@ -355,7 +355,7 @@ def ablation_markdown(table: dict[str, Any]) -> str:
 def copy_records(recipe: Recipe, arms: dict[str, Recipe], finished: dict[str, Recipe], dest: Path) -> None:
     """The table, the joint evaluation's report and each finished arm's small records, into ``dest``."""
     from diffcxr_aug.augment.experiment import experiment_paths, final_generator
-    from diffcxr_aug.augment.sweep import RESULTS_NAME
+    from diffcxr_aug.augment.results import RESULTS_NAME
 
     root = Path(recipe.output_dir)
     dest.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,12 @@ def _classifier_seconds(recipe: Recipe) -> float | None:
         real = max(1.0, frac * train)
         for mode in c.modes:
             runs = 1 if mode == "real" else sources + (generators - 1) * ("generated" in choices)
-            images = c.samples_per_epoch or (real if mode == "real" else real + n_synthetic)
+            if c.samples_per_epoch == "matched":
+                images = train
+            elif c.samples_per_epoch == "one-pass":
+                images = real if mode == "real" else real + n_synthetic
+            else:
+                images = c.samples_per_epoch
             total += runs * c.epochs * images
     # Validation and test passes each epoch, about a third of the training images' cost.
     evaluation = len(c.seeds) * len(c.real_fracs) * len(c.modes) * c.epochs * recipe.data.n * 0.3 / 3

@@ -348,12 +348,14 @@ def _synthesize_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str,
     outputs = [paths[plan.out] for plan in sets.values()]
     done = [folder / "manifest.csv" for folder in outputs]
     # A set added later (another generator seed) extends the step, as the DKIM sets do.
-    extendable = SYNTHESIZE_EXTENDABLE | {f"sets.{name}" for name, plan in sets.items() if plan.generator_seed is not None}
+    added = {f"sets.{name}" for name, plan in sets.items() if plan.generator_seed is not None}
+    extendable = SYNTHESIZE_EXTENDABLE | added
     return Step("synthesize", settings, outputs, done, run, extendable)
 
 
 def _classifier_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, str]) -> Step:
-    from diffcxr_aug.augment.sweep import RESULTS_NAME, run_sweep
+    from diffcxr_aug.augment.results import RESULTS_NAME
+    from diffcxr_aug.augment.sweep import run_sweep
 
     section = recipe.classifier
     if section.image_size is None:

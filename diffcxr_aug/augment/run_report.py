@@ -162,30 +162,34 @@ def _evaluation_section(root: Path, paths: dict[str, Path]) -> tuple[list[str], 
 
 
 def _classifier_tables(results: pd.DataFrame) -> list[str]:
-    from diffcxr_aug.augment.sweep import paired_gains, summarize
+    from diffcxr_aug.augment.statistics import CELL, paired_gains, summarize
 
     stats = summarize(results)
-    gains = paired_gains(results).set_index(["real_frac", "mode", "source"])
+    gains = paired_gains(results).set_index(CELL)
+    several = stats["model"].nunique() > 1
     lines = [
-        "| real fraction | mode | source | n real | n synthetic | seeds | mAUC (mean ± std) | paired gain over real "
+        ("| classifier " if several else "")
+        + "| real fraction | mode | source | n real | n synthetic | runs | mAUC (mean ± std) | paired gain over real "
         "| gap to all real closed |",
-        "|---:|---|---|---:|---:|---:|---|---|---:|",
+        ("|---" if several else "") + "|---:|---|---|---:|---:|---:|---|---|---:|",
     ]
     for r in stats.itertuples():
         gain, closed = "", ""
-        if (r.real_frac, r.mode, r.source) in gains.index:
-            g = gains.loc[(r.real_frac, r.mode, r.source)]
+        if (r.model, r.real_frac, r.mode, r.source) in gains.index:
+            g = gains.loc[(r.model, r.real_frac, r.mode, r.source)]
             gain = f"{g.gain_mean:+.3f} ± {g.gain_std:.3f}"
             closed = "" if math.isnan(g.gap_closed) else f"{100 * g.gap_closed:.0f}%"
         lines.append(
-            f"| {r.real_frac:g} | {r.mode} | {r.source} | {r.n_real:.0f} | {r.n_synthetic:.0f} | {r.seeds} | "
+            (f"| {r.model} " if several else "")
+            + f"| {r.real_frac:g} | {r.mode} | {r.source} | {r.n_real:.0f} | {r.n_synthetic:.0f} | {r.runs} | "
             f"{r.mauc_mean:.3f} ± {r.mauc_std:.3f} | {gain} | {closed} |"
         )
     return lines
 
 
 def _classifier_section(root: Path, paths: dict[str, Path], metric: str) -> tuple[list[str], pd.DataFrame | None]:
-    from diffcxr_aug.augment.sweep import FIGURE_NAME, RESULTS_NAME, read_results, scored_view
+    from diffcxr_aug.augment.results import RESULTS_NAME, read_results, scored_view
+    from diffcxr_aug.augment.sweep import FIGURE_NAME
 
     lines = ["## Classifiers: real only, real + generated, real + ceiling", ""]
     path = paths["classifiers"] / RESULTS_NAME
@@ -211,7 +215,7 @@ def _classifier_section(root: Path, paths: dict[str, Path], metric: str) -> tupl
 
 def _meaning(filt: dict | None, evaluation: dict | None, results: pd.DataFrame | None) -> list[str]:
     """Three sentences: what the filter, the generator and the classifiers showed, from the numbers above."""
-    from diffcxr_aug.augment.sweep import paired_gains, summarize
+    from diffcxr_aug.augment.statistics import paired_gains, summarize
 
     sentences = []
     evaluation_auc = (filt or {}).get("evaluation", {}).get("roc_auc", {}) if filt else {}
@@ -257,7 +261,8 @@ def _classifier_sentence(stats: pd.DataFrame, gains: pd.DataFrame) -> str:
         verdict = {1: "outside", -1: "below, outside", 0: "within"}[r.outside_spread]
         closed = "" if math.isnan(r.gap_closed) else f", {100 * r.gap_closed:.0f}% of the gap to all real"
         gain = f"{r.gain_mean:+.3f} ± {r.gain_std:.3f}"
-        parts.append(f"{r.source} images change mAUC by {gain} ({verdict} the seed spread{closed})")
+        who = f"{r.source} images ({r.model})" if gains["model"].nunique() > 1 else f"{r.source} images"
+        parts.append(f"{who} change mAUC by {gain} ({verdict} the seed spread{closed})")
     if not parts:
         return f"No mix-mode run at {frac:g} real to compare."
     return f"With {frac:g} of the real training images, mixed-in " + "; ".join(parts) + "."
