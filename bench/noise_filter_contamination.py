@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from diffcxr_aug.config import FilterSection, GeneratorSection, VAESection
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.data.phantom import prepare_phantom
 from diffcxr_aug.generator.configs import resolve_config
 from diffcxr_aug.generator.noise_filter import run_filter
 from diffcxr_aug.generator.noise_filter.estimator import bic_mixture, estimate_contamination
+from diffcxr_aug.generator.settings import FilterSettings, GeneratorSettings, VAESettings
 from diffcxr_aug.generator.vae import plan_vae
 
 CLEAN_COST = 0.1
@@ -136,7 +136,7 @@ def main() -> None:
     for rate in args.rates:
         if not (out / f"w{rate}" / "manifest.csv").is_file():
             prepare_phantom(out / f"w{rate}", n=args.n, size=args.size, seed=args.seed, noise_rate=rate)
-    plan = plan_vae(VAESection(), resolve_config(GeneratorSection()))  # the default recipe's latent space
+    plan = plan_vae(VAESettings(), resolve_config(GeneratorSettings()))  # the default recipe's latent space
     vae = out / "vae"
     if not (vae / "metrics.json").is_file():
         middle = sorted(args.rates)[len(args.rates) // 2]
@@ -147,7 +147,7 @@ def main() -> None:
         for name, views in (("metadata_off", []), ("metadata_on", ["LATERAL"])):
             folder = out / (f"f{rate}" if not views else f"f{rate}-views")
             if not (folder / "filter_report.json").is_file():
-                section = FilterSection(drop_views=views)
+                section = FilterSettings(drop_views=views)
                 run_filter(out / f"w{rate}", folder, section, vae=vae, device="cpu", seed=args.seed, progress=False)
             scores = pd.read_csv(folder / "scores.csv", keep_default_na=False)
             if views:  # this run's own flags: drop by view, then the default (quantile) rule on the rest

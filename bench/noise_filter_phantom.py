@@ -26,10 +26,10 @@ from pathlib import Path
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from diffcxr_aug.config import FilterSection
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.data.phantom import prepare_phantom
 from diffcxr_aug.generator.noise_filter import LatentNoiseFilter, run_filter
+from diffcxr_aug.generator.settings import FilterSettings
 from diffcxr_aug.generator.vae import VAEPlan, encode_manifest, load_vae
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     if data is None:
         data = args.out / "data"
         prepare_phantom(data, n=args.n, size=args.size, seed=args.seed, noise_rate=0.05)
-    section = FilterSection()
+    section = FilterSettings()
     plan = VAEPlan(None, "kl-f4", size=args.image_size, steps=args.vae_steps, batch_size=32, crop_size=None)
     filtered = args.out / "filtered"
     run_filter(data, filtered, section, vae=args.vae, device="cpu", seed=args.seed, vae_plan=plan)

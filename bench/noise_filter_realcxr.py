@@ -44,12 +44,12 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from diffcxr_aug.config import FilterSection
 from diffcxr_aug.data.images import load_image, save_png, to_uint8_square
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import write_manifest
 from diffcxr_aug.data.splits import assign_patient_splits
 from diffcxr_aug.generator.noise_filter import run_filter
+from diffcxr_aug.generator.settings import FilterSettings
 from diffcxr_aug.generator.vae import VAEPlan
 
 SIZE = 256
@@ -212,7 +212,7 @@ def main() -> None:
     run_filter(
         args.out / "data",
         args.out / "filtered",
-        FilterSection(),
+        FilterSettings(),
         vae=args.vae,
         device="cpu",
         seed=args.seed,

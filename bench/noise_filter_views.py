@@ -44,7 +44,6 @@ import pandas as pd
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
-from diffcxr_aug.config import FilterSection
 from diffcxr_aug.data.adapters.common import normalize_view
 from diffcxr_aug.data.images import load_image, save_png, to_uint8_square
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
@@ -52,6 +51,7 @@ from diffcxr_aug.data.manifest import write_manifest
 from diffcxr_aug.data.splits import assign_patient_splits
 from diffcxr_aug.generator.noise_filter import run_filter
 from diffcxr_aug.generator.noise_filter.estimator import estimate_contamination
+from diffcxr_aug.generator.settings import FilterSettings
 from diffcxr_aug.generator.vae import VAEPlan
 
 SIZE = 256
@@ -181,7 +181,7 @@ def main() -> None:
         for variant in dict.fromkeys(["none", *args.filter_normalize]):
             out = base if variant == "none" else args.out / f"seed{seed}-{variant}"
             if not (out / "filter_report.json").is_file():
-                section = FilterSection(drop_views=[], normalize=variant)
+                section = FilterSettings(drop_views=[], normalize=variant)
                 vae = base / "vae" if variant != "none" else None
                 run_filter(data, out, section, vae=vae, device="cpu", seed=seed, vae_plan=plan, progress=False)
             table = score_table(pd.read_csv(out / "scores.csv", keep_default_na=False), rng, args.bootstrap)
@@ -191,7 +191,7 @@ def main() -> None:
     out = args.out / "with_metadata"
     if not args.no_metadata_run and not (out / "filter_report.json").is_file():
         first = args.out / f"seed{args.seeds[0]}"
-        section = FilterSection(drop_views=["LATERAL"])
+        section = FilterSettings(drop_views=["LATERAL"])
         run_filter(data, out, section, vae=first / "vae", device="cpu", seed=args.seeds[0], progress=False)
     if (out / "filter_report.json").is_file():
         report = json.loads((out / "filter_report.json").read_text())

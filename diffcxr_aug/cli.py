@@ -19,29 +19,22 @@ import typer
 from pydantic import ValidationError
 
 from diffcxr_aug import __version__
-from diffcxr_aug.config import (
-    DEVICES,
-    Attention,
-    ClassifierMode,
-    ClassifierSection,
-    DataSection,
-    EvaluateSection,
-    FilterNormalize,
-    FilterSection,
-    GeneratorSection,
-    LabelSection,
-    MixedPrecision,
-    ReportSource,
-    Sampler,
-    Section,
-    SynthesizeSection,
-    ThresholdRule,
-    VAESection,
-    load_recipe,
-)
+from diffcxr_aug.config import ClassifierSection, DataSection, EvaluateSection, LabelSection, load_recipe
 from diffcxr_aug.data.prepare import DATASETS
 from diffcxr_aug.errors import InputError
 from diffcxr_aug.generator.configs import GENERATOR_CONFIGS
+from diffcxr_aug.generator.settings import FilterSettings, GeneratorSettings, SynthesisSettings, VAESettings
+from diffcxr_aug.types import (
+    DEVICES,
+    Attention,
+    ClassifierMode,
+    FilterNormalize,
+    MixedPrecision,
+    ReportSource,
+    Sampler,
+    Settings,
+    ThresholdRule,
+)
 
 app = typer.Typer(
     name="diffcxr-aug",
@@ -63,7 +56,7 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _field_help(section: type[Section], name: str, text: str | None = None) -> str:
+def _field_help(section: type[Settings], name: str, text: str | None = None) -> str:
     """An option's help from its recipe field: ``text`` (default: the field's description) and the allowed range."""
     field = section.model_fields[name]
     symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
@@ -114,7 +107,7 @@ def _call(fn, *args: Any, **kwargs: Any) -> Any:
         _fail(str(err))
 
 
-def _merge(section: Section, flags: dict[str, str] | None = None, **updates: Any) -> Section:
+def _merge(section: Settings, flags: dict[str, str] | None = None, **updates: Any) -> Settings:
     """Command-line options (those given) over the recipe section, validated together.
 
     ``flags`` names the option of a field whose flag is not ``--field-name`` (for the error message).
@@ -200,7 +193,7 @@ def prepare(
         _fail(f"--root {section.root}: no such folder")
     if section.dataset == "csv" and (section.csv is None or not section.label_cols):
         _fail("prepare csv needs --csv FILE and --label-cols 'A,B'")
-    from diffcxr_aug.data.prepare import prepare_data
+    from diffcxr_aug.augment.layout import prepare_data
 
     path = _call(prepare_data, section, out, seed=rec.seed if seed is None else seed)
     typer.echo(f"wrote {path}")
@@ -247,16 +240,16 @@ def filter_(
     out: Annotated[Path, typer.Option("--out", help="output folder (scores.csv, kept manifest.csv, montage)")],
     vae: Annotated[Path | None, typer.Option("--vae", help="VAE folder or hub id to encode with")] = None,
     contamination: Annotated[
-        float | None, typer.Option("--contamination", help=_field_help(FilterSection, "contamination"))
+        float | None, typer.Option("--contamination", help=_field_help(FilterSettings, "contamination"))
     ] = None,
     n_clusters: Annotated[
-        int | None, typer.Option("--n-clusters", help=_field_help(FilterSection, "n_clusters", "k-means clusters"))
+        int | None, typer.Option("--n-clusters", help=_field_help(FilterSettings, "n_clusters", "k-means clusters"))
     ] = None,
     threshold: Annotated[
         str | None, typer.Option("--threshold", help=f"{' | '.join(THRESHOLD_RULES)} (see the recipe's filter)")
     ] = None,
     quantile: Annotated[
-        float | None, typer.Option("--quantile", help=_field_help(FilterSection, "quantile", "threshold quantile"))
+        float | None, typer.Option("--quantile", help=_field_help(FilterSettings, "quantile", "threshold quantile"))
     ] = None,
     known_noisy: Annotated[
         Path | None, typer.Option("--known-noisy", help="CSV with an image_path column of images known to be noisy")
@@ -271,11 +264,13 @@ def filter_(
     ] = None,
     normalize: Annotated[
         str | None,
-        typer.Option("--normalize", help=f"{' | '.join(FILTER_NORMALIZE)}: {_field_help(FilterSection, 'normalize')}"),
+        typer.Option(
+            "--normalize", help=f"{' | '.join(FILTER_NORMALIZE)}: {_field_help(FilterSettings, 'normalize')}"
+        ),
     ] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", help=_field_help(VAESection, "size"))] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help=_field_help(VAESettings, "size"))] = None,
     vae_steps: Annotated[
-        int | None, typer.Option("--vae-steps", help=_field_help(VAESection, "steps", "without --vae: VAE steps"))
+        int | None, typer.Option("--vae-steps", help=_field_help(VAESettings, "steps", "without --vae: VAE steps"))
     ] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = None,
@@ -286,7 +281,7 @@ def filter_(
     _check_choice(threshold, THRESHOLD_RULES, "--threshold")
     _check_choice(normalize, FILTER_NORMALIZE, "--normalize")
     rec = _recipe(recipe)
-    section: FilterSection = _merge(
+    section: FilterSettings = _merge(
         rec.filter,
         contamination=contamination,
         n_clusters=n_clusters,
@@ -310,9 +305,9 @@ def filter_(
     typer.echo(f"wrote {path}")
 
 
-def _vae_plan(rec: Any, flags: dict[str, str] | None = None, generator: GeneratorSection | None = None, **updates):
+def _vae_plan(rec: Any, flags: dict[str, str] | None = None, generator: GeneratorSettings | None = None, **updates):
     """The recipe's VAE plan with the command line's VAE options over its ``vae`` section."""
-    section: VAESection = _merge(rec.vae, flags, **updates)
+    section: VAESettings = _merge(rec.vae, flags, **updates)
     from diffcxr_aug.generator.configs import resolve_config
     from diffcxr_aug.generator.vae import plan_vae
 
@@ -324,12 +319,14 @@ def train_vae(
     data: Annotated[Path, typer.Option("--data", help="folder with manifest.csv (its train split trains the VAE)")],
     out: Annotated[Path, typer.Option("--out", help="VAE folder (AutoencoderKL.from_pretrained-loadable)")],
     config: Annotated[
-        str | None, typer.Option("--config", help=_field_help(VAESection, "config", "registered KL-VAE"))
+        str | None, typer.Option("--config", help=_field_help(VAESettings, "config", "registered KL-VAE"))
     ] = None,
-    size: Annotated[int | None, typer.Option("--size", help=_field_help(VAESection, "size"))] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help=_field_help(VAESection, "steps"))] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help=_field_help(VAESection, "batch_size"))] = None,
-    crop_size: Annotated[int | None, typer.Option("--crop-size", help=_field_help(VAESection, "crop_size"))] = None,
+    size: Annotated[int | None, typer.Option("--size", help=_field_help(VAESettings, "size"))] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help=_field_help(VAESettings, "steps"))] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help=_field_help(VAESettings, "batch_size"))
+    ] = None,
+    crop_size: Annotated[int | None, typer.Option("--crop-size", help=_field_help(VAESettings, "crop_size"))] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
@@ -378,16 +375,16 @@ def train_generator(
         ),
     ] = None,
     time_limit_minutes: Annotated[
-        float | None, typer.Option("--time-limit-minutes", help=_field_help(GeneratorSection, "time_limit_minutes"))
+        float | None, typer.Option("--time-limit-minutes", help=_field_help(GeneratorSettings, "time_limit_minutes"))
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help=_field_help(GeneratorSection, "batch_size"))
+        int | None, typer.Option("--batch-size", help=_field_help(GeneratorSettings, "batch_size"))
     ] = None,
     ava_tls: Annotated[
         bool | None, typer.Option("--ava-tls/--no-ava-tls", help="AVA-TLS token squeeze + alignment, or the baseline")
     ] = None,
     num_tokens: Annotated[
-        int | None, typer.Option("--num-tokens", help=_field_help(GeneratorSection, "num_tokens"))
+        int | None, typer.Option("--num-tokens", help=_field_help(GeneratorSettings, "num_tokens"))
     ] = None,
     text_encoder: Annotated[
         str | None,
@@ -403,23 +400,23 @@ def train_generator(
         str | None,
         typer.Option(
             "--mixed-precision",
-            help=f"{' | '.join(get_args(MixedPrecision))}; {_field_help(GeneratorSection, 'mixed_precision')}",
+            help=f"{' | '.join(get_args(MixedPrecision))}; {_field_help(GeneratorSettings, 'mixed_precision')}",
         ),
     ] = None,
     attention: Annotated[
         str | None,
         typer.Option(
-            "--attention", help=f"{' | '.join(get_args(Attention))}; {_field_help(GeneratorSection, 'attention')}"
+            "--attention", help=f"{' | '.join(get_args(Attention))}; {_field_help(GeneratorSettings, 'attention')}"
         ),
     ] = None,
     compile_unet: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help=_field_help(GeneratorSection, "compile"))
+        bool | None, typer.Option("--compile/--no-compile", help=_field_help(GeneratorSettings, "compile"))
     ] = None,
     report_source: Annotated[
         str | None,
         typer.Option(
             "--report-source",
-            help=f"{' | '.join(get_args(ReportSource))}; {_field_help(GeneratorSection, 'report_source')}",
+            help=f"{' | '.join(get_args(ReportSource))}; {_field_help(GeneratorSettings, 'report_source')}",
         ),
     ] = None,
     device: DeviceOpt = None,
@@ -428,7 +425,7 @@ def train_generator(
     """Train Diff-CXR (stage 1: text-conditioned LDM with AVA-TLS; stage 2: the DKIM adapter on a stage-1 model,
     `--stage 2 --generator STAGE1_DIR`)."""
     rec = _recipe(recipe)
-    section: GeneratorSection = _merge(
+    section: GeneratorSettings = _merge(
         rec.generator,
         {"stage2_steps": "--max-steps"},
         config=config,
@@ -478,7 +475,7 @@ def _batch_size(value: str | None) -> int | str | None:
 
 @app.command()
 def synthesize(
-    n: Annotated[int, typer.Option("--n", help=_field_help(SynthesizeSection, "n", "number of images to generate"))],
+    n: Annotated[int, typer.Option("--n", help=_field_help(SynthesisSettings, "n", "number of images to generate"))],
     generator: Annotated[Path, typer.Option("--generator", help="trained pipeline folder")],
     out: Annotated[Path, typer.Option("--out", help="output folder (manifest.csv, images, preview grid)")],
     prompts: Annotated[
@@ -498,26 +495,26 @@ def synthesize(
         typer.Option("--balance", help="oversample rare findings until each label's positive share reaches this"),
     ] = None,
     steps: Annotated[
-        int | None, typer.Option("--steps", help=_field_help(SynthesizeSection, "steps", "sampler steps"))
+        int | None, typer.Option("--steps", help=_field_help(SynthesisSettings, "steps", "sampler steps"))
     ] = None,
     guidance: Annotated[
-        float | None, typer.Option("--guidance", help=_field_help(SynthesizeSection, "guidance", "CFG scale"))
+        float | None, typer.Option("--guidance", help=_field_help(SynthesisSettings, "guidance", "CFG scale"))
     ] = None,
     batch_size: Annotated[
         str | None, typer.Option("--batch-size", help="images a sampler call, or auto (CPU: 16; CUDA: what fits)")
     ] = None,
     dkim_scale: Annotated[
-        float | None, typer.Option("--dkim-scale", help=_field_help(SynthesizeSection, "dkim_scale"))
+        float | None, typer.Option("--dkim-scale", help=_field_help(SynthesisSettings, "dkim_scale"))
     ] = None,
     sampler: Annotated[
         str | None,
         typer.Option(
-            "--sampler", help=f"{' | '.join(get_args(Sampler))}; {_field_help(SynthesizeSection, 'sampler')}"
+            "--sampler", help=f"{' | '.join(get_args(Sampler))}; {_field_help(SynthesisSettings, 'sampler')}"
         ),
     ] = None,
     mixed_precision: Annotated[
         str | None,
-        typer.Option("--mixed-precision", help=f"no | bf16; {_field_help(SynthesizeSection, 'mixed_precision')}"),
+        typer.Option("--mixed-precision", help=f"no | bf16; {_field_help(SynthesisSettings, 'mixed_precision')}"),
     ] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = None,
@@ -536,7 +533,7 @@ def synthesize(
     base = rec.synthesize
     if prompts is not None or labels_from is not None:  # the command line's prompt source replaces the recipe's
         base = base.model_copy(update={"prompts": None, "labels_from": None})
-    section: SynthesizeSection = _merge(
+    section: SynthesisSettings = _merge(
         base,
         n=n,
         steps=steps,

@@ -18,3 +18,7 @@ class MissingInputError(InputError, FileNotFoundError):
 
 class OutputInUseError(InputError, FileExistsError):
     """The output folder holds another job's files, or another process is writing to it."""
+
+
+class ImageReadError(InputError):
+    """An image that cannot be decoded; the message names the file and why."""

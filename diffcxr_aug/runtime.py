@@ -9,8 +9,8 @@ import re
 
 import torch
 
-from diffcxr_aug.config import DEVICES
 from diffcxr_aug.errors import InputError
+from diffcxr_aug.types import DEVICES
 
 
 def resolve_device(device: str) -> torch.device:

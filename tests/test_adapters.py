@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 
 from diffcxr_aug.cli import app
 from diffcxr_aug.data.adapters import common
-from diffcxr_aug.data.adapters.common import DatasetLayoutError
 from diffcxr_aug.data.adapters.csv_folder import prepare_csv
 from diffcxr_aug.data.adapters.iu_xray import guess_projection, prepare_iu_xray
 from diffcxr_aug.data.adapters.mimic import prepare_mimic
@@ -21,6 +20,7 @@ from diffcxr_aug.data.cache import open_cache
 from diffcxr_aug.data.images import load_image
 from diffcxr_aug.data.labels import NIH_LABELS
 from diffcxr_aug.data.manifest import read_manifest
+from diffcxr_aug.data.tables import DatasetLayoutError
 from tests.conftest import hannover_images, write_iu_layout, write_mimic_layout, write_nih_layout
 
 runner = CliRunner()

@@ -6,7 +6,8 @@ import torch
 
 from diffcxr_aug.data.cache import cache_files, open_cache
 from diffcxr_aug.data.dataset import CXRDataset
-from diffcxr_aug.data.images import ImageReadError, load_image
+from diffcxr_aug.data.images import load_image
+from diffcxr_aug.errors import ImageReadError
 from diffcxr_aug.data.manifest import read_manifest
 
 

@@ -470,7 +470,7 @@ def test_generator_seeds_pool_into_one_cell_with_their_own_spread_and_models_sta
 
 def test_ceiling_is_clean_all_train_new_patients_and_reused(tmp_path):
     from diffcxr_aug.augment.ceiling import build_ceiling
-    from diffcxr_aug.augment.experiment import classifier_synthetic, experiment_paths
+    from diffcxr_aug.augment.layout import classifier_synthetic, experiment_paths
     from diffcxr_aug.config import load_recipe
 
     path = build_ceiling(tmp_path / "ceiling", n=12, size=32, seed=0)

@@ -8,13 +8,13 @@ from typer.testing import CliRunner
 
 from diffcxr_aug import cli
 from diffcxr_aug.cli import app
-from diffcxr_aug.config import ClassifierMode, DatasetName, RecipeError
-from diffcxr_aug.data.adapters.common import DatasetLayoutError
+from diffcxr_aug.config import RecipeError
 from diffcxr_aug.data.cache import cache_files
-from diffcxr_aug.data.images import ImageReadError
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import ManifestError, read_manifest
-from diffcxr_aug.errors import InputError, MissingInputError, OutputInUseError
+from diffcxr_aug.data.tables import DatasetLayoutError
+from diffcxr_aug.errors import ImageReadError, InputError, MissingInputError, OutputInUseError
+from diffcxr_aug.types import ClassifierMode, DatasetName
 
 COMMANDS = ["prepare", "label", "filter", "train-generator", "synthesize", "train-classifier", "evaluate", "run"]
 
@@ -95,23 +95,23 @@ def test_project_errors_are_input_errors_and_keep_their_builtin_bases():
 @pytest.mark.parametrize("error", [ValueError("a bug"), KeyError("column"), FileNotFoundError("internal file")])
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, error):
     """Only InputError means bad input; any other exception from the library is a bug and is not hidden."""
-    import diffcxr_aug.data.prepare
+    import diffcxr_aug.augment.layout
 
     def broken(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(diffcxr_aug.data.prepare, "prepare_data", broken)
+    monkeypatch.setattr(diffcxr_aug.augment.layout, "prepare_data", broken)
     result = runner.invoke(app, ["prepare", "phantom", "--out", str(tmp_path)])
     assert result.exit_code == 1 and result.exception is error
 
 
 def test_an_input_error_is_one_line(tmp_path, monkeypatch):
-    import diffcxr_aug.data.prepare
+    import diffcxr_aug.augment.layout
 
     def bad_input(*args, **kwargs):
         raise MissingInputError(f"{tmp_path}/nowhere.csv: no such file")
 
-    monkeypatch.setattr(diffcxr_aug.data.prepare, "prepare_data", bad_input)
+    monkeypatch.setattr(diffcxr_aug.augment.layout, "prepare_data", bad_input)
     result = runner.invoke(app, ["prepare", "phantom", "--out", str(tmp_path)])
     assert result.exit_code == 2 and result.output == f"Error: {tmp_path}/nowhere.csv: no such file\n"
 

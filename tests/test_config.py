@@ -6,16 +6,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from diffcxr_aug.config import (
-    PIPELINE_STEPS,
-    RESOLVED_RECIPE_NAME,
-    Recipe,
-    RecipeError,
-    VAESection,
-    load_recipe,
-    write_resolved_recipe,
-)
+from diffcxr_aug.config import RESOLVED_RECIPE_NAME, Recipe, RecipeError, load_recipe, write_resolved_recipe
 from diffcxr_aug.errors import InputError
+from diffcxr_aug.generator.settings import VAESettings
+from diffcxr_aug.types import PIPELINE_STEPS
 
 
 def test_every_shipped_recipe_validates(recipes_dir):
@@ -100,7 +94,8 @@ def test_resolved_recipe_round_trips(tmp_path, recipes_dir):
 def test_recipes_have_one_vae_for_filter_and_generator(tmp_path, recipes_dir, name):
     # The hour of phantom-128 (and the quickstart's 20 minutes) count one VAE training, the train-vae step's,
     # which the filter and the generator both load by path.
-    from diffcxr_aug.augment.experiment import experiment_paths, plan_steps, recipe_vae, recipe_vae_plan
+    from diffcxr_aug.augment.layout import experiment_paths, recipe_vae, recipe_vae_plan
+    from diffcxr_aug.augment.plan import plan_steps
     from diffcxr_aug.generator.configs import resolve_config
 
     recipe = load_recipe(recipes_dir / name, [f"output_dir={tmp_path}"])
@@ -117,43 +112,18 @@ def test_recipes_have_one_vae_for_filter_and_generator(tmp_path, recipes_dir, na
     assert all(moved[n].fingerprint == steps[n].fingerprint for n in ("train-vae", "filter", "train-generator"))
 
 
-def test_vae_keys_of_older_recipes_move_into_the_vae_section():
-    from diffcxr_aug.augment.experiment import recipe_vae_plan, run_order
-
-    legacy = {
-        "steps": ["prepare", "filter", "train-generator"],
-        "filter": {"vae_config": "kl-f4", "vae_steps": 800, "vae_crop_size": 32, "image_size": 64, "vae": None},
-        "generator": {"config": "phantom-64", "vae_steps": 800, "vae_batch_size": None},
-    }
-    recipe = Recipe.model_validate(legacy)
-    assert recipe.vae == VAESection(config="kl-f4", steps=800, crop_size=32, size=64)
-    plan = recipe_vae_plan(recipe)
-    assert (plan.config, plan.steps, plan.batch_size, plan.crop_size, plan.size) == ("kl-f4", 800, 32, 32, 64)
-    assert run_order(recipe) == ["prepare", "train-vae", "filter", "train-generator"]  # the step they lacked
-    # Two values for one setting: one VAE cannot have both.
-    with pytest.raises(ValidationError, match=r"filter.vae_steps is 800 but generator.vae_steps is 1000"):
-        Recipe.model_validate({**legacy, "generator": {"vae_steps": 1000}})
-    with pytest.raises(ValidationError, match=r"vae.steps is 500 but filter.vae_steps is 800"):
-        Recipe.model_validate({**legacy, "vae": {"steps": 500}})
-    # generator.vae: a registry name is the architecture to train, anything else a pretrained VAE.
-    assert Recipe.model_validate({"generator": {"vae": "kl-f8"}}).vae.config == "kl-f8"
-    hub = Recipe.model_validate({"generator": {"vae": "stabilityai/sd-vae-ft-mse"}})
-    assert hub.vae.pretrained == "stabilityai/sd-vae-ft-mse" and recipe_vae_plan(hub).pretrained == hub.vae.pretrained
-    assert "train-vae" not in [s.name for s in _plan(hub)]  # nothing to train
-
-
 def test_vae_section_edges():
-    from diffcxr_aug.augment.experiment import recipe_vae_plan
+    from diffcxr_aug.augment.layout import recipe_vae_plan
 
-    # An explicit null is the default, not a second value (a resolved recipe writes every key).
-    recipe = Recipe.model_validate({"vae": {"size": None}, "filter": {"image_size": 64}})
-    assert recipe.vae.size == 64
-    assert Recipe.model_validate({"vae": None}).vae == VAESection()
-    # A pretrained VAE of an older recipe's filter wins over its (always written) vae_config.
-    legacy = Recipe.model_validate({"filter": {"vae": "some/vae", "vae_config": "kl-f4"}})
-    assert legacy.vae == VAESection(pretrained="some/vae")
+    # An explicit null is the default (a resolved recipe writes every key).
+    assert Recipe.model_validate({"vae": {"size": None}}).vae == VAESettings()
+    # The VAE keys of recipes from before the vae section are unknown keys now, named with the keys allowed.
+    with pytest.raises(ValidationError, match="vae_config"):
+        Recipe.model_validate({"filter": {"vae_config": "kl-f4"}})
+    with pytest.raises(ValidationError, match="set the VAE in the recipe's vae section"):
+        Recipe.model_validate({"generator": {"vae": "kl-f8"}})
     with pytest.raises(ValidationError, match="set one of them"):
-        VAESection(pretrained="some/vae", config="kl-f4")
+        VAESettings(pretrained="some/vae", config="kl-f4")
     # One latent space, one image size: the filter encodes at the size the generator trains at.
     with pytest.raises(InputError, match=r"vae.size is 128 but the generator config 'phantom-64' trains at 64 px"):
         recipe_vae_plan(Recipe.model_validate({"vae": {"size": 128}}))
@@ -166,7 +136,7 @@ def test_vae_section_edges():
 
 
 def _plan(recipe: Recipe):
-    from diffcxr_aug.augment.experiment import plan_steps
+    from diffcxr_aug.augment.plan import plan_steps
 
     return plan_steps(recipe)
 
@@ -175,9 +145,9 @@ def test_vae_plan_takes_unset_keys_from_the_generator_config():
     from diffcxr_aug.generator.configs import get_config
     from diffcxr_aug.generator.vae import plan_vae
 
-    plan = plan_vae(VAESection(), get_config("phantom-128"))
+    plan = plan_vae(VAESettings(), get_config("phantom-128"))
     assert (plan.config, plan.size, plan.steps, plan.batch_size, plan.crop_size) == ("kl-f4", 128, 1000, 16, 64)
-    assert plan_vae(VAESection(), get_config("paper-256")).pretrained == "stabilityai/sd-vae-ft-mse"
-    assert plan_vae(VAESection(crop_size=128, steps=5), get_config("phantom-128")).crop_size == 128
+    assert plan_vae(VAESettings(), get_config("paper-256")).pretrained == "stabilityai/sd-vae-ft-mse"
+    assert plan_vae(VAESettings(crop_size=128, steps=5), get_config("phantom-128")).crop_size == 128
     with pytest.raises(InputError, match="vae.pretrained"):
-        plan_vae(VAESection(config="stabilityai/sd-vae-ft-mse"), get_config("phantom-128"))
+        plan_vae(VAESettings(config="stabilityai/sd-vae-ft-mse"), get_config("phantom-128"))

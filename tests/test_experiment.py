@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 
 from diffcxr_aug.augment.steps import STEPS_NAME, SUPERSEDED_DIR, Step, StepLedger, run_steps, setting_changes
 from diffcxr_aug.cli import app
-from diffcxr_aug.config import PIPELINE_STEPS, load_recipe
+from diffcxr_aug.config import load_recipe
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.generator.knowledge import knowledge_texts
+from diffcxr_aug.types import PIPELINE_STEPS
 
 runner = CliRunner()
 
@@ -94,7 +95,7 @@ def test_setting_changes_lists_nested_keys():
 
 
 def test_upstream_changes_reach_every_later_step(recipes_dir, tmp_path):
-    from diffcxr_aug.augment.experiment import plan_steps
+    from diffcxr_aug.augment.plan import plan_steps
 
     base = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}"])
     changed = load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", "vae.steps=10"])
@@ -108,7 +109,8 @@ def test_upstream_changes_reach_every_later_step(recipes_dir, tmp_path):
 def test_run_drops_lateral_views_when_it_trains_the_generator(recipes_dir, tmp_path):
     """filter.drop_views unset: LATERAL rows go before LNFS when the run trains the generator, none otherwise; set, it
     is kept. New keys at the value older runs had (noise_rate 0.05, compile off) leave fingerprints as they were."""
-    from diffcxr_aug.augment.experiment import _dump, filter_section, plan_steps
+    from diffcxr_aug.augment.layout import filter_section
+    from diffcxr_aug.augment.plan import _dump, plan_steps
 
     def recipe(*overrides: str):
         return load_recipe(recipes_dir / "quickstart.yaml", [f"output_dir={tmp_path}", *overrides])

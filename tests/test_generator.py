@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from diffcxr_aug.cli import app
-from diffcxr_aug.config import GeneratorSection, SynthesizeSection
 from diffcxr_aug.data.manifest import read_manifest, write_manifest
 from diffcxr_aug.errors import InputError
 from diffcxr_aug.generator.pipeline import DiffCXRPipeline
 from diffcxr_aug.generator.prompts import template_report
+from diffcxr_aug.generator.settings import GeneratorSettings, SynthesisSettings
 from diffcxr_aug.generator.synthesize import synthesize
 from diffcxr_aug.generator.training import (
     CHECKPOINT_TRAINING_STATE,
@@ -117,7 +117,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(trained, tmp_path):
     """Continue the fixture's 2-step run to 3 steps and compare with a fresh 3-step run, weight for weight."""
     resumed = tmp_path / "resumed"
     shutil.copytree(trained["gen"], resumed)
-    section = GeneratorSection(max_steps=3, **TINY)
+    section = GeneratorSettings(max_steps=3, **TINY)
     train_generator(trained["data"], resumed, section, resume="latest", device="cpu")
     straight = tmp_path / "straight"
     train_generator(trained["data"], straight, section, device="cpu")
@@ -155,7 +155,7 @@ def test_reseed_branches_a_checkpoint_into_another_folder(trained, tmp_path):
     equal-budget continuation arms of bench/dkim_budget.py): the branch is reproducible, differs from the
     checkpoint's own continuation, and keeps the run's VAE."""
     checkpoint = trained["gen"] / "checkpoints" / "checkpoint-2"
-    section = GeneratorSection(max_steps=3, **TINY)
+    section = GeneratorSettings(max_steps=3, **TINY)
     with pytest.raises(InputError, match="pass it with --resume"):
         train_generator(trained["data"], tmp_path / "x", section, device="cpu", seed=5, reseed=True)
     # The tiny config trains its VAE inside the run: a branch elsewhere must take that VAE along, not train one.
@@ -196,15 +196,15 @@ def test_a_folder_being_trained_is_locked(trained, tmp_path):
         held.write("pid 12345\n")
         held.flush()
         with pytest.raises(FileExistsError, match="being trained by pid 12345"):
-            train_generator(trained["data"], out, GeneratorSection(**TINY), device="cpu")
+            train_generator(trained["data"], out, GeneratorSettings(**TINY), device="cpu")
 
 
 def test_existing_checkpoints_need_resume(trained):
     with pytest.raises(FileExistsError, match="--resume latest"):
-        train_generator(trained["data"], trained["gen"], GeneratorSection(max_steps=2, **TINY), device="cpu")
+        train_generator(trained["data"], trained["gen"], GeneratorSettings(max_steps=2, **TINY), device="cpu")
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         train_generator(
-            trained["data"], trained["gen"], GeneratorSection(**TINY), resume=trained["root"], device="cpu"
+            trained["data"], trained["gen"], GeneratorSettings(**TINY), resume=trained["root"], device="cpu"
         )
 
 
@@ -217,14 +217,14 @@ def test_resume_from_a_checkpoint_with_another_trainable_set_says_so(trained, tm
     state["optimizer"]["param_groups"][0]["params"] = state["optimizer"]["param_groups"][0]["params"][:-1]
     torch.save(state, state_path)
     with pytest.raises(ValueError, match="written by another version of diffcxr-aug"):
-        train_generator(trained["data"], old, GeneratorSection(max_steps=3, **TINY), resume="latest", device="cpu")
+        train_generator(trained["data"], old, GeneratorSettings(max_steps=3, **TINY), resume="latest", device="cpu")
 
 
 def test_bad_stage_and_stage_mismatches(trained, tmp_path):
     with pytest.raises(ValueError, match="Unsupported stage 3"):
-        train_generator(trained["data"], tmp_path, GeneratorSection(**TINY), stage=3)
+        train_generator(trained["data"], tmp_path, GeneratorSettings(**TINY), stage=3)
     with pytest.raises(ValueError, match="pass it with --stage 2"):
-        train_generator(trained["data"], tmp_path, GeneratorSection(**TINY), generator=trained["gen"])
+        train_generator(trained["data"], tmp_path, GeneratorSettings(**TINY), generator=trained["gen"])
     result = CliRunner().invoke(
         app, ["train-generator", "--data", str(trained["data"]), "--out", str(tmp_path), "--stage", "2"]
     )
@@ -236,7 +236,7 @@ def test_ava_tls_off_is_the_truncation_baseline(trained, tmp_path):
     out = tmp_path / "off"
     settings = {**TINY, "checkpoint_every": 1, "checkpoints_total_limit": 1, "prediction_type": "v_prediction"}
     settings["attention"] = "default"
-    train_generator(trained["data"], out, GeneratorSection(max_steps=2, ava_tls=False, **settings), device="cpu")
+    train_generator(trained["data"], out, GeneratorSettings(max_steps=2, ava_tls=False, **settings), device="cpu")
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
     pipe = DiffCXRPipeline.from_pretrained(out)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
@@ -290,12 +290,12 @@ def test_synthesize_cli_and_missing_generator(trained, tmp_path):
 def test_evaluate_reads_generated_images_and_their_cost(trained, tmp_path):
     """synthesize -> evaluate: the report carries the generator's GFLOPs and the sampling time."""
     synthetic = tmp_path / "s"
-    synthesize(trained["gen"], synthetic, SynthesizeSection(n=4, steps=2, guidance=2.0), device="cpu", seed=1)
+    synthesize(trained["gen"], synthetic, SynthesisSettings(n=4, steps=2, guidance=2.0), device="cpu", seed=1)
     job = json.loads((synthetic / "synthesis.json").read_text())
     assert job["images_timed"] == 4 and job["seconds"] > 0 and job["images_per_second"] > 0
     assert job["device"] == "cpu"
     # A rerun with nothing left to make keeps the timing of the images it did make.
-    synthesize(trained["gen"], synthetic, SynthesizeSection(n=4, steps=2, guidance=2.0), device="cpu", seed=1)
+    synthesize(trained["gen"], synthetic, SynthesisSettings(n=4, steps=2, guidance=2.0), device="cpu", seed=1)
     assert json.loads((synthetic / "synthesis.json").read_text()) == job
     result = CliRunner().invoke(
         app,
@@ -402,9 +402,9 @@ def test_compiled_networks_train_like_the_eager_ones(trained, tmp_path):
     counters.clear()
     settings = {**TINY, "gradient_accumulation_steps": 1, "sample_every": 2, "checkpoint_every": 2}
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    train_generator(trained["data"], eager, GeneratorSection(max_steps=2, **settings), device="cpu")
+    train_generator(trained["data"], eager, GeneratorSettings(max_steps=2, **settings), device="cpu")
     assert sum(counters["stats"].values()) == 0  # nothing compiled so far
-    train_generator(trained["data"], compiled, GeneratorSection(max_steps=2, compile=True, **settings), device="cpu")
+    train_generator(trained["data"], compiled, GeneratorSettings(max_steps=2, compile=True, **settings), device="cpu")
     assert counters["stats"]["unique_graphs"] >= 3  # at least one graph for each of the three networks
     losses = [pd.read_csv(out / "logs" / "loss.csv")["loss"] for out in (eager, compiled)]
     assert losses[1].iloc[0] == pytest.approx(losses[0].iloc[0], rel=1e-3)
@@ -454,7 +454,7 @@ def test_reports_from_labels_condition_a_dataset_without_reports(tmp_path):
     manifest = read_manifest(make_tiny_manifest(tmp_path / "tiny", n=12).parent)
     write_manifest(manifest.frame.assign(report=""), tmp_path / "bare")
     with pytest.raises(InputError, match="every train report is empty.*report_source: labels"):
-        train_generator(tmp_path / "bare", tmp_path / "gen", GeneratorSection(config="tiny"), device="cpu")
+        train_generator(tmp_path / "bare", tmp_path / "gen", GeneratorSettings(config="tiny"), device="cpu")
     assert not (tmp_path / "gen").exists()
     written = conditioning_manifest(read_manifest(tmp_path / "bare"), "labels")
     first = written.frame.iloc[0]

@@ -249,7 +249,7 @@ def test_the_dkim_recipe_samples_stage_1_and_2_from_the_same_prompts(tmp_path, r
 
 
 def test_dkim_sources_need_a_stage_2_and_a_balance(recipes_dir, tmp_path):
-    from diffcxr_aug.augment.experiment import sampled_sets
+    from diffcxr_aug.augment.layout import sampled_sets
 
     path = recipes_dir / "dkim-phantom128.yaml"
     sets = sampled_sets(load_recipe(path))

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from diffcxr_aug.config import GeneratorSection, RecipeError, load_recipe
+from diffcxr_aug.config import RecipeError, load_recipe
 from diffcxr_aug.generator.knowledge import (
     KnowledgeTemplates,
     knowledge_sentences,
@@ -17,6 +17,7 @@ from diffcxr_aug.generator.knowledge import (
     knowledge_texts,
     load_templates,
 )
+from diffcxr_aug.generator.settings import GeneratorSettings
 
 ROW = {"Cardiomegaly": 0, "Pleural Effusion": 1, "Pneumonia": -1, "Fracture": math.nan, "Support Devices": 1}
 
@@ -96,7 +97,7 @@ def test_recipe_takes_templates_inline_or_from_a_file(tmp_path):
     path = tmp_path / "templates.json"
     path.write_text(json.dumps(inline))
     for value in (inline, str(path)):
-        section = GeneratorSection(dkim_templates=value, dkim_states="all")
+        section = GeneratorSettings(dkim_templates=value, dkim_states="all")
         assert knowledge_text({"Edema": -1}, section.dkim_templates, section.dkim_states) == "Possible edema."
     assert load_templates(path) == load_templates(inline)
     # The resolved recipe carries the templates themselves, not the path.

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from diffcxr_aug.cli import app
-from diffcxr_aug.config import GeneratorSection, SynthesizeSection
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.evaluation.alignment import AlignmentScorer, set_generator, towers_folder
 from diffcxr_aug.generator.pipeline import DiffCXRPipeline
+from diffcxr_aug.generator.settings import GeneratorSettings, SynthesisSettings
 from diffcxr_aug.generator.synthesize import synthesize
 from diffcxr_aug.generator.training import CHECKPOINT_WEIGHTS, list_checkpoints, train_generator
 from tests.conftest import make_tiny_manifest
@@ -36,7 +36,7 @@ def stages(tmp_path_factory) -> dict[str, Path]:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("stage2")
     data = make_tiny_manifest(root / "data").parent
-    train_generator(data, root / "gen", GeneratorSection(max_steps=2, **TINY), device="cpu")
+    train_generator(data, root / "gen", GeneratorSettings(max_steps=2, **TINY), device="cpu")
     recipe = root / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({"generator": {**TINY, "knowledge_cfg_dropout": 0.25}}))
     result = CliRunner().invoke(
@@ -95,7 +95,7 @@ def test_dkim_scale_zero_gives_stage1_images_after_training(stages):
 
 
 def test_stage2_resume_is_bit_identical(stages, tmp_path):
-    section = GeneratorSection(stage2_steps=3, knowledge_cfg_dropout=0.25, **TINY)  # the fixture's settings
+    section = GeneratorSettings(stage2_steps=3, knowledge_cfg_dropout=0.25, **TINY)  # the fixture's settings
     resumed = tmp_path / "resumed"
     shutil.copytree(stages["dkim"], resumed)
     kwargs = dict(stage=2, generator=stages["gen"], device="cpu")
@@ -110,7 +110,7 @@ def test_stage2_resume_is_bit_identical(stages, tmp_path):
 
 def test_stage2_refuses_what_it_cannot_train_on(stages, tmp_path):
     data, gen = stages["data"], stages["gen"]
-    section = GeneratorSection(stage2_steps=1, **TINY)
+    section = GeneratorSettings(stage2_steps=1, **TINY)
     with pytest.raises(FileNotFoundError, match="not a trained pipeline folder"):
         train_generator(data, tmp_path / "a", section, stage=2, generator=tmp_path / "missing")
     with pytest.raises(ValueError, match="is the stage-1 folder itself"):
@@ -126,7 +126,7 @@ def test_stage2_refuses_what_it_cannot_train_on(stages, tmp_path):
 
 def test_synthesize_with_a_dkim_generator_records_knowledge(stages, tmp_path):
     prompts = stages["data"]
-    section = SynthesizeSection(n=3, steps=2, guidance=2.0, batch_size=2, prompts=prompts)
+    section = SynthesisSettings(n=3, steps=2, guidance=2.0, batch_size=2, prompts=prompts)
     out = synthesize(stages["dkim"], tmp_path / "dkim", section, device="cpu", seed=5)
     frame = read_manifest(out).frame
     assert len(frame) == 3 and frame["meta_dkim_scale"].astype(float).eq(1.0).all()
@@ -154,7 +154,7 @@ def test_stage2_compiled_trains_like_the_eager_run(stages, tmp_path):
     """``compile: true`` in stage 2 compiles the adapter beside the frozen UNet and squeeze: the same first-step
     loss as the eager stage-2 run of the fixture (to compiler rounding), and the run records what it compiled."""
     torch._dynamo.reset()
-    section = GeneratorSection(max_steps=2, compile=True, knowledge_cfg_dropout=0.25, **TINY)
+    section = GeneratorSettings(max_steps=2, compile=True, knowledge_cfg_dropout=0.25, **TINY)
     out = tmp_path / "dkim-compiled"
     train_generator(stages["data"], out, section, stage=2, generator=stages["gen"], device="cpu")
     info = json.loads((out / "training_info.json").read_text())

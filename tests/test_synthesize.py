@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,12 +19,12 @@ import yaml
 from typer.testing import CliRunner
 
 from diffcxr_aug.cli import app
-from diffcxr_aug.config import GeneratorSection, SynthesizeSection
 from diffcxr_aug.data.images import load_image, verify_image
 from diffcxr_aug.data.labeler import RuleLabeler
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.generator.prompts import balanced_prompt_rows, prevalence, prompt_rows, template_report
+from diffcxr_aug.generator.settings import GeneratorSettings, SynthesisSettings
 from diffcxr_aug.generator.synthesize import image_seed, synthesize
 from diffcxr_aug.generator.training import train_generator
 from tests.conftest import REPO_ROOT, make_tiny_manifest
@@ -39,7 +38,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("synthesize")
     data = make_tiny_manifest(root / "data").parent
-    section = GeneratorSection(
+    section = GeneratorSettings(
         config="tiny", max_steps=1, batch_size=4, num_validation_reports=1, validation_steps=1, mixed_precision="no"
     )
     train_generator(data, root / "gen", section, device="cpu")
@@ -91,7 +90,7 @@ def test_balanced_order_reaches_the_target_in_every_prefix():
 # --------------------------------------------------------------------------------- layout, grow, resume
 def test_synthesize_grows_resumes_and_refuses_another_job(tiny, tmp_path):
     out = tmp_path / "synthetic"
-    section = SynthesizeSection(n=4, steps=2, guidance=2.0, batch_size=3, shard_size=3)
+    section = SynthesisSettings(n=4, steps=2, guidance=2.0, batch_size=3, shard_size=3)
     frame = read_manifest(synthesize(tiny["gen"], out, section, device="cpu", seed=5)).frame
     assert frame["image_path"].tolist() == ["images/000/000000.png", "images/000/000001.png"] + [
         "images/000/000002.png",
@@ -151,23 +150,6 @@ def _decode(data: bytes) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32) / 255.0
-
-
-def test_a_folder_of_the_flat_layout_is_moved_into_shards(tiny, tmp_path):
-    """A job folder written before shards (images/000123.png, no shard CSVs) is finished, not refused."""
-    out = tmp_path / "old"
-    section = SynthesizeSection(n=3, steps=1, guidance=2.0)
-    synthesize(tiny["gen"], out, section, device="cpu", seed=0)
-    for path in (out / "images").glob("*/*.png"):
-        path.rename(out / "images" / path.name)
-    shutil.rmtree(out / "images/000")
-    shutil.rmtree(out / "shards")
-    job = json.loads((out / "synthesis.json").read_text())
-    old = {k: job[k] for k in ("generator", "prompts", "steps", "guidance", "seed", "n", "seconds", "images_timed")}
-    (out / "synthesis.json").write_text(json.dumps(old))
-    synthesize(tiny["gen"], out, section, device="cpu", seed=0)
-    _check_folder(out, 3)
-    assert json.loads((out / "synthesis.json").read_text())["images_timed"] == 3  # nothing made again
 
 
 # ---------------------------------------------------------------------------------- kill -9, two processes
@@ -239,12 +221,12 @@ def test_label_only_text_and_labels_from_prompt_sources(tiny, tmp_path):
     assert job["prompt_kind"] == "labels" and job["batch_size"] == [16]
 
     (tmp_path / "reports.txt").write_text("Large right pleural effusion.\n\nNo pneumothorax. Normal heart size.\n")
-    synthesize(tiny["gen"], tmp_path / "b", SynthesizeSection(n=2, steps=1, prompts=tmp_path / "reports.txt"), "cpu")
+    synthesize(tiny["gen"], tmp_path / "b", SynthesisSettings(n=2, steps=1, prompts=tmp_path / "reports.txt"), "cpu")
     frame = _check_folder(tmp_path / "b", 2)
     effusion = frame.set_index("prompt")["Pleural Effusion"]
     assert effusion["Large right pleural effusion."] == 1.0 and len(frame.columns) > 20  # 14 labels from the labeler
 
-    section = SynthesizeSection(n=2, steps=1, labels_from=tiny["data"])
+    section = SynthesisSettings(n=2, steps=1, labels_from=tiny["data"])
     frame = _check_folder(Path(synthesize(tiny["gen"], tmp_path / "c", section, "cpu")).parent, 2)
     assert set(frame["prompt"]) <= {
         "Cardiomegaly. No pneumothorax.",
@@ -284,6 +266,6 @@ def test_synthesize_defaults_to_label_prompts_for_a_generator_trained_on_labels(
     data = tmp_path / "data" / "manifest.csv"
     info = {"data": str(data), "section": {"report_source": "labels"}}
     (tmp_path / "training_info.json").write_text(json.dumps(info))
-    assert _prompt_source(tmp_path, SynthesizeSection()) == (data, True)
+    assert _prompt_source(tmp_path, SynthesisSettings()) == (data, True)
     (tmp_path / "training_info.json").write_text(json.dumps({"data": str(data), "section": {}}))
-    assert _prompt_source(tmp_path, SynthesizeSection()) == (data, False)
+    assert _prompt_source(tmp_path, SynthesisSettings()) == (data, False)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from diffcxr_aug.config import GeneratorSection, RecipeError, load_recipe
+from diffcxr_aug.config import RecipeError, load_recipe
 from diffcxr_aug.generator.ava_tls import ImageTower, info_nce, same_text_mask
 from diffcxr_aug.generator.configs import (
     GENERATOR_CONFIGS,
@@ -17,6 +17,7 @@ from diffcxr_aug.generator.configs import (
     get_config,
     resolve_config,
 )
+from diffcxr_aug.generator.settings import GeneratorSettings
 from diffcxr_aug.generator.text_encoder import (
     build_wordpiece_tokenizer,
     encode_tokens,
@@ -254,9 +255,9 @@ def test_config_validation_and_overrides():
         GeneratorConfig.from_dict({**get_config("tiny").to_dict(), "depth": 3})
     with pytest.raises(ValueError, match="Unknown generator config 'big'.*tiny"):
         get_config("big")
-    cfg = resolve_config(GeneratorSection(config="phantom-64", num_tokens=32, text_encoder="scratch"))
+    cfg = resolve_config(GeneratorSettings(config="phantom-64", num_tokens=32, text_encoder="scratch"))
     assert cfg.num_tokens == 32 and cfg.text_encoder_policy == "train" and cfg.unet == get_config("phantom-64").unet
-    assert resolve_config(GeneratorSection(config="phantom-64")) == get_config("phantom-64")
+    assert resolve_config(GeneratorSettings(config="phantom-64")) == get_config("phantom-64")
     round_trip = GeneratorConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert round_trip.to_dict() == json.loads(json.dumps(cfg.to_dict()))
     # A config stored before vae_crop_size existed (in an older checkpoint) still loads: whole-image VAE training.

@@ -35,10 +35,19 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
+from diffcxr_aug.augment.layout import experiment_paths, final_generator, recipe_vae_plan, trains_dkim
+from diffcxr_aug.augment.plan import _dump, plan_steps, run_loop
+from diffcxr_aug.augment.results import RESULTS_NAME
 from diffcxr_aug.augment.steps import Step, StepLedger, run_steps
+from diffcxr_aug.classifiers.train import HISTORY_NAME
 from diffcxr_aug.config import Recipe, RecipeError, _format_validation_error, apply_overrides, write_resolved_recipe
+from diffcxr_aug.data.labels import CHEXPERT_LABELS
+from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.errors import InputError
+from diffcxr_aug.evaluation.faithfulness import reference_classifier
+from diffcxr_aug.evaluation.report import evaluate
 from diffcxr_aug.io import atomic_write_json, atomic_write_text
+from diffcxr_aug.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +67,6 @@ def arm_order(recipe: Recipe) -> list[str]:
 
 def reuses_baseline_stage1(recipe: Recipe, name: str) -> bool:
     """Whether arm ``name`` only turns DKIM off of a baseline that trains it: it samples the baseline's stage 1."""
-    from diffcxr_aug.augment.experiment import trains_dkim
-
     section = recipe.ablation
     changes = section.arms[name] or {}
     return name != section.baseline and changes == {"generator.dkim": False} and trains_dkim(recipe)
@@ -68,8 +75,6 @@ def reuses_baseline_stage1(recipe: Recipe, name: str) -> bool:
 def arm_recipe(recipe: Recipe, name: str) -> Recipe:
     """The recipe of arm ``name`` in ``OUTPUT_DIR/arms/NAME``, without the
     shared steps and without its own ``evaluate`` (one evaluation scores every arm)."""
-    from diffcxr_aug.augment.experiment import experiment_paths, recipe_vae_plan
-
     section = recipe.ablation
     changes = section.arms[name] or {}
     data = recipe.model_dump(mode="json")
@@ -105,28 +110,17 @@ def _link(link: Path, target: Path) -> None:
 def _arm_done(arm: Recipe) -> bool:
     """Every step the arm's plan runs is done (not every name in its ``steps``: an arm with ``filter.enabled:
     false`` never runs its filter)."""
-    from diffcxr_aug.augment.experiment import plan_steps
-
     ledger = StepLedger(arm.output_dir)
     return all(ledger.records.get(step.name, {}).get("status") == "done" for step in plan_steps(arm))
 
 
 def _shared_steps(recipe: Recipe) -> list[Step]:
     """prepare and train-vae (when the VAE is trained) of the recipe, in ``OUTPUT_DIR``."""
-    from diffcxr_aug.augment.experiment import plan_steps
-
     base = recipe.model_copy(update={"steps": ["prepare", "train-generator"], "ablation": None})
     return [step for step in plan_steps(base) if step.name in SHARED_STEPS]
 
 
 def _reference_step(recipe: Recipe, upstream: dict[str, str]) -> Step:
-    from diffcxr_aug.augment.experiment import _dump, experiment_paths
-    from diffcxr_aug.classifiers.train import HISTORY_NAME
-    from diffcxr_aug.data.labels import CHEXPERT_LABELS
-    from diffcxr_aug.data.manifest import read_manifest
-    from diffcxr_aug.evaluation.faithfulness import reference_classifier
-    from diffcxr_aug.runtime import resolve_device
-
     root, section = Path(recipe.output_dir), recipe.evaluate
     size = section.image_size or recipe.data.size
 
@@ -144,9 +138,6 @@ def _reference_step(recipe: Recipe, upstream: dict[str, str]) -> Step:
 
 
 def _evaluate_step(recipe: Recipe, finished: dict[str, Recipe], upstream: dict[str, str]) -> Step:
-    from diffcxr_aug.augment.experiment import _dump, experiment_paths
-    from diffcxr_aug.evaluation.report import evaluate
-
     root, section = Path(recipe.output_dir), recipe.evaluate
     sets = {name: experiment_paths(arm)["synthetic"] for name, arm in finished.items()}
 
@@ -164,8 +155,6 @@ def _evaluate_step(recipe: Recipe, finished: dict[str, Recipe], upstream: dict[s
 
 def run_ablation(recipe: Recipe, echo: Callable[[str], None] | None = None) -> Path:
     """Run the shared steps, the arms asked for, the joint evaluation and the table; returns ``ablation.md``."""
-    from diffcxr_aug.augment.experiment import experiment_paths, run_experiment
-
     echo = echo or (lambda line: logger.info("%s", line))
     section, root = recipe.ablation, Path(recipe.output_dir)
     arms = {name: arm_recipe(recipe, name) for name in arm_order(recipe)}  # every arm validates before any work
@@ -186,7 +175,7 @@ def run_ablation(recipe: Recipe, echo: Callable[[str], None] | None = None) -> P
         if reuses_baseline_stage1(recipe, name):
             _link(arm_root / "generator", experiment_paths(arms[section.baseline])["generator"])
         echo(f"ablation arm {name} ({_changes_text(section.arms[name])}) in {arm_root}")
-        run_experiment(arm, echo=lambda line, name=name: echo(f"  {name} {line}"))
+        run_loop(arm, echo=lambda line, name=name: echo(f"  {name} {line}"))
     finished = {name: arm for name, arm in arms.items() if _arm_done(arm)}
     if finished:
         reference = _reference_step(recipe, upstream)
@@ -213,9 +202,6 @@ def _mean_std(values: list[float]) -> dict[str, float | int | None]:
 
 def _downstream(arm: Recipe, metric: str) -> dict[str, Any]:
     """Per real fraction of the arm's synthetic modes: the metric by seed, with mean and std."""
-    from diffcxr_aug.augment.experiment import experiment_paths
-    from diffcxr_aug.augment.results import RESULTS_NAME
-
     path = experiment_paths(arm)["classifiers"] / RESULTS_NAME
     if not path.is_file():
         return {}
@@ -229,8 +215,6 @@ def _downstream(arm: Recipe, metric: str) -> dict[str, Any]:
 
 
 def _generator_record(arm: Recipe) -> dict[str, Any]:
-    from diffcxr_aug.augment.experiment import experiment_paths, final_generator
-
     info_path = final_generator(arm, experiment_paths(arm)) / "training_info.json"
     if not info_path.is_file():
         return {}
@@ -354,9 +338,6 @@ def ablation_markdown(table: dict[str, Any]) -> str:
 
 def copy_records(recipe: Recipe, arms: dict[str, Recipe], finished: dict[str, Recipe], dest: Path) -> None:
     """The table, the joint evaluation's report and each finished arm's small records, into ``dest``."""
-    from diffcxr_aug.augment.experiment import experiment_paths, final_generator
-    from diffcxr_aug.augment.results import RESULTS_NAME
-
     root = Path(recipe.output_dir)
     dest.mkdir(parents=True, exist_ok=True)
     for name in (TABLE_MD, TABLE_JSON, "recipe.resolved.yaml"):

@@ -8,6 +8,7 @@ magnitude a person plans by, not a promise: another CPU, or a busy one, differs.
 
 from __future__ import annotations
 
+from diffcxr_aug.augment.layout import recipe_vae_plan, sampled_sets
 from diffcxr_aug.config import Recipe
 
 # Seconds per pixel of a prepared phantom image (drawing, caching, two worker processes).
@@ -74,8 +75,6 @@ def estimate_seconds(step: str, recipe: Recipe) -> float | None:
     if step == "prepare":
         return d.n * pixels * PREPARE_PHANTOM_S_PER_PIXEL if d.dataset == "phantom" else None
     if step == "train-vae":
-        from diffcxr_aug.augment.experiment import recipe_vae_plan
-
         plan = recipe_vae_plan(recipe)
         per_pixel = VAE_STEP_S_PER_PIXEL.get(plan.config)
         if per_pixel is None:
@@ -90,8 +89,6 @@ def estimate_seconds(step: str, recipe: Recipe) -> float | None:
             return None
         return len(recipe.generator.seeds or [None]) * (_generator_images(recipe) * per_image + GENERATOR_FIXED_S)
     if step == "synthesize":
-        from diffcxr_aug.augment.experiment import sampled_sets
-
         per = SAMPLE_S_PER_IMAGE_STEP.get(recipe.generator.config)
         sets = len(sampled_sets(recipe))
         return None if per is None else sets * recipe.synthesize.n * recipe.synthesize.steps * per

@@ -19,10 +19,14 @@ from typing import Any
 
 import pandas as pd
 
-from diffcxr_aug.augment.experiment import run_order
+from diffcxr_aug.augment.layout import run_order
+from diffcxr_aug.augment.results import RESULTS_NAME, read_results, scored_view
+from diffcxr_aug.augment.statistics import CELL, paired_gains, summarize
 from diffcxr_aug.augment.steps import StepLedger
+from diffcxr_aug.augment.sweep import FIGURE_NAME
 from diffcxr_aug.config import RESOLVED_RECIPE_NAME, Recipe
 from diffcxr_aug.io import atomic_write_text
+from diffcxr_aug.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +57,6 @@ def _minutes(seconds: float | None) -> str:
 def machine_line(device: str) -> str:
     """``Linux x86_64, 2 CPU cores, torch 2.x (device cpu)``: where the run ran."""
     import torch
-
-    from diffcxr_aug.runtime import resolve_device
 
     resolved = resolve_device(device)
     where = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else f"{os.cpu_count()} CPU cores"
@@ -162,8 +164,6 @@ def _evaluation_section(root: Path, paths: dict[str, Path]) -> tuple[list[str], 
 
 
 def _classifier_tables(results: pd.DataFrame) -> list[str]:
-    from diffcxr_aug.augment.statistics import CELL, paired_gains, summarize
-
     stats = summarize(results)
     gains = paired_gains(results).set_index(CELL)
     several = stats["model"].nunique() > 1
@@ -188,9 +188,6 @@ def _classifier_tables(results: pd.DataFrame) -> list[str]:
 
 
 def _classifier_section(root: Path, paths: dict[str, Path], metric: str) -> tuple[list[str], pd.DataFrame | None]:
-    from diffcxr_aug.augment.results import RESULTS_NAME, read_results, scored_view
-    from diffcxr_aug.augment.sweep import FIGURE_NAME
-
     lines = ["## Classifiers: real only, real + generated, real + ceiling", ""]
     path = paths["classifiers"] / RESULTS_NAME
     if not path.is_file():
@@ -215,8 +212,6 @@ def _classifier_section(root: Path, paths: dict[str, Path], metric: str) -> tupl
 
 def _meaning(filt: dict | None, evaluation: dict | None, results: pd.DataFrame | None) -> list[str]:
     """Three sentences: what the filter, the generator and the classifiers showed, from the numbers above."""
-    from diffcxr_aug.augment.statistics import paired_gains, summarize
-
     sentences = []
     evaluation_auc = (filt or {}).get("evaluation", {}).get("roc_auc", {}) if filt else {}
     if evaluation_auc:

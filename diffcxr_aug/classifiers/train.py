@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from diffcxr_aug.classifiers.metrics import per_label_auc
 from diffcxr_aug.classifiers.models import WEIGHTS_NAME, ClassifierConfig, save_classifier
-from diffcxr_aug.config import UncertaintyPolicy
 from diffcxr_aug.errors import InputError
 from diffcxr_aug.io import atomic_write_text
+from diffcxr_aug.types import UncertaintyPolicy
 
 # Written last, when training has finished: a folder with weights but no history is an interrupted run's.
 HISTORY_NAME = "history.json"

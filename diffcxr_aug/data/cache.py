@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffcxr_aug.data.images import ImageReadError, load_image, to_uint8_square
+from diffcxr_aug.data.images import load_image, to_uint8_square
 from diffcxr_aug.data.manifest import Manifest, csv_row
+from diffcxr_aug.errors import ImageReadError
 from diffcxr_aug.io import atomic_write_json
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffcxr_aug.data.images import ImageReadError
+from diffcxr_aug.errors import ImageReadError
 
 
 def load_dicom(path: str | os.PathLike) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from diffcxr_aug.errors import InputError
+from diffcxr_aug.errors import ImageReadError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -22,10 +22,6 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 # PIL modes that hold more than 8 bits per pixel; they carry no display window, so they are stretched to
 # their own min-max (as the DICOM path does when a file has no VOI LUT).
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-
-
-class ImageReadError(InputError):
-    """An image that cannot be decoded; the message names the file and why."""
 
 
 def is_dicom(path: str | os.PathLike) -> bool:

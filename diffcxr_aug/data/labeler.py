@@ -517,7 +517,7 @@ def label_reports_file(
         device: ``auto``, ``cpu`` or ``cuda[:N]`` (CheXbert only).
         bert: CheXbert only: config and tokenizer source (local folder or hub id).
     """
-    from diffcxr_aug.data.adapters.common import read_table, require_columns
+    from diffcxr_aug.data.tables import read_table, require_columns
 
     reports = Path(reports)
     if not reports.is_file():

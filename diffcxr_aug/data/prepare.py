@@ -5,41 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import get_args
 
-from diffcxr_aug.config import DataSection, DatasetName
 from diffcxr_aug.errors import InputError
-
-_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
+from diffcxr_aug.types import DEFAULT_IMAGE_SIZE, DEFAULT_NOISE_RATE, DEFAULT_PHANTOM_N, DatasetName
 
 DATASETS: tuple[str, ...] = get_args(DatasetName)
-
-
-def prepare_data(section: DataSection, out: Path, seed: int = 0) -> Path:
-    """:func:`prepare_dataset` with the settings of a recipe's ``data`` section (``prepare --recipe``)."""
-    return prepare_dataset(
-        section.dataset,
-        out=out,
-        root=section.root,
-        size=section.size,
-        seed=seed,
-        n=section.n,
-        noise_rate=section.noise_rate,
-        csv=section.csv,
-        image_col=section.image_col,
-        label_cols=section.label_cols,
-        report_col=section.report_col,
-        patient_col=section.patient_col,
-        view_col=section.view_col,
-    )
 
 
 def prepare_dataset(
     dataset: str,
     out: Path,
     root: Path | None = None,
-    size: int = _DATA.size,
+    size: int = DEFAULT_IMAGE_SIZE,
     seed: int = 0,
-    n: int = _DATA.n,
-    noise_rate: float = _DATA.noise_rate,
+    n: int = DEFAULT_PHANTOM_N,
+    noise_rate: float = DEFAULT_NOISE_RATE,
     **csv_options,
 ) -> Path:
     """Write ``out/manifest.csv`` (plus ``rejected.csv`` and the image cache) for one dataset.

@@ -32,14 +32,15 @@ from diffcxr_aug.classifiers.models import (
     load_classifier,
 )
 from diffcxr_aug.classifiers.train import HISTORY_NAME, build_transforms, predict, seeded, train_classifier
-from diffcxr_aug.config import EvaluateSection
 from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import Manifest, read_manifest
 from diffcxr_aug.errors import InputError
 from diffcxr_aug.io import atomic_write_json, atomic_write_text
 
-_REFERENCE = EvaluateSection()  # the reference classifier's defaults live in the recipe section
+# The reference classifier's defaults (a recipe's evaluate section starts from these).
+REFERENCE_MODEL = "resnet10t"
+REFERENCE_EPOCHS = 8
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ def reference_classifier(
     folder: Path,
     size: int,
     labels: list[str],
-    model_name: str = _REFERENCE.model,
-    epochs: int = _REFERENCE.epochs,
+    model_name: str = REFERENCE_MODEL,
+    epochs: int = REFERENCE_EPOCHS,
     batch_size: int = 64,
     learning_rate: float = 1e-3,
     device: torch.device = torch.device("cpu"),
@@ -129,8 +130,8 @@ def evaluate_faithfulness(
     synthetic: Mapping[str, str | os.PathLike],
     out: str | os.PathLike,
     size: int = 64,
-    model_name: str = _REFERENCE.model,
-    epochs: int = _REFERENCE.epochs,
+    model_name: str = REFERENCE_MODEL,
+    epochs: int = REFERENCE_EPOCHS,
     batch_size: int = 64,
     device: str = "auto",
     seed: int = 0,

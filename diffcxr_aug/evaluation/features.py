@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from diffcxr_aug.config import FEATURE_KINDS
 from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.manifest import Manifest
 from diffcxr_aug.evaluation.fidelity import feature_distances
+from diffcxr_aug.types import FEATURE_KINDS
 
 logger = logging.getLogger(__name__)
 

@@ -44,13 +44,18 @@ import numpy as np
 
 from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, paired_bootstrap_mauc_difference
 from diffcxr_aug.classifiers.models import load_classifier
-from diffcxr_aug.config import EvaluateSection
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import Manifest, read_manifest
 from diffcxr_aug.errors import InputError
 from diffcxr_aug.evaluation.alignment import AlignmentScorer, set_alignment
 from diffcxr_aug.evaluation.compute import compute_summary
-from diffcxr_aug.evaluation.faithfulness import CLASSIFIER_DIR, masked_auc, reference_classifier
+from diffcxr_aug.evaluation.faithfulness import (
+    CLASSIFIER_DIR,
+    REFERENCE_EPOCHS,
+    REFERENCE_MODEL,
+    masked_auc,
+    reference_classifier,
+)
 from diffcxr_aug.evaluation.features import flat_metrics, space_fidelity
 from diffcxr_aug.evaluation.fidelity import embed, feature_distances, per_label_fidelity
 from diffcxr_aug.evaluation.markdown import report_markdown
@@ -65,8 +70,6 @@ from diffcxr_aug.evaluation.privacy import (
 )
 from diffcxr_aug.figures import pyplot, save_figure
 from diffcxr_aug.io import atomic_write_json, atomic_write_text
-
-_REFERENCE = EvaluateSection()  # the reference classifier's defaults live in the recipe section
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +161,8 @@ def evaluate(
     seed: int = 0,
     size: int | None = None,
     classifier: str | os.PathLike | None = None,
-    model_name: str = _REFERENCE.model,
-    epochs: int = _REFERENCE.epochs,
+    model_name: str = REFERENCE_MODEL,
+    epochs: int = REFERENCE_EPOCHS,
     max_train_images: int = 20000,
     features: Sequence[str] = ("reference",),
     inception_weights: str | os.PathLike | None = None,

@@ -3,7 +3,7 @@
 One registry is the single source of truth for an architecture: training builds from it, the resolved
 config is stored in every checkpoint (so ``--resume`` rebuilds exactly what was trained), and the saved
 pipeline carries each component's own ``config.json``. Recipes name an entry (``generator.config``) and
-may override the keys that :class:`~diffcxr_aug.config.GeneratorSection` exposes; nothing else.
+may override the keys that :class:`~diffcxr_aug.config.GeneratorSettings` exposes; nothing else.
 
 Entries:
     * ``tiny``: tests and ``recipes/smoke.yaml``; seconds on a CPU.
@@ -23,13 +23,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, get_args
 
-from diffcxr_aug.config import PredictionType, TextEncoderPolicy
 from diffcxr_aug.errors import InputError
+from diffcxr_aug.types import PredictionType, TextEncoderPolicy
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
-    from diffcxr_aug.config import GeneratorSection
+    from diffcxr_aug.generator.settings import GeneratorSettings
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def get_config(name: str) -> GeneratorConfig:
     return GENERATOR_CONFIGS[name]
 
 
-def resolve_config(section: GeneratorSection) -> GeneratorConfig:
+def resolve_config(section: GeneratorSettings) -> GeneratorConfig:
     """The registered config of ``section.config`` with the section's non-``None`` overrides applied."""
     base = get_config(section.config)
     overrides = {

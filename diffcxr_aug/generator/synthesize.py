@@ -51,7 +51,6 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from diffcxr_aug.config import SynthesizeSection
 from diffcxr_aug.data.manifest import CORE_COLUMNS, MANIFEST_NAME, validate_manifest_frame
 from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.generator.prompts import (
@@ -62,6 +61,7 @@ from diffcxr_aug.generator.prompts import (
     prevalence,
     prompt_rows,
 )
+from diffcxr_aug.generator.settings import SynthesisSettings
 from diffcxr_aug.io import atomic_path, atomic_write_json
 from diffcxr_aug.runtime import attention_backend
 
@@ -72,7 +72,7 @@ IMAGE_DIR = "images"
 SHARD_DIR = "shards"
 PREVIEW_NAME = "preview.png"
 LOCK_NAME = ".synthesize.lock"
-SHARD_SIZE = 1000  # the default of SynthesizeSection.shard_size
+SHARD_SIZE = 1000  # the default of SynthesisSettings.shard_size
 CPU_BATCH_SIZE = 16
 # --batch-size auto on CUDA starts here and halves on out-of-memory.
 CUDA_MAX_BATCH_SIZE = 256
@@ -92,16 +92,6 @@ JOB_KEYS = (
     "sampler_option",
     "mixed_precision",
 )
-# Values of keys that a job folder written before the key existed implies; a key without one here was not
-# recorded (generator_id, prompts_sha256) or is the current job's (shard_size: a flat images/ folder is moved
-# into shard folders), and is not compared.
-LEGACY_VALUES: dict[str, Any] = {
-    "prompt_kind": "manifest",
-    "balance": None,
-    "dkim_scale": None,
-    "sampler_option": "pipeline",
-    "mixed_precision": "no",
-}
 # Timing and memory of the images made; a run that makes none keeps those of the run that made them.
 PERFORMANCE_KEYS = (
     "seconds",
@@ -259,7 +249,7 @@ class _Plan:
         }
 
 
-def _prompt_source(generator: Path, section: SynthesizeSection) -> tuple[Path, bool]:
+def _prompt_source(generator: Path, section: SynthesisSettings) -> tuple[Path, bool]:
     """The prompt source and whether its reports are written from its labels (``--labels-from``)."""
     if section.labels_from is not None:
         if section.prompts is not None:
@@ -281,7 +271,7 @@ def _prompt_source(generator: Path, section: SynthesizeSection) -> tuple[Path, b
     )
 
 
-def _plan(generator: Path, section: SynthesizeSection, seed: int) -> tuple[_Plan, dict[str, Any]]:
+def _plan(generator: Path, section: SynthesisSettings, seed: int) -> tuple[_Plan, dict[str, Any]]:
     """The prompt order and the job record (without the generator id, which process 0 adds)."""
     source, labels_only = _prompt_source(generator, section)
     pool = load_prompt_pool(source, labels_only=labels_only)
@@ -328,7 +318,7 @@ def has_adapter(generator: Path) -> bool:
     return (index.get("adapter") or [None])[0] is not None and (generator / "adapter").is_dir()
 
 
-def _dkim(generator: Path, section: SynthesizeSection, pool: PromptPool) -> tuple[float | None, list[str] | None]:
+def _dkim(generator: Path, section: SynthesisSettings, pool: PromptPool) -> tuple[float | None, list[str] | None]:
     """A DKIM generator's residual weight and the knowledge text of every prompt row (written from the row's labels
     with the adapter's own templates); ``(None, None)`` for a stage-1 generator."""
     from diffcxr_aug.generator.knowledge import knowledge_texts, load_templates
@@ -366,7 +356,7 @@ def _check_job(out: Path, job: dict[str, Any]) -> dict[str, Any]:
     previous = json.loads(path.read_text())
     changed = {}
     for key in JOB_KEYS:
-        old = previous.get(key, LEGACY_VALUES.get(key, job[key]))
+        old = previous.get(key, job[key])
         if old != job[key]:
             changed[key] = old
     if changed:
@@ -377,17 +367,6 @@ def _check_job(out: Path, job: dict[str, Any]) -> dict[str, Any]:
             f"settings ({hints}); for the new settings choose a new --out"
         )
     return previous
-
-
-def _migrate_flat_layout(out: Path, shard_size: int) -> None:
-    """Move the ``images/<index>.png`` of a folder written before shards existed into their shard folders."""
-    flat = sorted((out / IMAGE_DIR).glob("[0-9]*.png")) if (out / IMAGE_DIR).is_dir() else []
-    for path in flat:
-        target = out / image_name(int(path.stem), shard_size)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
-    if flat:
-        logger.info("%s: moved %d images of the flat layout into shard folders", out, len(flat))
 
 
 # -------------------------------------------------------------------------------------------- processes
@@ -484,7 +463,8 @@ def _write_shard(path: Path, columns: list[str], rows: dict[int, dict[str, str]]
 
 
 def _decodes(path: Path, size: int) -> bool:
-    from diffcxr_aug.data.images import ImageReadError, verify_image
+    from diffcxr_aug.data.images import verify_image
+    from diffcxr_aug.errors import ImageReadError
 
     try:
         return verify_image(path) == (size, size)
@@ -497,7 +477,7 @@ class _Sampler:
     nothing to make loads no model). With ``batch_size: auto`` on CUDA a batch that runs out of memory is
     halved and run again, and the smaller size kept."""
 
-    def __init__(self, generator: Path, plan: _Plan, section: SynthesizeSection, dev: torch.device) -> None:
+    def __init__(self, generator: Path, plan: _Plan, section: SynthesisSettings, dev: torch.device) -> None:
         self.generator, self.plan, self.section, self.dev = generator, plan, section, dev
         self.auto = section.batch_size == "auto"
         if not self.auto:
@@ -643,7 +623,7 @@ def _join_shards(out: Path, n: int, shard_size: int) -> Path:
 def synthesize(
     generator: str | os.PathLike,
     out: str | os.PathLike,
-    section: SynthesizeSection,
+    section: SynthesisSettings,
     device: str = "auto",
     seed: int = 0,
 ) -> Path:
@@ -696,7 +676,7 @@ def synthesize(
 def _start_job(
     generator: Path,
     out: Path,
-    section: SynthesizeSection,
+    section: SynthesisSettings,
     plan: _Plan,
     job: dict[str, Any],
     stack: contextlib.ExitStack,
@@ -716,7 +696,6 @@ def _start_job(
             ) from None
         job = {**job, "generator_id": generator_id(generator)}
         previous = _check_job(out, job)
-        _migrate_flat_layout(out, section.shard_size)
         record = {
             **job,
             "n": section.n,

@@ -44,11 +44,11 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffcxr_aug.config import GeneratorSection
 from diffcxr_aug.data.manifest import Manifest, read_manifest
 from diffcxr_aug.data.showcase import showcase_rows
 from diffcxr_aug.errors import InputError, MissingInputError, OutputInUseError
 from diffcxr_aug.generator.configs import PAPER_GFLOPS, GeneratorConfig, denoising_step_flops, resolve_config
+from diffcxr_aug.generator.settings import GeneratorSettings
 from diffcxr_aug.generator.token_squeeze import TokenSqueeze
 from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
 from diffcxr_aug.runtime import attention_backend, attention_backend_name, resolve_device, resolve_mixed_precision
@@ -480,7 +480,7 @@ def _forget_other_precision(mixed_precision: str) -> None:
 def _prepare_vae(run: _Run):
     """Load the VAE the config names (a folder or hub id), or train the registered one on the manifest first (main
     process only), with ``run.vae_plan``'s settings when it plans that one, else the config's."""
-    from diffcxr_aug.config import VAESection
+    from diffcxr_aug.generator.settings import VAESettings
     from diffcxr_aug.generator.vae import VAE_CONFIGS, load_vae, plan_vae
 
     cfg, accelerator = run.cfg, run.accelerator
@@ -489,7 +489,7 @@ def _prepare_vae(run: _Run):
         folder = run.out / TRAINED_VAE_DIR
         plan = run.vae_plan
         if plan is None or plan.config != cfg.vae:
-            plan = plan_vae(VAESection(config=cfg.vae), cfg)
+            plan = plan_vae(VAESettings(config=cfg.vae), cfg)
         if not (folder / "metrics.json").is_file() and accelerator.is_main_process:
             logger.info("Training a %s KL-VAE on %s for %d steps first", cfg.vae, run.manifest.source, plan.steps)
             device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
@@ -511,7 +511,7 @@ def _prepare_vae(run: _Run):
 def train_generator(
     data: str | os.PathLike,
     out: str | os.PathLike,
-    section: GeneratorSection,
+    section: GeneratorSettings,
     stage: int = 1,
     resume: str | os.PathLike | None = None,
     device: str = "auto",
@@ -628,7 +628,7 @@ class _Run:
 
     stage: int
     cfg: GeneratorConfig
-    section: GeneratorSection
+    section: GeneratorSettings
     manifest: Manifest
     train: Manifest
     out: Path
@@ -707,7 +707,7 @@ class _Run:
 
 def _start(
     out: Path,
-    section: GeneratorSection,
+    section: GeneratorSettings,
     manifest: Manifest,
     train: Manifest,
     stage: int,

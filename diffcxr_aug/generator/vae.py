@@ -117,7 +117,7 @@ class VAEPlan:
 
 
 def plan_vae(section: Any, generator: Any) -> VAEPlan:
-    """The VAE of a recipe's ``vae`` section (a :class:`~diffcxr_aug.config.VAESection`), its ``None`` keys
+    """The VAE of a recipe's ``vae`` section (a :class:`~diffcxr_aug.config.VAESettings`), its ``None`` keys
     taken from the generator config (a :class:`~diffcxr_aug.generator.configs.GeneratorConfig`)."""
     pretrained = section.pretrained
     config = section.config

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,9 +26,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from diffcxr_aug.config import DataSection
 from diffcxr_aug.data.cache import open_cache
-from diffcxr_aug.data.images import ImageReadError, verify_image
+from diffcxr_aug.data.images import verify_image
 from diffcxr_aug.data.labels import VIEWS
 from diffcxr_aug.data.manifest import (
     CORE_COLUMNS,
@@ -39,9 +38,9 @@ from diffcxr_aug.data.manifest import (
     write_rejected,
 )
 from diffcxr_aug.data.splits import assign_patient_splits
-from diffcxr_aug.errors import InputError, MissingInputError
-
-_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
+from diffcxr_aug.data.tables import DatasetLayoutError
+from diffcxr_aug.errors import ImageReadError
+from diffcxr_aug.types import DEFAULT_IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +74,6 @@ _VIEW_ALIASES = {
 }
 
 
-class DatasetLayoutError(InputError):
-    """The dataset folder or one of its tables is not in the layout the adapter expects."""
-
-
 def normalize_view(value: object) -> str:
     """Map a view string (``"PA"``, ``"ap axial"``, ``"LL"``, ``"Lateral"``) onto PA, AP, LATERAL or UNKNOWN."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
@@ -87,34 +82,6 @@ def normalize_view(value: object) -> str:
     if key in VIEWS:
         return key
     return _VIEW_ALIASES.get(key, "UNKNOWN")
-
-
-def require_columns(frame: pd.DataFrame, columns: Iterable[str], source: str, hint: str = "") -> None:
-    """Raise naming each missing column and listing the columns the table does have."""
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DatasetLayoutError(
-            f"{source}: missing column(s) {missing}; found columns {list(frame.columns)}"
-            + (f". {hint}" if hint else "")
-        )
-
-
-def find_table(root: Path, names: Sequence[str], what: str) -> Path:
-    """The first of ``names`` (plain or ``.gz``) found in ``root``; an error listing what was looked for."""
-    for name in names:
-        for candidate in (root / name, root / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
-    tried = ", ".join(f"{n}[.gz]" for n in names)
-    raise MissingInputError(f"{root}: no {what} found (looked for {tried})")
-
-
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV (plain or gzipped) as strings, empty cells as ``""``."""
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DatasetLayoutError(f"{path}: not a readable CSV ({err})") from err
 
 
 # --- the checkpointed scan ---------------------------------------------------------------------------
@@ -251,7 +218,7 @@ def assign_splits(frame: pd.DataFrame, seed: int, fractions=(0.7, 0.1, 0.2)) -> 
 def index_dataset(
     candidates: pd.DataFrame,
     out: str | os.PathLike,
-    size: int = _DATA.size,
+    size: int = DEFAULT_IMAGE_SIZE,
     seed: int = 0,
     rejected: list[dict] | None = None,
     progress: bool = True,

@@ -17,20 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from diffcxr_aug.config import DataSection
-from diffcxr_aug.data.adapters.common import (
-    SOURCE_COLUMN,
-    DatasetLayoutError,
-    index_dataset,
-    normalize_view,
-    read_table,
-    require_columns,
-)
+from diffcxr_aug.data.adapters.common import SOURCE_COLUMN, index_dataset, normalize_view
 from diffcxr_aug.data.manifest import CORE_COLUMNS, META_PREFIX, REJECTED_NAME, RESERVED_COLUMNS, write_rejected
 from diffcxr_aug.data.reports import report_from_text
+from diffcxr_aug.data.tables import DatasetLayoutError, read_table, require_columns
 from diffcxr_aug.errors import InputError, MissingInputError
-
-_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
+from diffcxr_aug.types import DEFAULT_IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +50,7 @@ def _parse_label_cell(value: str) -> str | None:
 def prepare_csv(
     root: str | os.PathLike,
     out: str | os.PathLike,
-    size: int = _DATA.size,
+    size: int = DEFAULT_IMAGE_SIZE,
     seed: int = 0,
     csv: str | os.PathLike | None = None,
     image_col: str = "image",

@@ -34,22 +34,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from diffcxr_aug.config import DataSection
-from diffcxr_aug.data.adapters.common import (
-    SOURCE_COLUMN,
-    DatasetLayoutError,
-    index_dataset,
-    normalize_view,
-    read_table,
-    require_columns,
-    scan,
-)
-from diffcxr_aug.data.images import ImageReadError, is_dicom, load_image
+from diffcxr_aug.data.adapters.common import SOURCE_COLUMN, index_dataset, normalize_view, scan
+from diffcxr_aug.data.images import is_dicom, load_image
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.reports import clean_text, format_report
-from diffcxr_aug.errors import MissingInputError
-
-_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
+from diffcxr_aug.data.tables import DatasetLayoutError, read_table, require_columns
+from diffcxr_aug.errors import ImageReadError, MissingInputError
+from diffcxr_aug.types import DEFAULT_IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +220,7 @@ def _read_projections(root: Path) -> dict[tuple[str, str], str]:
 def prepare_iu_xray(
     root: str | os.PathLike,
     out: str | os.PathLike,
-    size: int = _DATA.size,
+    size: int = DEFAULT_IMAGE_SIZE,
     seed: int = 0,
     progress: bool = True,
     workers: int | None = None,

@@ -22,22 +22,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from diffcxr_aug.config import DataSection
-from diffcxr_aug.data.adapters.common import (
-    SOURCE_COLUMN,
-    DatasetLayoutError,
-    find_table,
-    index_dataset,
-    meta_columns,
-    normalize_view,
-    read_table,
-    require_columns,
-)
+from diffcxr_aug.data.adapters.common import SOURCE_COLUMN, index_dataset, meta_columns, normalize_view
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.reports import report_from_text
+from diffcxr_aug.data.tables import DatasetLayoutError, find_table, read_table, require_columns
 from diffcxr_aug.errors import MissingInputError
-
-_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
+from diffcxr_aug.types import DEFAULT_IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +67,7 @@ def _labels(root: Path) -> tuple[pd.DataFrame, str]:
 def prepare_mimic(
     root: str | os.PathLike,
     out: str | os.PathLike,
-    size: int = _DATA.size,
+    size: int = DEFAULT_IMAGE_SIZE,
     seed: int = 0,
     progress: bool = True,
     workers: int | None = None,

@@ -23,22 +23,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from diffcxr_aug.config import DataSection
-from diffcxr_aug.data.adapters.common import (
-    SOURCE_COLUMN,
-    DatasetLayoutError,
-    index_dataset,
-    meta_columns,
-    normalize_view,
-    read_table,
-    require_columns,
-)
+from diffcxr_aug.data.adapters.common import SOURCE_COLUMN, index_dataset, meta_columns, normalize_view
 from diffcxr_aug.data.labels import CHEXPERT_LABELS, NIH_LABELS, NIH_TO_CHEXPERT
 from diffcxr_aug.data.manifest import Manifest, is_label_column
 from diffcxr_aug.data.splits import assign_patient_splits
+from diffcxr_aug.data.tables import DatasetLayoutError, read_table, require_columns
 from diffcxr_aug.errors import MissingInputError
-
-_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
+from diffcxr_aug.types import DEFAULT_IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +73,7 @@ def _read_list(path: Path) -> set[str]:
 def prepare_nih(
     root: str | os.PathLike,
     out: str | os.PathLike,
-    size: int = _DATA.size,
+    size: int = DEFAULT_IMAGE_SIZE,
     seed: int = 0,
     progress: bool = True,
     workers: int | None = None,

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from diffcxr_aug.config import DataSection
 from diffcxr_aug.data.cache import open_cache
 from diffcxr_aug.data.images import save_png
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
@@ -24,8 +23,7 @@ from diffcxr_aug.data.phantom.render import render_frontal, resample
 from diffcxr_aug.data.phantom.reports import write_report
 from diffcxr_aug.data.splits import DEFAULT_FRACTIONS, assign_patient_splits
 from diffcxr_aug.errors import InputError
-
-_DATA = DataSection()  # the recipe's data defaults (size, n): one home for each setting
+from diffcxr_aug.types import DEFAULT_IMAGE_SIZE, DEFAULT_PHANTOM_N
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +95,8 @@ def phantom_rows(truths: list[StudyTruth], seed: int) -> list[dict]:
 
 def prepare_phantom(
     out: Path,
-    n: int = _DATA.n,
-    size: int = _DATA.size,
+    n: int = DEFAULT_PHANTOM_N,
+    size: int = DEFAULT_IMAGE_SIZE,
     seed: int = 0,
     noise_rate: float = 0.05,
     split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,

@@ -20,12 +20,12 @@ written scores, kept manifest, report and montages).
 
 Example::
 
-    from diffcxr_aug.config import FilterSection
+    from diffcxr_aug.generator.settings import FilterSettings
     from diffcxr_aug.generator.noise_filter import LatentNoiseFilter, run_filter
 
     flagged = LatentNoiseFilter().fit(latents).flagged_  # above the 99.5th percentile of the confident normals
     top_5pct = LatentNoiseFilter(threshold="contamination", contamination=0.05).fit(latents).flagged_
-    kept_manifest = run_filter("data/phantom", "runs/filter", FilterSection(drop_views=["LATERAL"]))
+    kept_manifest = run_filter("data/phantom", "runs/filter", FilterSettings(drop_views=["LATERAL"]))
 """
 
 from diffcxr_aug.generator.noise_filter.driver import (

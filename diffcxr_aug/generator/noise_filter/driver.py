@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diffcxr_aug.config import FilterSection
 from diffcxr_aug.data.dataset import equalize
 from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.figures import save_figure
 from diffcxr_aug.generator.noise_filter.estimator import LatentNoiseFilter, evaluate_scores
+from diffcxr_aug.generator.settings import FilterSettings
 from diffcxr_aug.io import atomic_path, atomic_write_json
 
 if TYPE_CHECKING:
@@ -87,11 +87,11 @@ def _load_images(paths: list[Path], size: int) -> torch.Tensor:
 
 def default_vae_plan() -> VAEPlan:
     """The latent space of a recipe that says nothing about it (the default generator config's VAE)."""
-    from diffcxr_aug.config import GeneratorSection, VAESection
     from diffcxr_aug.generator.configs import resolve_config
+    from diffcxr_aug.generator.settings import GeneratorSettings, VAESettings
     from diffcxr_aug.generator.vae import plan_vae
 
-    return plan_vae(VAESection(), resolve_config(GeneratorSection()))
+    return plan_vae(VAESettings(), resolve_config(GeneratorSettings()))
 
 
 def _resolve_vae(
@@ -212,7 +212,7 @@ def _relative_to(paths: list[Path], folder: Path) -> list[str]:
 def run_filter(
     data: str | os.PathLike,
     out: str | os.PathLike,
-    section: FilterSection,
+    section: FilterSettings,
     vae: AutoencoderKL | str | os.PathLike | None = None,
     device: str = "auto",
     seed: int = 0,
@@ -364,7 +364,7 @@ def _write_scores(scores: pd.DataFrame, everything: Manifest, dropped: np.ndarra
         scores.to_csv(tmp, index=False, encoding="utf-8", float_format="%.6g")
 
 
-def _dropped_by_view(everything: Manifest, dropped: np.ndarray, section: FilterSection) -> dict:
+def _dropped_by_view(everything: Manifest, dropped: np.ndarray, section: FilterSettings) -> dict:
     """What ``drop_views`` removed before LNFS, and (with a ``noise`` column) how much of the noise that was."""
     views = everything.frame["view"].astype(str)
     record: dict[str, Any] = {
@@ -381,7 +381,7 @@ def _dropped_by_view(everything: Manifest, dropped: np.ndarray, section: FilterS
 
 def _filter_report(
     filt: LatentNoiseFilter,
-    section: FilterSection,
+    section: FilterSettings,
     manifest: Manifest,
     scores: pd.DataFrame,
     known: np.ndarray,

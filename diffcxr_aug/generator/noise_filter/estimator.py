@@ -29,13 +29,14 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
-from diffcxr_aug.config import FilterSection, ThresholdRule
 from diffcxr_aug.errors import InputError
+from diffcxr_aug.generator.settings import FilterSettings
+from diffcxr_aug.types import ThresholdRule
 
 logger = logging.getLogger(__name__)
 
 THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
-_DEFAULTS = FilterSection()
+_DEFAULTS = FilterSettings()
 STAGES = ("kmeans", "manifold", "discriminator")
 # Grey-level quantiles of each latent channel: the tails catch inversion and exposure, the median the level.
 _QUANTILES = (0.02, 0.25, 0.5, 0.75, 0.98)
@@ -221,7 +222,7 @@ class LatentNoiseFilter:
         progress: show progress bars.
     """
 
-    # The defaults are the recipe's (FilterSection): one home for each setting.
+    # The defaults are the recipe's (FilterSettings): one home for each setting.
     def __init__(
         self,
         n_clusters: int = _DEFAULTS.n_clusters,
@@ -286,7 +287,7 @@ class LatentNoiseFilter:
         self.progress = progress
 
     @classmethod
-    def from_section(cls, section: FilterSection, **kwargs) -> LatentNoiseFilter:
+    def from_section(cls, section: FilterSettings, **kwargs) -> LatentNoiseFilter:
         """The filter with a recipe's ``filter`` settings (those that are arguments here); ``kwargs`` add the rest
         (``seed``, ``device``, ``progress``, ``folds``)."""
         names = inspect.signature(cls.__init__).parameters.keys() & type(section).model_fields.keys()
