@@ -16,7 +16,7 @@ PipelineStep = Literal[
     "prepare", "train-vae", "filter", "train-generator", "synthesize", "train-classifier", "evaluate"
 ]
 PIPELINE_STEPS: tuple[str, ...] = get_args(PipelineStep)
-DatasetName = Literal["phantom", "mimic-cxr", "iu-xray", "nih-cxr14", "csv"]
+DatasetName = Literal["phantom", "mimic-cxr", "iu-xray", "nih-cxr14", "ieee8023", "csv"]
 ClassifierMode = Literal["real", "mix", "pretrain-finetune", "synthetic-only"]
 ClassifierMetric = Literal["report", "truth"]
 SyntheticChoice = Literal["generated", "ceiling", "dkim", "dkim-balanced", "none"] | Path

@@ -10,7 +10,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from diffcxr_aug.data.images import ImageReadError, load_image, verify_image
+from diffcxr_aug.data.images import load_image, verify_image
+from diffcxr_aug.errors import ImageReadError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 REAL_FILES = sorted(p for p in FIXTURES.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm"))
@@ -18,8 +19,9 @@ SIIM = "xrv/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
 
 def test_fixture_folder_has_the_expected_files():
-    # 12 Hannover PNG, 2 NIH PNG, 3 TBX11K PNG (RGB), 1 COVID JPG (RGB, EXIF), 2 DICOM (MONOCHROME1 and 2)
-    assert len(REAL_FILES) == 20, "tests/fixtures is incomplete"
+    # 12 Hannover PNG, 2 NIH PNG, 3 TBX11K PNG (RGB), 1 COVID JPG (RGB, EXIF), 2 DICOM (MONOCHROME1 and 2), and the
+    # ieee8023 collection's 10 films (one PNG in a .jpg, one palette PNG)
+    assert len(REAL_FILES) == 30, "tests/fixtures is incomplete"
 
 
 @pytest.mark.parametrize("path", REAL_FILES, ids=lambda p: str(p.relative_to(FIXTURES)))

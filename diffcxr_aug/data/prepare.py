@@ -24,7 +24,8 @@ def prepare_dataset(
     """Write ``out/manifest.csv`` (plus ``rejected.csv`` and the image cache) for one dataset.
 
     Args:
-        dataset: one of ``phantom``, ``mimic-cxr``, ``iu-xray``, ``nih-cxr14``, ``csv``.
+        dataset: one of ``phantom``, ``mimic-cxr``, ``iu-xray``, ``nih-cxr14``, ``ieee8023`` (the COVID-19 image
+            collection of Cohen et al.: ``metadata.csv`` and ``images/``), ``csv``.
         out: output folder.
         root: the dataset's folder in its official layout (all but phantom).
         size: image side of the cache built after indexing.
@@ -56,6 +57,10 @@ def prepare_dataset(
         from diffcxr_aug.data.adapters.nih import prepare_nih
 
         return prepare_nih(root, out, size=size, seed=seed)
+    if dataset == "ieee8023":
+        from diffcxr_aug.data.adapters.ieee8023 import prepare_ieee8023
+
+        return prepare_ieee8023(root, out, size=size, seed=seed)
     if dataset == "csv":
         from diffcxr_aug.data.adapters.csv_folder import prepare_csv
 
