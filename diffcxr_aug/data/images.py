@@ -136,7 +136,7 @@ def to_uint8_square(arr: np.ndarray, size: int) -> np.ndarray:
     """Center-crop to a square and resize to ``size`` x ``size`` uint8 (antialiased)."""
     square = (np.clip(center_square(arr), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     if square.shape[0] != size:
-        square = np.asarray(Image.fromarray(square, mode="L").resize((size, size), Image.Resampling.LANCZOS))
+        square = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS))
     return square
 
 
@@ -147,4 +147,4 @@ def save_png(arr: np.ndarray, path: str | os.PathLike) -> None:
     if arr.dtype != np.uint8:
         arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(arr, mode="L").save(tmp, format="PNG")
+        Image.fromarray(arr).save(tmp, format="PNG")

@@ -1,4 +1,4 @@
-"""The common manifest (``manifest.csv``): one row per image, the schema of ``shared/CONTRACT.md``.
+"""The common manifest (``manifest.csv``): one row per image, the schema of ``docs/contract.md``.
 
 Every dataset adapter writes it, and every consumer (noise filter, generator training, classifiers,
 evaluation) reads it through :func:`read_manifest`, which validates it once so that downstream code

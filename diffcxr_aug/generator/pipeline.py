@@ -269,7 +269,7 @@ class DiffCXRPipeline(DiffusionPipeline):
         array = images.permute(0, 2, 3, 1).float().cpu().numpy()
         if output_type == "np":
             return array
-        return [PIL.Image.fromarray((a[..., 0] * 255.0 + 0.5).astype(np.uint8), mode="L") for a in array]
+        return [PIL.Image.fromarray((a[..., 0] * 255.0 + 0.5).astype(np.uint8)) for a in array]
 
     @torch.no_grad()
     def __call__(

@@ -118,7 +118,7 @@ def texture(rng: np.random.Generator, res: int, scale_px: float) -> np.ndarray:
 def _upsample(field: np.ndarray, factor: int) -> np.ndarray:
     """Bilinear upsampling by an integer factor (PIL's float resize: much faster than ndimage.zoom)."""
     h, w = field.shape
-    img = Image.fromarray(np.ascontiguousarray(field, dtype=np.float32), mode="F")
+    img = Image.fromarray(np.ascontiguousarray(field, dtype=np.float32))
     return np.asarray(img.resize((w * factor, h * factor), Image.Resampling.BILINEAR), dtype=np.float32)
 
 

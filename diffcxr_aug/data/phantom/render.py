@@ -78,7 +78,7 @@ def resample(img: np.ndarray, size: int) -> np.ndarray:
     """Float image in [0, 1] to ``size`` x ``size`` uint8, antialiased."""
     u8 = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     if u8.shape[0] != size:
-        u8 = np.asarray(Image.fromarray(u8, mode="L").resize((size, size), Image.Resampling.LANCZOS))
+        u8 = np.asarray(Image.fromarray(u8).resize((size, size), Image.Resampling.LANCZOS))
     return u8
 
 

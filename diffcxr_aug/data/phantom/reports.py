@@ -8,7 +8,13 @@ denied now and then ("no pneumothorax") and, where an opacity is present, a diff
 left open ("cannot exclude pneumonia"). The writer then phrases exactly that plan, so the labels are
 the generating truth as a CheXpert-labelled dataset would record it.
 
-Phrasing follows the CheXpert labeler's mention lists (``shared/chexpert_phrases``) so that a
+This module holds the logic (planning, choosing which entry says what, assembling sections); the words, and
+the per-label hedge and denial rates, live in ``phrases.yaml`` next to it: a list there is a random choice
+between alternatives, a string is fixed text, and both are filled in with ``str.format``. Every draw from the
+report's random stream happens here, in a fixed order, so that the world is reproducible; the file's header
+says which edits change it.
+
+Phrasing follows the CheXpert labeler's mention lists (``data/chexpert_phrases``) so that a
 rule-based labeler recognises it: findings are named with words from those lists ("pleural effusion",
 "consolidation", "cardiomegaly", "endotracheal tube"); hedges use the labeler's uncertainty cues
 ("may represent", "possible", "cannot exclude", "borderline", "pulmonary vascular congestion");
@@ -22,9 +28,13 @@ text irrelevant to the labels (notification of the referring physician, signatur
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.phantom.findings import (
@@ -35,6 +45,8 @@ from diffcxr_aug.data.phantom.findings import (
     StudyTruth,
     lesion_radius,
 )
+
+PHRASES_PATH = Path(__file__).resolve().parent / "phrases.yaml"
 
 # Label name -> the finding whose presence makes it true (Lung Opacity is derived, No Finding too).
 LABEL_FINDING: dict[str, str] = {
@@ -52,40 +64,8 @@ LABEL_FINDING: dict[str, str] = {
     "Support Devices": "support_devices",
 }
 
-# Chance that a present finding is hedged rather than stated (scaled up for mild findings).
-HEDGE_P: dict[str, float] = {
-    "Enlarged Cardiomediastinum": 0.2,
-    "Cardiomegaly": 0.12,
-    "Lung Opacity": 0.1,
-    "Lung Lesion": 0.15,
-    "Edema": 0.25,
-    "Consolidation": 0.25,
-    "Pneumonia": 0.5,
-    "Atelectasis": 0.35,
-    "Pneumothorax": 0.08,
-    "Pleural Effusion": 0.12,
-    "Pleural Other": 0.2,
-    "Fracture": 0.15,
-    "Support Devices": 0.0,
-}
-
-# Chance that an absent finding is explicitly denied, in a report of the "full" style (less in shorter ones).
-NEGATE_P: dict[str, float] = {
-    "Enlarged Cardiomediastinum": 0.45,
-    "Cardiomegaly": 0.55,
-    "Lung Opacity": 0.15,
-    "Lung Lesion": 0.1,
-    "Edema": 0.35,
-    "Consolidation": 0.45,
-    "Pneumonia": 0.2,
-    "Atelectasis": 0.04,
-    "Pneumothorax": 0.65,
-    "Pleural Effusion": 0.65,
-    "Pleural Other": 0.03,
-    "Fracture": 0.12,
-    "Support Devices": 0.02,
-}
-
+# How often each style is written, and how often, relative to the "full" style, it denies absent findings (the
+# per-label hedge and denial rates are in ``phrases.yaml``).
 STYLES = ("line", "impression", "findings", "full")
 STYLE_P = (0.1, 0.15, 0.35, 0.4)
 NEGATION_SCALE = {"line": 0.0, "impression": 0.25, "findings": 0.8, "full": 1.0}
@@ -97,50 +77,58 @@ class Report:
     labels: dict[str, float]  # CheXpert label -> 1, 0, -1 or NaN
 
 
-def _pick(rng: np.random.Generator, options) -> str:
-    return options[int(rng.integers(len(options)))]
+@functools.cache
+def phrases() -> dict[str, Any]:
+    """The phrase bank, ``phrases.yaml``, read once per process."""
+    with PHRASES_PATH.open(encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _entry(key: str) -> Any:
+    """The entry of the phrase bank at a dotted key, e.g. ``"devices.ett"``."""
+    node = phrases()
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _say(rng: np.random.Generator, key: str, **values: Any) -> str:
+    """The phrase at ``key`` filled with ``values``: one draw if it lists alternatives, none if it is fixed text."""
+    entry = _entry(key)
+    text = entry if isinstance(entry, str) else entry[int(rng.integers(len(entry)))]
+    # A placeholder with a capital first letter ({New}) takes the value capitalised, so templates can open a
+    # sentence with a value without case logic here.
+    capitals = {name[:1].upper() + name[1:]: _cap(v) for name, v in values.items() if isinstance(v, str)}
+    return text.format(**{**values, **capitals})
 
 
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:] if text else text
 
 
-def _size(sev: float, words=("small", "moderate", "large")) -> str:
+def _spaced(word: str) -> str:
+    return word + " " if word else ""
+
+
+def _graded(sev: float, scale: str) -> str:
+    """The word of a three-step scale (``words.size``: small, moderate, large) for a severity."""
+    words = _entry(f"words.{scale}")
     return words[0] if sev < 0.45 else (words[1] if sev < 0.75 else words[2])
 
 
-def _degree(sev: float) -> str:
-    return "mild" if sev < 0.45 else ("moderate" if sev < 0.75 else "severe")
-
-
-def _side(side: str | None, bilateral: str = "bilateral") -> str:
-    return bilateral if side == "bilateral" else (side or "")
+def _sides(side: str | None) -> str:
+    """The key of phrases that differ between a bilateral finding and a one-sided one."""
+    return "bilateral" if side == "bilateral" else "one_side"
 
 
 def _location(f: Finding, rng: np.random.Generator) -> str:
     side = f.side or "right"
     zone = f.zone or "lower"
     if side == "bilateral":
-        return _pick(
-            rng,
-            {
-                "lower": ("lung bases bilaterally", "bibasilar regions", "lower lungs bilaterally"),
-                "middle": ("mid lungs bilaterally", "perihilar regions bilaterally"),
-                "upper": ("upper lobes bilaterally", "upper lungs bilaterally"),
-            }[zone],
-        )
-    lobes = {
-        ("right", "upper"): "right upper lobe",
-        ("right", "middle"): "right middle lobe",
-        ("right", "lower"): "right lower lobe",
-        ("left", "upper"): "left upper lobe",
-        ("left", "middle"): "lingula",
-        ("left", "lower"): "left lower lobe",
-    }
-    zones = {"upper": "upper lung", "middle": "mid lung", "lower": "lung base"}
+        return _say(rng, f"location.bilateral.{zone}")
     if rng.random() < 0.6:
-        return lobes[(side, zone)]
-    return f"{side} {zones[zone]}"
+        return _say(rng, f"location.lobe.{side}.{zone}")
+    return _say(rng, f"location.zone.{zone}", side=side)
 
 
 def _ordinal(k: int) -> str:
@@ -150,6 +138,7 @@ def _ordinal(k: int) -> str:
 def plan_labels(truth: StudyTruth, style: str, rng: np.random.Generator) -> dict[str, float]:
     """Decide the status of every CheXpert label for this study's report (1, -1, 0 or NaN)."""
     status: dict[str, float] = {}
+    rates = _entry("rates")
     neg_scale = NEGATION_SCALE[style]
     for label in CHEXPERT_LABELS[1:]:
         if label == "Lung Opacity":
@@ -162,9 +151,9 @@ def plan_labels(truth: StudyTruth, style: str, rng: np.random.Generator) -> dict
             present = truth.has(LABEL_FINDING[label])
             sev = truth.findings[LABEL_FINDING[label]].severity if present else 0.0
         if present:
-            hedge = HEDGE_P[label] * (1.6 - sev)
+            hedge = rates[label]["hedge"] * (1.6 - sev)
             status[label] = -1.0 if rng.random() < hedge else 1.0
-        elif rng.random() < NEGATE_P[label] * neg_scale:
+        elif rng.random() < rates[label]["deny"] * neg_scale:
             status[label] = 0.0
         else:
             status[label] = np.nan
@@ -183,15 +172,19 @@ def plan_labels(truth: StudyTruth, style: str, rng: np.random.Generator) -> dict
 
 
 class _Writer:
-    """Phrases one planned report; every sentence it writes matches the plan's status for its labels."""
+    """Phrases one planned report; every sentence it writes matches the plan's status for its labels.
+
+    Values that draw from the random stream (``change``, ``new``, locations) are computed before the phrase
+    they go into is picked, in the order the report has always drawn them.
+    """
 
     def __init__(self, truth: StudyTruth, status: dict[str, float], rng: np.random.Generator) -> None:
         self.t, self.s, self.rng = truth, status, rng
         self.f = truth.findings
         self.prior = truth.prior.findings if truth.prior is not None else None
 
-    def pick(self, options) -> str:
-        return _pick(self.rng, options)
+    def say(self, key: str, **values: Any) -> str:
+        return _say(self.rng, key, **values)
 
     def change(self, name: str) -> str:
         """A comparison word for a finding also present on the prior study, or ''."""
@@ -199,14 +192,14 @@ class _Writer:
             return ""
         delta = self.f[name].severity - self.prior[name].severity
         if delta > 0.12:
-            return self.pick(("increased", "worsening", "interval increase in the"))
+            return self.say("words.increased")
         if delta < -0.12:
-            return self.pick(("decreased", "improving", "interval decrease in the"))
-        return "unchanged" if name not in ("cardiomegaly", "enlarged_cardiomediastinum") else ""
+            return self.say("words.decreased")
+        return self.say("words.stable") if name not in ("cardiomegaly", "enlarged_cardiomediastinum") else ""
 
     def new(self, name: str) -> str:
         if self.prior is not None and name not in self.prior and self.rng.random() < 0.5:
-            return "new "
+            return self.say("words.new")
         return ""
 
     # -- positive and hedged statements, one per label group ---------------------------------------
@@ -214,80 +207,17 @@ class _Writer:
         if self.s["Support Devices"] != 1.0:
             return []
         out = []
-        items = self.f["support_devices"].items
-        for device in items:
+        for device in self.f["support_devices"].items:
             if device == "ett":
-                cm = self.f["support_devices"].extra["ett_cm"]
-                out.append(
-                    self.pick(
-                        (
-                            "Endotracheal tube terminates approximately {cm:.1f} cm above the carina.",
-                            "The endotracheal tube is in standard position, {cm:.0f} cm above the carina.",
-                            "ET tube tip is {cm:.1f} cm above the carina.",
-                        )
-                    ).format(cm=cm)
-                )
-            elif device == "enteric_tube":
-                out.append(
-                    self.pick(
-                        (
-                            "Enteric tube courses below the diaphragm with the tip in the stomach.",
-                            "A nasogastric tube terminates in the stomach.",
-                            "The NG tube extends into the stomach.",
-                        )
-                    )
-                )
-            elif device == "cvc_rij":
-                out.append(
-                    self.pick(
-                        (
-                            "Right internal jugular central venous catheter terminates in the mid SVC.",
-                            "Right IJ line with tip at the cavoatrial junction.",
-                            "A right internal jugular catheter is in place, tip in the SVC.",
-                        )
-                    )
-                )
-            elif device == "cvc_lsc":
-                out.append(
-                    self.pick(
-                        (
-                            "Left subclavian central venous catheter terminates in the SVC.",
-                            "Left subclavian line tip projects over the SVC.",
-                        )
-                    )
-                )
-            elif device == "picc":
-                out.append(
-                    self.pick(
-                        (
-                            "Right PICC line terminates in the lower SVC.",
-                            "A right-sided PICC terminates at the cavoatrial junction.",
-                        )
-                    )
-                )
-            elif device == "pacemaker":
-                out.append(
-                    self.pick(
-                        (
-                            "Left-sided pacemaker with leads terminating in the right atrium and right ventricle.",
-                            "A left chest wall pacemaker is present with leads in standard position.",
-                            "Dual-chamber pacer device overlies the left chest.",
-                        )
-                    )
-                )
+                values = {"cm": self.f["support_devices"].extra["ett_cm"]}
             elif device == "chest_tube":
-                side = self._chest_tube_side()
-                out.append(
-                    self.pick(
-                        (
-                            f"A {side} chest tube is in place with the tip at the apex.",
-                            f"{_cap(side)}-sided pleural drain in place.",
-                        )
-                    )
-                )
+                values = {"side": self._chest_tube_side()}
+            else:
+                values = {}
+            out.append(self.say(f"devices.{device}", **values))
         prior = self.prior.get("support_devices") if self.prior is not None else None
         if prior is not None and prior.items == self.f["support_devices"].items and self.rng.random() < 0.3:
-            out = [_cap(self.pick(("unchanged position of the", "stable position of the"))) + " support devices."]
+            out = [self.say("devices.unchanged")]
         return out
 
     def _chest_tube_side(self) -> str:
@@ -300,48 +230,16 @@ class _Writer:
         out = []
         cm, ecm = self.s["Cardiomegaly"], self.s["Enlarged Cardiomediastinum"]
         if cm == 1.0:
-            deg = _degree(self.f["cardiomegaly"].severity)
-            word = self.change("cardiomegaly")
-            out.append(
-                self.pick(
-                    (
-                        f"There is {deg} cardiomegaly.",
-                        f"The heart is {deg}ly enlarged." if deg != "severe" else "The heart is markedly enlarged.",
-                        f"{_cap(deg)} enlargement of the cardiac silhouette.",
-                        f"{_cap(word + ' ' if word else '')}{deg} cardiomegaly.",
-                    )
-                )
-            )
+            deg = _graded(self.f["cardiomegaly"].severity, "degree")
+            change = _spaced(self.change("cardiomegaly"))
+            adverb = _entry("words.degree_adverb")[deg]
+            out.append(self.say("heart.cardiomegaly", deg=deg, adverb=adverb, change=change))
         elif cm == -1.0:
-            out.append(
-                self.pick(
-                    (
-                        "Borderline heart size.",
-                        "The heart size may be mildly enlarged.",
-                        "Possible mild cardiomegaly, accentuated by technique.",
-                    )
-                )
-            )
+            out.append(self.say("heart.cardiomegaly_hedged"))
         if ecm == 1.0:
-            out.append(
-                self.pick(
-                    (
-                        "The mediastinum is widened.",
-                        "There is widening of the superior mediastinum.",
-                        "The mediastinal contours are widened.",
-                        "Widened mediastinum.",
-                    )
-                )
-            )
+            out.append(self.say("heart.mediastinum"))
         elif ecm == -1.0:
-            out.append(
-                self.pick(
-                    (
-                        "Apparent widening of the mediastinum may be due to AP technique.",
-                        "The mediastinal contour is possibly widened.",
-                    )
-                )
-            )
+            out.append(self.say("heart.mediastinum_hedged"))
         return out
 
     def lungs(self) -> list[str]:
@@ -358,401 +256,140 @@ class _Writer:
             loc = _location(f["consolidation"], self.rng)
             new = self.new("consolidation")
             if cons == 1.0:
-                if pna == 1.0 and "pneumonia" in f:
-                    out.append(
-                        self.pick(
-                            (
-                                f"{_cap(new)}consolidative opacity in the {loc}, consistent with pneumonia.",
-                                f"Dense consolidation and opacification of the {loc} compatible with pneumonia.",
-                            )
-                        )
-                    )
-                    said_pneumonia = True
-                else:
-                    out.append(
-                        self.pick(
-                            (
-                                f"There is {new}consolidation in the {loc} with air bronchograms, a dense opacity.",
-                                f"{_cap(new)}focal consolidative opacity in the {loc}.",
-                                f"Opacification of the {loc} with consolidation.",
-                            )
-                        )
-                    )
+                said_pneumonia = pna == 1.0 and "pneumonia" in f
+                key = "consolidation.with_pneumonia" if said_pneumonia else "consolidation.stated"
+                out.append(self.say(key, loc=loc, new=new))
             else:
-                out.append(
-                    self.pick(
-                        (
-                            f"Opacity in the {loc} may represent consolidation.",
-                            f"{_cap(new)}opacity in the {loc}, possibly consolidation.",
-                        )
-                    )
-                )
+                out.append(self.say("consolidation.hedged", loc=loc, new=new))
         if "pneumonia" in f and not said_pneumonia:
             loc = _location(f["pneumonia"], self.rng)
-            patchy = self.pick(("patchy opacities", "patchy airspace opacities", "multifocal patchy opacities"))
+            patchy = self.say("pneumonia.patchy")
             if pna == 1.0:
-                out.append(
-                    self.pick(
-                        (
-                            f"{_cap(patchy)} in the {loc}, consistent with pneumonia.",
-                            f"{_cap(self.new('pneumonia'))}{patchy} in the {loc}, compatible with pneumonia.",
-                        )
-                    )
-                )
+                new = self.new("pneumonia")
+                out.append(self.say("pneumonia.stated", patchy=patchy, loc=loc, new=new))
             else:
-                out.append(
-                    self.pick(
-                        (
-                            f"{_cap(patchy)} in the {loc}, concerning for pneumonia.",
-                            f"{_cap(patchy)} in the {loc} may represent pneumonia.",
-                            f"{_cap(patchy)} in the {loc}; infection cannot be excluded.",
-                        )
-                    )
-                )
+                out.append(self.say("pneumonia.hedged", patchy=patchy, loc=loc))
         if "opacity" in f:
             loc = _location(f["opacity"], self.rng)
-            hazy = self.pick(("hazy opacity", "ill-defined opacity", "patchy opacity", "increased opacity"))
+            hazy = self.say("opacity.hazy")
             if lo == 1.0:
-                out.append(
-                    self.pick(
-                        (
-                            f"There is {self.new('opacity')}{hazy} in the {loc}.",
-                            f"{_cap(hazy)} projects over the {loc}.",
-                        )
-                    )
-                )
+                new = self.new("opacity")
+                out.append(self.say("opacity.stated", hazy=hazy, loc=loc, new=new))
             else:
-                out.append(
-                    self.pick(
-                        (
-                            f"Possible subtle {hazy} in the {loc}.",
-                            f"Questionable {hazy} in the {loc}.",
-                        )
-                    )
-                )
+                out.append(self.say("opacity.hedged", hazy=hazy, loc=loc))
         if pna == -1.0 and "pneumonia" not in f:
-            out.append(
-                self.pick(
-                    (
-                        "Infection cannot be excluded in the appropriate clinical setting.",
-                        "Early pneumonia cannot be excluded.",
-                        "Superimposed pneumonia is not excluded.",
-                    )
-                )
-            )
+            out.append(self.say("pneumonia.not_excluded"))
         return out
 
     def _edema(self) -> list[str]:
         """Pulmonary edema."""
-        out = []
-        s, f = self.s, self.f
-        if "edema" in f:
-            sev = f["edema"].severity
-            deg = _degree(sev)
-            if s["Edema"] == 1.0:
-                word = self.change("edema")
-                kerley = " with Kerley B lines" if sev > 0.4 and self.rng.random() < 0.6 else ""
-                out.append(
-                    self.pick(
-                        (
-                            f"{_cap(word + ' ' if word else '')}{deg} pulmonary edema{kerley}.",
-                            f"There is {deg} interstitial pulmonary edema{kerley}.",
-                            f"Perihilar haziness consistent with {deg} pulmonary edema.",
-                        )
-                    )
-                )
-            else:
-                out.append(
-                    self.pick(
-                        (
-                            "Mild pulmonary vascular congestion.",
-                            "Perihilar haziness may reflect mild pulmonary edema.",
-                            "Possible mild interstitial edema.",
-                        )
-                    )
-                )
-        return out
+        if "edema" not in self.f:
+            return []
+        sev = self.f["edema"].severity
+        if self.s["Edema"] != 1.0:
+            return [self.say("edema.hedged")]
+        change = _spaced(self.change("edema"))
+        kerley = self.say("edema.kerley") if sev > 0.4 and self.rng.random() < 0.6 else ""
+        return [self.say("edema.stated", deg=_graded(sev, "degree"), change=change, kerley=kerley)]
 
     def _atelectasis(self) -> list[str]:
         """Atelectasis, lobar or plate-like."""
-        out = []
-        s, f = self.s, self.f
-        if "atelectasis" in f:
-            fa = f["atelectasis"]
-            where = "bibasilar" if fa.side == "bilateral" else f"{fa.side} basilar"
-            base = "lung bases" if fa.side == "bilateral" else f"{fa.side} base"
-            lower = "lower lungs" if fa.side == "bilateral" else f"{fa.side} lower lung"
-            if s["Atelectasis"] == 1.0:
-                if fa.kind == "lobar":
-                    out.append(
-                        self.pick(
-                            (
-                                f"{_cap(fa.side)} lower lobe collapse with elevation of the {fa.side} hemidiaphragm.",
-                                f"Volume loss in the {fa.side} lower lobe consistent with atelectasis.",
-                                f"{_cap(fa.side)} lower lobe atelectasis with volume loss.",
-                            )
-                        )
-                    )
-                else:
-                    out.append(
-                        self.pick(
-                            (
-                                f"Plate-like atelectasis at the {base}.",
-                                f"{_cap(where)} subsegmental atelectasis.",
-                                f"Linear atelectasis in the {lower}.",
-                            )
-                        )
-                    )
-            else:
-                out.append(
-                    self.pick(
-                        (
-                            f"{_cap(where)} linear densities may represent atelectasis.",
-                            f"Streaky {where} densities, likely atelectasis.",
-                            f"{_cap(where)} atelectasis is possible.",
-                        )
-                    )
-                )
-        elif s["Atelectasis"] == -1.0:
-            out.append(self.pick(("This may partly represent atelectasis.", "Atelectasis is also possible.")))
-        return out
+        if "atelectasis" not in self.f:
+            return [self.say("atelectasis.not_excluded")] if self.s["Atelectasis"] == -1.0 else []
+        fa = self.f["atelectasis"]
+        place = {k: v.format(side=fa.side) for k, v in _entry(f"atelectasis.places.{_sides(fa.side)}").items()}
+        if self.s["Atelectasis"] != 1.0:
+            return [self.say("atelectasis.hedged", **place)]
+        if fa.kind == "lobar":
+            return [self.say("atelectasis.lobar", side=fa.side)]
+        return [self.say("atelectasis.plate", **place)]
 
     def _lung_lesion(self) -> list[str]:
         """A nodule or a mass."""
-        out = []
-        s, f = self.s, self.f
-        if "lung_lesion" in f:
-            fl = f["lung_lesion"]
-            loc = _location(fl, self.rng)
-            cm = 2.0 * lesion_radius(fl) / (2.0 * (self.t.body.half_width + 0.03)) * THORAX_CM
-            if s["Lung Lesion"] == 1.0:
-                if fl.kind == "mass":
-                    out.append(
-                        self.pick(
-                            (
-                                f"A {cm:.1f} cm lobulated mass in the {loc}.",
-                                f"There is a {cm:.0f} cm mass in the {loc}.",
-                            )
-                        )
-                    )
-                else:
-                    out.append(
-                        self.pick(
-                            (
-                                f"A {cm:.1f} cm nodule in the {loc}.",
-                                f"Well-circumscribed {cm:.1f} cm pulmonary nodule in the {loc}.",
-                            )
-                        )
-                    )
-            else:
-                out.append(
-                    self.pick(
-                        (
-                            f"Possible nodule in the {loc}; recommend chest CT for further evaluation.",
-                            f"A rounded nodular density in the {loc} may represent a nipple shadow versus a nodule.",
-                        )
-                    )
-                )
-        return out
+        if "lung_lesion" not in self.f:
+            return []
+        fl = self.f["lung_lesion"]
+        loc = _location(fl, self.rng)
+        cm = 2.0 * lesion_radius(fl) / (2.0 * (self.t.body.half_width + 0.03)) * THORAX_CM
+        if self.s["Lung Lesion"] != 1.0:
+            return [self.say("lung_lesion.hedged", loc=loc)]
+        return [self.say("lung_lesion.mass" if fl.kind == "mass" else "lung_lesion.nodule", cm=cm, loc=loc)]
 
     def pleura(self) -> list[str]:
         out = []
         s, f = self.s, self.f
         if "pleural_effusion" in f:
             fe = f["pleural_effusion"]
-            size = _size(fe.severity)
-            word = self.change("pleural_effusion")
-            pre = (word + " " if word else "") + self.new("pleural_effusion")
+            size = _graded(fe.severity, "size")
+            # Drawn whether or not the effusion is stated.
+            pre = _spaced(self.change("pleural_effusion")) + self.new("pleural_effusion")
             if s["Pleural Effusion"] == 1.0:
-                if fe.side == "bilateral":
-                    out.append(
-                        self.pick(
-                            (
-                                f"{_cap(pre)}{size} bilateral pleural effusions.",
-                                f"Bilateral {size} pleural effusions.",
-                            )
-                        )
-                    )
-                else:
-                    out.append(
-                        self.pick(
-                            (
-                                f"{_cap(pre)}{size} {fe.side} pleural effusion.",
-                                f"There is a {pre}{size} {fe.side}-sided pleural effusion.",
-                                f"{_cap(size)} {fe.side} pleural effusion with a meniscus laterally.",
-                            )
-                        )
-                    )
+                out.append(self.say(f"pleural_effusion.{_sides(fe.side)}", pre=pre, size=size, side=fe.side))
             else:
-                where = "both costophrenic angles" if fe.side == "bilateral" else f"the {fe.side} costophrenic angle"
-                out.append(
-                    self.pick(
-                        (
-                            f"Blunting of {where} may reflect a small effusion.",
-                            f"Possible small {_side(fe.side)} pleural effusion.",
-                        )
-                    )
-                )
+                angle = _entry(f"pleural_effusion.angle.{_sides(fe.side)}").format(side=fe.side)
+                out.append(self.say("pleural_effusion.hedged", angle=angle, side=fe.side))
         if "pneumothorax" in f:
             fp = f["pneumothorax"]
-            size = _size(fp.severity)
+            size = _graded(fp.severity, "size")
             if s["Pneumothorax"] == 1.0:
-                word = self.change("pneumothorax")
-                out.append(
-                    self.pick(
-                        (
-                            f"There is a {(word + ' ') if word else ''}{size} {fp.side} pneumothorax.",
-                            f"{_cap(size)} {fp.side} apical pneumothorax with a visible pleural line.",
-                            f"{_cap(self.new('pneumothorax'))}{size} {fp.side}-sided pneumothorax.",
-                        )
-                    )
-                )
+                change = _spaced(self.change("pneumothorax"))
+                new = self.new("pneumothorax")
+                out.append(self.say("pneumothorax.stated", change=change, new=new, size=size, side=fp.side))
             else:
-                out.append(
-                    self.pick(
-                        (
-                            f"Possible tiny {fp.side} apical pneumothorax.",
-                            f"Questionable small {fp.side} apical pneumothorax; consider repeat radiograph.",
-                        )
-                    )
-                )
+                out.append(self.say("pneumothorax.hedged", side=fp.side))
         if "pleural_other" in f:
             fo = f["pleural_other"]
-            where = "apical" if fo.kind == "apical" else "lateral"
-            wall = "apex" if fo.kind == "apical" else "lateral chest wall"
-            side = "bilateral" if fo.side == "bilateral" else fo.side
-            if s["Pleural Other"] == 1.0:
-                out.append(
-                    self.pick(
-                        (
-                            f"{_cap(side)} {where} pleural thickening.",
-                            f"Smooth pleural thickening along the {side} {wall}.",
-                            f"Chronic {side} {where} pleural thickening.",
-                        )
-                    )
-                )
-            else:
-                out.append(f"Possible {side} {where} pleural thickening.")
+            kind = "apical" if fo.kind == "apical" else "lateral"
+            where, wall = _entry(f"pleural_other.where.{kind}"), _entry(f"pleural_other.wall.{kind}")
+            key = "pleural_other.stated" if s["Pleural Other"] == 1.0 else "pleural_other.hedged"
+            out.append(self.say(key, side=fo.side, where=where, wall=wall))
         return out
 
     def bones(self) -> list[str]:
         if "fracture" not in self.f:
             return []
         fr = self.f["fracture"]
+        bone = _entry("fracture.bone")
         if fr.kind == "clavicle":
-            what = short = f"{fr.side} clavicle"
+            what = short = bone["clavicle"].format(side=fr.side)
             plural = False
         else:
             ribs = [_ordinal(k) for k in fr.items]
             numbers = ribs[0] if len(ribs) == 1 else f"{', '.join(ribs[:-1])} and {ribs[-1]}"
             plural = len(ribs) > 1
-            what = f"{fr.side} {numbers} rib{'s' if plural else ''}"
-            short = f"{fr.side} {numbers} rib"
-        if self.s["Fracture"] == 1.0:
-            many = "s" if plural else ""
-            if fr.kind == "rib" and fr.severity < HEALING_BELOW:
-                return [
-                    self.pick(
-                        (
-                            f"Healing fracture{many} of the {what} with callus formation.",
-                            f"Subacute {short} fracture{many} with surrounding callus.",
-                        )
-                    )
-                ]
-            disp = "displaced" if fr.severity > 0.5 else "minimally displaced"
-            return [
-                self.pick(
-                    (
-                        f"{_cap(disp)} fracture{many} of the {what}.",
-                        f"There {'are' if plural else 'is an'} acute fracture{many} of the {what}.",
-                        f"{_cap(short)} fracture{many}.",
-                    )
-                )
-            ]
-        return [
-            self.pick(
-                (
-                    f"Possible nondisplaced fracture of the {what}.",
-                    f"Questionable fracture of the {what}; correlate with point tenderness.",
-                )
-            )
-        ]
+            what = bone["ribs" if plural else "rib"].format(side=fr.side, numbers=numbers)
+            short = bone["rib"].format(side=fr.side, numbers=numbers)
+        if self.s["Fracture"] != 1.0:
+            return [self.say("fracture.hedged", what=what)]
+        count = "many" if plural else "one"
+        if fr.kind == "rib" and fr.severity < HEALING_BELOW:
+            return [self.say(f"fracture.healing.{count}", what=what, short=short)]
+        displaced = _entry(f"fracture.displacement.{'marked' if fr.severity > 0.5 else 'minimal'}")
+        return [self.say(f"fracture.acute.{count}", displaced=displaced, what=what, short=short)]
 
     # -- denials ---------------------------------------------------------------------------------------
     def negatives(self) -> list[str]:
-        s = self.s
-        neg = {k for k, v in s.items() if v == 0.0}
+        neg = {k for k, v in self.s.items() if v == 0.0}
         out = []
         if "Cardiomegaly" in neg and "Enlarged Cardiomediastinum" in neg:
-            out.append(
-                self.pick(
-                    (
-                        "Normal heart size and mediastinal contours.",
-                        "The heart size and mediastinal contours are normal.",
-                        "Heart size is normal. The mediastinal silhouette is unremarkable.",
-                    )
-                )
-            )
+            out.append(self.say("negatives.heart_and_mediastinum"))
         elif "Cardiomegaly" in neg:
-            out.append(
-                self.pick(
-                    (
-                        "Heart size is normal.",
-                        "The heart is normal in size.",
-                        "No cardiomegaly.",
-                        "The cardiac silhouette is within normal limits.",
-                    )
-                )
-            )
+            out.append(self.say("negatives.heart"))
         elif "Enlarged Cardiomediastinum" in neg:
-            out.append(
-                self.pick(
-                    (
-                        "The mediastinal contours are normal.",
-                        "Normal cardiomediastinal silhouette.",
-                        "Mediastinal and hilar contours are unremarkable.",
-                    )
-                )
-            )
-        lung_neg = [
-            ("Consolidation", "focal consolidation"),
-            ("Lung Opacity", "airspace opacity"),
-            ("Pneumonia", "pneumonia"),
-            ("Edema", "pulmonary edema"),
-        ]
-        names = [n for label, n in lung_neg if label in neg]
-        if names:
-            if len(names) == 1:
-                out.append(self.pick((f"No {names[0]}.", f"There is no {names[0]}.", f"No evidence of {names[0]}.")))
-            else:
-                out.append(f"No {', '.join(names[:-1])} or {names[-1]}.")
-        pl = [
-            n
-            for label, n in (("Pleural Effusion", "pleural effusion"), ("Pneumothorax", "pneumothorax"))
-            if label in neg
-        ]
-        if len(pl) == 2:
-            out.append(
-                self.pick(
-                    (
-                        "No pleural effusion or pneumothorax.",
-                        "There is no pneumothorax or pleural effusion.",
-                        "No effusion or pneumothorax is seen.",
-                    )
-                )
-            )
-        elif pl:
-            out.append(self.pick((f"No {pl[0]}.", f"There is no {pl[0]}.")))
-        if "Lung Lesion" in neg:
-            out.append(self.pick(("No suspicious pulmonary nodules or masses.", "No pulmonary nodule.")))
-        if "Atelectasis" in neg:
-            out.append("No atelectasis.")
-        if "Pleural Other" in neg:
-            out.append("No pleural thickening.")
-        if "Fracture" in neg:
-            out.append(self.pick(("No displaced rib fractures.", "No acute fracture is identified.")))
-        if "Support Devices" in neg:
-            out.append("No lines or tubes.")
+            out.append(self.say("negatives.mediastinum"))
+        names = [name for label, name in _entry("negatives.lung_names").items() if label in neg]
+        if len(names) == 1:
+            out.append(self.say("negatives.lung_one", name=names[0]))
+        elif names:
+            out.append(self.say("negatives.lung_many", names=", ".join(names[:-1]), last=names[-1]))
+        pleural = [name for label, name in _entry("negatives.pleural_names").items() if label in neg]
+        if len(pleural) == 2:
+            out.append(self.say("negatives.pleural_both"))
+        elif pleural:
+            out.append(self.say("negatives.pleural_one", name=pleural[0]))
+        for label in ("Lung Lesion", "Atelectasis", "Pleural Other", "Fracture", "Support Devices"):
+            if label in neg:
+                out.append(self.say(f"negatives.{LABEL_FINDING[label]}"))
         return out
 
     def filler(self, normal: bool) -> list[str]:
@@ -761,50 +398,33 @@ class _Writer:
         lungs_involved = any(n in self.f for n in ("atelectasis", "pneumothorax", "pleural_effusion", "edema"))
         if self.rng.random() < 0.5:
             if normal:
-                out.append(self.pick(("The lungs are clear.", "Lungs are well expanded and clear.")))
+                out.append(self.say("filler.clear_lungs"))
             elif not lungs_involved:
-                out.append(self.pick(("The lungs are otherwise clear.", "Otherwise clear lungs.")))
+                out.append(self.say("filler.otherwise_clear"))
         if "fracture" not in self.f and self.rng.random() < 0.3:
-            out.append(
-                self.pick(
-                    (
-                        "The visualized upper abdomen is unremarkable.",
-                        "Osseous structures are intact.",
-                        "Visualized osseous structures are unremarkable.",
-                    )
-                )
-            )
+            out.append(self.say("filler.bones_and_abdomen"))
         if not normal and self.rng.random() < 0.2:
-            out.append(
-                self.pick(
-                    (
-                        "Degenerative changes of the thoracic spine.",
-                        "Calcification of the aortic knob.",
-                        "A calcified granuloma is noted in the left upper lobe.",
-                    )
-                )
-            )
+            out.append(self.say("filler.incidental"))
         return out
 
 
 def _indication(truth: StudyTruth, rng: np.random.Generator) -> str:
     f = truth.findings
-    who = f"___-year-old {'man' if truth.sex == 'M' else 'woman'}" if rng.random() < 0.7 else "___"
+    who = ("man" if truth.sex == "M" else "woman") if rng.random() < 0.7 else "anonymous"
     if any(n in f for n in ("pneumonia", "consolidation", "opacity")):
-        why = _pick(rng, ("fever and cough", "productive cough", "fever, hypoxia", "cough and leukocytosis"))
+        reason = "infection"
     elif any(n in f for n in ("edema", "cardiomegaly", "pleural_effusion")):
-        why = _pick(rng, ("shortness of breath", "dyspnea on exertion", "worsening dyspnea and leg swelling"))
+        reason = "cardiac"
     elif "fracture" in f:
-        why = _pick(rng, ("s/p fall, chest wall pain", "trauma, left-sided chest pain", "motor vehicle collision"))
+        reason = "trauma"
     elif "pneumothorax" in f:
-        why = _pick(rng, ("sudden chest pain", "acute dyspnea", "s/p procedure, assess"))
+        reason = "pneumothorax"
     elif "support_devices" in f:
-        why = _pick(rng, ("intubated patient, assess position", "ICU patient, daily film", "post procedure"))
+        reason = "devices"
     else:
-        why = _pick(rng, ("chest pain", "cough", "pre-operative evaluation", "shortness of breath", "weakness"))
-    return _pick(
-        rng, (f"{who} with {why}", f"{who} with {why}. Evaluate.", f"{_cap(why)}.", f"History: {who} with {why}.")
-    )
+        reason = "other"
+    why = _say(rng, f"indication.why.{reason}")
+    return _say(rng, "indication.text", who=_say(rng, f"indication.who.{who}"), why=why)
 
 
 def write_report(truth: StudyTruth, rng: np.random.Generator) -> Report:
@@ -817,20 +437,7 @@ def write_report(truth: StudyTruth, rng: np.random.Generator) -> Report:
     positives = devices + pathology
     negatives = w.negatives()
     normal = truth.no_finding
-    if normal and not any(v == -1.0 for v in status.values()):
-        summary = [
-            _pick(
-                rng,
-                (
-                    "No acute cardiopulmonary process.",
-                    "No acute cardiopulmonary abnormality.",
-                    "No acute intrathoracic process.",
-                    "Normal chest radiograph.",
-                ),
-            )
-        ]
-    else:
-        summary = []
+    summary = [_say(rng, "impression.normal")] if normal and not any(v == -1.0 for v in status.values()) else []
     clinical = positives
     if style == "line":
         # A one-liner still carries every stated or hedged label (and a line style plans no denials).
@@ -839,7 +446,7 @@ def write_report(truth: StudyTruth, rng: np.random.Generator) -> Report:
         return Report("IMPRESSION: " + " ".join((clinical or summary) + negatives), status)
     findings = clinical + negatives + w.filler(normal)
     if not findings:
-        findings = ["The lungs are clear."]
+        findings = [_say(rng, "empty_findings")]
     # Impressions restate the pathology in fewer words and often leave routine devices out (the findings
     # section already carries every stated label).
     if pathology:
@@ -847,59 +454,34 @@ def write_report(truth: StudyTruth, rng: np.random.Generator) -> Report:
         impression = _impression([_condense(c) for c in kept], summary, rng)
     else:
         shown = [_condense(d) for d in devices] if devices and rng.random() < 0.6 else []
-        impression = " ".join(shown + (summary or ["No acute cardiopulmonary process."]))
+        impression = " ".join(shown + (summary or [_say(rng, "impression.default")]))
     parts = []
     if style == "full":
-        portable = truth.view == "AP"
-        exam = (
-            ("CHEST (PORTABLE AP)", "Portable chest radiograph")
-            if portable
-            else ("CHEST (PA AND LAT)", "CHEST (PA AND LATERAL)", "Chest radiograph, two views")
-        )
-        technique = (
-            ("Single portable AP view of the chest.", "Portable semi-upright AP radiograph of the chest.")
-            if portable
-            else ("Frontal and lateral views of the chest.", "PA and lateral chest radiographs.")
-        )
-        parts.append("EXAMINATION: " + _pick(rng, exam))
+        views = "portable" if truth.view == "AP" else "two_views"
+        parts.append("EXAMINATION: " + _say(rng, f"examination.{views}"))
         parts.append("INDICATION: " + _indication(truth, rng))
-        parts.append("TECHNIQUE: " + _pick(rng, technique))
-        if truth.prior is not None:
-            parts.append(
-                "COMPARISON: " + _pick(rng, ("___.", "Chest radiograph from ___.", "Prior study of ___ at ___."))
-            )
-        else:
-            parts.append("COMPARISON: " + _pick(rng, ("None.", "None available.", "___")))
+        parts.append("TECHNIQUE: " + _say(rng, f"technique.{views}"))
+        parts.append("COMPARISON: " + _say(rng, "comparison.prior" if truth.prior is not None else "comparison.none"))
     elif truth.prior is not None and rng.random() < 0.5:
-        parts.append("COMPARISON: ___.")
+        parts.append("COMPARISON: " + _say(rng, "comparison.short"))
     parts.append("FINDINGS: " + " ".join(findings))
     parts.append("IMPRESSION: " + impression)
     if style == "full" and rng.random() < 0.35:
-        parts.append(
-            _pick(
-                rng,
-                (
-                    "Findings were discussed with Dr. ___ by telephone at ___ on ___.",
-                    "Dr. ___ was notified of the findings at ___.",
-                    "Recommendation: clinical follow-up as indicated. Electronically signed by ___.",
-                    "The study was reviewed with the attending radiologist, Dr. ___.",
-                ),
-            )
-        )
+        parts.append(_say(rng, "signoff"))
     sep = "\n\n" if style == "full" else "\n"
     return Report(sep.join(parts), status)
 
 
 def _condense(sentence: str) -> str:
-    for prefix in ("There is an ", "There is a ", "There are ", "There is "):
-        if sentence.startswith(prefix):
-            return _cap(sentence[len(prefix) :])
+    for opening in _entry("impression.strip_openings"):
+        if sentence.startswith(opening):
+            return _cap(sentence[len(opening) :])
     return sentence
 
 
 def _impression(clinical: list[str], summary: list[str], rng: np.random.Generator) -> str:
     if not clinical:
-        return summary[0] if summary else "No acute cardiopulmonary process."
+        return summary[0] if summary else _say(rng, "impression.default")
     if len(clinical) > 1 and rng.random() < 0.5:
         return " ".join(f"{i + 1}. {c}" for i, c in enumerate(clinical))
     return " ".join(clinical)
