@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from diffcxr_aug.augment.mixing import training_stages
 from diffcxr_aug.augment.results import scored_view
-from diffcxr_aug.augment.sweep import _check_same_settings, split_truth
+from diffcxr_aug.augment.sweep import _check_same_settings
+from diffcxr_aug.augment.sweep_data import split_truth
 from diffcxr_aug.classifiers.metrics import mask_thin_labels
 from diffcxr_aug.classifiers.train import TrainResult
 from diffcxr_aug.cli import app

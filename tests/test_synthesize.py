@@ -25,7 +25,8 @@ from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.generator.prompts import balanced_prompt_rows, prevalence, prompt_rows, template_report
 from diffcxr_aug.generator.settings import GeneratorSettings, SynthesisSettings
-from diffcxr_aug.generator.synthesize import image_seed, synthesize
+from diffcxr_aug.generator.synthesis_plan import image_seed
+from diffcxr_aug.generator.synthesize import synthesize
 from diffcxr_aug.generator.training import train_generator
 from tests.conftest import REPO_ROOT, make_tiny_manifest
 
@@ -196,6 +197,46 @@ def test_two_processes_with_torchrun_split_the_shards(tiny, tmp_path):
     _check_folder(out, n)
 
 
+def test_one_process_starts_no_accelerate_state_or_process_group(tiny, tmp_path):
+    """A single process leaves accelerate's process-wide state as it was, so a recipe's later steps (a training on
+    another device) choose their own device."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # as a fresh process; the fixture trained in this one
+    synthesize(tiny["gen"], tmp_path / "one", SynthesisSettings(n=1, steps=1), device="cpu")
+    assert PartialState._shared_state == {} and not torch.distributed.is_initialized()
+
+
+def test_deal_shards_balances_a_resumed_job():
+    """The first shards done, the rest missing: each process gets half the missing images, where accelerate's
+    contiguous ``split_between_processes`` would give process 0 shards 0-2 (2 images) and process 1 the rest (6)."""
+    from diffcxr_aug.generator.synthesis_job import deal_shards
+
+    missing = [0, 0, 2, 2, 2, 2]
+    shards = deal_shards(missing, n=12, shard_size=2, world=2)
+    assert sorted(shards[0] + shards[1]) == list(range(6))
+    assert [sum(missing[s] for s in part) for part in shards] == [4, 4]
+
+
+def test_auto_batch_size_halves_on_cuda_out_of_memory():
+    """``batch_size: auto``: a batch that runs out of CUDA memory is halved and run again, and the smaller size kept;
+    a batch size that was asked for raises. (No GPU here: the sampler's model call raises CUDA's error.)"""
+    from diffcxr_aug.generator.synthesize import _Sampler
+
+    class RoomForFour(_Sampler):
+        def _run(self, batch: list[int]) -> np.ndarray:
+            if len(batch) > 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return np.zeros((len(batch), 2, 2), dtype=np.float32)
+
+    sampler = RoomForFour(Path("gen"), None, SynthesisSettings(batch_size="auto"), torch.device("cpu"))
+    assert [batch for batch, _ in sampler(list(range(10)))] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert sampler.batch_size == 4
+    fixed = RoomForFour(Path("gen"), None, SynthesisSettings(batch_size=8), torch.device("cpu"))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        list(fixed(list(range(10))))
+
+
 # ------------------------------------------------------------------------------------------ prompt sources
 def test_label_only_text_and_labels_from_prompt_sources(tiny, tmp_path):
     labels = pd.DataFrame({"Cardiomegaly": ["1", "0", "", "1"], "Pneumothorax": ["0", "1", "-1", ""]})
@@ -261,7 +302,7 @@ def test_balance_raises_a_rare_labels_share(tiny, tmp_path):
 def test_synthesize_defaults_to_label_prompts_for_a_generator_trained_on_labels(tmp_path):
     """No --prompts: a generator trained on template reports (report_source labels) draws its prompts from its
     training manifest's labels, written the same way; any other generator from that manifest's reports."""
-    from diffcxr_aug.generator.synthesize import _prompt_source
+    from diffcxr_aug.generator.synthesis_plan import _prompt_source
 
     data = tmp_path / "data" / "manifest.csv"
     info = {"data": str(data), "section": {"report_source": "labels"}}

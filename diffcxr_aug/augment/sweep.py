@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -41,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file
@@ -58,25 +56,22 @@ from diffcxr_aug.augment.results import (
     SYNTHETIC_ONLY_FRAC,
     append_result,
     read_results,
-    result_columns,
     scored_view,
 )
 from diffcxr_aug.augment.summary import write_summary
-from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, mask_thin_labels, per_label_auc, scorable_labels
-from diffcxr_aug.classifiers.models import WEIGHTS_NAME, ClassifierConfig, create_classifier, data_config
+from diffcxr_aug.augment.sweep_data import SweepData, load_sweep_data, score_run
+from diffcxr_aug.classifiers.models import WEIGHTS_NAME, create_classifier
 from diffcxr_aug.classifiers.subsample import sample_real_fraction
 from diffcxr_aug.classifiers.train import (
     HISTORY_NAME,
     TrainResult,
-    build_transforms,
     predict,
     seeded,
     train_classifier,
 )
 from diffcxr_aug.config import ClassifierSection
 from diffcxr_aug.data.dataset import CXRDataset
-from diffcxr_aug.data.manifest import Manifest, read_manifest
-from diffcxr_aug.data.phantom.findings import findings_in, truth_labels
+from diffcxr_aug.data.manifest import Manifest
 from diffcxr_aug.errors import InputError
 from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
 from diffcxr_aug.runtime import resolve_device, resolve_mixed_precision
@@ -143,18 +138,6 @@ def _recorded_sources(sets: list[SyntheticSet]) -> dict[str, Any]:
     return recorded
 
 
-def _check_split(manifest: Manifest, split: str, label_names: list[str]) -> Manifest:
-    part = manifest.split(split)
-    if len(part) == 0:
-        raise InputError(f"{manifest.source}: the {split} split is empty; the sweep needs train, val and test rows")
-    if split != "train" and not scorable_labels(part.labels(label_names)).any():
-        raise InputError(
-            f"{manifest.source}: no label has both a positive and a negative in the {split} split, so its mAUC "
-            "is undefined; give that split more images"
-        )
-    return part
-
-
 # Settings that may change between calls into one output folder: they choose which runs exist, not how a
 # run is made (so a sweep can be extended with more models, fractions, modes or seeds, or resumed elsewhere).
 # ``metric`` only chooses the score the summary shows: results.csv holds both.
@@ -215,83 +198,6 @@ def _check_same_settings(path: Path, settings: dict) -> dict:
     if old_sources and not new_sources:
         settings["classifier"] = {**new, **{k: old.get(k) for k in ("n_synthetic", "pretrain_epochs")}}
     return settings
-
-
-@dataclass
-class _SweepData:
-    """What every run of one sweep shares: the real splits, the image pipeline and the test truth."""
-
-    train: Manifest
-    label_names: list[str]
-    data_config: dict[str, Any]
-    classifier_config: ClassifierConfig
-    train_tf: Any
-    val_set: CXRDataset
-    test_set: CXRDataset
-    test_paths: np.ndarray
-    # The phantom world's truth for the test split (every label 1 or 0), or None for data without it.
-    test_truth: np.ndarray | None
-    columns: list[str]
-
-
-def split_truth(manifest: Manifest, label_names: list[str]) -> np.ndarray | None:
-    """``(images, labels)`` truth of a phantom split from its ``meta_findings`` column; None without that column.
-
-    Labels the world does not know (any outside the 14 CheXpert labels) are NaN (not scored).
-    """
-    if "meta_findings" not in manifest.frame.columns:
-        return None
-    rows = []
-    for number, text in zip(manifest.frame.index, manifest.frame["meta_findings"].fillna(""), strict=True):
-        try:
-            labels = truth_labels(findings_in(text))
-        except ValueError as error:
-            raise InputError(f"{manifest.source} row {number + 2}, meta_findings: {error}") from None
-        rows.append([labels.get(name, np.nan) for name in label_names])
-    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(label_names))
-
-
-def _load_sweep_data(data: str | os.PathLike, section: ClassifierSection, model: str, progress: bool) -> _SweepData:
-    real = read_manifest(data)
-    label_names = real.label_names
-    if not label_names:
-        raise InputError(f"{real.source}: no label columns; a classifier needs at least one")
-    train_split = _check_split(real, "train", label_names)
-    val_split = _check_split(real, "val", label_names)
-    test_split = _check_split(real, "test", label_names)
-    truth = split_truth(test_split, label_names)
-    if section.metric == "truth" and truth is None:
-        raise InputError(
-            f"{real.source}: classifier.metric 'truth' scores against the phantom world's truth, but the manifest "
-            "has no meta_findings column (not a phantom dataset); use metric 'report'"
-        )
-    # The model's data config fixes the image size and normalisation for every run.
-    probe = create_classifier(model, len(label_names), pretrained=False)
-    config = data_config(probe, section.image_size)
-    del probe
-    size = int(config["input_size"][-1])
-    classifier_config = ClassifierConfig(
-        model=model,
-        label_names=label_names,
-        image_size=size,
-        mean=float(config["mean"][0]),
-        std=float(config["std"][0]),
-    )
-    eval_tf = build_transforms(config["mean"], config["std"], train=False)
-    return _SweepData(
-        train=train_split,
-        label_names=label_names,
-        data_config=json.loads(json.dumps(config)),
-        classifier_config=classifier_config,
-        train_tf=build_transforms(
-            config["mean"], config["std"], train=True, augment=section.augment, hflip=section.hflip
-        ),
-        val_set=CXRDataset(val_split, size, label_names, transform=eval_tf, progress=progress),
-        test_set=CXRDataset(test_split, size, label_names, transform=eval_tf, progress=progress),
-        test_paths=test_split.frame["image_path"].to_numpy(),
-        test_truth=truth,
-        columns=result_columns(label_names, truth=truth is not None),
-    )
 
 
 @dataclass(frozen=True)
@@ -369,28 +275,6 @@ def samples_per_epoch(section: ClassifierSection, n_train: int) -> int | None:
     return int(section.samples_per_epoch)
 
 
-def _score(
-    y_true: np.ndarray, y_score: np.ndarray, names: list[str], section: ClassifierSection, seed: int, kind: str = ""
-) -> dict[str, Any]:
-    """mAUC, its bootstrap CI, labels scored and per-label AUCs over the labels with ``min_label_support`` of each
-    class; ``kind`` ``truth`` names the columns of the scores against the world's truth (``mauc_truth``, ...)."""
-    y_true = mask_thin_labels(y_true, section.min_label_support)
-    aucs = per_label_auc(y_true, y_score, names)
-    low = high = math.nan
-    if aucs.scored:
-        low, high = bootstrap_mauc_ci(
-            y_true, y_score, n_bootstrap=section.n_bootstrap, rng=np.random.default_rng(seed)
-        )
-    mauc, auc = ("mauc_truth", "auc_truth_") if kind == "truth" else ("mauc", "auc_")
-    return {
-        mauc: aucs.mauc,
-        **{f"{auc}{n}": aucs.per_label[n] for n in names},
-        f"{mauc}_ci_low": low,
-        f"{mauc}_ci_high": high,
-        "n_labels_truth" if kind == "truth" else "n_labels_scored": len(aucs.scored),
-    }
-
-
 @dataclass(frozen=True)
 class _Training:
     """How every run of a sweep trains: the section's settings resolved for this machine and data."""
@@ -402,7 +286,7 @@ class _Training:
 
 
 def _train_run(
-    d: _SweepData,
+    d: SweepData,
     section: ClassifierSection,
     run: _Run,
     subset: Manifest,
@@ -495,7 +379,7 @@ def run_sweep(
         if mode not in MODES:
             raise InputError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     models = models_of(section)
-    sweep_data = {model: _load_sweep_data(data, section, model, progress) for model in models}
+    sweep_data = {model: load_sweep_data(data, section, model, progress) for model in models}
     first = sweep_data[models[0]]
     how = _Training(
         samples_per_epoch=samples_per_epoch(section, len(first.train)),
@@ -574,7 +458,7 @@ def run_sweep(
             "mode": run.mode,
             "model": run.model,
             "seed": run.seed,
-            **_score(y_true, y_score, d.label_names, section, run.seed),
+            **score_run(y_true, y_score, d.label_names, section, run.seed),
             "n_test": len(d.test_set),
             "val_mauc": result.best_val_mauc,
             "best_epoch": result.best_epoch,
@@ -585,7 +469,7 @@ def run_sweep(
             "generator_seed": run.generator_seed,
         }
         if d.test_truth is not None:
-            row.update(_score(d.test_truth, y_score, d.label_names, section, run.seed, "truth"))
+            row.update(score_run(d.test_truth, y_score, d.label_names, section, run.seed, "truth"))
         frame = append_result(results_path, row, d.columns)
         logger.info(
             "Run %s: test mAUC %.4f (95%% CI %.4f-%.4f)",
