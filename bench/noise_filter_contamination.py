@@ -33,7 +33,7 @@ from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.data.phantom import prepare_phantom
 from diffcxr_aug.generator.configs import resolve_config
 from diffcxr_aug.generator.noise_filter import run_filter
-from diffcxr_aug.generator.noise_filter.estimator import bic_mixture, estimate_contamination
+from diffcxr_aug.generator.noise_filter.scoring import bic_mixture, estimate_contamination
 from diffcxr_aug.generator.settings import FilterSettings, GeneratorSettings, VAESettings
 from diffcxr_aug.generator.vae import plan_vae
 

@@ -50,7 +50,7 @@ from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import write_manifest
 from diffcxr_aug.data.splits import assign_patient_splits
 from diffcxr_aug.generator.noise_filter import run_filter
-from diffcxr_aug.generator.noise_filter.estimator import estimate_contamination
+from diffcxr_aug.generator.noise_filter.scoring import estimate_contamination
 from diffcxr_aug.generator.settings import FilterSettings
 from diffcxr_aug.generator.vae import VAEPlan
 

@@ -18,7 +18,7 @@ from diffcxr_aug.data.dataset import equalize
 from diffcxr_aug.data.images import load_image, save_png
 from diffcxr_aug.data.manifest import read_manifest, write_manifest
 from diffcxr_aug.generator.noise_filter import FilterScores, LatentNoiseFilter, evaluate_scores
-from diffcxr_aug.generator.noise_filter.estimator import estimate_contamination
+from diffcxr_aug.generator.noise_filter.scoring import estimate_contamination
 from diffcxr_aug.generator.vae import build_vae
 from tests.conftest import make_tiny_manifest
 

@@ -10,6 +10,10 @@ Everything is drawn as a *density* map (bright = dense), at twice the output siz
 levels by the exposure model in :mod:`render`. Lines and filled shapes (ribs, vessels, devices) are
 drawn with PIL on float canvases; smooth regions (lungs, heart, soft tissue) are closed-form functions
 of the coordinates, evaluated vectorised with numpy.
+
+This module runs past 500 lines because :class:`Chest` draws one normal chest layer by layer (soft tissue, lungs,
+vessels, ribs, heart, mediastinum, diaphragm), each layer a method on the same body grid; split across files, a
+reader would chase one radiograph through several of them.
 """
 
 from __future__ import annotations

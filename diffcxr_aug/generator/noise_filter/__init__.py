@@ -13,7 +13,7 @@ of the method as described:
    reads where on the image the manifold fails, so it learns which failures mean noise. It is
    cross-fitted, so no image is scored by a model that was trained on its own pseudo-label.
 
-The modules: ``estimator`` (:class:`LatentNoiseFilter` and :func:`latent_features`: latents in, scores
+The modules: ``estimator`` (:class:`LatentNoiseFilter`: latents in, scores
 out, no files) and ``driver`` (:func:`run_filter`, the file-level entry point behind ``diffcxr-aug
 filter``: manifest, the rows dropped by their view (``drop_views``, metadata before latents), VAE, encoding, and the
 written scores, kept manifest, report and montages).
@@ -35,14 +35,9 @@ from diffcxr_aug.generator.noise_filter.driver import (
     SCORES_NAME,
     run_filter,
 )
-from diffcxr_aug.generator.noise_filter.estimator import (
-    STAGES,
-    THRESHOLD_RULES,
-    FilterScores,
-    LatentNoiseFilter,
-    evaluate_scores,
-    latent_features,
-)
+from diffcxr_aug.generator.noise_filter.estimator import THRESHOLD_RULES, FilterScores, LatentNoiseFilter
+from diffcxr_aug.generator.noise_filter.scoring import evaluate_scores
+from diffcxr_aug.generator.noise_filter.stages import STAGES, latent_features
 
 __all__ = [
     "MONTAGE_BORDERLINE_NAME",

@@ -23,7 +23,8 @@ import torch
 from diffcxr_aug.data.dataset import equalize
 from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.figures import save_figure
-from diffcxr_aug.generator.noise_filter.estimator import LatentNoiseFilter, evaluate_scores
+from diffcxr_aug.generator.noise_filter.estimator import LatentNoiseFilter
+from diffcxr_aug.generator.noise_filter.scoring import evaluate_scores
 from diffcxr_aug.generator.settings import FilterSettings
 from diffcxr_aug.io import atomic_path, atomic_write_json
 

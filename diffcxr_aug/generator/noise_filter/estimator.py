@@ -15,9 +15,8 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -25,11 +24,19 @@ import torch
 import torch.nn.functional as F
 from scipy.special import expit
 from sklearn.cluster import MiniBatchKMeans
-from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from diffcxr_aug.errors import InputError
+from diffcxr_aug.generator.noise_filter.scoring import estimate_contamination
+from diffcxr_aug.generator.noise_filter.stages import (
+    Discriminator,
+    LatentManifold,
+    Standardizer,
+    latent_features,
+    predict_logits,
+    shuffled_batches,
+)
 from diffcxr_aug.generator.settings import FilterSettings
 from diffcxr_aug.types import ThresholdRule
 
@@ -37,106 +44,8 @@ logger = logging.getLogger(__name__)
 
 THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
 _DEFAULTS = FilterSettings()
-STAGES = ("kmeans", "manifold", "discriminator")
-# Grey-level quantiles of each latent channel: the tails catch inversion and exposure, the median the level.
-_QUANTILES = (0.02, 0.25, 0.5, 0.75, 0.98)
 # The normal set is split in two; each half fits one manifold, which scores the other half.
 _MANIFOLD_FOLDS = 2
-
-
-def latent_features(latents: torch.Tensor | np.ndarray, grid: int = 4, batch_size: int = 4096) -> np.ndarray:
-    """Pooled features of ``(N, C, h, w)`` latents, as an ``(N, D)`` float32 array.
-
-    Per channel: the mean and the standard deviation over each cell of a ``grid x grid`` layout (where
-    things are, and where the texture is), and the quantiles :data:`_QUANTILES` over the whole image
-    (grey levels). ``D = C * (2 * grid**2 + 5)``.
-    """
-    latents = torch.as_tensor(latents)
-    if latents.ndim != 4:
-        raise ValueError(f"latents must be (N, C, h, w), got shape {tuple(latents.shape)}")
-    if grid < 1 or grid > min(latents.shape[-2:]):
-        raise InputError(f"grid {grid} must be between 1 and the latent side {min(latents.shape[-2:])}")
-    q = torch.tensor(_QUANTILES)
-    out = []
-    for start in range(0, len(latents), batch_size):
-        x = latents[start : start + batch_size].float()
-        mean = F.adaptive_avg_pool2d(x, grid)
-        var = (F.adaptive_avg_pool2d(x * x, grid) - mean * mean).clamp_min(0.0)
-        flat = x.flatten(2)
-        quantiles = torch.quantile(flat, q, dim=2).permute(1, 2, 0)  # (B, C, Q)
-        out.append(torch.cat([mean.flatten(1), var.sqrt().flatten(1), quantiles.flatten(1)], dim=1).numpy())
-    if not out:
-        return np.zeros((0, latents.shape[1] * (2 * grid * grid + len(_QUANTILES))), dtype=np.float32)
-    return np.concatenate(out).astype(np.float32)
-
-
-class _Standardizer:
-    """Median / IQR scaling: a few wild outliers (the images being looked for) do not set the scale."""
-
-    def fit(self, x: np.ndarray) -> _Standardizer:
-        self.center_ = np.median(x, axis=0)
-        q25, q75 = np.percentile(x, [25, 75], axis=0)
-        scale = (q75 - q25) / 1.349  # IQR of a unit normal, so inliers come out with unit spread
-        self.scale_ = np.where(scale > 1e-8, scale, 1.0)
-        return self
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.center_) / self.scale_).astype(np.float32)
-
-
-class _LatentManifold:
-    """PCA of flattened latents, standardized per dimension: a linear autoencoder of the normal images.
-
-    The reconstruction residual of an image is what the normal images' main modes of variation cannot
-    explain: a film border, a burnt-in label, an inverted or rotated chest. On 3,000 phantom images at
-    64 px (4 x 16 x 16 latents) it scored the noise better than a nonlinear MLP autoencoder fitted on the
-    same images (ROC AUC 0.997 vs 0.992) in a tenth of the time, and pooled features lost the burnt-in
-    text that the full latent keeps (0.97 vs 0.70 on that kind).
-    """
-
-    def __init__(self, n_components: int, seed: int) -> None:
-        self.n_components = n_components
-        self.seed = seed
-
-    def fit(self, x: np.ndarray) -> _LatentManifold:
-        from sklearn.decomposition import PCA
-
-        self.mean_ = x.mean(axis=0)
-        std = x.std(axis=0)
-        # A floor on the scale: near-constant dimensions (dark corners) must not turn tiny changes into alarms.
-        self.scale_ = (std + 0.05 * float(np.median(std)) + 1e-6).astype(np.float32)
-        k = max(1, min(self.n_components, len(x) // 2, x.shape[1]))
-        self.pca_ = PCA(n_components=k, svd_solver="auto", random_state=self.seed).fit((x - self.mean_) / self.scale_)
-        return self
-
-    def residuals(self, x: np.ndarray) -> np.ndarray:
-        z = ((x - self.mean_) / self.scale_).astype(np.float32)
-        return z - self.pca_.inverse_transform(self.pca_.transform(z)).astype(np.float32)
-
-
-class _Discriminator(torch.nn.Module):
-    def __init__(self, in_features: int, hidden: int, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(in_features, hidden),
-            torch.nn.GELU(),
-            torch.nn.Dropout(dropout),
-            torch.nn.Linear(hidden, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
-
-
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    return list(torch.randperm(n, generator=generator).split(batch_size))
-
-
-@torch.no_grad()
-def _predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-    model.eval()
-    t = torch.from_numpy(x)
-    return torch.cat([model(t[i : i + batch_size]) for i in range(0, len(t), batch_size)]).numpy()
 
 
 @dataclass
@@ -315,7 +224,7 @@ class LatentNoiseFilter:
         t0 = time.perf_counter()
         self.latent_shape_ = tuple(latents.shape[1:])
         pooled = latent_features(latents, self.grid)
-        self.standardizer_ = _Standardizer().fit(pooled)
+        self.standardizer_ = Standardizer().fit(pooled)
         x = self.standardizer_.transform(pooled)
         timings["features"] = time.perf_counter() - t0
 
@@ -426,7 +335,7 @@ class LatentNoiseFilter:
         halves = np.array_split(fit_rows, _MANIFOLD_FOLDS)
         flat = latents.flatten(1)
         self.manifolds_ = [
-            _LatentManifold(self.manifold_components, self.seed).fit(flat[np.sort(rows)].numpy())
+            LatentManifold(self.manifold_components, self.seed).fit(flat[np.sort(rows)].numpy())
             for rows in tqdm(halves, desc="LNFS manifold", disable=not self.progress)
         ]
         member = np.full(len(latents), -1)
@@ -496,9 +405,9 @@ class LatentNoiseFilter:
         total = np.log(residual_grid.mean(axis=1, keepdims=True) / self.manifold_scale_ + 1e-8)
         return np.concatenate([cells, total], axis=1).astype(np.float32)
 
-    def _fit_one_discriminator(self, x: np.ndarray, y: np.ndarray, seed: int) -> _Discriminator:
+    def _fit_one_discriminator(self, x: np.ndarray, y: np.ndarray, seed: int) -> Discriminator:
         torch.manual_seed(seed)  # initialisation and dropout; batches come from the generator below
-        model = _Discriminator(x.shape[1], hidden=64).to(self.device).train()
+        model = Discriminator(x.shape[1], hidden=64).to(self.device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
         data = torch.from_numpy(x).to(self.device)
         target = torch.from_numpy(y.astype(np.float32)).to(self.device)
@@ -509,7 +418,7 @@ class LatentNoiseFilter:
         batches: list[torch.Tensor] = []
         for _ in range(self.discriminator_steps):
             if not batches:
-                batches = _batches(len(x), batch_size, generator)
+                batches = shuffled_batches(len(x), batch_size, generator)
             idx = batches.pop().to(self.device)
             loss = F.binary_cross_entropy_with_logits(model(data[idx]), target[idx], pos_weight=pos_weight)
             optimizer.zero_grad(set_to_none=True)
@@ -553,7 +462,7 @@ class LatentNoiseFilter:
         splitter = StratifiedKFold(n_splits=self.folds, shuffle=True, random_state=self.seed)
         logits = np.zeros(len(x), dtype=np.float64)
         counts = np.zeros(len(x), dtype=np.int64)
-        self.discriminators_: list[_Discriminator] = []
+        self.discriminators_: list[Discriminator] = []
         folds = list(splitter.split(labelled, y))
         for k, (train_idx, _) in enumerate(tqdm(folds, desc="LNFS discriminator", disable=not self.progress)):
             rows = labelled[train_idx]
@@ -564,7 +473,7 @@ class LatentNoiseFilter:
             # Out of fold: an image is scored only by the models that did not train on it.
             unseen = np.ones(len(x), dtype=bool)
             unseen[rows] = False
-            logits[unseen] += _predict(model, x[unseen])
+            logits[unseen] += predict_logits(model, x[unseen])
             counts[unseen] += 1
         return logits / np.maximum(counts, 1)
 
@@ -582,7 +491,7 @@ class LatentNoiseFilter:
         distances = self.kmeans_.transform(x)
         raw_error, residual_grid = self._manifold_evidence(latents, np.full(len(latents), -1))
         disc_x = self._disc_input(residual_grid)
-        logits = np.mean([_predict(model, disc_x) for model in self.discriminators_], axis=0)
+        logits = np.mean([predict_logits(model, disc_x) for model in self.discriminators_], axis=0)
         return FilterScores(
             self._kmeans_score(distances),
             raw_error / self.manifold_scale_,
@@ -593,68 +502,3 @@ class LatentNoiseFilter:
     def predict(self, latents: torch.Tensor | np.ndarray) -> np.ndarray:
         """Boolean flags (True = noisy) of new latents at the fitted threshold."""
         return self.score(latents).final_logit > self.threshold_logit_
-
-
-def estimate_contamination(final_logit: np.ndarray, max_components: int = 4, seed: int = 0) -> float:
-    """The share of noisy images the scores suggest, whatever the threshold: the weight of the highest component
-    of a Gaussian mixture on the final log-odds, its number of components (1 to ``max_components``) chosen by BIC;
-    0 when one component fits best (no separate noisy mode).
-
-    A rough figure, for the report beside the share flagged: on the phantom worlds with 0.9%, 5.1% and 12.2% noisy
-    images it read 2.4%, 4.2% and 10.4% (``bench/noise_filter_contamination.py``). The clean images' own right
-    tail (those the discriminator was taught as noisy) can hold a component of its own, so it is no threshold.
-    """
-    x = np.asarray(final_logit, dtype=np.float64)
-    if len(x) < 10 * max_components or np.ptp(x) == 0:
-        return 0.0
-    best = bic_mixture(x, range(1, max_components + 1), seed)
-    if best.n_components == 1:
-        return 0.0
-    return float(best.weights_[int(np.argmax(best.means_.ravel()))])
-
-
-def bic_mixture(values: np.ndarray, components: Iterable[int], seed: int = 0) -> Any:
-    """The Gaussian mixture on 1-D ``values`` with the lowest BIC among ``components`` (scikit-learn, 3 inits)."""
-    from sklearn.mixture import GaussianMixture
-
-    x = np.asarray(values, dtype=np.float64).reshape(-1, 1)
-    return min((GaussianMixture(k, n_init=3, random_state=seed).fit(x) for k in components), key=lambda m: m.bic(x))
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-def evaluate_scores(frame: pd.DataFrame, noise: pd.Series) -> dict:
-    """How well the scores find the known noise (``noise``: empty string = clean, else the kind).
-
-    Returns ROC AUC of each stage and of the final score, the share of clean images flagged, precision,
-    recall, and per noise kind its count, recall at the threshold and AUC against the clean images.
-    """
-    truth = noise.fillna("").astype(str).to_numpy()
-    noisy = truth != ""
-    flagged = frame["flagged"].to_numpy(dtype=bool)
-    result: dict = {"noisy_images": int(noisy.sum()), "clean_images": int((~noisy).sum())}
-    if noisy.all() or not noisy.any():
-        result["note"] = "the noise column holds one class only; no AUC"
-        return result
-    result["roc_auc"] = {
-        name: float(roc_auc_score(noisy, frame[column]))
-        for name, column in (("final", "score"), *((s, f"{s}_score") for s in STAGES))
-    }
-    result["clean_removed_share"] = float(flagged[~noisy].mean())
-    result["recall"] = float(flagged[noisy].mean())
-    result["precision"] = float(noisy[flagged].mean()) if flagged.any() else float("nan")
-    per_kind = {}
-    clean_scores = frame["score"].to_numpy()[~noisy]
-    for kind in sorted(set(truth[noisy])):
-        rows = truth == kind
-        kind_scores = frame["score"].to_numpy()[rows]
-        per_kind[kind] = {
-            "count": int(rows.sum()),
-            "recall": float(flagged[rows].mean()),
-            "auc_vs_clean": float(
-                roc_auc_score(
-                    np.r_[np.zeros(len(clean_scores)), np.ones(len(kind_scores))], np.r_[clean_scores, kind_scores]
-                )
-            ),
-        }
-    result["per_kind"] = per_kind
-    return result
