@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import perf  # noqa: E402
 
-from diffcxr_aug.generator.training import compile_networks  # noqa: E402
+from diffcxr_aug.generator.objective import compile_networks  # noqa: E402
 
 
 def main() -> None:

@@ -67,7 +67,7 @@ def _cli(*args: str) -> None:
 
 
 def _latest_checkpoint(folder: Path) -> Path:
-    from diffcxr_aug.generator.training import list_checkpoints
+    from diffcxr_aug.generator.checkpoints import list_checkpoints
 
     found = list_checkpoints(folder)
     if not found:

@@ -20,7 +20,7 @@ from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.generator.figures import save_report_grid
 from diffcxr_aug.generator.pipeline import DiffCXRPipeline
-from diffcxr_aug.generator.training import label_caption, validation_rows
+from diffcxr_aug.generator.sample_grids import label_caption, validation_rows
 from diffcxr_aug.generator.vae import to_uint8
 from diffcxr_aug.runtime import resolve_device
 

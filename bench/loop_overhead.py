@@ -68,7 +68,7 @@ def main() -> None:
     from accelerate import Accelerator
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from diffcxr_aug.generator.training import compile_networks
+    from diffcxr_aug.generator.objective import compile_networks
 
     device = torch.device("cpu")
     parts = build(args.config, device, channels_last=False)

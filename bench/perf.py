@@ -85,8 +85,8 @@ def build(config_name: str, device: torch.device, channels_last: bool) -> dict[s
 
     from diffcxr_aug.generator.ava_tls import ImageTower
     from diffcxr_aug.generator.configs import build_unet, get_config, vae_downsample_factor_of
+    from diffcxr_aug.generator.objective import DiffusionObjective
     from diffcxr_aug.generator.token_squeeze import TokenSqueeze
-    from diffcxr_aug.generator.training import DiffusionObjective
     from diffcxr_aug.generator.vae import VAE_CONFIGS, build_vae
 
     cfg = get_config(config_name)
@@ -226,7 +226,7 @@ def compile_rows(args: argparse.Namespace, device: torch.device, eager: list[dic
     (the training call's time beyond its timed steps, so the FLOP-count pass counts as compile time: an upper
     bound) and after how many steps the compiled step has paid for it. Sampling recompiles for inference; that
     compile is not counted."""
-    from diffcxr_aug.generator.training import compile_networks
+    from diffcxr_aug.generator.objective import compile_networks
 
     rows = []
     for row in [r for r in eager if not r["channels_last"]]:

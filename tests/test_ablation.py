@@ -28,6 +28,7 @@ def _tiny_ablation(recipes_dir, tmp_path, arms: dict, run: list[str] | None) -> 
     return path, tmp_path / "abl"
 
 
+@pytest.mark.integration
 def test_ablation_runs_arms_evaluates_them_together_and_tables_them(recipes_dir, tmp_path):
     arms = {
         "full": {},

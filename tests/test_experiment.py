@@ -147,6 +147,7 @@ REPORT_SECTIONS = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("one_thread")
 def test_smoke_run_writes_the_report_and_a_rerun_skips_every_step(tmp_path, recipes_dir):
     """`run recipes/smoke.yaml` twice: the report's sections and figures, then every step skipped."""

@@ -18,17 +18,12 @@ from typer.testing import CliRunner
 from diffcxr_aug.cli import app
 from diffcxr_aug.data.manifest import read_manifest, write_manifest
 from diffcxr_aug.errors import InputError
+from diffcxr_aug.generator.checkpoints import CHECKPOINT_TRAINING_STATE, CHECKPOINT_WEIGHTS, list_checkpoints
 from diffcxr_aug.generator.pipeline import DiffCXRPipeline
 from diffcxr_aug.generator.prompts import template_report
 from diffcxr_aug.generator.settings import GeneratorSettings, SynthesisSettings
 from diffcxr_aug.generator.synthesize import synthesize
-from diffcxr_aug.generator.training import (
-    CHECKPOINT_TRAINING_STATE,
-    CHECKPOINT_WEIGHTS,
-    conditioning_manifest,
-    list_checkpoints,
-    train_generator,
-)
+from diffcxr_aug.generator.training import conditioning_manifest, train_generator
 from diffcxr_aug.runtime import resolve_mixed_precision
 from tests.conftest import make_tiny_manifest
 
@@ -313,7 +308,7 @@ def test_evaluate_reads_generated_images_and_their_cost(trained, tmp_path):
     assert entry["compute"]["generator"]["training_wall_minutes"] == info["wall_minutes_total"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_process_training_with_torchrun(trained, tmp_path):
     """Two gloo ranks on CPU through accelerate (torchrun): the VAE is trained once, checkpoints written once."""
     import os
@@ -392,6 +387,7 @@ def test_the_smallest_settings_train_and_sample(trained, tmp_path):
     assert result.exit_code == 2 and "'unipc' -> 'ddim'" in result.output and "--sampler unipc" in result.output
 
 
+@pytest.mark.integration
 def test_compiled_networks_train_like_the_eager_ones(trained, tmp_path):
     """``compile: true`` runs the UNet, the token squeeze and the image tower through inductor (graphs are
     compiled), in place, with every text batch padded to one length: the same first-step loss as eager (to compiler

@@ -168,6 +168,7 @@ TINY_SWEEP = {
 }
 
 
+@pytest.mark.integration
 def test_the_headline_recipe_runs_every_generator_classifier_fraction_mode_and_seed(tmp_path, recipes_dir):
     """#38: three generator trainings x two classifiers x fractions x modes x classifier seeds, every row in
     results.csv (generator_seed names the generator, model the classifier), and the headline tables from it."""
@@ -214,6 +215,7 @@ def test_the_headline_recipe_runs_every_generator_classifier_fraction_mode_and_s
     assert tables.strip() in (out / "classifiers" / "summary.md").read_text()
 
 
+@pytest.mark.integration
 def test_the_dkim_recipe_samples_stage_1_and_2_from_the_same_prompts(tmp_path, recipes_dir):
     """The DKIM experiment (recipes/dkim-phantom128.yaml): stage 1 and stage 2 image for image, and stage 2 with
     balanced prompts, each a source of the classifier sweep."""

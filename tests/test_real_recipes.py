@@ -203,6 +203,7 @@ def test_shipped_real_recipe_holds_the_papers_settings(dataset):
     assert "GPU-h" in header and "ESTIMATES FROM FLOPs" in header and "58.3 GFLOPs" in header
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("dataset", list(REAL_RECIPES))
 def test_real_recipe_runs_every_step_on_its_dataset_layout(dataset, tmp_path, tiny_models):
     FAKES[dataset](tmp_path / "dataset")

@@ -19,10 +19,11 @@ from typer.testing import CliRunner
 from diffcxr_aug.cli import app
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.evaluation.alignment import AlignmentScorer, set_generator, towers_folder
+from diffcxr_aug.generator.checkpoints import CHECKPOINT_WEIGHTS, list_checkpoints
 from diffcxr_aug.generator.pipeline import DiffCXRPipeline
 from diffcxr_aug.generator.settings import GeneratorSettings, SynthesisSettings
 from diffcxr_aug.generator.synthesize import synthesize
-from diffcxr_aug.generator.training import CHECKPOINT_WEIGHTS, list_checkpoints, train_generator
+from diffcxr_aug.generator.training import train_generator
 from tests.conftest import make_tiny_manifest
 from tests.test_generator import TINY
 
@@ -150,6 +151,7 @@ def test_synthesize_with_a_dkim_generator_records_knowledge(stages, tmp_path):
         assert np.array_equal(np.asarray(Image.open(zero.parent / name)), np.asarray(Image.open(plain.parent / name)))
 
 
+@pytest.mark.integration
 def test_stage2_compiled_trains_like_the_eager_run(stages, tmp_path):
     """``compile: true`` in stage 2 compiles the adapter beside the frozen UNet and squeeze: the same first-step
     loss as the eager stage-2 run of the fixture (to compiler rounding), and the run records what it compiled."""

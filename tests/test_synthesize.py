@@ -160,6 +160,7 @@ def _recipe(tmp_path: Path, **synthesize_keys) -> Path:
     return recipe
 
 
+@pytest.mark.integration
 def test_sigkill_mid_run_then_rerun_gives_exactly_n_valid_images(tiny, tmp_path):
     out, n = tmp_path / "killed", 24
     args = _cli("--n", str(n), "--generator", str(tiny["gen"]), "--out", str(out), "--batch-size", "1")
@@ -181,6 +182,7 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_n_valid_images(tiny, tmp_path)
     assert json.loads((out / "synthesis.json").read_text())["rank_images"] == [n - made]
 
 
+@pytest.mark.integration
 def test_two_processes_with_torchrun_split_the_shards(tiny, tmp_path):
     """``torchrun ... -m diffcxr_aug.cli -- synthesize --n ...`` (gloo on CPU): disjoint shards, union 0..n-1."""
     out, n = tmp_path / "ddp", 10
