@@ -129,6 +129,12 @@ class ClassifierSection(Section):
     augment: bool = Field(True, description="small rotation/shift/scale and brightness/contrast while training")
     hflip: bool = Field(False, description="random horizontal flips (off: laterality matters in a chest film)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="runs trained at once, each in its own process with its share of the cores (a run's result "
+        "does not depend on which process ran it); 2 on a 2-core CPU roughly halves a sweep of small models",
+    )
     mixed_precision: Annotated[MixedPrecision, BeforeValidator(yaml_no)] = Field(
         "auto",
         description="autocast while training and testing: auto (bf16 on a GPU that has it and on a CPU with native "

@@ -321,6 +321,38 @@ def test_train_classifier_cli_real_then_synthetic_and_resume(tmp_path):
     assert result.exit_code == 2 and "classifier.epochs" in result.output
 
 
+@pytest.mark.integration
+def test_two_worker_processes_give_the_rows_one_process_gives(tmp_path):
+    """classifier.workers: 2 runs the grid in two spawned processes (one thread each); every run seeds itself, so
+    the table equals the one-process table row for row, the shared synthetic-only stage (trained under its lock)
+    included."""
+    from diffcxr_aug.augment.results import RUN_KEY, read_results
+    from diffcxr_aug.augment.sweep import run_sweep
+    from diffcxr_aug.config import ClassifierSection
+
+    data = make_tiny_manifest(tmp_path / "real", n=48).parent
+    synthetic = make_tiny_manifest(tmp_path / "synth", n=24, seed=1).parent
+    section = ClassifierSection(
+        model="test_resnet", real_fracs=[0.5, 1.0], modes=["real", "mix", "pretrain-finetune", "synthetic-only"],
+        seeds=[0, 1], epochs=1, batch_size=8, image_size=32, mixed_precision="no", n_bootstrap=10,
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker runs: the same arithmetic
+    try:
+        one = read_results(run_sweep(data, tmp_path / "one", section, synthetic=synthetic, progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    section = section.model_copy(update={"workers": 2})
+    two = read_results(run_sweep(data, tmp_path / "two", section, synthetic=synthetic, progress=False))
+    key = [c for c in RUN_KEY if c != "generator_seed"]
+    one, two = one.sort_values(key).reset_index(drop=True), two.sort_values(key).reset_index(drop=True)
+    assert len(one) == len(two) == 14
+    columns = [c for c in one.columns if c.startswith(("mauc", "auc_", "val_mauc"))] + ["best_epoch", "steps"]
+    pd.testing.assert_frame_equal(one[key + columns], two[key + columns])
+    pretrain = tmp_path / "two" / "runs" / "pretrain_seed0"
+    assert json.loads((pretrain / "history.json").read_text())  # finished, so the runs that share it read it
+
+
 def test_train_classifier_cli_nih_label_set(tmp_path):
     tiny = make_tiny_manifest(tmp_path / "tiny", n=24)
     effusion = ["1" if i % 3 == 0 else "0" for i in range(24)]

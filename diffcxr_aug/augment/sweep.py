@@ -34,19 +34,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
-from safetensors.torch import load_file
-from torch.utils.data import ConcatDataset
 from tqdm.auto import tqdm
 
-from diffcxr_aug.augment.mixing import MODES, load_synthetic, training_stages
+from diffcxr_aug.augment.mixing import MODES
 from diffcxr_aug.augment.plots import plot_sweep
 from diffcxr_aug.augment.results import (
     DEFAULT_SOURCE,
@@ -59,49 +54,17 @@ from diffcxr_aug.augment.results import (
     scored_view,
 )
 from diffcxr_aug.augment.summary import write_summary
-from diffcxr_aug.augment.sweep_data import SweepData, load_sweep_data, score_run
-from diffcxr_aug.classifiers.models import WEIGHTS_NAME, create_classifier
-from diffcxr_aug.classifiers.subsample import sample_real_fraction
-from diffcxr_aug.classifiers.train import (
-    HISTORY_NAME,
-    TrainResult,
-    predict,
-    seeded,
-    train_classifier,
-)
+from diffcxr_aug.augment.sweep_data import load_sweep_data
+from diffcxr_aug.augment.sweep_runs import RunSettings, SweepContext, SweepRun, SyntheticSet, run_all, run_name
 from diffcxr_aug.config import ClassifierSection
-from diffcxr_aug.data.dataset import CXRDataset
-from diffcxr_aug.data.manifest import Manifest
 from diffcxr_aug.errors import InputError
-from diffcxr_aug.io import atomic_path, atomic_write_json, atomic_write_text
+from diffcxr_aug.io import atomic_write_json
 from diffcxr_aug.runtime import resolve_device, resolve_mixed_precision
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = "summary.md"
 FIGURE_NAME = "mauc_vs_real_fraction.png"
-
-
-def _tagged(name: str, source: str, generator_seed: int | None = None) -> str:
-    # An unnamed synthetic folder keeps the names sweeps used before sources had names (so they resume).
-    tagged = name if source in (NO_SOURCE, DEFAULT_SOURCE) else f"{name}-{source}"
-    return tagged if generator_seed is None else f"{tagged}-g{generator_seed}"
-
-
-def run_name(
-    real_frac: float, mode: str, seed: int, source: str = NO_SOURCE, generator_seed: int | None = None
-) -> str:
-    return f"frac{real_frac:g}_{_tagged(mode, source, generator_seed)}_seed{seed}"
-
-
-@dataclass(frozen=True)
-class SyntheticSet:
-    """One synthetic image set of a sweep: its source name, the generator seed it came from (``None``: one
-    generator, or none) and its folder."""
-
-    source: str
-    generator_seed: int | None
-    folder: Path
 
 
 SyntheticArg = str | os.PathLike | Mapping[str, str | os.PathLike | Mapping[int, str | os.PathLike]] | None
@@ -200,40 +163,12 @@ def _check_same_settings(path: Path, settings: dict) -> dict:
     return settings
 
 
-@dataclass(frozen=True)
-class _Run:
-    """One run of the sweep: a row of ``results.csv``."""
-
-    model: str
-    real_frac: float
-    mode: str
-    synthetic: SyntheticSet | None  # None: real only
-    seed: int
-
-    @property
-    def source(self) -> str:
-        return NO_SOURCE if self.synthetic is None else self.synthetic.source
-
-    @property
-    def generator_seed(self) -> int | None:
-        return None if self.synthetic is None else self.synthetic.generator_seed
-
-    @property
-    def key(self) -> tuple:
-        """The run's identity in ``results.csv`` (:data:`~diffcxr_aug.augment.results.RUN_KEY`, in that order)."""
-        return (round(self.real_frac, 9), self.mode, self.source, self.generator_seed, self.model, self.seed)
-
-    @property
-    def name(self) -> str:
-        return run_name(self.real_frac, self.mode, self.seed, self.source, self.generator_seed)
-
-
 def models_of(section: ClassifierSection) -> list[str]:
     """The sweep's classifiers: ``classifier.model``, one name or a list."""
     return section.model if isinstance(section.model, list) else [section.model]
 
 
-def _plan_runs(section: ClassifierSection, sets: list[SyntheticSet]) -> list[_Run]:
+def _plan_runs(section: ClassifierSection, sets: list[SyntheticSet]) -> list[SweepRun]:
     """Every run of the sweep: model by model, and within a model seed by seed (so each seed's table fills first)."""
     plan = []
     for model in models_of(section):
@@ -243,9 +178,9 @@ def _plan_runs(section: ClassifierSection, sets: list[SyntheticSet]) -> list[_Ru
                     if mode == SYNTHETIC_ONLY:
                         continue
                     choices = [None] if mode == "real" else sets
-                    plan += [_Run(model, frac, mode, item, seed) for item in choices]
+                    plan += [SweepRun(model, frac, mode, item, seed) for item in choices]
             if SYNTHETIC_ONLY in section.modes:
-                plan += [_Run(model, SYNTHETIC_ONLY_FRAC, SYNTHETIC_ONLY, item, seed) for item in sets]
+                plan += [SweepRun(model, SYNTHETIC_ONLY_FRAC, SYNTHETIC_ONLY, item, seed) for item in sets]
     return plan
 
 
@@ -273,77 +208,6 @@ def samples_per_epoch(section: ClassifierSection, n_train: int) -> int | None:
     if section.samples_per_epoch == "one-pass":
         return None
     return int(section.samples_per_epoch)
-
-
-@dataclass(frozen=True)
-class _Training:
-    """How every run of a sweep trains: the section's settings resolved for this machine and data."""
-
-    samples_per_epoch: int | None
-    precision: str
-    device: torch.device
-    progress: bool
-
-
-def _train_run(
-    d: SweepData,
-    section: ClassifierSection,
-    run: _Run,
-    subset: Manifest,
-    synth: Manifest | None,
-    runs_dir: Path,
-    how: _Training,
-) -> tuple[torch.nn.Module, Any]:
-    """Train one run's stages in turn (a shared synthetic-only stage is reused from disk); the model and the
-    last stage's result."""
-    with seeded(run.seed, how.device):
-        model = create_classifier(
-            run.model, len(d.label_names), pretrained=section.pretrained, pretrained_file=section.pretrained_file
-        )
-    result = None
-    for stage in training_stages(run.mode, subset, synth):
-        if stage.shared:
-            # A stage that sees no real training image gives one model per seed and synthetic set, which serves
-            # every real fraction (pretrain-finetune's pretraining, and synthetic-only).
-            stage_dir = runs_dir / f"{_tagged(stage.name, run.source, run.generator_seed)}_seed{run.seed}"
-            if (stage_dir / HISTORY_NAME).is_file():
-                logger.info("Run %s: reusing the finished %s stage in %s", run.name, stage.name, stage_dir)
-                model.load_state_dict(load_file(str(stage_dir / WEIGHTS_NAME)))
-                result = TrainResult.from_history(stage_dir / HISTORY_NAME)
-                continue
-        else:
-            stage_dir = runs_dir / run.name / stage.name
-        train_set = ConcatDataset(
-            [
-                CXRDataset(m, d.classifier_config.image_size, d.label_names, d.train_tf, progress=how.progress)
-                for m in stage.manifests
-            ]
-        )
-        epochs = section.pretrain_epochs if stage.name == "pretrain" and section.pretrain_epochs else section.epochs
-        # Each stage starts from the seed (train_classifier seeds its draws), so its random draws do not depend on
-        # whether an earlier stage ran in this process or was reused from disk.
-        result = train_classifier(
-            model,
-            train_set,
-            d.val_set,
-            stage_dir,
-            d.classifier_config,
-            epochs=epochs,
-            batch_size=section.batch_size,
-            learning_rate=section.learning_rate,
-            weight_decay=section.weight_decay,
-            patience=section.patience,
-            uncertainty=section.uncertainty,
-            samples_per_epoch=how.samples_per_epoch,
-            device=how.device,
-            mixed_precision=how.precision,
-            seed=run.seed,
-            num_workers=section.num_workers,
-            evaluate_start=stage.evaluate_start,
-            progress=how.progress,
-            desc=f"{run.name} {stage.name}",
-        )
-    return model, result
 
 
 def run_sweep(
@@ -381,7 +245,7 @@ def run_sweep(
     models = models_of(section)
     sweep_data = {model: load_sweep_data(data, section, model, progress) for model in models}
     first = sweep_data[models[0]]
-    how = _Training(
+    how = RunSettings(
         samples_per_epoch=samples_per_epoch(section, len(first.train)),
         # bf16 autocast (channels-last) ran test_resnet 6.7x and resnet18 3.0x faster a step on the project's
         # AVX512-BF16 CPU than fp32 (bench/classifier_step.py): auto takes it there too.
@@ -410,75 +274,21 @@ def run_sweep(
     logger.info(
         "Sweep: %d runs planned, %d already in %s, %d to do", len(plan), len(plan) - len(todo), results_path, len(todo)
     )
-    synthetic_manifests: dict[tuple[SyntheticSet, int], Manifest] = {}
-    for run in tqdm(todo, desc="sweep", disable=not progress, unit="run"):
-        d = sweep_data[run.model]
-        synth = None
-        if run.synthetic is not None:
-            if (run.synthetic, run.seed) not in synthetic_manifests:
-                synthetic_manifests[run.synthetic, run.seed] = load_synthetic(
-                    run.synthetic.folder, d.label_names, section.n_synthetic, seed=run.seed
-                )
-            synth = synthetic_manifests[run.synthetic, run.seed]
-        if run.mode == SYNTHETIC_ONLY:
-            subset = d.train.subset(d.train.frame.index[:0])
-        else:
-            subset = sample_real_fraction(d.train, run.real_frac, run.seed, d.label_names)
-        runs_dir = out / "runs" / (run.model if len(models) > 1 else "")
+    context = SweepContext(data=Path(data), out=out, section=section, how=how, several_models=len(models) > 1)
+    bar = tqdm(total=len(todo), desc="sweep", disable=not progress, unit="run")
+    for row in run_all(todo, context, sweep_data):
+        frame = append_result(results_path, row, sweep_data[row["model"]].columns)
         logger.info(
-            "Run %s (%s): %d real + %d synthetic images",
-            run.name,
-            run.model,
-            len(subset),
-            0 if synth is None else len(synth),
-        )
-        run_dir = runs_dir / run.name
-        # The real images this run trained on, for audits and paired analyses across modes.
-        atomic_write_text(run_dir / "real_subset.txt", "".join(f"{p}\n" for p in subset.frame["image_path"]))
-        start = time.perf_counter()
-        model, result = _train_run(d, section, run, subset, synth, runs_dir, how)
-        y_true, y_score = predict(
-            model,
-            d.test_set,
-            torch_device,
-            max(section.batch_size, 64),
-            section.num_workers,
-            progress,
-            f"{run.name} test",
-            mixed_precision=how.precision,
-        )
-        scores = pd.DataFrame(y_score, columns=d.label_names)
-        scores.insert(0, "image_path", d.test_paths)
-        with atomic_path(run_dir / "test_scores.csv") as tmp:
-            scores.to_csv(tmp, index=False, float_format="%.6g")
-        row = {
-            "real_frac": run.real_frac,
-            "n_real": len(subset),
-            "n_synthetic": 0 if synth is None else len(synth),
-            "mode": run.mode,
-            "model": run.model,
-            "seed": run.seed,
-            **score_run(y_true, y_score, d.label_names, section, run.seed),
-            "n_test": len(d.test_set),
-            "val_mauc": result.best_val_mauc,
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-            "steps": result.steps,
-            "seconds": round(time.perf_counter() - start, 1),
-            "source": run.source,
-            "generator_seed": run.generator_seed,
-        }
-        if d.test_truth is not None:
-            row.update(score_run(d.test_truth, y_score, d.label_names, section, run.seed, "truth"))
-        frame = append_result(results_path, row, d.columns)
-        logger.info(
-            "Run %s: test mAUC %.4f (95%% CI %.4f-%.4f)",
-            run.name,
+            "Run %s (%s): test mAUC %.4f (95%% CI %.4f-%.4f)",
+            run_name(row["real_frac"], row["mode"], row["seed"], row["source"], row["generator_seed"]),
+            row["model"],
             row["mauc"],
             row["mauc_ci_low"],
             row["mauc_ci_high"],
         )
         _write_outputs(frame, out, title, section.metric)
+        bar.update(1)
+    bar.close()
 
     frame = read_results(results_path)
     if len(frame):  # also when nothing was left to run
