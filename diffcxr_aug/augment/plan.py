@@ -104,7 +104,7 @@ SYNTHESIZE_EXTENDABLE = frozenset({"synthesize.n", "synthesize.batch_size"}) | f
     f"sets.{name}" for name in DKIM_SOURCES
 )
 CLASSIFIER_EXTENDABLE = frozenset(
-    f"classifier.{k}" for k in ("real_fracs", "modes", "seeds", "synthetic", "num_workers")
+    f"classifier.{k}" for k in ("model", "real_fracs", "modes", "seeds", "synthetic", "num_workers", "workers")
 )
 
 

@@ -104,7 +104,7 @@ def _recorded_sources(sets: list[SyntheticSet]) -> dict[str, Any]:
 # Settings that may change between calls into one output folder: they choose which runs exist, not how a
 # run is made (so a sweep can be extended with more models, fractions, modes or seeds, or resumed elsewhere).
 # ``metric`` only chooses the score the summary shows: results.csv holds both.
-_PLAN_KEYS = {"model", "real_fracs", "modes", "seeds", "num_workers", "synthetic", "metric"}
+_PLAN_KEYS = {"model", "real_fracs", "modes", "seeds", "num_workers", "workers", "synthetic", "metric"}
 
 
 def _check_same_settings(path: Path, settings: dict) -> dict:
