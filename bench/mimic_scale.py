@@ -22,8 +22,8 @@
 5. ``lnfs``: :class:`~diffcxr_aug.generator.noise_filter.LatentNoiseFilter` (the recipe defaults) fitted on the
    stored latents.
 6. ``generator``: ``train_generator`` with the ``tiny`` config for ``--generator-steps`` steps: its data setup (its
-   own 2-step VAE, the 32 px cache, the train split's latents, the text states) and the steps. Pending the latent
-   store's integration, it still encodes the train split in memory (``encode_manifest``).
+   own 2-step VAE, the 32 px cache, the manifest's latent store for that VAE, the text states) and the steps; it
+   reads each batch's latents from the store, and records how many images it encoded into it (a rerun: 0).
 7. ``synthesize``: ``--synthesize-n`` images from that generator (``--synthesize-steps`` sampler steps), prompts
    from the training manifest.
 8. ``classifier-loading``: one epoch of a classifier's data loading (``CXRDataset`` over the train split at
@@ -49,8 +49,10 @@ import argparse
 import gzip
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -259,17 +261,13 @@ def step_layout(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def step_prepare(args: argparse.Namespace) -> dict[str, Any]:
-    import diffcxr_aug.data.adapters.common as common
     from diffcxr_aug.data.adapters.mimic import prepare_mimic
 
     out = args.out / PREPARED_DIR
-    # prepare_mimic ends with the image cache (index_dataset's build_cache, which it does not expose); the cache
-    # is timed as a step of its own, so here indexing stops before it.
-    open_cache, common.open_cache = common.open_cache, lambda *args, **kwargs: None
-    try:
-        prepare_mimic(args.out / LAYOUT_DIR, out, size=args.cache_size, progress=False, workers=args.workers)
-    finally:
-        common.open_cache = open_cache
+    # The image cache is timed as a step of its own (cache-wK), so prepare stops before it.
+    prepare_mimic(
+        args.out / LAYOUT_DIR, out, size=args.cache_size, progress=False, workers=args.workers, build_cache=False
+    )
     rejected = pd.read_csv(out / "rejected.csv", dtype=str, keep_default_na=False)
     return {"rows": len(_manifest(args.out)), "rejected": len(rejected)}
 
@@ -314,6 +312,17 @@ def step_lnfs(args: argparse.Namespace) -> dict[str, Any]:
     return {"images": len(store), "flagged": int(flagged.sum())}
 
 
+class _Lines(logging.Handler):
+    """The messages a logger emits while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def step_generator(args: argparse.Namespace) -> dict[str, Any]:
     from diffcxr_aug.generator.settings import GeneratorSettings
     from diffcxr_aug.generator.training import train_generator
@@ -327,9 +336,21 @@ def step_generator(args: argparse.Namespace) -> dict[str, Any]:
         validation_steps=1,
         mixed_precision="no",
     )
-    train_generator(args.out / PREPARED_DIR, out, settings, device="cpu", seed=args.seed)
+    store_log, lines = logging.getLogger("diffcxr_aug.generator.latent_store"), _Lines()
+    level = store_log.level
+    store_log.addHandler(lines)
+    store_log.setLevel(logging.INFO)
+    try:
+        train_generator(args.out / PREPARED_DIR, out, settings, device="cpu", seed=args.seed)
+    finally:
+        store_log.removeHandler(lines)
+        store_log.setLevel(level)
     info = json.loads((out / "training_info.json").read_text())
-    return {"steps": info["steps"], "train_images": info["train_images"]}
+    # The store's own line: "latent store PATH: encoded N of M images (K reused)".
+    encoded = [
+        int(m.group(1)) for m in map(re.compile(r"latent store .*: encoded (\d+) of").match, lines.messages) if m
+    ]
+    return {"steps": info["steps"], "train_images": info["train_images"], "latents_encoded": sum(encoded)}
 
 
 def step_synthesize(args: argparse.Namespace) -> dict[str, Any]:
@@ -525,7 +546,7 @@ def _note(name: str, result: dict[str, Any]) -> str:
     if name == "lnfs":
         return f"{result['flagged']} of {result['images']} flagged"
     if name == "generator":
-        return f"{result['steps']} steps on {result['train_images']}; pending the store's integration"
+        return f"{result['steps']} steps on {result['train_images']}; {result['latents_encoded']} latents encoded"
     if name == "synthesize":
         return f"{result['images']} images, {result['steps']} sampler steps"
     if name == "classifier-loading":
@@ -589,8 +610,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import logging
-
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
     functions = step_functions(args)

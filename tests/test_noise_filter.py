@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,12 @@ from diffcxr_aug.cli import app
 from diffcxr_aug.data.dataset import equalize
 from diffcxr_aug.data.images import load_image, save_png
 from diffcxr_aug.data.manifest import read_manifest, write_manifest
-from diffcxr_aug.generator.noise_filter import FilterScores, LatentNoiseFilter, evaluate_scores
+from diffcxr_aug.generator.latent_store import open_latent_store
+from diffcxr_aug.generator.noise_filter import FilterScores, LatentNoiseFilter, evaluate_scores, run_filter
 from diffcxr_aug.generator.noise_filter.scoring import estimate_contamination
-from diffcxr_aug.generator.vae import build_vae
+from diffcxr_aug.generator.settings import FilterSettings, GeneratorSettings
+from diffcxr_aug.generator.training import train_generator
+from diffcxr_aug.generator.vae import build_vae, load_vae
 from tests.conftest import make_tiny_manifest
 
 runner = CliRunner()
@@ -372,6 +377,46 @@ def test_train_vae_then_filter_and_generator_encode_with_that_one_vae(noisy_tiny
     result = runner.invoke(app, ["train-vae", "--data", str(noisy_tiny), "--out", str(tmp_path / "v2")] + [
         "--recipe", str(pretrained)])  # fmt: skip
     assert result.exit_code == 2 and "nothing to train" in result.output
+
+
+def test_filter_and_generator_share_one_latent_store(noisy_tiny, tmp_path, caplog):
+    """LNFS encodes the manifest into its latent store and copies the kept rows' latents into the kept manifest's
+    store; a generator with the same VAE reads either and encodes no image. Equalised latents are a store of their
+    own, and a generator never reads them, so none is copied."""
+    torch.manual_seed(0)
+    vae_dir = tmp_path / "vae"
+    build_vae("tiny", sample_size=32).save_pretrained(vae_dir)
+    section = FilterSettings(
+        n_clusters=3, manifold_components=8, discriminator_steps=20, threshold="contamination", contamination=0.1
+    )
+    generator = GeneratorSettings(
+        config="tiny", vae=str(vae_dir), max_steps=1, batch_size=2, num_validation_reports=1, validation_steps=1,
+        mixed_precision="no",
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="diffcxr_aug.generator.latent_store"):
+        run_filter(noisy_tiny, tmp_path / "f", section, vae=vae_dir, size=32, device="cpu", progress=False)
+        train_generator(noisy_tiny, tmp_path / "g", generator, device="cpu")
+        train_generator(tmp_path / "f", tmp_path / "g-kept", generator, device="cpu")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("latent store")]
+    store, kept = (next((folder / "cache").glob("latents_32_*.npy")) for folder in (noisy_tiny, tmp_path / "f"))
+    assert lines == [
+        f"latent store {store}: encoded 30 of 30 images (0 reused)",
+        f"latent store {kept}: encoded 0 of 27 images (27 copied from {store})",
+        f"latent store {store}: encoded 0 of 30 images (30 reused)",
+        f"latent store {kept}: encoded 0 of 27 images (27 reused)",
+    ]
+    flagged = pd.read_csv(tmp_path / "f" / "scores.csv")["flagged"].to_numpy(dtype=bool)
+    np.testing.assert_array_equal(np.load(kept), np.load(store)[~flagged])
+    opened = open_latent_store(read_manifest(tmp_path / "f"), load_vae(vae_dir), 32, build=False, device="cpu")
+    assert opened.path == kept and opened.encoded == 0
+
+    caplog.clear()
+    equalized = section.model_copy(update={"normalize": "equalize"})
+    with caplog.at_level(logging.INFO, logger="diffcxr_aug.generator.latent_store"):
+        run_filter(noisy_tiny, tmp_path / "fe", equalized, vae=vae_dir, size=32, device="cpu", progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("latent store")]
+    assert len(lines) == 1 and re.fullmatch(r"latent store (\S+): encoded 30 of 30 images \(0 reused\)", lines[0])
+    assert str(store) not in lines[0] and not (tmp_path / "fe" / "cache").exists()
 
 
 def test_cli_filter_bad_input_exits_2_with_one_line(tmp_path, noisy_tiny):

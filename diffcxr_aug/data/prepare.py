@@ -19,6 +19,7 @@ def prepare_dataset(
     seed: int = 0,
     n: int = DEFAULT_PHANTOM_N,
     noise_rate: float = DEFAULT_NOISE_RATE,
+    build_cache: bool = True,
     **csv_options,
 ) -> Path:
     """Write ``out/manifest.csv`` (plus ``rejected.csv`` and the image cache) for one dataset.
@@ -32,6 +33,9 @@ def prepare_dataset(
         seed: drives the phantom world and the patient-level splitter.
         n: phantom only, number of images.
         noise_rate: phantom only, expected share of noisy images.
+        build_cache: build the image cache after indexing; ``False`` leaves it to the first step that reads the
+            images (a benchmark that times the cache on its own, or a run whose cache is built elsewhere). The
+            phantom world always builds it: its images are drawn at the cache's side, so it costs little.
         **csv_options: csv only: ``csv``, ``image_col``, ``label_cols``, ``report_col``, ``patient_col``,
             ``view_col``.
 
@@ -48,21 +52,21 @@ def prepare_dataset(
     if dataset == "mimic-cxr":
         from diffcxr_aug.data.adapters.mimic import prepare_mimic
 
-        return prepare_mimic(root, out, size=size, seed=seed)
+        return prepare_mimic(root, out, size=size, seed=seed, build_cache=build_cache)
     if dataset == "iu-xray":
         from diffcxr_aug.data.adapters.iu_xray import prepare_iu_xray
 
-        return prepare_iu_xray(root, out, size=size, seed=seed)
+        return prepare_iu_xray(root, out, size=size, seed=seed, build_cache=build_cache)
     if dataset == "nih-cxr14":
         from diffcxr_aug.data.adapters.nih import prepare_nih
 
-        return prepare_nih(root, out, size=size, seed=seed)
+        return prepare_nih(root, out, size=size, seed=seed, build_cache=build_cache)
     if dataset == "ieee8023":
         from diffcxr_aug.data.adapters.ieee8023 import prepare_ieee8023
 
-        return prepare_ieee8023(root, out, size=size, seed=seed)
+        return prepare_ieee8023(root, out, size=size, seed=seed, build_cache=build_cache)
     if dataset == "csv":
         from diffcxr_aug.data.adapters.csv_folder import prepare_csv
 
-        return prepare_csv(root, out, size=size, seed=seed, **csv_options)
+        return prepare_csv(root, out, size=size, seed=seed, build_cache=build_cache, **csv_options)
     raise InputError(f"Unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")

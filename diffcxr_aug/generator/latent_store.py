@@ -14,14 +14,20 @@ a stale store is never read.
 The build is resumable and shared. Rows are encoded in chunks written straight into a ``.partial.npy`` file; a
 one-byte-a-chunk map records the finished chunks, so a rerun after a kill encodes only the missing ones. Under
 ``torchrun`` / ``accelerate launch`` the ranks deal the missing chunks out between them, wait for each other
-and open the finished array.
+and open the finished array. (The text-state store of :mod:`~diffcxr_aug.generator.batches` is built the same way,
+through :func:`processes`, :func:`start_partial` and :func:`finish_partial`.)
+
+Who reads which store: generator training opens the store of its whole manifest file and reads each batch's rows
+(:meth:`LatentStore.rows`); LNFS opens the store of the rows it scores (the whole file unless it drops views, so the
+same store with ``normalize: none``) and writes the kept rows' latents into the store of its kept manifest
+(:func:`derive_latent_store`), which a generator trained on that manifest then finds finished.
 
 Example::
 
     store = open_latent_store(manifest.full, vae, 256, transform="equalize")
     print(store.encoded)  # 0 when another process (or an earlier run) encoded them already
-    rows = manifest.split("train").frame.index.to_numpy()  # the train rows' positions in the store
-    latents = store.batch(rows[batch_indices])  # one batch read from the memory map, not the whole split
+    train = store.rows(manifest.split("train").frame.index.to_numpy())  # the train rows, read on demand
+    latents = train[batch_indices]  # one batch read from the memory map, not the whole split
 """
 
 from __future__ import annotations
@@ -85,6 +91,38 @@ class LatentStore:
         """The latents of ``rows`` (positions in the store) as a new float tensor."""
         return torch.from_numpy(np.array(self.array[np.asarray(rows)], dtype=np.float32))
 
+    def rows(self, rows: Sequence[int] | np.ndarray) -> LatentRows:
+        """A subset of the store (its ``rows``, in that order) read on demand, e.g. a split's rows."""
+        return LatentRows(self, np.asarray(rows, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class LatentRows:
+    """Rows of a :class:`LatentStore`, indexed like an ``(N, C, h, w)`` tensor but read from the memory map only when
+    indexed: ``latents[batch_rows]`` and ``latents[a:b]`` return new float tensors of those rows alone.
+
+    Attributes:
+        store: the store read from.
+        positions: the store row of each row here (``positions[i]`` is row ``i``).
+    """
+
+    store: LatentStore
+    positions: np.ndarray = field(repr=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.positions), *self.store.array.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return self.store.array.ndim
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> torch.Tensor:
+        return self.store.batch(self.positions[index])
+
 
 def fingerprint_vae(vae: AutoencoderKL) -> str:
     """SHA-256 of a VAE's config (its public keys: architecture, ``scaling_factor``, ``shift_factor``) and of every
@@ -93,10 +131,15 @@ def fingerprint_vae(vae: AutoencoderKL) -> str:
     Hashing the loaded weights rather than a file also covers a VAE trained or edited in memory; an SD VAE
     (84M parameters) hashes in about a second.
     """
+    return fingerprint_module(vae, {key: value for key, value in vae.config.items() if not key.startswith("_")})
+
+
+def fingerprint_module(module: torch.nn.Module, config: dict[str, Any]) -> str:
+    """SHA-256 of ``config`` (as sorted JSON) and of every tensor of the module's state dict (name, dtype, shape,
+    bytes): the identity of a model whose outputs a store holds."""
     digest = hashlib.sha256()
-    config = {key: value for key, value in vae.config.items() if not key.startswith("_")}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in vae.state_dict().items():
+    for name, tensor in module.state_dict().items():
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"\0{name}\0{flat.dtype}\0{tuple(tensor.shape)}\0".encode())
         digest.update(flat.view(torch.uint8).numpy())
@@ -118,8 +161,8 @@ def _transform_function(transform: str) -> Callable[[torch.Tensor], torch.Tensor
 
 
 @contextlib.contextmanager
-def _processes(device: torch.device) -> Iterator[tuple[int, int, Callable[[], Any], torch.device]]:
-    """``(rank, world_size, wait_for_everyone, device)`` of this process.
+def processes(device: torch.device) -> Iterator[tuple[int, int, Callable[[], Any], torch.device]]:
+    """``(rank, world_size, wait_for_everyone, device)`` of this process (for every store built by all processes).
 
     A single process (``WORLD_SIZE`` unset or 1) starts no accelerate state and no process group. Under
     ``torchrun`` / ``accelerate launch`` it is accelerate's ``PartialState`` (gloo on CPU, NCCL on CUDA with one GPU
@@ -202,17 +245,8 @@ def open_latent_store(
         )
     dev = resolve_device(device) if isinstance(device, str) else device
     shape = (len(manifest), *latent_shape(vae, size))
-    parts = {
-        "format": STORE_FORMAT,
-        "vae": vae_fingerprint or fingerprint_vae(vae),
-        "images": image_list_digest(manifest),
-        "rows": len(manifest),
-        "size": size,
-        "transform": transform,
-        "shape": list(shape),
-        "dtype": "float32",
-    }
-    fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    parts = _store_parts(manifest, vae_fingerprint or fingerprint_vae(vae), size, transform, shape)
+    fingerprint = _fingerprint(parts)
     array_path, index_path = store_files(manifest, size, fingerprint)
 
     # 2. A finished store
@@ -230,12 +264,12 @@ def open_latent_store(
     partial_path = array_path.with_suffix(".partial.npy")
     done_path = array_path.with_suffix(".partial.done")
     record_path = array_path.with_suffix(".partial.json")
-    with _processes(dev) as (rank, world, wait_for_everyone, dev):
+    with processes(dev) as (rank, world, wait_for_everyone, dev):
         if rank == 0:
             _log_other_stores(array_path, size)
             open_cache(manifest.full, size, progress=progress)
             record = {"fingerprint": fingerprint, "chunk_size": chunk_size}
-            _start_partial(partial_path, done_path, record_path, record, shape, math.ceil(len(manifest) / chunk_size))
+            start_partial(partial_path, done_path, record_path, record, shape, math.ceil(len(manifest) / chunk_size))
         wait_for_everyone()
         images = open_cache(manifest.full, size, build=False)
         missing = np.flatnonzero(np.fromfile(done_path, dtype=np.uint8) == 0).tolist()
@@ -259,7 +293,7 @@ def open_latent_store(
         wait_for_everyone()
         if rank == 0:
             index = {**parts, "fingerprint": fingerprint}
-            _finish(partial_path, done_path, record_path, array_path, index_path, index)
+            finish_partial(partial_path, done_path, record_path, array_path, index_path, index)
         wait_for_everyone()
     note = f" on rank {rank} of {world}" if world > 1 else ""
     logger.info(
@@ -267,6 +301,79 @@ def open_latent_store(
     )
     array = np.load(array_path, mmap_mode="r")
     return LatentStore(array_path, array, fingerprint, parts, encoded=encoded, reused=reused)
+
+
+def derive_latent_store(
+    source: LatentStore, rows: Sequence[int] | np.ndarray, manifest: Manifest, chunk_rows: int = 4096
+) -> LatentStore:
+    """The store of ``manifest`` whose row ``i`` is row ``rows[i]`` of ``source``, copied rather than encoded.
+
+    For a manifest made of another's rows (LNFS's kept manifest, from the store it scored): the store is the one
+    :func:`open_latent_store` finds for ``manifest`` with the source's VAE, size and transform, so a generator
+    trained on the kept rows encodes nothing. The caller vouches that ``rows`` are the same images: the latents
+    depend on the image file only, and the image lists differ in how they spell the paths.
+
+    Args:
+        source: an opened store.
+        rows: the source row of each of ``manifest``'s rows, in order.
+        manifest: the manifest the store is for (read back from its file, so that its paths are spelled as a
+            later reader sees them).
+        chunk_rows: rows copied at a time (what the copy holds in memory).
+
+    Returns:
+        The opened store: ``encoded`` is 0; ``reused`` is its rows when it was there already, 0 when copied now.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) != len(manifest):
+        raise ValueError(f"rows ({len(rows)}) must name one source row for each of the manifest's {len(manifest)}")
+    size, transform = source.parts["size"], source.parts["transform"]
+    shape = (len(manifest), *source.array.shape[1:])
+    parts = _store_parts(manifest, source.parts["vae"], size, transform, shape)
+    fingerprint = _fingerprint(parts)
+    array_path, index_path = store_files(manifest, size, fingerprint)
+    finished = _open_finished(array_path, index_path, fingerprint, shape)
+    if finished is not None:
+        logger.info("latent store %s: encoded 0 of %d images (%d reused)", array_path, len(manifest), len(manifest))
+        return LatentStore(array_path, finished, fingerprint, parts, encoded=0, reused=len(manifest))
+    partial_path = array_path.with_suffix(".partial.npy")
+    partial_path.parent.mkdir(parents=True, exist_ok=True)
+    layout = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float32, shape=shape)
+    offset, row_bytes = layout.offset, layout.itemsize * math.prod(shape[1:])
+    del layout
+    # pwrite, as the encoding does: rows written through a mapping would stay in this process's resident set.
+    with open(partial_path, "r+b") as data:
+        for start in range(0, len(rows), chunk_rows):
+            block = np.ascontiguousarray(source.array[rows[start : start + chunk_rows]], dtype=np.float32)
+            os.pwrite(data.fileno(), block.tobytes(), offset + start * row_bytes)
+        os.fdatasync(data.fileno())
+    # The index first, as finish_partial does: an index without its array is copied again, never misread.
+    atomic_write_json(index_path, {**parts, "fingerprint": fingerprint, "copied_from": str(source.path)})
+    os.replace(partial_path, array_path)
+    logger.info(
+        "latent store %s: encoded 0 of %d images (%d copied from %s)", array_path, len(rows), len(rows), source.path
+    )
+    array = np.load(array_path, mmap_mode="r")
+    return LatentStore(array_path, array, fingerprint, parts, encoded=0, reused=0)
+
+
+def _store_parts(
+    manifest: Manifest, vae_fingerprint: str, size: int, transform: str, shape: tuple[int, ...]
+) -> dict[str, Any]:
+    """What a store's latents depend on; its fingerprint is their hash."""
+    return {
+        "format": STORE_FORMAT,
+        "vae": vae_fingerprint,
+        "images": image_list_digest(manifest),
+        "rows": len(manifest),
+        "size": size,
+        "transform": transform,
+        "shape": list(shape),
+        "dtype": "float32",
+    }
+
+
+def _fingerprint(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _open_finished(array_path: Path, index_path: Path, fingerprint: str, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -287,26 +394,34 @@ def _log_other_stores(array_path: Path, size: int) -> None:
     if others:
         logger.info(
             "%s holds %d latent store(s) of another VAE, image list or transform, or their interrupted builds (%s); "
-            "not used here: delete them to free the disk",
+            "not used here (LNFS with normalize: equalize keeps one of its own): delete those no longer needed to "
+            "free the disk",
             array_path.parent,
             len(others),
             ", ".join(others),
         )
 
 
-def _start_partial(
-    partial_path: Path, done_path: Path, record_path: Path, record: dict[str, Any], shape: tuple[int, ...], chunks: int
+def start_partial(
+    partial_path: Path,
+    done_path: Path,
+    record_path: Path,
+    record: dict[str, Any],
+    shape: tuple[int, ...],
+    chunks: int,
+    what: str = "latent store",
 ) -> None:
-    """Keep an interrupted build of the same store with the same chunks, or lay out a fresh one.
+    """Keep an interrupted build of the same store with the same chunks, or lay out a fresh one (a float32 array of
+    ``shape`` and a map of ``chunks`` zero bytes); ``what`` names the store in the log.
 
     The record is written last and removed first: without it the partial array and the chunk map are never
     trusted, so a kill while laying out a build cannot leave a map that calls unwritten chunks done.
     """
     if partial_path.is_file() and done_path.is_file() and record_path.is_file():
         if json.loads(record_path.read_text(encoding="utf-8")) == record and done_path.stat().st_size == chunks:
-            logger.info("latent store: resuming the interrupted build in %s", partial_path)
+            logger.info("%s: resuming the interrupted build in %s", what, partial_path)
             return
-        logger.info("latent store: %s is from another build; starting over", partial_path)
+        logger.info("%s: %s is from another build; starting over", what, partial_path)
     record_path.unlink(missing_ok=True)
     partial_path.parent.mkdir(parents=True, exist_ok=True)
     np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float32, shape=shape).flush()
@@ -360,7 +475,7 @@ def _encode_chunks(
     return encoded
 
 
-def _finish(
+def finish_partial(
     partial_path: Path,
     done_path: Path,
     record_path: Path,

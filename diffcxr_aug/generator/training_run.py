@@ -2,8 +2,11 @@
 and everything the run builds) and the build steps that fill it in before the loop starts:
 
 1. the latent space: a pretrained ``AutoencoderKL``, or a small KL-VAE trained on the manifest first
-   (``trained_vae/``, with val PSNR/SSIM in ``trained_vae/metrics.json``); the train split is encoded once;
-2. the report encoder (frozen: its token states are computed once per distinct report and reused);
+   (``trained_vae/``, with val PSNR/SSIM in ``trained_vae/metrics.json``); the manifest's latents are read from its
+   latent store (:mod:`~diffcxr_aug.generator.latent_store`), encoded there once for every run, rank and resume on
+   that VAE (and found there when LNFS scored the same images with it);
+2. the report encoder (frozen: its token states are computed once per distinct report and reused, from memory, or
+   from a memory-mapped store beside the manifest's caches when they do not fit there);
 3. the token squeeze (AVA-TLS, or the truncation baseline), the UNet, the image tower for the InfoNCE loss
    (:func:`build_stage1`); or the frozen stage-1 model and the DKIM adapter built from its UNet (:func:`build_stage2`);
 4. AdamW, a warm-up then constant learning rate, an EMA of the weights that sampling uses, restored from the
@@ -20,13 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from diffcxr_aug.data.cache import CACHE_DIR, open_cache
 from diffcxr_aug.data.manifest import Manifest
-from diffcxr_aug.generator.batches import TEXT_CACHE_MAX_BYTES, TextStates
+from diffcxr_aug.generator.batches import (
+    TEXT_CACHE_MAX_BYTES,
+    TextStates,
+    TextStateStore,
+    distinct_texts,
+    open_text_states,
+)
 from diffcxr_aug.generator.checkpoints import load_trainable, load_training_state
 from diffcxr_aug.generator.configs import PAPER_GFLOPS, GeneratorConfig, denoising_step_flops
+from diffcxr_aug.generator.latent_store import LatentRows, open_latent_store
 from diffcxr_aug.generator.objective import DiffusionObjective
 from diffcxr_aug.generator.settings import GeneratorSettings
 from diffcxr_aug.generator.token_squeeze import TokenSqueeze
@@ -70,8 +82,8 @@ class TrainingRun:
     trainable_text: bool = False
     text_max_length: int = 0
     truncated: int = 0
-    text_cache: TextStates | None = None
-    latents: torch.Tensor | None = None
+    text_cache: TextStates | TextStateStore | None = None
+    latents: LatentRows | None = None  # the train split's rows of the latent store, read a batch at a time
     knowledge: list[str] | None = None
     squeeze: Any = None
     unet: Any = None
@@ -335,15 +347,12 @@ def _prepare_vae(run: TrainingRun) -> tuple[Any, dict[str, Any]]:
 
 
 def _prepare_text(run: TrainingRun, max_length: int, extra_texts: Sequence[str] = ()) -> None:
-    """Encode the train split's latents, and cache a frozen encoder's token states of every distinct report (and
-    knowledge text) unless they would not fit in memory (a MIMIC-size corpus with a BERT-base encoder)."""
-    from diffcxr_aug.generator.text_encoder import token_lengths
-    from diffcxr_aug.generator.vae import encode_manifest
-
+    """Open the train split's latents, and cache a frozen encoder's token states of every distinct report (and
+    knowledge text): in memory, or in a memory-mapped store on disk when they would not fit in memory (a MIMIC-size
+    corpus with a BERT-base encoder), encoded once there for every later run, rank and resume."""
     reports = run.train.frame["report"].tolist()
     run.text_max_length = max_length
-    lengths = token_lengths(run.bundle.tokenizer, reports)
-    run.truncated = sum(n > max_length for n in lengths)
+    run.truncated = int((_token_counts(run.bundle.tokenizer, reports) > max_length).sum())
     logger.info(
         "Text encoder %s (%s, %s): %d of %d train reports are longer than the %d tokens it sees%s",
         run.cfg.text_encoder,
@@ -354,17 +363,49 @@ def _prepare_text(run: TrainingRun, max_length: int, extra_texts: Sequence[str] 
         max_length,
         "" if run.ava_tls else " (AVA-TLS off: the first K tokens only)",
     )
-    run.latents = encode_manifest(run.vae, run.train, run.cfg.image_size, device=run.dev, progress=run.main)
+    run.latents = _open_latents(run)
     text_encoder = run.bundle.model.to(run.dev).eval()  # eval: no dropout, so resume stays exact
     text_encoder.requires_grad_(run.trainable_text)
     if run.trainable_text and getattr(text_encoder, "pooler", None) is not None:
         text_encoder.pooler.requires_grad_(False)  # unused: the squeeze reads the token states
+    if run.trainable_text:
+        return  # encoded at every step, with gradients
     texts = [*reports, *extra_texts]
-    cache_bytes = (
-        sum(min(n, max_length) for n in token_lengths(run.bundle.tokenizer, texts)) * run.bundle.hidden_size * 4
-    )
-    if not run.trainable_text and cache_bytes <= TEXT_CACHE_MAX_BYTES:
+    # What the cache holds: the states of each distinct text (a study's two films share one report).
+    tokens = np.minimum(_token_counts(run.bundle.tokenizer, distinct_texts(texts)), max_length).sum()
+    cache_bytes = int(tokens) * run.bundle.hidden_size * 4
+    if cache_bytes <= TEXT_CACHE_MAX_BYTES:
         run.text_cache = TextStates(run.bundle, texts, max_length, run.dev, run.main)
+    else:
+        folder = run.manifest.root / CACHE_DIR
+        run.text_cache = open_text_states(run.bundle, texts, max_length, folder, run.dev, run.main)
+
+
+def _token_counts(tokenizer: Any, texts: Sequence[str], batch: int = 4096) -> np.ndarray:
+    """Untruncated token counts of ``texts``, tokenized a batch at a time (a MIMIC-size corpus's token ids as
+    Python lists all at once would take gigabytes)."""
+    from diffcxr_aug.generator.text_encoder import token_lengths
+
+    counts = [token_lengths(tokenizer, texts[start : start + batch]) for start in range(0, len(texts), batch)]
+    return np.concatenate([np.zeros(0, dtype=np.int64), *map(np.asarray, counts)])
+
+
+def _open_latents(run: TrainingRun) -> LatentRows:
+    """The train split's rows of the manifest's latent store for ``run.vae`` at the config's image size.
+
+    Every process opens the store (it deals the encoding of a missing store out between the processes, and a
+    finished one is read as it is) and reads a batch's rows from it at each step, never the whole split. The store
+    covers the whole manifest file, as LNFS's does when it drops no view: after a filter run on this manifest with
+    this VAE it is finished already, and after one whose kept manifest this is, the filter has copied it.
+    """
+    size = run.cfg.image_size
+    # The main process builds a missing image cache while the others wait, then they open it: every process would
+    # otherwise decode every image into the same file at once. The sample grids read the cache even when the
+    # store is finished.
+    with run.accelerator.main_process_first():
+        open_cache(run.manifest.full, size, progress=run.main)
+    store = open_latent_store(run.manifest.full, run.vae, size, device=run.dev, progress=run.main)
+    return store.rows(run.train.frame.index.to_numpy())
 
 
 def _log_unet(run: TrainingRun) -> None:

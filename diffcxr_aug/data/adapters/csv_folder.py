@@ -60,6 +60,7 @@ def prepare_csv(
     view_col: str | None = None,
     progress: bool = True,
     workers: int | None = None,
+    build_cache: bool = True,
 ) -> Path:
     """Index a folder of images described by a CSV into ``out/manifest.csv``, ``rejected.csv`` and the cache.
 
@@ -76,6 +77,8 @@ def prepare_csv(
         view_col: optional column of views (PA, AP, LATERAL, ...; anything else becomes UNKNOWN).
         progress: progress bars.
         workers: decoding threads for the image check.
+        build_cache: build the ``size`` px image cache after writing the manifest (``False``: the first
+            step that reads the images builds it).
     """
     root = Path(root).resolve()
     if not root.is_dir():
@@ -147,5 +150,12 @@ def prepare_csv(
         reject_path = write_rejected(rejected, Path(out) / REJECTED_NAME)
         raise DatasetLayoutError(f"{csv_path}: no usable row; every row is in {reject_path} with its reason")
     return index_dataset(
-        pd.DataFrame(rows), out, size=size, seed=seed, rejected=rejected, progress=progress, workers=workers
+        pd.DataFrame(rows),
+        out,
+        size=size,
+        seed=seed,
+        rejected=rejected,
+        progress=progress,
+        workers=workers,
+        build_cache=build_cache,
     )

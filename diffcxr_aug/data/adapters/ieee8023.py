@@ -187,6 +187,7 @@ def prepare_ieee8023(
     seed: int = 0,
     progress: bool = True,
     workers: int | None = None,
+    build_cache: bool = True,
 ) -> Path:
     """Index the ieee8023 COVID-19 collection into ``out/manifest.csv``, ``rejected.csv`` and the image cache.
 
@@ -197,6 +198,8 @@ def prepare_ieee8023(
         seed: seed of the patient-level splitter.
         progress: progress bars.
         workers: decoding threads for the image check.
+        build_cache: build the ``size`` px image cache after writing the manifest (``False``: the first
+            step that reads the images builds it).
 
     Returns:
         The manifest path.
@@ -282,4 +285,13 @@ def prepare_ieee8023(
         sum(has_text),
         len(rejected),
     )
-    return index_dataset(candidates, out, size=size, seed=seed, rejected=rejected, progress=progress, workers=workers)
+    return index_dataset(
+        candidates,
+        out,
+        size=size,
+        seed=seed,
+        rejected=rejected,
+        progress=progress,
+        workers=workers,
+        build_cache=build_cache,
+    )

@@ -224,11 +224,13 @@ def prepare_iu_xray(
     seed: int = 0,
     progress: bool = True,
     workers: int | None = None,
+    build_cache: bool = True,
 ) -> Path:
     """Index IU X-ray into ``out/manifest.csv`` (one row per image), ``rejected.csv`` and the cache.
 
     IU X-ray has no official split: the shared patient-level splitter assigns one (by report id).
-    Reports without images and images no report names are listed in ``rejected.csv``.
+    Reports without images and images no report names are listed in ``rejected.csv``. ``build_cache``: build the
+    ``size`` px image cache after writing the manifest (``False``: the first step that reads the images builds it).
     """
     from diffcxr_aug.data.labeler import RuleLabeler
 
@@ -301,4 +303,13 @@ def prepare_iu_xray(
     for name in CHEXPERT_LABELS:
         candidates[name] = [label_rows[t][name] for t in texts]
     candidates["meta_label_source"] = "rule labeler (findings + impression)"
-    return index_dataset(candidates, out, size=size, seed=seed, rejected=rejected, progress=progress, workers=workers)
+    return index_dataset(
+        candidates,
+        out,
+        size=size,
+        seed=seed,
+        rejected=rejected,
+        progress=progress,
+        workers=workers,
+        build_cache=build_cache,
+    )

@@ -71,6 +71,7 @@ def prepare_mimic(
     seed: int = 0,
     progress: bool = True,
     workers: int | None = None,
+    build_cache: bool = True,
 ) -> Path:
     """Index MIMIC-CXR-JPG into ``out/manifest.csv`` (one row per JPEG), ``rejected.csv`` and the cache.
 
@@ -81,6 +82,8 @@ def prepare_mimic(
         seed: seed of the patient-level splitter (only used for images the official split does not list).
         progress: progress bars.
         workers: decoding threads for the image check.
+        build_cache: build the ``size`` px image cache after writing the manifest (``False``: the first
+            step that reads the images builds it).
 
     Returns:
         The manifest path.
@@ -141,4 +144,6 @@ def prepare_mimic(
     )
     candidates = pd.concat([candidates, extras], axis=1)
     candidates["meta_label_source"] = label_file
-    return index_dataset(candidates, out, size=size, seed=seed, progress=progress, workers=workers)
+    return index_dataset(
+        candidates, out, size=size, seed=seed, progress=progress, workers=workers, build_cache=build_cache
+    )

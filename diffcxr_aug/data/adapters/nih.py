@@ -77,6 +77,7 @@ def prepare_nih(
     seed: int = 0,
     progress: bool = True,
     workers: int | None = None,
+    build_cache: bool = True,
 ) -> Path:
     """Index NIH ChestX-ray14 into ``out/manifest.csv`` with NIH's 14 labels, ``rejected.csv`` and the cache.
 
@@ -91,6 +92,8 @@ def prepare_nih(
         seed: seed of the patient-level splitter.
         progress: progress bars.
         workers: decoding threads for the image check.
+        build_cache: build the ``size`` px image cache after writing the manifest (``False``: the first
+            step that reads the images builds it).
     """
     root = Path(root).resolve()
     if not root.is_dir():
@@ -146,7 +149,16 @@ def prepare_nih(
     candidates = pd.concat([candidates, extras], axis=1)
     candidates["split"] = _official_split(root, candidates, seed, rejected)
     candidates = candidates.loc[candidates["split"] != "reject"].drop(columns=["_name", "_row"])
-    return index_dataset(candidates, out, size=size, seed=seed, rejected=rejected, progress=progress, workers=workers)
+    return index_dataset(
+        candidates,
+        out,
+        size=size,
+        seed=seed,
+        rejected=rejected,
+        progress=progress,
+        workers=workers,
+        build_cache=build_cache,
+    )
 
 
 def _official_split(root: Path, candidates: pd.DataFrame, seed: int, rejected: list[dict]) -> np.ndarray:

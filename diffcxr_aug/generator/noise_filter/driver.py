@@ -1,8 +1,9 @@
 """The file-level LNFS driver behind ``diffcxr-aug filter``: :func:`run_filter`.
 
-It reads a manifest, gets a VAE (given, loaded, or trained on the data), encodes every image, fits a
-:class:`~diffcxr_aug.generator.noise_filter.estimator.LatentNoiseFilter` on the latents and writes
-``scores.csv``, the kept ``manifest.csv``, ``filter_report.json`` and two montages.
+It reads a manifest, gets a VAE (given, loaded, or trained on the data), reads every image's latents from the
+manifest's latent store (:mod:`~diffcxr_aug.generator.latent_store`, encoding them there when missing), fits a
+:class:`~diffcxr_aug.generator.noise_filter.estimator.LatentNoiseFilter` on them and writes ``scores.csv``, the kept
+``manifest.csv`` with the kept rows' latent store beside it, ``filter_report.json`` and two montages.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from diffcxr_aug.data.dataset import equalize
 from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.figures import save_figure
+from diffcxr_aug.generator.latent_store import derive_latent_store, open_latent_store
 from diffcxr_aug.generator.noise_filter.estimator import LatentNoiseFilter
 from diffcxr_aug.generator.noise_filter.scoring import evaluate_scores
 from diffcxr_aug.generator.settings import FilterSettings
@@ -233,6 +235,11 @@ def run_filter(
     share of clean images removed and the recall per noise kind) and, when no VAE is given, the VAE trained here
     under ``vae/``.
 
+    The latents come from the latent store of the scored rows beside the data's image cache, the one a generator
+    trained on the same manifest with the same VAE and size reads (``normalize: equalize`` encodes other latents,
+    into a store of their own). With ``normalize: none`` the kept rows' latents are copied into the store of the
+    kept manifest (``out/cache/``), so a generator trained on it encodes nothing either.
+
     Args:
         data: a folder holding ``manifest.csv`` (or the file itself).
         out: output folder; must differ from the data folder.
@@ -250,7 +257,7 @@ def run_filter(
         The path of the kept manifest.
     """
     from diffcxr_aug.data.manifest import read_manifest, write_manifest
-    from diffcxr_aug.generator.vae import encode_manifest, latent_shape
+    from diffcxr_aug.generator.vae import latent_shape
     from diffcxr_aug.runtime import resolve_device
 
     # 1. Check inputs (before any expensive work)
@@ -284,21 +291,24 @@ def run_filter(
     latent_shape(model, size)  # fails early on a size the VAE cannot encode
     vae_seconds = time.perf_counter() - started
 
-    # 3. Encode every row (all splits: noisy images are removed wherever they are)
+    # 3. Every row's latents (all splits: noisy images are removed wherever they are), from the store of the scored
+    # rows: the whole manifest unless views were dropped, so that a generator on this manifest finds it finished
     started = time.perf_counter()
+    store = open_latent_store(manifest, model, size, transform=section.normalize, device=dev, progress=progress)
     transform = equalize if section.normalize == "equalize" else None
-    latents = encode_manifest(model, manifest, size, device=dev, progress=progress, transform=transform)
     extra = _encode_files(model, extra_paths, size, dev, transform) if extra_paths else None
     encode_seconds = time.perf_counter() - started
 
-    # 4. Filter
-    filt.fit(latents, known_noisy=known, extra_noisy=extra)
+    # 4. Filter (on the memory map: the filter reads it a chunk at a time)
+    filt.fit(store.array, known_noisy=known, extra_noisy=extra)
 
     # 5. Write scores, kept manifest, montages and report
     scores = _scores(filt, manifest, _relative_to(manifest.image_paths(), out), known)
     _write_scores(scores, everything, dropped, out, out / SCORES_NAME)
     kept = manifest.frame.assign(image_path=scores["image_path"].to_numpy()).loc[~filt.flagged_]
     manifest_path = write_manifest(kept, out / "manifest.csv")
+    if section.normalize == "none":  # the generator encodes the images as they are: these are its latents
+        derive_latent_store(store, np.flatnonzero(~filt.flagged_), read_manifest(manifest_path))
     montages = _write_montages(manifest, scores, filt.threshold_, size, out)
     report = _filter_report(filt, section, manifest, scores, known, len(extra_paths), vae_info, size, seed)
     report["dropped_by_view"] = _dropped_by_view(everything, dropped, section)

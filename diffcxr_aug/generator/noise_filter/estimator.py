@@ -16,7 +16,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass
-from typing import get_args
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,7 @@ from diffcxr_aug.generator.noise_filter.stages import (
     LatentManifold,
     Standardizer,
     latent_features,
+    latent_rows,
     predict_logits,
     shuffled_batches,
 )
@@ -46,6 +47,8 @@ THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
 _DEFAULTS = FilterSettings()
 # The normal set is split in two; each half fits one manifold, which scores the other half.
 _MANIFOLD_FOLDS = 2
+# Latent rows a pass over the collection holds at a time (at 4 x 32 x 32: 32 MiB).
+_CHUNK_ROWS = 2048
 
 
 @dataclass
@@ -103,6 +106,11 @@ class LatentNoiseFilter:
     ``fit``, ``train_scores_`` holds the scores of the fitted images and ``flagged_`` their flags. Both
     learned stages are cross-fitted: an image the manifold or a discriminator was fitted on is scored by
     the fold models that did not see it, so no image is judged by a model that memorised it.
+
+    The latents may be a tensor, an array or the memory map of a latent store
+    (:class:`~diffcxr_aug.generator.latent_store.LatentStore` ``.array``): they are read in chunks, and what is held
+    whole is per image and small (the pooled features, the scores); only the manifold's fit rows (at most
+    ``max_fit``) are held as full latents.
 
     Args:
         n_clusters: K-means clusters on the pooled latents.
@@ -205,14 +213,15 @@ class LatentNoiseFilter:
     # ----------------------------------------------------------------------------------------------- fit
     def fit(
         self,
-        latents: torch.Tensor | np.ndarray,
+        latents: torch.Tensor | np.ndarray | Any,
         known_noisy: np.ndarray | None = None,
         extra_noisy: torch.Tensor | np.ndarray | None = None,
     ) -> LatentNoiseFilter:
         """Learn the filter from a collection's latents.
 
         Args:
-            latents: ``(N, C, h, w)`` VAE latents of the collection.
+            latents: ``(N, C, h, w)`` VAE latents of the collection: a tensor, an array, a memory map or a
+                :class:`~diffcxr_aug.generator.latent_store.LatentRows` (read a chunk at a time).
             known_noisy: optional boolean mask (length N) of images the user knows are noisy. They are kept
                 out of the normal set, join the discriminator's positives and are always flagged.
             extra_noisy: optional ``(M, C, h, w)`` latents of known noisy images outside the collection;
@@ -275,20 +284,21 @@ class LatentNoiseFilter:
 
     def _check_fit_inputs(
         self,
-        latents: torch.Tensor | np.ndarray,
+        latents: torch.Tensor | np.ndarray | Any,
         known_noisy: np.ndarray | None,
         extra_noisy: torch.Tensor | np.ndarray | None,
-    ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
-        """The arguments of :meth:`fit` as float latents and a boolean mask, or an error naming what is wrong."""
-        latents = torch.as_tensor(latents).float()
+    ) -> tuple[torch.Tensor | np.ndarray | Any, np.ndarray, torch.Tensor | None]:
+        """The arguments of :meth:`fit` (the latents as they are, checked a chunk at a time) and a boolean mask,
+        or an error naming what is wrong."""
         n = len(latents)
         min_images = max(20, 4 * self.folds)
-        if latents.ndim != 4 or n < min_images:
+        if len(latents.shape) != 4 or n < min_images:
             raise InputError(
                 f"the filter needs (N, C, h, w) latents of at least {min_images} images, got {tuple(latents.shape)}"
             )
-        if not torch.isfinite(latents).all():
-            raise InputError("latents hold NaN or infinite values; check the VAE and the images")
+        for start in range(0, n, _CHUNK_ROWS):
+            if not torch.isfinite(latent_rows(latents, slice(start, start + _CHUNK_ROWS))).all():
+                raise InputError("latents hold NaN or infinite values; check the VAE and the images")
         known = np.zeros(n, dtype=bool) if known_noisy is None else np.asarray(known_noisy, dtype=bool)
         if known.shape != (n,):
             raise ValueError(f"known_noisy must be a boolean mask of length {n}, got shape {known.shape}")
@@ -324,7 +334,7 @@ class LatentNoiseFilter:
         return self._kmeans_score(distances), cluster
 
     def _fit_manifolds(
-        self, latents: torch.Tensor, normal: np.ndarray, rng: np.random.Generator
+        self, latents: torch.Tensor | np.ndarray | Any, normal: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
         """Stage 2: fit one manifold per half of (at most ``max_fit`` of) the normal set.
 
@@ -333,9 +343,10 @@ class LatentNoiseFilter:
         """
         fit_rows = rng.permutation(np.flatnonzero(normal))[: self.max_fit]
         halves = np.array_split(fit_rows, _MANIFOLD_FOLDS)
-        flat = latents.flatten(1)
         self.manifolds_ = [
-            LatentManifold(self.manifold_components, self.seed).fit(flat[np.sort(rows)].numpy())
+            LatentManifold(self.manifold_components, self.seed).fit(
+                latent_rows(latents, np.sort(rows)).flatten(1).numpy()
+            )
             for rows in tqdm(halves, desc="LNFS manifold", disable=not self.progress)
         ]
         member = np.full(len(latents), -1)
@@ -368,7 +379,7 @@ class LatentNoiseFilter:
         return (distances[:, typical] / self.cluster_radius_[typical]).min(axis=1)
 
     def _manifold_evidence(
-        self, latents: torch.Tensor, member: np.ndarray, batch_size: int = 2048
+        self, latents: torch.Tensor | np.ndarray | Any, member: np.ndarray, batch_size: int = _CHUNK_ROWS
     ) -> tuple[np.ndarray, np.ndarray]:
         """Reconstruction error of every image, and its residual energy on the ``grid x grid`` layout.
 
@@ -379,7 +390,7 @@ class LatentNoiseFilter:
         grid = np.zeros((n, self.grid * self.grid))
         count = np.zeros(n)
         for start in range(0, n, batch_size):
-            chunk = latents[start : start + batch_size]
+            chunk = latent_rows(latents, slice(start, start + batch_size))
             rows = slice(start, start + len(chunk))
             flat = chunk.flatten(1).numpy()
             for k, manifold in enumerate(self.manifolds_):
@@ -478,12 +489,12 @@ class LatentNoiseFilter:
         return logits / np.maximum(counts, 1)
 
     # --------------------------------------------------------------------------------------------- score
-    def score(self, latents: torch.Tensor | np.ndarray) -> FilterScores:
-        """Per-stage and final scores of new latents (every fold model votes: none of them saw these images)."""
+    def score(self, latents: torch.Tensor | np.ndarray | Any) -> FilterScores:
+        """Per-stage and final scores of new latents (every fold model votes: none of them saw these images); a
+        memory map is read a chunk at a time, as in :meth:`fit`."""
         if not hasattr(self, "threshold_"):
             raise RuntimeError("this LatentNoiseFilter is not fitted yet; call fit(latents) first")
-        latents = torch.as_tensor(latents).float()
-        if latents.ndim != 4 or tuple(latents.shape[1:]) != self.latent_shape_:
+        if len(latents.shape) != 4 or tuple(latents.shape[1:]) != self.latent_shape_:
             raise ValueError(
                 f"latents of shape {tuple(latents.shape)} do not match the fitted (N, *{self.latent_shape_})"
             )
@@ -499,6 +510,6 @@ class LatentNoiseFilter:
             distances.argmin(axis=1),
         )
 
-    def predict(self, latents: torch.Tensor | np.ndarray) -> np.ndarray:
+    def predict(self, latents: torch.Tensor | np.ndarray | Any) -> np.ndarray:
         """Boolean flags (True = noisy) of new latents at the fitted threshold."""
         return self.score(latents).final_logit > self.threshold_logit_

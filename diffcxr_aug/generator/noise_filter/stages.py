@@ -4,6 +4,8 @@ discriminator taught on the manifold's pseudo-labels."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,22 +17,32 @@ STAGES = ("kmeans", "manifold", "discriminator")
 _QUANTILES = (0.02, 0.25, 0.5, 0.75, 0.98)
 
 
-def latent_features(latents: torch.Tensor | np.ndarray, grid: int = 4, batch_size: int = 4096) -> np.ndarray:
-    """Pooled features of ``(N, C, h, w)`` latents, as an ``(N, D)`` float32 array.
+def latent_rows(latents: Any, index: slice | np.ndarray) -> torch.Tensor:
+    """Rows of ``(N, C, h, w)`` latents as a float32 tensor: a tensor's, an array's or a memory map's (copied, so
+    that a chunk of a memory-mapped store is read and the rest stays on disk), or a
+    :class:`~diffcxr_aug.generator.latent_store.LatentRows`'s."""
+    rows = latents[index]
+    if isinstance(rows, torch.Tensor):
+        return rows.float()
+    return torch.from_numpy(np.array(rows, dtype=np.float32))
+
+
+def latent_features(latents: Any, grid: int = 4, batch_size: int = 4096) -> np.ndarray:
+    """Pooled features of ``(N, C, h, w)`` latents (a tensor, an array or a memory map, read ``batch_size`` rows at
+    a time), as an ``(N, D)`` float32 array.
 
     Per channel: the mean and the standard deviation over each cell of a ``grid x grid`` layout (where
     things are, and where the texture is), and the quantiles :data:`_QUANTILES` over the whole image
     (grey levels). ``D = C * (2 * grid**2 + 5)``.
     """
-    latents = torch.as_tensor(latents)
-    if latents.ndim != 4:
+    if len(latents.shape) != 4:
         raise ValueError(f"latents must be (N, C, h, w), got shape {tuple(latents.shape)}")
     if grid < 1 or grid > min(latents.shape[-2:]):
         raise InputError(f"grid {grid} must be between 1 and the latent side {min(latents.shape[-2:])}")
     q = torch.tensor(_QUANTILES)
     out = []
     for start in range(0, len(latents), batch_size):
-        x = latents[start : start + batch_size].float()
+        x = latent_rows(latents, slice(start, start + batch_size))
         mean = F.adaptive_avg_pool2d(x, grid)
         var = (F.adaptive_avg_pool2d(x * x, grid) - mean * mean).clamp_min(0.0)
         flat = x.flatten(2)
