@@ -208,7 +208,8 @@ def assign_splits(frame: pd.DataFrame, seed: int, fractions=(0.7, 0.1, 0.2)) -> 
     if missing.any():
         # A patient with an official split anywhere keeps it for all of their rows.
         known = frame.loc[~missing].groupby("patient_id")["split"].first() if (~missing).any() else pd.Series()
-        fill = frame.loc[missing, "patient_id"].map(known)
+        # object dtype: with no official split at all the map is float NaN, which pandas will not fill with "".
+        fill = frame.loc[missing, "patient_id"].map(known).astype(object)
         splits[missing.to_numpy()] = np.where(
             fill.notna(), fill.fillna(""), assign_patient_splits(frame.loc[missing, "patient_id"], fractions, seed)
         )
