@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from diffcxr_aug.data.adapters.ieee8023 import combine_labels, finding_labels, notes_report, prepare_ieee8023
@@ -17,7 +19,7 @@ from diffcxr_aug.data.cache import open_cache
 from diffcxr_aug.data.images import load_image
 from diffcxr_aug.data.labeler import RuleLabeler
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
-from diffcxr_aug.data.manifest import read_manifest
+from diffcxr_aug.data.manifest import read_manifest, write_manifest
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ieee8023"
 SIZE = 32
@@ -204,3 +206,62 @@ def test_notes_report_joins_descriptions_and_drops_credits():
     notes = ["Case courtesy of Dr X, Radiopaedia.org", "removal of ECMO."]
     report = notes_report("Hazy infiltrates  in both lungs", notes)
     assert report == "Hazy infiltrates in both lungs. removal of ECMO."
+
+
+def test_lnfs_drops_laterals_by_view_and_ct_by_modality_before_the_latents(altered, tmp_path):
+    """Metadata first: the lateral film and the CT slice never reach LNFS; scores.csv names why each went."""
+    from diffcxr_aug.generator.noise_filter import run_filter
+    from diffcxr_aug.generator.settings import FilterSettings
+    from diffcxr_aug.generator.vae import build_vae
+
+    torch.manual_seed(0)
+    vae = tmp_path / "vae"
+    build_vae("tiny", sample_size=SIZE).save_pretrained(vae)
+    section = FilterSettings(
+        drop_views=["LATERAL"], drop_modalities=["ct"], n_clusters=2, manifold_components=2, discriminator_steps=5,
+        threshold="contamination", contamination=0.1, min_cluster_share=0.1,
+    )  # fmt: skip
+    # LNFS fits on 20 images at least: the frontal films three times over (copies under new names), beside the two.
+    manifest = read_manifest(altered)
+    frame = manifest.frame.assign(image_path=[str(p) for p in manifest.image_paths()])
+    frontal = frame[frame["view"] != "LATERAL"]
+    copies = []
+    for k in (1, 2):
+        copy = frontal[frontal["meta_modality"] != "CT"].copy()
+        for i, path in copy["image_path"].items():
+            target = tmp_path / "copies" / f"{k}-{Path(path).name}"
+            target.parent.mkdir(exist_ok=True)
+            shutil.copy(path, target)
+            copy.loc[i, "image_path"] = str(target)
+        copies.append(copy)
+    data = write_manifest(pd.concat([frame, *copies], ignore_index=True), tmp_path / "data" / "manifest.csv").parent
+    run_filter(data, tmp_path / "f", section, vae=vae, size=SIZE, device="cpu", progress=False)
+    scores = pd.read_csv(tmp_path / "f" / "scores.csv", keep_default_na=False)
+    by_file = scores.assign(file=scores["image_path"].map(lambda p: Path(p).name)).set_index("file")
+    assert by_file.loc["lateral-stand-in.jpg", "reason"] == "view LATERAL"
+    assert by_file.loc["ct-slice-stand-in.jpg", "reason"] == "modality CT"
+    assert by_file.loc["ct-slice-stand-in.jpg", "score"] == ""  # never scored
+    kept = pd.read_csv(tmp_path / "f" / "manifest.csv")
+    assert (
+        not kept["image_path"]
+        .map(lambda p: Path(p).name)
+        .isin(["lateral-stand-in.jpg", "ct-slice-stand-in.jpg"])
+        .any()
+    )
+    report = json.loads((tmp_path / "f" / "filter_report.json").read_text())
+    assert (
+        report["dropped_by_modality"] == {"modalities": ["CT"], "rows": 1} and report["dropped_by_view"]["rows"] == 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("finding", "label"),
+    [("COVID-19", 1.0), ("COVID-19, ARDS", 1.0), ("Pneumonia/Viral/COVID-19", 1.0), ("Pneumocystis", 0.0),
+     ("No Finding", 0.0), ("todo", None), ("", None)],
+)  # fmt: skip
+def test_covid_label_is_the_collections_own_diagnosis(finding, label, prepared):
+    from diffcxr_aug.data.adapters.ieee8023 import covid_label
+
+    value = covid_label(finding)
+    assert (label is None and math.isnan(value)) or value == label
+    assert "COVID-19" in read_manifest(prepared).label_names

@@ -50,6 +50,7 @@ _ADDED_LATER: dict[str, Any] = {
     "report_source": "report",
     "normalize": "none",
     "seeds": None,
+    "drop_modalities": None,
 }
 
 

@@ -91,6 +91,11 @@ class FilterSettings(Settings):
         "with the reason (metadata first, latents second); None: LATERAL when the run trains the generator, none "
         "for `filter` alone",
     )
+    drop_modalities: Annotated[list[str] | None, BeforeValidator(upper_views)] = Field(
+        None,
+        description="modalities the manifest's meta_modality column names (e.g. CT in a collection that mixes CT "
+        "slices with radiographs) that are dropped before LNFS, recorded in scores.csv with the reason; None: none",
+    )
     # Per-stage knobs (see diffcxr_aug.generator.noise_filter.LatentNoiseFilter).
     grid: int = Field(4, ge=1, description="spatial grid the latents are pooled to")
     min_cluster_share: float = Field(0.05, gt=0.0, le=0.5, description="clusters this large count as typical")

@@ -9,7 +9,9 @@ Layout read (``github.com/ieee8023/covid-chestxray-dataset``; a 2020-06 snapshot
 
 One candidate row per metadata row. The report is the row's free text: ``clinical_notes`` plus ``other_notes``
 when that describes the film rather than crediting its authors. Labels are the project's rule labeler on that
-text combined with the collection's ``finding`` (:func:`finding_labels`, :func:`combine_labels`). Splits are
+text combined with the collection's ``finding`` (:func:`finding_labels`, :func:`combine_labels`), plus the
+collection's own diagnosis as one more label, ``COVID-19`` (:func:`covid_label`): the notes give the 14 CheXpert
+observations almost only as positives, so the diagnosis is the one label with both classes in every split. Splits are
 patient-level over ``patientid``. CT rows stay in the manifest with ``meta_modality`` CT (the noise filter can
 drop them by metadata); every other metadata column is kept as ``meta_<column>``. A row whose file is missing,
 undecodable, listed twice or a 3-D volume goes to ``rejected.csv`` with its reason, and so does every file in
@@ -108,6 +110,19 @@ def finding_labels(finding: str) -> tuple[dict[str, float], bool | None]:
     if any(t in PNEUMONIA_FINDINGS or "pneumonia" in t for t in terms):
         return {PNEUMONIA: POSITIVE}, False
     return {}, False
+
+
+COVID_19 = "COVID-19"  # the collection's own label, beside the 14 CheXpert observations
+
+
+def covid_label(finding: str) -> float:
+    """``COVID-19`` from a ``finding`` cell: 1 when it names COVID-19, 0 when it names another diagnosis or none
+    (``No Finding``), NaN when it says nothing (``todo``, empty)."""
+    terms = [t.strip().lower() for t in re.split(r"[,/;]", str(finding))]
+    terms = [t for t in terms if t not in UNKNOWN_FINDINGS]
+    if not terms:
+        return math.nan
+    return POSITIVE if any(t.replace(" ", "") in ("covid-19", "covid19") for t in terms) else 0.0
 
 
 def _strongest(values: list[float]) -> float:
@@ -278,6 +293,8 @@ def prepare_ieee8023(
     ]
     for name in CHEXPERT_LABELS:
         candidates[name] = ["" if math.isnan(row[name]) else str(int(row[name])) for row in combined]
+    covid = [covid_label(finding) for finding in candidates[f"{META_PREFIX}finding"]]
+    candidates[COVID_19] = ["" if math.isnan(value) else str(int(value)) for value in covid]
     logger.info(
         "%s: %d candidate films (%d with notes), %d rows or files rejected before the image check",
         meta_path,

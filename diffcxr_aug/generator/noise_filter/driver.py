@@ -266,16 +266,18 @@ def run_filter(
     if out.resolve() == everything.root.resolve():
         raise InputError(f"--out {out} is the data folder; the kept manifest would overwrite {everything.source}")
     dev = resolve_device(device)
-    # Metadata first: the rows whose view says they do not belong never reach the latents.
-    dropped = everything.frame["view"].isin(section.drop_views or ()).to_numpy()
+    # Metadata first: the rows whose view or modality says they do not belong never reach the latents.
+    reasons = _metadata_reasons(everything, section)
+    dropped = reasons != ""
     if dropped.all():
         raise InputError(
-            f"{everything.source}: every row's view is one of drop_views {section.drop_views}; nothing is left to "
-            "filter (set filter.drop_views to [] to keep them)"
+            f"{everything.source}: every row is dropped by its metadata (drop_views {section.drop_views}, "
+            f"drop_modalities {section.drop_modalities}); nothing is left to filter"
         )
     manifest = everything.subset(~dropped) if dropped.any() else everything
     if dropped.any():
-        logger.info("LNFS: %d rows dropped by their view (%s) before scoring", int(dropped.sum()), section.drop_views)
+        counts = pd.Series(reasons[dropped]).value_counts().to_dict()
+        logger.info("LNFS: %d rows dropped by their metadata before scoring (%s)", int(dropped.sum()), counts)
     known = np.zeros(len(manifest), dtype=bool)
     extra_paths: list[Path] = []
     if section.known_noisy is not None:
@@ -304,14 +306,19 @@ def run_filter(
 
     # 5. Write scores, kept manifest, montages and report
     scores = _scores(filt, manifest, _relative_to(manifest.image_paths(), out), known)
-    _write_scores(scores, everything, dropped, out, out / SCORES_NAME)
+    _write_scores(scores, everything, reasons, out, out / SCORES_NAME)
     kept = manifest.frame.assign(image_path=scores["image_path"].to_numpy()).loc[~filt.flagged_]
     manifest_path = write_manifest(kept, out / "manifest.csv")
     if section.normalize == "none":  # the generator encodes the images as they are: these are its latents
         derive_latent_store(store, np.flatnonzero(~filt.flagged_), read_manifest(manifest_path))
     montages = _write_montages(manifest, scores, filt.threshold_, size, out)
     report = _filter_report(filt, section, manifest, scores, known, len(extra_paths), vae_info, size, seed)
-    report["dropped_by_view"] = _dropped_by_view(everything, dropped, section)
+    report["dropped_by_view"] = _dropped_by_view(everything, reasons, section)
+    if section.drop_modalities:
+        report["dropped_by_modality"] = {
+            "modalities": list(section.drop_modalities),
+            "rows": int(pd.Series(reasons).str.startswith("modality ").sum()),
+        }
     report["seconds"] = {"vae": vae_seconds, "encode": encode_seconds, **filt.timings_}
     report["files"] = [SCORES_NAME, "manifest.csv", *(p.name for p in montages), REPORT_NAME]
     atomic_write_json(out / REPORT_NAME, report)
@@ -352,16 +359,35 @@ def _scores(filt: LatentNoiseFilter, manifest: Manifest, paths: list[str], known
     return scores
 
 
-def _write_scores(scores: pd.DataFrame, everything: Manifest, dropped: np.ndarray, out: Path, path: Path) -> None:
+def _metadata_reasons(everything: Manifest, section: FilterSettings) -> np.ndarray:
+    """Per row, why its metadata drops it before LNFS (``view LATERAL``, ``modality CT``), or ``""``."""
+    frame = everything.frame
+    views = frame["view"].astype(str)
+    reasons = np.where(views.isin(section.drop_views or ()), "view " + views, "")
+    if section.drop_modalities:
+        if "meta_modality" not in frame.columns:
+            raise InputError(
+                f"{everything.source}: filter.drop_modalities {section.drop_modalities} reads the meta_modality "
+                "column, which this manifest does not have; remove drop_modalities"
+            )
+        modality = frame["meta_modality"].fillna("").astype(str).str.strip()
+        by_modality = modality.str.upper().isin(section.drop_modalities).to_numpy()
+        reasons = np.where((reasons == "") & by_modality, "modality " + modality, reasons)
+    return np.asarray(reasons, dtype=object)
+
+
+def _write_scores(scores: pd.DataFrame, everything: Manifest, reasons: np.ndarray, out: Path, path: Path) -> None:
     """Write ``scores.csv`` for every row of the input manifest, in its order: the LNFS rows' ``scores``, and the
-    rows dropped by their view, flagged with the reason ``view LATERAL`` (and no score: LNFS never saw them)."""
+    rows dropped by their metadata, flagged with the reason (``view LATERAL``, ``modality CT``; no score: LNFS never
+    saw them)."""
+    dropped = reasons != ""
     if dropped.any():
         rows = everything.subset(dropped)
         extra = pd.DataFrame(
             {
                 "image_path": _relative_to(rows.image_paths(), out),
                 "flagged": 1,
-                "reason": "view " + rows.frame["view"].astype(str),
+                "reason": reasons[dropped],
                 "known_noisy": 0,
                 "split": rows.frame["split"].to_numpy(),
             }
@@ -375,8 +401,9 @@ def _write_scores(scores: pd.DataFrame, everything: Manifest, dropped: np.ndarra
         scores.to_csv(tmp, index=False, encoding="utf-8", float_format="%.6g")
 
 
-def _dropped_by_view(everything: Manifest, dropped: np.ndarray, section: FilterSettings) -> dict:
+def _dropped_by_view(everything: Manifest, reasons: np.ndarray, section: FilterSettings) -> dict:
     """What ``drop_views`` removed before LNFS, and (with a ``noise`` column) how much of the noise that was."""
+    dropped = pd.Series(reasons).str.startswith("view ").to_numpy()
     views = everything.frame["view"].astype(str)
     record: dict[str, Any] = {
         "views": list(section.drop_views or []),
