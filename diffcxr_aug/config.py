@@ -137,8 +137,8 @@ class ClassifierSection(Section):
     )
     mixed_precision: Annotated[MixedPrecision, BeforeValidator(yaml_no)] = Field(
         "auto",
-        description="autocast while training and testing: auto (bf16 on a GPU that has it and on a CPU with native "
-        "bf16, else no), no, bf16, fp16 (a GPU, with loss scaling)",
+        description="autocast while training and testing: auto (bf16 on a GPU that has it, fp16 on one that has not, "
+        "bf16 on a CPU with native bf16, else no), no, bf16, fp16 (a GPU, with loss scaling)",
     )
     n_bootstrap: int = Field(1000, ge=10, description="bootstrap resamples of the test images for the mAUC CI")
     min_label_support: int = Field(
@@ -173,6 +173,11 @@ class EvaluateSection(Section):
     inception_weights: Path | None = Field(None, description="the pt_inception-2015-12-05 weights file (FID)")
     xrv_weights: str | None = Field(
         None, description="a torchxrayvision DenseNet-121 state dict file, or a torchxrayvision weights name"
+    )
+    mixed_precision: Annotated[MixedPrecision, BeforeValidator(yaml_no)] = Field(
+        "auto",
+        description="autocast of every network evaluate runs (the reference classifier, the feature spaces): auto "
+        "(bf16 on a GPU that has it, fp16 on one that has not, fp32 on a CPU), no, bf16, fp16 (a GPU)",
     )
 
     @field_validator("features")

@@ -10,7 +10,10 @@ import re
 import torch
 
 from diffcxr_aug.errors import InputError
-from diffcxr_aug.types import DEVICES
+from diffcxr_aug.types import CUDA_DEVICE_PATTERN, DEVICES
+
+# A resolved mixed precision and the dtype autocast runs in (None: fp32, no autocast).
+PRECISION_DTYPES: dict[str, torch.dtype | None] = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -19,7 +22,7 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         return torch.device("cpu")
-    if re.fullmatch(r"cuda(:\d+)?", device):
+    if re.fullmatch(CUDA_DEVICE_PATTERN, device):
         if not torch.cuda.is_available():
             raise InputError(
                 f"--device {device} was asked for, but torch sees no CUDA device; use --device cpu or auto"
@@ -34,22 +37,46 @@ def cpu_has_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
+def cuda_has_bf16(device: torch.device) -> bool:
+    """Whether the GPU runs bf16 natively (compute capability 8.0 and later: A100, L40S, H100, ...).
+
+    ``torch.cuda.is_bf16_supported()`` also says yes for a V100 or a T4, where bf16 is emulated and slower than fp16;
+    on ROCm it is asked as it is.
+    """
+    if torch.version.hip is not None:
+        return torch.cuda.is_bf16_supported()
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_mixed_precision(choice: str, device: torch.device, cpu_auto: str = "no") -> str:
     """``auto|no|bf16|fp16`` -> the precision to use on ``device``.
 
-    ``auto`` is bf16 on a GPU that supports it; on a CPU it is ``cpu_auto`` when the CPU has native bf16
-    (callers pass ``"bf16"`` where they measured bf16 autocast to be faster on such a CPU) and ``no`` otherwise.
-    An explicit choice is kept, except fp16 on a CPU, which autocast does not support there.
+    ``auto`` is bf16 on a GPU that runs it natively and fp16 on one that does not (V100, T4: their tensor cores
+    are fp16's; training then scales the loss). On a CPU it is ``cpu_auto`` when the CPU has native bf16 (callers
+    pass ``"bf16"`` where they measured bf16 autocast to be faster on such a CPU) and ``no`` otherwise. An explicit
+    choice is kept, except fp16 on a CPU, which autocast does not support there.
     """
     if choice == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "no"
+            return "bf16" if cuda_has_bf16(device) else "fp16"
         return cpu_auto if device.type == "cpu" and cpu_has_bf16() else "no"
-    if choice not in ("no", "bf16", "fp16"):
-        raise InputError(f"Unknown mixed precision {choice!r}; choose one of: auto, no, bf16, fp16")
+    if choice not in PRECISION_DTYPES:
+        raise InputError(f"Unknown mixed precision {choice!r}; choose one of: auto, {', '.join(PRECISION_DTYPES)}")
     if choice == "fp16" and device.type == "cpu":
         raise InputError("mixed precision fp16 needs a GPU; on a CPU use bf16 (or auto)")
+    if choice == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InputError(f"mixed precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or auto")
     return choice
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to a resolved ``precision`` (``no``, ``bf16``, ``fp16``) on ``device``; ``no`` runs in fp32."""
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"Unknown mixed precision {precision!r}; choose one of: {', '.join(PRECISION_DTYPES)}")
+    dtype = PRECISION_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def attention_backend_name(choice: str, device: torch.device) -> str:

@@ -7,10 +7,11 @@ pydantic validates recipes with them: one home for each set of choices.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 PipelineStep = Literal[
     "prepare", "train-vae", "filter", "train-generator", "synthesize", "train-classifier", "evaluate"
@@ -20,8 +21,8 @@ DatasetName = Literal["phantom", "mimic-cxr", "iu-xray", "nih-cxr14", "ieee8023"
 ClassifierMode = Literal["real", "mix", "pretrain-finetune", "synthetic-only"]
 ClassifierMetric = Literal["report", "truth"]
 SyntheticChoice = Literal["generated", "ceiling", "dkim", "dkim-balanced", "none"] | Path
-Device = Literal["auto", "cpu", "cuda"]
-DEVICES: tuple[str, ...] = (*get_args(Device), "cuda:N")  # the command line also takes a GPU index
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "cuda:N")  # cuda:N: the GPU of index N (cuda:1)
+CUDA_DEVICE_PATTERN = r"cuda(:\d+)?"
 ThresholdRule = Literal["contamination", "quantile"]
 FilterNormalize = Literal["none", "equalize"]
 TextEncoderPolicy = Literal["frozen", "finetune", "train"]
@@ -47,6 +48,20 @@ class Settings(BaseModel):
     as ``max_step`` names itself instead of being ignored), and assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def check_device_name(value: str) -> str:
+    """A device's name as a recipe or the command line writes it: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Only the spelling is checked here: a recipe written for a GPU machine validates anywhere, and the device is
+    looked for when a step starts (:func:`diffcxr_aug.runtime.resolve_device`).
+    """
+    if value not in ("auto", "cpu") and not re.fullmatch(CUDA_DEVICE_PATTERN, value):
+        raise ValueError(f"unknown device {value!r}; choose one of: {', '.join(DEVICES)} (a GPU index, e.g. cuda:1)")
+    return value
+
+
+Device = Annotated[str, AfterValidator(check_device_name)]
 
 
 def yaml_no(value: Any) -> Any:

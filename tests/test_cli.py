@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from diffcxr_aug.cli import options as cli_options
 from diffcxr_aug.cli import app
+from diffcxr_aug.cli import options as cli_options
 from diffcxr_aug.config import RecipeError
 from diffcxr_aug.data.cache import cache_files
 from diffcxr_aug.data.labels import CHEXPERT_LABELS

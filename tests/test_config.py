@@ -151,3 +151,25 @@ def test_vae_plan_takes_unset_keys_from_the_generator_config():
     assert plan_vae(VAESettings(crop_size=128, steps=5), get_config("phantom-128")).crop_size == 128
     with pytest.raises(InputError, match="vae.pretrained"):
         plan_vae(VAESettings(config="stabilityai/sd-vae-ft-mse"), get_config("phantom-128"))
+
+
+def test_recipe_device_takes_a_gpu_index_and_names_the_choices(tmp_path):
+    """``device: cuda:1`` validates (a recipe for a GPU machine, on any machine); a misspelling is one error that
+    lists the choices."""
+    path = tmp_path / "gpu.yaml"
+    path.write_text("device: cuda:1\n")
+    assert load_recipe(path).device == "cuda:1"
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        assert load_recipe(overrides=[f"device={device}"]).device == device
+    for bad in ("gpu", "cuda:x", "cuda1", "CUDA", "cpu:0", "cuda:-1"):
+        with pytest.raises(RecipeError, match=r"device: .*unknown device .*choose one of: auto, cpu, cuda, cuda:N"):
+            load_recipe(overrides=[f"device={bad}"])
+
+
+def test_evaluate_and_synthesize_take_every_precision():
+    recipe = load_recipe(overrides=["evaluate.mixed_precision=fp16", "synthesize.mixed_precision=no"])
+    assert recipe.evaluate.mixed_precision == "fp16" and recipe.synthesize.mixed_precision == "no"
+    assert Recipe().evaluate.mixed_precision == "auto" and Recipe().synthesize.mixed_precision == "auto"
+    assert Recipe().generator.gradient_checkpointing is False
+    with pytest.raises(RecipeError, match="evaluate.mixed_precision"):
+        load_recipe(overrides=["evaluate.mixed_precision=fp8"])

@@ -4,6 +4,8 @@ sampling, synthesis, and the AVA-TLS switch."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -19,11 +21,13 @@ from diffcxr_aug.cli import app
 from diffcxr_aug.data.manifest import read_manifest, write_manifest
 from diffcxr_aug.errors import InputError
 from diffcxr_aug.generator.checkpoints import CHECKPOINT_TRAINING_STATE, CHECKPOINT_WEIGHTS, list_checkpoints
+from diffcxr_aug.generator.latent_store import open_latent_store
 from diffcxr_aug.generator.pipeline import DiffCXRPipeline
 from diffcxr_aug.generator.prompts import template_report
 from diffcxr_aug.generator.settings import GeneratorSettings, SynthesisSettings
 from diffcxr_aug.generator.synthesize import synthesize
 from diffcxr_aug.generator.training import conditioning_manifest, train_generator
+from diffcxr_aug.generator.vae import encode_manifest, load_vae
 from diffcxr_aug.runtime import resolve_mixed_precision
 from tests.conftest import make_tiny_manifest
 
@@ -143,6 +147,35 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(trained, tmp_path):
     # Rerunning the finished job trains nothing and keeps that record as it was.
     train_generator(trained["data"], resumed, section, resume="latest", device="cpu")
     assert json.loads((resumed / "training_info.json").read_text()) == info
+
+
+def _store_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("latent store")]
+
+
+def test_a_second_run_and_a_resume_read_the_latent_store_and_encode_nothing(trained, tmp_path, caplog):
+    """The fixture's run encoded the manifest into its latent store; a second run (in another folder, training the
+    same VAE) and a resume read it and encode no image. The store holds the VAE's latents of the whole manifest."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained["gen"], resumed)
+    with caplog.at_level(logging.INFO, logger="diffcxr_aug.generator.latent_store"):
+        train_generator(trained["data"], tmp_path / "second", GeneratorSettings(max_steps=1, **TINY), device="cpu")
+        train_generator(
+            trained["data"], resumed, GeneratorSettings(max_steps=3, **TINY), resume="latest", device="cpu"
+        )
+    lines = _store_lines(caplog)
+    assert len(lines) == 2 and all(line.endswith(": encoded 0 of 24 images (24 reused)") for line in lines)
+    path = Path(re.match(r"latent store (.*): encoded", lines[0]).group(1))
+    assert lines[0] == lines[1] and path.parent == trained["data"] / "cache"
+
+    vae, manifest = load_vae(trained["gen"] / "trained_vae"), read_manifest(trained["data"])
+    direct = encode_manifest(vae, manifest, 32, device="cpu", progress=False)
+    np.testing.assert_array_equal(np.load(path), direct.numpy())
+    # Against the train split encoded on its own (as training did before the store), the batches differ, and so
+    # does the rounding of the convolutions: by a few float32 ulps, nothing more.
+    train = manifest.split("train")
+    alone = encode_manifest(vae, train, 32, device="cpu", progress=False)
+    torch.testing.assert_close(direct[train.frame.index.tolist()], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_reseed_branches_a_checkpoint_into_another_folder(trained, tmp_path):
@@ -330,6 +363,40 @@ def test_two_process_training_with_torchrun(trained, tmp_path):
     assert info["num_processes"] == 2 and info["steps"] == 2
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
     DiffCXRPipeline.from_pretrained(out)
+    # Both ranks opened the data's one latent store, which the fixture's run had encoded: neither encoded again.
+    assert len(re.findall(r"latent store \S+: encoded 0 of 24 images \(24 reused\)", result.stderr)) == 2
+
+
+@pytest.mark.integration
+def test_two_ranks_under_torchrun_build_one_latent_store_and_image_cache(trained, tmp_path):
+    """On data without a cache, two gloo ranks build one image cache (rank 0 first, the other waits) and one latent
+    store, each encoding the chunks dealt to it (24 images are one chunk: rank 0's); a run after them encodes
+    nothing."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    shutil.copytree(trained["data"], data, ignore=shutil.ignore_patterns("cache"))
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({"generator": {**TINY, "sample_every": 10, "checkpoint_every": 10}}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffcxr_aug.cli"]
+    command += ["train-generator", "--data", str(data), "--out", str(tmp_path / "ddp"), "--recipe", str(recipe)]
+    command += ["--max-steps", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[1]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    encoded = re.findall(
+        r"latent store (\S+): encoded (\d+) of 24 images \(0 reused\) on rank (\d) of 2", result.stderr
+    )
+    assert sorted((int(n), int(rank)) for _, n, rank in encoded) == [(0, 1), (24, 0)]
+    assert encoded[0][0] == encoded[1][0] and len(list((data / "cache").glob("images_32_*.npy"))) == 1
+    assert not list((data / "cache").glob("*.partial.*"))
+    vae = load_vae(tmp_path / "ddp" / "trained_vae")
+    again = open_latent_store(read_manifest(data), vae, 32, build=False, device="cpu", progress=False)
+    assert again.encoded == 0 and str(again.path) == encoded[0][0] and again.array.shape == (24, 4, 16, 16)
 
 
 def test_auto_precision_is_bf16_where_the_cpu_has_native_bf16(monkeypatch):
@@ -458,3 +525,159 @@ def test_reports_from_labels_condition_a_dataset_without_reports(tmp_path):
     assert conditioning_manifest(manifest, "report") is manifest
     with pytest.raises(InputError, match="choose report or labels"):
         conditioning_manifest(manifest, "knowledge")
+
+
+# ------------------------------------------------------------------------ GPU precision, 512 px, several GPUs
+def test_auto_precision_on_a_gpu_is_bf16_where_it_runs_natively_else_fp16(monkeypatch):
+    """``auto`` on CUDA: bf16 on Ampere and later, fp16 (with loss scaling in training) on a V100 or T4. No GPU here:
+    the capability probe is replaced, the device is only named."""
+    import diffcxr_aug.runtime as runtime
+
+    gpu = torch.device("cuda", 1)
+    for native, expected in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(runtime, "cuda_has_bf16", lambda device, native=native: native)
+        assert resolve_mixed_precision("auto", gpu) == expected
+        assert resolve_mixed_precision("auto", gpu, cpu_auto="bf16") == expected
+    assert resolve_mixed_precision("fp16", gpu) == "fp16" and resolve_mixed_precision("no", gpu) == "no"
+    with pytest.raises(InputError, match="choose one of: auto, no, bf16, fp16"):
+        resolve_mixed_precision("fp8", gpu)
+
+
+@pytest.fixture(scope="module")
+def trained_512(tmp_path_factory) -> dict[str, Path]:
+    """The paper-512 geometry at test size (``tiny-512``: 512 px, a factor-8 KL-VAE, 4 x 64 x 64 latents, paper-256's
+    block layout at tiny widths), 2 steps at batch 2, without gradient checkpointing. The full paper-512 UNet (374 M
+    parameters, 233 GFLOPs a step) is no CPU test, and the registry's overrides do not reach the channel widths, so
+    the registry carries this stand-in of the same geometry."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("generator512")
+    data = make_tiny_manifest(root / "data", n=12).parent  # 6 train films, 3 val, 3 test
+    section = GeneratorSettings(max_steps=2, **{**TINY, "config": "tiny-512", "batch_size": 2})
+    train_generator(data, root / "gen", section, device="cpu")
+    return {"data": data, "gen": root / "gen", "root": root, "section": section}
+
+
+def test_paper_512_geometry_trains_the_same_with_gradient_checkpointing(trained_512, tmp_path, caplog):
+    """Gradient checkpointing of the UNet and of the trained (scratch) text encoder recomputes what it dropped: the
+    same two losses to 1e-5; the memory estimate at the start is logged, smaller an image with checkpointing."""
+    info = json.loads((trained_512["gen"] / "training_info.json").read_text())
+    assert info["config"]["image_size"] == 512 and info["section"]["gradient_checkpointing"] is False
+    assert DiffCXRPipeline.from_pretrained(trained_512["gen"]).unet.config.sample_size == 64
+    section = trained_512["section"].model_copy(
+        update={"gradient_checkpointing": True, "vae": str(trained_512["gen"] / "trained_vae")}
+    )
+    with caplog.at_level(logging.INFO, logger="diffcxr_aug.generator.training"):
+        train_generator(trained_512["data"], tmp_path / "gen", section, device="cpu")
+    assert "Gradient checkpointing: unet, text_encoder" in caplog.text
+    estimate = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Memory estimate"))
+    plain, checkpointed = map(float, re.search(r"activations an image ([\d.]+) \(([\d.]+) with", estimate).groups())
+    assert 0 < checkpointed < plain and "This run: batch 2, gradient checkpointing on" in estimate
+    columns = ["loss", "loss_diffusion", "loss_align"]
+    eager = pd.read_csv(trained_512["gen"] / "logs" / "loss.csv")[columns].to_numpy()
+    recomputed = pd.read_csv(tmp_path / "gen" / "logs" / "loss.csv")[columns].to_numpy()
+    assert eager.shape == (2, 3)
+    np.testing.assert_allclose(recomputed, eager, rtol=0, atol=1e-5)
+
+
+def test_activation_estimate_matches_a_real_forward():
+    """The meta-device count of the activations autograd saves equals a real fp32 forward's (shared storage counted
+    once, weights not at all) for the tiny-512 UNet at batch 1 under the math attention backend (the attention
+    probabilities kept, as training on a CPU runs it); bf16 scales it by 0.6, checkpointing keeps a fraction."""
+    from diffcxr_aug.generator.configs import build_unet, get_config
+    from diffcxr_aug.generator.objective import activation_bytes
+    from diffcxr_aug.runtime import attention_backend
+
+    torch.manual_seed(0)
+    unet = build_unet(get_config("tiny-512")).train()
+    weights = {w.untyped_storage().data_ptr() for w in unet.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in weights:  # the weights are counted once, not an image
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+    with hooks, attention_backend("math", torch.device("cpu")):
+        unet(torch.zeros(1, 4, 64, 64), torch.tensor([500]), encoder_hidden_states=torch.zeros(1, 8, 16))
+    estimate = activation_bytes(unet, num_tokens=8)
+    assert estimate["plain"] == sum(storages.values())
+    assert 0 < estimate["checkpointed"] < estimate["plain"] / 2
+    assert activation_bytes(unet, 8, precision="bf16")["plain"] == int(0.6 * estimate["plain"])
+
+
+def test_paper_512_geometry_synthesizes_and_evaluates_at_512(trained_512, tmp_path):
+    """synthesize writes 512 px films from the 64 x 64 latents; evaluate scores them at 512 px, fp32 on a CPU."""
+    from PIL import Image
+
+    synthetic = tmp_path / "s"
+    synthesize(trained_512["gen"], synthetic, SynthesisSettings(n=4, steps=1, guidance=2.0), device="cpu", seed=1)
+    frame = read_manifest(synthetic).frame
+    with Image.open(synthetic / frame["image_path"].iloc[0]) as image:
+        assert image.size == (512, 512)
+    assert json.loads((synthetic / "synthesis.json").read_text())["mixed_precision"] == "no"  # auto on a CPU
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", "--real", str(trained_512["data"]), "--synthetic", str(synthetic), "--out", str(tmp_path / "e")]
+        + ["--epochs", "1", "--device", "cpu", "--mixed-precision", "auto"],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["classifier"]["size"] == 512 and report["mixed_precision"] == "no"
+    assert report["synthetic"]["s"]["n_images"] == 4
+
+
+def _accelerate_launch(*args: str, timeout: int = 900) -> str:
+    """``accelerate launch --multi_gpu --num_processes 2 -m diffcxr_aug.cli ARGS`` on this machine's CPUs: accelerate
+    1.16's ``--multi_gpu`` starts torchrun (two ranks), and ``--device cpu`` gives each a gloo process group (its
+    ``--cpu --num_processes 2`` starts one process, for Intel MPI). Returns stderr."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free port: other tests may hold torchrun's default 29500
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--main_process_port", str(port), "-m", "diffcxr_aug.cli", *args, "--device", "cpu"]
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+@pytest.mark.integration
+def test_readme_accelerate_launch_forms_on_two_cpu_processes(trained, tmp_path):
+    """The README's several-GPU command lines (stage 1, stage 2, synthesize under ``accelerate launch --multi_gpu``)
+    as written, with two CPU processes: each training records two processes and one set of checkpoints, and the
+    two processes split the synthesis shards, each making its share."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({"generator": TINY, "synthesize": {"shard_size": 2, "steps": 1}}))
+    data, stage1, stage2, synthetic = trained["data"], tmp_path / "generator", tmp_path / "dkim", tmp_path / "syn"
+    _accelerate_launch(
+        "train-generator", "--recipe", str(recipe), "--data", str(data), "--out", str(stage1), "--max-steps", "2"
+    )
+    _accelerate_launch(
+        "train-generator", "--recipe", str(recipe), "--stage", "2", "--generator", str(stage1), "--data", str(data),
+        "--out", str(stage2), "--max-steps", "2",
+    )  # fmt: skip
+    log = _accelerate_launch(
+        "synthesize", "--recipe", str(recipe), "--n", "10", "--generator", str(stage2), "--out", str(synthetic),
+        "--prompts", str(data),
+    )  # fmt: skip
+    for folder, stage in ((stage1, 1), (stage2, 2)):
+        info = json.loads((folder / "training_info.json").read_text())
+        assert (info["stage"], info["num_processes"], info["steps"]) == (stage, 2, 2)
+        assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-2"]
+        assert json.loads((folder / "checkpoints" / "checkpoint-2" / "state.json").read_text())["num_processes"] == 2
+    assert DiffCXRPipeline.from_pretrained(stage2).adapter is not None
+    job = json.loads((synthetic / "synthesis.json").read_text())
+    assert job["world_size"] == 2 and sum(job["rank_images"]) == 10 and min(job["rank_images"]) > 0
+    first, second = map(set, job["rank_shards"])
+    assert not first & second and first | second == set(range(5))
+    frame = read_manifest(synthetic).frame
+    assert len(frame) == 10 and frame["meta_knowledge"].notna().all()
+    assert all((synthetic / name).is_file() for name in frame["image_path"]), log[-2000:]

@@ -226,7 +226,7 @@ def test_image_tower_embeds_latents_and_round_trips(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ configs
 def test_registry_entries_build_and_count_flops():
-    assert set(GENERATOR_CONFIGS) == {"tiny", "phantom-64", "phantom-128", "paper-256"}
+    assert set(GENERATOR_CONFIGS) == {"tiny", "tiny-512", "phantom-64", "phantom-128", "paper-256", "paper-512"}
     paper = get_config("paper-256")
     assert (
         paper.image_size == 256

@@ -28,7 +28,7 @@ from diffcxr_aug.augment.results import RESULTS_NAME
 from diffcxr_aug.augment.run_report import write_run_report
 from diffcxr_aug.augment.steps import Step, StepLedger, run_steps
 from diffcxr_aug.augment.sweep import run_sweep
-from diffcxr_aug.config import Recipe, write_resolved_recipe
+from diffcxr_aug.config import EvaluateSection, Recipe, write_resolved_recipe
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.evaluation.report import evaluate
 from diffcxr_aug.generator.noise_filter import run_filter
@@ -51,12 +51,31 @@ _ADDED_LATER: dict[str, Any] = {
     "normalize": "none",
     "seeds": None,
     "drop_modalities": None,
+    "gradient_checkpointing": False,
 }
+
+
+# Keys added to one section after runs were recorded (older keys of the same name live in other sections), with the
+# value that reproduces what those runs did: evaluate ran in fp32, as `auto` does on a CPU.
+_ADDED_LATER_TO: dict[type, dict[str, Any]] = {EvaluateSection: {"mixed_precision": "auto"}}
 
 
 def _dump(section: Any) -> dict[str, Any]:
     dump = section.model_dump(mode="json")
-    return {k: v for k, v in dump.items() if not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
+    added = {**_ADDED_LATER, **_ADDED_LATER_TO.get(type(section), {})}
+    return {k: v for k, v in dump.items() if not (k in added and v == added[k])}
+
+
+def _synthesis_dump(section: Any, device: str) -> dict[str, Any]:
+    """The synthesize section's settings; ``auto`` precision on a CPU written as ``no``, the fp32 it runs there, so
+    that the steps recorded when ``no`` was the default (and ``auto`` no choice) are not redone."""
+    import torch
+
+    dump = _dump(section)
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if dump["mixed_precision"] == "auto" and on_cpu:
+        dump["mixed_precision"] = "no"
+    return dump
 
 
 def _prepare_step(recipe: Recipe, paths: dict[str, Path]) -> Step:
@@ -174,7 +193,7 @@ def _synthesize_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str,
             # Every set from the same prompts and noise (the recipe's seed), several generators included.
             synthesize(paths[plan.generator], paths[plan.out], job, device=recipe.device, seed=recipe.seed)
 
-    settings = {"synthesize": _dump(section), "seed": recipe.seed, "upstream": upstream}
+    settings = {"synthesize": _synthesis_dump(section, recipe.device), "seed": recipe.seed, "upstream": upstream}
     if len(sets) > 1:  # a recipe with one set keeps the settings (and the fingerprint) it always had
         settings["sets"] = {name: {"generator": p.generator, "balance": p.balance} for name, p in sets.items()}
     outputs = [paths[plan.out] for plan in sets.values()]
@@ -217,6 +236,7 @@ def _evaluate_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, s
             features=section.features,
             inception_weights=section.inception_weights,
             xrv_weights=section.xrv_weights,
+            mixed_precision=section.mixed_precision,
         )
 
     settings = {"evaluate": _dump(section), "seed": recipe.seed, "upstream": upstream}

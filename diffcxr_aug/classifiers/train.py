@@ -28,6 +28,7 @@ from diffcxr_aug.classifiers.metrics import per_label_auc
 from diffcxr_aug.classifiers.models import WEIGHTS_NAME, ClassifierConfig, save_classifier
 from diffcxr_aug.errors import InputError
 from diffcxr_aug.io import atomic_write_text
+from diffcxr_aug.runtime import autocast
 from diffcxr_aug.types import UncertaintyPolicy
 
 # Written last, when training has finished: a folder with weights but no history is an interrupted run's.
@@ -94,19 +95,6 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
-    """Autocast to ``mixed_precision`` (``no``, ``bf16``, ``fp16``) on ``device``; ``no`` runs in fp32."""
-    if mixed_precision not in PRECISIONS:
-        raise ValueError(f"Unknown mixed precision {mixed_precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[mixed_precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _images(batch: dict, device: torch.device) -> torch.Tensor:

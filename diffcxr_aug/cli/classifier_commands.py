@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
@@ -22,6 +22,7 @@ from diffcxr_aug.cli.options import (
     read_recipe,
 )
 from diffcxr_aug.config import ClassifierSection, EvaluateSection
+from diffcxr_aug.types import MixedPrecision
 
 
 @app.command(name="train-classifier")
@@ -114,6 +115,13 @@ def evaluate(
     xrv_weights: Annotated[
         str | None, typer.Option("--xrv-weights", help=field_help(EvaluateSection, "xrv_weights"))
     ] = None,
+    mixed_precision: Annotated[
+        str | None,
+        typer.Option(
+            "--mixed-precision",
+            help=f"{' | '.join(get_args(MixedPrecision))}; {field_help(EvaluateSection, 'mixed_precision')}",
+        ),
+    ] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
@@ -130,6 +138,7 @@ def evaluate(
         features=[f.strip() for f in features.split(",") if f.strip()] if features else None,
         inception_weights=inception_weights,
         xrv_weights=xrv_weights,
+        mixed_precision=mixed_precision,
     )
     sets: dict[str, Path] = {}
     for item in synthetic:
@@ -157,5 +166,6 @@ def evaluate(
         features=section.features,
         inception_weights=section.inception_weights,
         xrv_weights=section.xrv_weights,
+        mixed_precision=section.mixed_precision,
     )
     typer.echo(f"wrote {path}")

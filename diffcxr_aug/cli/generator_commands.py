@@ -126,6 +126,13 @@ def train_generator(
     compile_unet: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help=field_help(GeneratorSettings, "compile"))
     ] = None,
+    gradient_checkpointing: Annotated[
+        bool | None,
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help=field_help(GeneratorSettings, "gradient_checkpointing"),
+        ),
+    ] = None,
     report_source: Annotated[
         str | None,
         typer.Option(
@@ -154,6 +161,7 @@ def train_generator(
         mixed_precision=mixed_precision,
         attention=attention,
         compile=compile_unet,
+        gradient_checkpointing=gradient_checkpointing,
         report_source=report_source,
     )
     plan = vae_plan(rec, generator=section)
@@ -226,7 +234,10 @@ def synthesize(
     ] = None,
     mixed_precision: Annotated[
         str | None,
-        typer.Option("--mixed-precision", help=f"no | bf16; {field_help(SynthesisSettings, 'mixed_precision')}"),
+        typer.Option(
+            "--mixed-precision",
+            help=f"{' | '.join(get_args(MixedPrecision))}; {field_help(SynthesisSettings, 'mixed_precision')}",
+        ),
     ] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = None,

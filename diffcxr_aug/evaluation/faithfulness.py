@@ -65,9 +65,11 @@ def reference_classifier(
     learning_rate: float = 1e-3,
     device: torch.device = torch.device("cpu"),
     seed: int = 0,
+    mixed_precision: str = "no",
 ) -> tuple[torch.nn.Module, ClassifierConfig]:
     """The judge: loaded from ``folder`` when it was trained before, else trained on ``real``'s train split
-    (best val-split mAUC kept) and saved there."""
+    (best val-split mAUC kept, under the ``mixed_precision`` autocast: ``no``, ``bf16`` or ``fp16``) and saved
+    there."""
     # Weights without the history are an interrupted run's best epoch so far: trained again, not trusted.
     if (folder / WEIGHTS_NAME).is_file() and (folder / HISTORY_NAME).is_file():
         model, config = load_classifier(folder, device)
@@ -111,6 +113,7 @@ def reference_classifier(
         device=device,
         seed=seed,
         desc="reference classifier",
+        mixed_precision=mixed_precision,
     )
     return model.eval(), classifier_config
 

@@ -1,11 +1,12 @@
-"""Feature spaces the field reports fidelity in, beside the reference classifier's: each built from weights the user
-names, none downloaded unless the user asks for a hub model by name.
+"""Feature spaces the field reports fidelity in, beside the reference classifier's: each from weights the user names
+by path (offline), or downloaded by its own library when none is named and the machine is online.
 
 * ``inception``: the pt_inception-2015-12-05 InceptionV3 of Heusel et al.'s FID, as torchmetrics wraps it (needs
-  ``torch-fidelity``), from ``--inception-weights FILE``: the numbers Diff-CXR, RoentGen and Cheff print.
+  ``torch-fidelity``), from ``--inception-weights FILE``, or downloaded by torch-fidelity when no file is named:
+  the numbers Diff-CXR, RoentGen and Cheff print.
 * ``xrv``: a torchxrayvision DenseNet-121 (1,024 pooled features, ``features2``), from ``--xrv-weights``: a local
   state dict (``.safetensors``, or a ``.pt`` state dict read with ``weights_only=True``), or a torchxrayvision
-  weights name such as ``densenet121-res224-all``, which torchxrayvision itself fetches (internet needed).
+  weights name (default ``densenet121-res224-all``), which torchxrayvision itself fetches (internet needed).
 * ``open_clip:NAME_OR_DIR``: an open_clip image tower, e.g. BiomedCLIP from ``local-dir:/path`` (a folder with
   ``open_clip_config.json`` and weights) or ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224``.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +30,23 @@ from torch.utils.data import DataLoader
 from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.manifest import Manifest
 from diffcxr_aug.evaluation.fidelity import feature_distances
+from diffcxr_aug.runtime import autocast
 from diffcxr_aug.types import FEATURE_KINDS
 
 logger = logging.getLogger(__name__)
 
 XRV_INPUT = 224  # torchxrayvision's DenseNets read 224 x 224 images in [-1024, 1024]
+# torchxrayvision's DenseNet-121 trained on every dataset it knows (NIH, CheXpert, MIMIC, PadChest, ...).
+DEFAULT_XRV_WEIGHTS = "densenet121-res224-all"
 
 
 class Extractor:
-    """A named feature space: ``name`` (the report's key), ``description`` and ``__call__(images) -> features``."""
+    """A named feature space: ``name`` (the report's key), ``description``, the ``device`` its network runs on, and
+    ``__call__(images) -> features``."""
 
     name: str
     description: str
+    device: torch.device
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} defines no __call__")
@@ -49,22 +55,27 @@ class Extractor:
 class InceptionExtractor(Extractor):
     """torchmetrics' InceptionV3 (the FID network), 2,048 pool features, from a local weights file."""
 
-    def __init__(self, weights: Path, device: torch.device) -> None:
+    def __init__(self, weights: Path | None, device: torch.device) -> None:
         from torchmetrics.image.fid import NoTrainInceptionV3
 
         self.name, self.device = "inception", device
-        self.description = f"InceptionV3 pool3 (2048 features; torchmetrics, weights {weights})"
+        source = weights or "downloaded by torch-fidelity"
+        self.description = f"InceptionV3 pool3 (2048 features; torchmetrics, weights {source})"
         # torch-fidelity unpickles the file in full (weights_only=False); a file that loads with weights_only=True
         # holds tensors and plain containers only, so that second load runs no code from it.
-        try:
-            torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any failure means the same: not a plain weights file
-            raise ValueError(
-                f"--inception-weights {weights}: not a plain state dict (torch.load with weights_only=True refused "
-                f"it: {type(err).__name__}); use the pt_inception-2015-12-05 .pth file torch-fidelity downloads"
-            ) from err
+        if weights is not None:
+            try:
+                torch.load(weights, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - any failure means the same: not a plain weights file
+                raise ValueError(
+                    f"--inception-weights {weights}: not a plain state dict (torch.load with weights_only=True "
+                    f"refused it: {type(err).__name__}); use the pt_inception-2015-12-05 .pth file torch-fidelity "
+                    "downloads"
+                ) from err
         self.model = NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(weights)
+            name="inception-v3-compat",
+            features_list=["2048"],
+            feature_extractor_weights_path=None if weights is None else str(weights),
         ).to(device)
 
     @torch.inference_mode()
@@ -135,6 +146,15 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def _downloaded(build: Callable[[], Extractor], reason: str) -> Extractor | str:
+    """``build()``, whose library downloads weights; where the download fails (no internet), the reason instead."""
+    try:
+        return build()
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; torch.hub wraps some failures in RuntimeError
+        logger.warning("%s", reason.format(error=error))
+        return "not computed: " + reason.format(error=type(error).__name__)
+
+
 def build_extractor(
     spec: str,
     device: torch.device,
@@ -147,26 +167,32 @@ def build_extractor(
     that is there but wrong is an error."""
     kind, _, name = spec.partition(":")
     if kind == "inception":
-        if inception_weights is None:
-            return (
-                "not computed: no --inception-weights FILE (the pt_inception-2015-12-05 weights torch-fidelity "
-                "downloads on a machine with internet; pass that file here)"
-            )
-        if not Path(inception_weights).is_file():
+        if inception_weights is not None and not Path(inception_weights).is_file():
             return f"not computed: --inception-weights {inception_weights}: no such file"
         try:
             import torch_fidelity  # noqa: F401
         except ImportError:
             return "not computed: the Inception network needs torch-fidelity (pip install torch-fidelity)"
-        return InceptionExtractor(Path(inception_weights), device)
+        if inception_weights is not None:
+            return InceptionExtractor(Path(inception_weights), device)
+        return _downloaded(
+            lambda: InceptionExtractor(None, device),
+            "the pt_inception-2015-12-05 weights could not be downloaded ({error}); offline, pass the file "
+            "torch-fidelity downloads as --inception-weights FILE",
+        )
     if kind == "xrv":
-        if xrv_weights is None:
-            return "not computed: no --xrv-weights (a torchxrayvision DenseNet-121 state dict, or a weights name)"
         try:
             import torchxrayvision  # noqa: F401
         except ImportError:
             return "not computed: needs torchxrayvision (pip install torchxrayvision)"
-        return XRVExtractor(xrv_weights, device)
+        if xrv_weights is not None and Path(xrv_weights).is_file():
+            return XRVExtractor(xrv_weights, device)
+        name = xrv_weights or DEFAULT_XRV_WEIGHTS
+        return _downloaded(
+            lambda: XRVExtractor(name, device),
+            f"the torchxrayvision weights {name} could not be fetched ({{error}}); offline, pass a DenseNet-121 "
+            "state dict as --xrv-weights FILE",
+        )
     if kind == "open_clip":
         if not name:
             return "not computed: write open_clip:NAME_OR_DIR (e.g. open_clip:local-dir:/models/biomedclip)"
@@ -179,10 +205,16 @@ def build_extractor(
     )
 
 
-def embed_images(extractor: Extractor, manifest: Manifest, size: int, batch_size: int = 32) -> np.ndarray:
-    """Features of every row of ``manifest`` (its images at ``size`` from the image cache)."""
+def embed_images(
+    extractor: Extractor, manifest: Manifest, size: int, batch_size: int = 32, mixed_precision: str = "no"
+) -> np.ndarray:
+    """Features of every row of ``manifest`` (its images at ``size`` from the image cache), the extractor run under
+    the ``mixed_precision`` autocast (``no``, ``bf16``, ``fp16``)."""
     loader = DataLoader(CXRDataset(manifest, size, progress=False), batch_size=batch_size, shuffle=False)
-    out: list[Any] = [extractor(batch["image"]).cpu().numpy() for batch in loader]
+    out: list[Any] = []
+    for batch in loader:
+        with autocast(extractor.device, mixed_precision):
+            out.append(extractor(batch["image"]).float().cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 
@@ -196,22 +228,21 @@ def space_fidelity(
     seed: int,
     inception_weights: str | os.PathLike | None,
     xrv_weights: str | None,
+    mixed_precision: str = "no",
 ) -> dict[str, Any]:
     """FID, KID, precision/recall and density/coverage of every set (and the real-to-real floor) in one more
-    feature space, or the reason it was not computed."""
+    feature space (its network under the ``mixed_precision`` autocast), or the reason it was not computed."""
     extractor = build_extractor(spec, device, inception_weights=inception_weights, xrv_weights=xrv_weights)
     if isinstance(extractor, str):
         logger.info("Feature space %s: %s", spec, extractor)
         return {"note": extractor}
-    test = embed_images(extractor, reference["test"], size)
-    val = embed_images(extractor, reference["val"], size)
+    test = embed_images(extractor, reference["test"], size, mixed_precision=mixed_precision)
+    val = embed_images(extractor, reference["val"], size, mixed_precision=mixed_precision)
+    synthetic = {name: embed_images(extractor, m, size, mixed_precision=mixed_precision) for name, m in sets.items()}
     return {
         "extractor": extractor.description,
         "floor": feature_distances(test, val, seed, fid_images),
-        "synthetic": {
-            name: feature_distances(test, embed_images(extractor, manifest, size), seed, fid_images)
-            for name, manifest in sets.items()
-        },
+        "synthetic": {name: feature_distances(test, f, seed, fid_images) for name, f in synthetic.items()},
     }
 
 

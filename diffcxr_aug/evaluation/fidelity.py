@@ -17,6 +17,7 @@ from diffcxr_aug.classifiers.models import ClassifierConfig
 from diffcxr_aug.classifiers.train import build_transforms
 from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.manifest import Manifest
+from diffcxr_aug.runtime import autocast
 
 PR_NEIGHBOURS = 3  # k of improved precision/recall (Kynkäänniemi et al. use 3)
 PER_LABEL_MIN_IMAGES = 20  # positives a side before a label gets its own FID
@@ -41,11 +42,13 @@ def embed(
     device: torch.device,
     batch_size: int = 64,
     desc: str = "features",
+    mixed_precision: str = "no",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Penultimate-layer features, sigmoid scores and stored labels of every row of ``manifest``.
 
     timm models split into ``forward_features`` and ``forward_head``; ``pre_logits=True`` gives the pooled
-    vector the classifier's last layer reads.
+    vector the classifier's last layer reads. ``mixed_precision`` (``no``, ``bf16``, ``fp16``) is the autocast the
+    model runs under; features and scores are returned in fp32 either way.
     """
     transform = build_transforms((config.mean,), (config.std,), train=False)
     dataset = CXRDataset(manifest, config.image_size, config.label_names, transform=transform, progress=False)
@@ -53,9 +56,11 @@ def embed(
     model.eval()
     features, scores, labels = [], [], []
     for batch in tqdm(loader, desc=desc, leave=False, unit="batch"):
-        pooled = model.forward_head(model.forward_features(batch["image"].to(device)), pre_logits=True)
+        with autocast(device, mixed_precision):
+            pooled = model.forward_head(model.forward_features(batch["image"].to(device)), pre_logits=True)
+            logits = model.get_classifier()(pooled)
         features.append(pooled.float().cpu().numpy())
-        scores.append(torch.sigmoid(model.get_classifier()(pooled).float()).cpu().numpy())
+        scores.append(torch.sigmoid(logits.float()).cpu().numpy())
         labels.append(batch["labels"].numpy())
     return np.concatenate(features), np.concatenate(scores), np.concatenate(labels)
 

@@ -167,6 +167,7 @@ def evaluate(
     features: Sequence[str] = ("reference",),
     inception_weights: str | os.PathLike | None = None,
     xrv_weights: str | None = None,
+    mixed_precision: str = "auto",
 ) -> Path:
     """Write ``OUT/report.json``, ``OUT/report.md`` and figures for one or more synthetic sets.
 
@@ -190,13 +191,17 @@ def evaluate(
             ``inception``, ``xrv``, ``open_clip:NAME_OR_DIR`` (:mod:`.features`); one that cannot be built here
             is listed with the reason.
         inception_weights, xrv_weights: the weights of those spaces (:func:`~.features.build_extractor`).
+        mixed_precision: the autocast of every network run here (the reference classifier's training and
+            predictions, the feature spaces): ``auto`` (bf16 on a GPU that has it, fp16 on one that has not, fp32 on
+            a CPU, so CPU numbers stay those of the fp32 records), ``no``, ``bf16`` or ``fp16``; the report records
+            the precision used.
 
     Returns:
         The path of ``report.json``.
     """
     from PIL import Image
 
-    from diffcxr_aug.runtime import resolve_device
+    from diffcxr_aug.runtime import resolve_device, resolve_mixed_precision
 
     out = Path(out)
     sets = _synthetic_sets(synthetic)
@@ -214,6 +219,7 @@ def evaluate(
         with Image.open(first.image_paths()[0]) as image:
             size = int(image.size[0])
     dev = resolve_device(device)
+    precision = resolve_mixed_precision(mixed_precision, dev)
 
     labels = [name for name in CHEXPERT_LABELS if name in real_manifest.label_names] or real_manifest.label_names
     if classifier is not None:
@@ -237,6 +243,7 @@ def evaluate(
             epochs=epochs,
             device=dev,
             seed=seed,
+            mixed_precision=precision,
         )
 
     out.mkdir(parents=True, exist_ok=True)
@@ -255,7 +262,7 @@ def evaluate(
 
     feats = {}
     for key, manifest in (("train", train), ("val", reference["val"]), ("test", reference["test"])):
-        feats[key] = embed(model, config, manifest, dev, desc=f"features: real {key}")
+        feats[key] = embed(model, config, manifest, dev, desc=f"features: real {key}", mixed_precision=precision)
     pixels = {
         key: pixel_images(m, config.image_size).to(dev) for key, m in (("train", train), ("test", reference["test"]))
     }
@@ -268,6 +275,7 @@ def evaluate(
         "classifier": {"model": config.model, "size": config.image_size, "labels": config.label_names},
         "feature_space": f"{config.model} penultimate layer ({feats['test'][0].shape[1]} features)",
         "reference_note": clean_note,
+        "mixed_precision": precision,
         "real_test": {
             "n_images": len(reference["test"]),
             "faithfulness": test_auc,
@@ -278,7 +286,7 @@ def evaluate(
     pairs, scored = [], {}
     aligners: dict[Path, tuple[AlignmentScorer, dict[str, Any]]] = {}
     for name, manifest in synthetic_manifests.items():
-        f, s, y = embed(model, config, manifest, dev, desc=f"features: {name}")
+        f, s, y = embed(model, config, manifest, dev, desc=f"features: {name}", mixed_precision=precision)
         scored[name] = (s, y)
         priv = privacy(f, feats["train"][0], feats["test"][0])
         pixel = pixel_privacy(pixel_images(manifest, config.image_size).to(dev), pixels["train"], held_out_pixels)
@@ -334,6 +342,7 @@ def evaluate(
             seed,
             inception_weights,
             xrv_weights,
+            precision,
         )
     results["metrics"] = flat_metrics(results["feature_spaces"])
     results["paired"] = paired_faithfulness(synthetic_manifests, scored, seed)

@@ -1,5 +1,6 @@
 """The ``accelerate.Accelerator`` a training run uses (:func:`start_accelerator`): its device and mixed precision,
-with accelerate's one-precision-a-process rule lifted between runs in one process."""
+with accelerate's one-precision-a-process rule lifted between runs in one process; and fp16's loss-scaler state,
+which checkpoints carry (:func:`scaler_state`, :func:`restore_scaler`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Any
 import torch
 
 from diffcxr_aug.runtime import resolve_device, resolve_mixed_precision
+
+# The checkpoint's state.json key of fp16's GradScaler state (the loss scale and its growth tracker).
+GRAD_SCALER_KEY = "grad_scaler"
 
 
 def start_accelerator(device: str, mixed_precision: str) -> tuple[Any, str]:
@@ -39,3 +43,15 @@ def _forget_other_precision(mixed_precision: str) -> None:
     state = getattr(AcceleratorState, "_shared_state", None)
     if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def scaler_state(accelerator: Any) -> dict[str, Any]:
+    """fp16's GradScaler state for a checkpoint's ``state.json`` (nothing in bf16 and fp32, which scale no loss)."""
+    return {} if accelerator.scaler is None else {GRAD_SCALER_KEY: accelerator.scaler.state_dict()}
+
+
+def restore_scaler(accelerator: Any, state: dict[str, Any]) -> None:
+    """fp16: the loss scale and its growth count of the checkpoint resumed, so that the resumed run skips and scales
+    the steps the uninterrupted one does."""
+    if accelerator.scaler is not None and state.get(GRAD_SCALER_KEY):
+        accelerator.scaler.load_state_dict(state[GRAD_SCALER_KEY])

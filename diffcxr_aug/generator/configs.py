@@ -11,6 +11,10 @@ Entries:
       trained on the manifest first and the offline MiniLM text encoder, frozen.
     * ``paper-256``: the paper's setting: 256 px, the SD VAE (4 x 32 x 32 latents), BiomedCLIP's text
       tower, K = 77 condition tokens. Needs the two pretrained models (hub or local copies) and a GPU.
+    * ``paper-512``: the same networks at 512 px (4 x 64 x 64 latents); about 4x paper-256's compute a step and
+      memory an image, which ``generator.gradient_checkpointing`` brings down.
+    * ``tiny-512``: tests (and ``bench/gpu_check.py --tiny``): the 512 px / 64 x 64-latent geometry and paper-256's
+      block layout at ``tiny``'s widths, with a factor-8 KL-VAE trained here; seconds on a CPU.
 
 This module imports no torch at import time (recipes are validated against :data:`GENERATOR_CONFIGS`
 before any heavy import); the builders import diffusers lazily.
@@ -157,6 +161,32 @@ _SCRATCH_TEXT = {
     "intermediate_size": 512,
 }
 
+# The paper's setting. BiomedCLIP's text tower is PubMedBERT (768 wide, 256-token context).
+_PAPER_256 = GeneratorConfig(
+    name="paper-256",
+    image_size=256,
+    vae="stabilityai/sd-vae-ft-mse",
+    vae_steps=0,
+    vae_batch_size=0,
+    text_encoder=BIOMEDCLIP_ID,
+    text_encoder_policy="frozen",
+    max_text_tokens=256,
+    num_tokens=77,
+    cross_attention_dim=768,
+    squeeze={"width": 768, "num_layers": 2, "num_heads": 12, "embed_dim": 512},
+    image_tower={"block_out_channels": (128, 256, 512), "embed_dim": 512, "norm_num_groups": 32},
+    unet=_unet(
+        (192, 384, 768, 768), (False, True, True, True), layers_per_block=2, attention_heads=8, norm_num_groups=32
+    ),
+    scratch_text={
+        "vocab_size": 16000,
+        "hidden_size": 512,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "intermediate_size": 2048,
+    },
+)
+
 GENERATOR_CONFIGS: dict[str, GeneratorConfig] = {
     "tiny": GeneratorConfig(
         name="tiny",
@@ -172,6 +202,34 @@ GENERATOR_CONFIGS: dict[str, GeneratorConfig] = {
         squeeze={"width": 16, "num_layers": 1, "num_heads": 2, "embed_dim": 16},
         image_tower={"block_out_channels": (8, 16), "embed_dim": 16, "norm_num_groups": 4},
         unet=_unet((16, 32), (False, True), layers_per_block=1, attention_heads=2, norm_num_groups=8),
+        scratch_text={
+            "vocab_size": 200,
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+        },
+    ),
+    # The paper-512 geometry at tiny's widths: 512 px through a factor-8 KL-VAE (trained here for 2 steps on
+    # 64 px crops) to 4 x 64 x 64 latents, and paper-256's block layout (four levels, cross-attention at the
+    # lower three: 32 x 32, 16 x 16, 8 x 8).
+    "tiny-512": GeneratorConfig(
+        name="tiny-512",
+        image_size=512,
+        vae="kl-f8",
+        vae_steps=2,
+        vae_batch_size=2,
+        vae_crop_size=64,
+        text_encoder="scratch",
+        text_encoder_policy="train",
+        max_text_tokens=64,
+        num_tokens=8,
+        cross_attention_dim=16,
+        squeeze={"width": 16, "num_layers": 1, "num_heads": 2, "embed_dim": 16},
+        image_tower={"block_out_channels": (8, 16), "embed_dim": 16, "norm_num_groups": 4},
+        unet=_unet(
+            (8, 16, 16, 16), (False, True, True, True), layers_per_block=1, attention_heads=2, norm_num_groups=4
+        ),
         scratch_text={
             "vocab_size": 200,
             "hidden_size": 16,
@@ -219,31 +277,11 @@ GENERATOR_CONFIGS: dict[str, GeneratorConfig] = {
         ),
         scratch_text=_SCRATCH_TEXT,
     ),
-    # The paper's setting. BiomedCLIP's text tower is PubMedBERT (768 wide, 256-token context).
-    "paper-256": GeneratorConfig(
-        name="paper-256",
-        image_size=256,
-        vae="stabilityai/sd-vae-ft-mse",
-        vae_steps=0,
-        vae_batch_size=0,
-        text_encoder=BIOMEDCLIP_ID,
-        text_encoder_policy="frozen",
-        max_text_tokens=256,
-        num_tokens=77,
-        cross_attention_dim=768,
-        squeeze={"width": 768, "num_layers": 2, "num_heads": 12, "embed_dim": 512},
-        image_tower={"block_out_channels": (128, 256, 512), "embed_dim": 512, "norm_num_groups": 32},
-        unet=_unet(
-            (192, 384, 768, 768), (False, True, True, True), layers_per_block=2, attention_heads=8, norm_num_groups=32
-        ),
-        scratch_text={
-            "vocab_size": 16000,
-            "hidden_size": 512,
-            "num_hidden_layers": 6,
-            "num_attention_heads": 8,
-            "intermediate_size": 2048,
-        },
-    ),
+    "paper-256": _PAPER_256,
+    # The paper's networks at 512 px. Convolutions and attention do not depend on the image size, so the UNet is
+    # paper-256's (its weights load here); on 4 x 64 x 64 latents its cross-attention levels sit at 32 x 32,
+    # 16 x 16 and 8 x 8, and a denoising step costs about 4x paper-256's.
+    "paper-512": dataclasses.replace(_PAPER_256, name="paper-512", image_size=512),
 }
 
 

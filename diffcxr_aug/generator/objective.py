@@ -4,6 +4,7 @@ alignment), and :func:`compile_networks`, which compiles the networks a training
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -72,6 +73,11 @@ class DiffusionObjective(nn.Module):
         super().train(mode)
         if self.text_encoder is not None:
             self.text_encoder.eval()
+            # transformers checkpoints a layer only in training mode: the checkpointed layers (and nothing inside
+            # them, so their dropout stays off) follow the objective's mode.
+            for module in self.text_encoder.modules():
+                if getattr(module, "gradient_checkpointing", False) is True:
+                    module.training = mode
         return self
 
     def condition(self, text: dict[str, torch.Tensor]) -> Any:
@@ -154,6 +160,177 @@ def compile_networks(objective: DiffusionObjective) -> list[str]:
             module.compile()
             names.append(name)
     return names
+
+
+def enable_gradient_checkpointing(objective: DiffusionObjective) -> list[str]:
+    """Recompute activations in the backward pass instead of keeping them: the UNet's resnet and transformer blocks
+    (diffusers' ``enable_gradient_checkpointing``, in stage 2 too, where the frozen UNet still carries the
+    adapter's gradients) and a trained text encoder's layers (transformers' own checkpointing, non-reentrant).
+    Returns the names of the networks checkpointed.
+
+    The DKIM adapter is not checkpointed: ``DiseaseKnowledgeAdapter`` does not declare diffusers'
+    ``_supports_gradient_checkpointing``.
+    """
+    objective.unet.enable_gradient_checkpointing()
+    names = ["unet"]
+    text = objective.text_encoder
+    if text is not None:
+        # transformers >= 5 names it activation checkpointing (the old name warns); 4.x has only the old name.
+        enable = getattr(text, "activation_checkpointing_enable", None) or text.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        names.append("text_encoder")
+    objective.train(objective.training)
+    return names
+
+
+# Activation bytes autograd saves an image under bf16 / fp16 autocast over those it saves in fp32: 0.61 for the
+# paper-256 UNet and 0.59 for phantom-128 (real tensors on a CPU, batch 2 minus batch 1, shared storage counted once;
+# the normalisations and softmaxes autocast keeps in fp32 are why it is not 0.5).
+HALF_PRECISION_ACTIVATIONS = 0.6
+
+
+def activation_bytes(
+    unet: nn.Module, num_tokens: int, adapter: nn.Module | None = None, precision: str = "no"
+) -> dict[str, int]:
+    """Activation memory of one training image: the bytes autograd keeps for the backward pass of one UNet forward
+    (and, with a DKIM ``adapter``, its forward) at batch 1, without and with gradient checkpointing.
+
+    Counted on the meta device (a meta copy of each network built from its config: no memory, no compute) with
+    ``torch.autograd.graph.saved_tensors_hooks``, each saved tensor's base once and the weights not at all (they do
+    not grow with the batch), in fp32. The count equals a real fp32 forward's under the math attention backend,
+    which a CPU trains with; on a GPU torch's flash and memory-efficient kernels keep less than the attention
+    probabilities counted here. ``bf16`` / ``fp16`` scale it by :data:`HALF_PRECISION_ACTIVATIONS` (meta tensors do
+    not run autocast). Checkpointing is counted the way diffusers runs it: its checkpointing function is replaced by
+    one that records, for each checkpointed block, its input tensors (which checkpointing keeps) and the bytes saved
+    inside it (recomputed in the backward pass, one block at a time), so that ``checkpointed = saved outside the
+    blocks + every block's inputs + the largest block``. The allocator's temporaries, a trained text encoder and the
+    squeeze and image tower are not counted.
+
+    Returns:
+        ``{"plain": bytes, "checkpointed": bytes}`` per image.
+    """
+    saved: dict[int, tuple[int, int]] = {}  # id of a saved tensor's base -> (bytes, block index; -1 outside blocks)
+    weights: set[int] = set()
+    inputs: dict[int, int] = {}  # id -> bytes of every checkpointed block's input tensors
+    keep: list[torch.Tensor] = []  # holds what the ids name, so that no id is reused during the count
+    block, calls = [-1], [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor if tensor._base is None else tensor._base
+        if id(base) not in saved and id(base) not in weights:
+            keep.append(base)
+            saved[id(base)] = (base.numel() * base.element_size(), block[0])
+        return tensor
+
+    def counted_block(module: Any, *args: Any) -> Any:
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                keep.append(arg)
+                inputs[id(arg)] = arg.numel() * arg.element_size()
+        outer, block[0] = block[0], calls[0]
+        calls[0] += 1
+        try:
+            return module(*args)
+        finally:
+            block[0] = outer
+
+    with torch.device("meta"):
+        meta_unet = type(unet).from_config(unet.config).train()
+        meta_adapter = None if adapter is None else type(adapter).from_config(adapter.config).train()
+    weights.update(id(w) for net in (meta_unet, meta_adapter) if net is not None for w in net.parameters())
+    meta_unet.enable_gradient_checkpointing(counted_block)
+    size = meta_unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    sample = torch.zeros(1, meta_unet.config.in_channels, *size, device="meta")
+    context = torch.zeros(1, num_tokens, meta_unet.config.cross_attention_dim, device="meta")
+    timestep = torch.tensor([500], device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        residuals = {}
+        if meta_adapter is not None:
+            down, mid = meta_adapter(sample, timestep, encoder_hidden_states=context, return_dict=False)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        meta_unet(sample, timestep, encoder_hidden_states=context, **residuals)
+    per_block: dict[int, int] = {}
+    for nbytes, index in saved.values():
+        per_block[index] = per_block.get(index, 0) + nbytes
+    outside = per_block.pop(-1, 0)
+    plain = outside + sum(per_block.values())
+    checkpointed = outside + sum(inputs.values()) + max(per_block.values(), default=0)
+    scale = HALF_PRECISION_ACTIVATIONS if precision in ("bf16", "fp16") else 1.0
+    return {"plain": int(plain * scale), "checkpointed": int(checkpointed * scale)}
+
+
+def training_memory(
+    objective: DiffusionObjective,
+    frozen: Sequence[nn.Module | None],
+    ema_params: Sequence[torch.Tensor],
+    precision: str,
+    num_tokens: int,
+    num_processes: int = 1,
+) -> dict[str, Any]:
+    """What a training process holds on its device, in bytes: ``{"fixed": {...}, "per_image": {...}}`` (and the
+    ``precision`` counted).
+
+    Fixed: every parameter of ``objective`` and of the ``frozen`` networks (the VAE, a frozen text encoder) in its
+    dtype; a gradient and AdamW's two moments (fp32) per trainable parameter, and one more gradient-sized buffer
+    under DistributedDataParallel (``num_processes`` > 1); the EMA's fp32 copy of ``ema_params``; under bf16 / fp16
+    autocast the half-precision copy of the objective's weights that autocast makes. Per image: the UNet's (and the
+    DKIM adapter's) activations without and with gradient checkpointing (:func:`activation_bytes`). Neither the
+    allocator's temporaries nor a trained text encoder's activations are counted: the figures are a floor.
+    """
+    params = {id(p): p for m in (objective, *frozen) if m is not None for p in m.parameters()}.values()
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    fixed = {
+        "weights": sum(p.numel() * p.element_size() for p in params),
+        "gradients": 4 * trainable * (2 if num_processes > 1 else 1),
+        "AdamW": 8 * trainable,
+        "EMA": 4 * sum(p.numel() for p in ema_params),
+    }
+    if precision in ("bf16", "fp16"):
+        fixed["autocast copies"] = 2 * sum(p.numel() for p in objective.parameters())
+    per_image = activation_bytes(objective.unet, num_tokens, objective.adapter, precision)
+    return {"fixed": fixed, "per_image": per_image, "precision": "fp32" if precision == "no" else precision}
+
+
+def memory_at(memory: dict[str, Any], batch_size: int, checkpointed: bool) -> int:
+    """Bytes of :func:`training_memory` at ``batch_size`` images a step, with or without gradient checkpointing."""
+    return (
+        sum(memory["fixed"].values()) + batch_size * memory["per_image"]["checkpointed" if checkpointed else "plain"]
+    )
+
+
+def describe_training_memory(
+    objective: DiffusionObjective,
+    frozen: Sequence[nn.Module | None],
+    ema_params: Sequence[torch.Tensor],
+    precision: str,
+    num_tokens: int,
+    num_processes: int,
+    batch_size: int,
+    checkpointing: bool,
+    device: torch.device,
+) -> str:
+    """One log line of :func:`training_memory` (the arguments up to ``num_processes`` are its): the fixed part, the
+    activations an image, the total at a few batch sizes around ``batch_size`` with and without checkpointing, and
+    on CUDA the memory the device has free."""
+    memory = training_memory(objective, frozen, ema_params, precision, num_tokens, num_processes)
+    gib = 2**30
+    sizes = sorted({max(1, batch_size // 4), max(1, batch_size // 2), batch_size, 2 * batch_size, 4 * batch_size})
+    table = ", ".join(
+        f"{b}: {memory_at(memory, b, False) / gib:.1f} ({memory_at(memory, b, True) / gib:.1f})" for b in sizes
+    )
+    free = ""
+    if device.type == "cuda":
+        available, total = torch.cuda.mem_get_info(device)
+        free = f"; CUDA {available / gib:.1f} of {total / gib:.1f} GiB free now"
+    fixed = ", ".join(f"{name} {value / gib:.2f}" for name, value in memory["fixed"].items())
+    per_image = memory["per_image"]
+    return (
+        f"Memory estimate per process, GiB: {fixed}; activations an image {per_image['plain'] / gib:.3f} "
+        f"({per_image['checkpointed'] / gib:.3f} with gradient checkpointing): the UNet's saved tensors, counted on "
+        f"the meta device, in {memory['precision']}. Total by batch size (with gradient checkpointing): {table}. "
+        f"This run: batch {batch_size}, gradient checkpointing {'on' if checkpointing else 'off'}{free}"
+    )
 
 
 def _dropped(cond: Any, null: Any, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -355,9 +355,11 @@ class DiffCXRPipeline(DiffusionPipeline):
                     return_dict=False,
                 )
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            # Under bf16 / fp16 autocast the UNet answers in half precision; guidance and the solver's multistep
+            # sums run in fp32, where the latents are.
             noise_pred = self.unet(
                 model_input, t, encoder_hidden_states=context, encoder_attention_mask=context_mask, **residuals
-            ).sample
+            ).sample.float()
             if do_cfg:
                 noise_uncond, noise_cond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)

@@ -191,12 +191,20 @@ class GeneratorSettings(Settings):
     validation_guidance: float = Field(3.0, ge=0.0)
     log_every: int = Field(10, ge=1)
     mixed_precision: Annotated[MixedPrecision, BeforeValidator(yaml_no)] = Field(
-        "auto", description="auto: bf16 on a GPU that has it and on a CPU with native bf16 (AVX512-BF16, AMX), else no"
+        "auto",
+        description="auto: bf16 on a GPU that has it (fp16 with loss scaling on one that has not: V100, T4) and on a "
+        "CPU with native bf16 (AVX512-BF16, AMX), else no",
     )
     attention: Attention = Field(
         "auto",
         description="scaled-dot-product attention backend: auto (math on a CPU, torch's choice on a GPU), math, "
         "or default (torch's choice)",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute the UNet's activations (and a trained text encoder's) in the backward pass instead "
+        "of keeping them: a larger batch fits in the same memory, for about a third more compute a step; training "
+        "logs a memory estimate per batch size at its start",
     )
     compile: bool = Field(
         False,
@@ -250,8 +258,10 @@ class SynthesisSettings(Settings):
     sampler: Sampler = Field(
         "pipeline", description="pipeline: the generator's saved scheduler; or a diffusers one built from its config"
     )
-    mixed_precision: Annotated[Literal["no", "bf16"], BeforeValidator(yaml_no)] = Field(
-        "no", description="bf16: sample under bf16 autocast (faster on a GPU and on a CPU with native bf16)"
+    mixed_precision: Annotated[MixedPrecision, BeforeValidator(yaml_no)] = Field(
+        "auto",
+        description="autocast while sampling: auto (bf16 on a GPU that has it, fp16 on one that has not, fp32 on a "
+        "CPU), no (fp32), bf16, fp16 (a GPU); the job records the precision it resolved to",
     )
 
     dkim_scale: float | None = Field(

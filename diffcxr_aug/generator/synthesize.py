@@ -28,12 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from diffcxr_aug.data.manifest import MANIFEST_NAME
-from diffcxr_aug.errors import InputError, MissingInputError
+from diffcxr_aug.errors import MissingInputError
 from diffcxr_aug.generator.pipeline_folder import generator_image_size
 from diffcxr_aug.generator.settings import SynthesisSettings
 from diffcxr_aug.generator.synthesis_job import check_shard, finish_job, lock_folder, start_job, write_shard
 from diffcxr_aug.generator.synthesis_plan import SynthesisPlan, image_name, image_seed, plan_job, shard_range
-from diffcxr_aug.runtime import attention_backend, resolve_device
+from diffcxr_aug.runtime import attention_backend, autocast, resolve_device, resolve_mixed_precision
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -66,6 +66,9 @@ def synthesize(
             a CSV of labels; ``labels_from``: a manifest's labels; default: the manifest the generator was
             trained on) and ``balance`` (the positive share each label should reach).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (with several processes each takes its own GPU).
+            ``section.mixed_precision`` is resolved on it: ``auto`` samples in bf16 on a GPU that has it, fp16 on
+            one that has not, and fp32 on a CPU (there bf16 sampled phantom-128 1.8x faster, README "Performance",
+            but changes every image of the recipes recorded in fp32; ask for it with ``bf16``).
         seed: the job seed (prompt order and every image's noise).
 
     Returns:
@@ -78,10 +81,13 @@ def synthesize(
         raise MissingInputError(
             f"{generator} is not a trained pipeline folder (no model_index.json); pass the --out of train-generator"
         )
+    # The job records the precision it ran in (auto is bf16 on one GPU and fp16 on another), so a folder's images
+    # are never mixed from two precisions.
+    section = section.model_copy(
+        update={"mixed_precision": resolve_mixed_precision(section.mixed_precision, resolve_device(device))}
+    )
     plan, job = plan_job(generator, section, seed)
     with _processes(device) as (state, dev), contextlib.ExitStack() as stack:
-        if section.mixed_precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise InputError(f"--mixed-precision bf16: {torch.cuda.get_device_name(dev)} has no bf16; use no")
         rank, world = (0, 1) if state is None else (state.process_index, state.num_processes)
         start: Any = None
         if rank == 0:
@@ -168,12 +174,11 @@ class _Sampler:
         dkim = {}
         if self.plan.knowledge is not None:
             dkim = {"knowledge": [self.plan.knowledge_of(i) for i in batch], "dkim_scale": self.plan.dkim_scale}
-        bf16 = self.section.mixed_precision == "bf16"
         # The math attention backend on a CPU: the fp32 guided step of phantom-128 at batch 2 x 32 took 0.315 s
         # against 0.375 s with torch's choice, at 0.97 of the fp32 matmul limit (bench/perf.py); bf16 the same.
         with (
             torch.inference_mode(),
-            torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=bf16),
+            autocast(self.dev, self.section.mixed_precision),
             attention_backend("auto", self.dev),
         ):
             return self._sample(batch, dkim)

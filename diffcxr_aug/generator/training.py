@@ -38,11 +38,11 @@ from tqdm.auto import tqdm
 
 from diffcxr_aug.data.manifest import Manifest, read_manifest
 from diffcxr_aug.errors import InputError, MissingInputError, OutputInUseError
-from diffcxr_aug.generator.accelerator import start_accelerator
+from diffcxr_aug.generator.accelerator import restore_scaler, scaler_state, start_accelerator
 from diffcxr_aug.generator.batches import BatchStream
 from diffcxr_aug.generator.checkpoints import read_checkpoint_state, resolve_resume, save_checkpoint
 from diffcxr_aug.generator.configs import GeneratorConfig, resolve_config
-from diffcxr_aug.generator.objective import compile_networks
+from diffcxr_aug.generator.objective import compile_networks, describe_training_memory, enable_gradient_checkpointing
 from diffcxr_aug.generator.pipeline_export import TRAINING_INFO, save_trained_pipeline
 from diffcxr_aug.generator.sample_grids import SampleGrids
 from diffcxr_aug.generator.settings import GeneratorSettings
@@ -278,7 +278,15 @@ def _start(
             build_stage1(run)
         else:
             build_stage2(run)
+        if section.gradient_checkpointing:  # before accelerate wraps the objective (DDP)
+            logger.info("Gradient checkpointing: %s", ", ".join(enable_gradient_checkpointing(run.objective)))
         build_optimisation(run)
+        restore_scaler(accelerator, state)
+        if run.main:  # what a process needs, before the first step
+            logger.info("%s", describe_training_memory(
+                run.model, [run.vae, run.bundle.model], run.ema_params, mixed_precision, cfg.num_tokens,
+                accelerator.num_processes, section.batch_size, section.gradient_checkpointing, run.dev,
+            ))  # fmt: skip
         if section.compile:
             run.compiled = compile_networks(run.model)
             logger.info("Compiling %s (torch.compile, inductor); the first steps wait for it", ", ".join(run.compiled))
@@ -351,7 +359,7 @@ def _loop(run: TrainingRun) -> int:
         tokens = tokenize(run.bundle.tokenizer, texts, run.text_max_length, dev)
         if run.trainable_text:
             return tokens  # encoded inside the objective, with gradients
-        with torch.no_grad():
+        with torch.no_grad(), accelerator.autocast():  # a frozen encoder run every step: in the step's precision
             states, mask = encode_tokens(run.bundle.model, tokens)
         return {"states": states, "attention_mask": mask}
 
@@ -399,11 +407,13 @@ def _loop(run: TrainingRun) -> int:
                 accelerator.backward(losses["loss"] / accum)
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
+        # fp16: clipping unscales first; the step is the GradScaler's (skipped on overflow); weights stay fp32.
         accelerator.clip_grad_norm_(objective.parameters(), 1.0)
         run.optimizer.step()
-        run.lr_scheduler.step()
+        if not accelerator.optimizer_step_was_skipped:  # a skipped step moves neither the schedule nor the EMA
+            run.lr_scheduler.step()
+            run.ema.step(run.ema_params)
         run.optimizer.zero_grad(set_to_none=True)
-        run.ema.step(run.ema_params)
         step += 1
 
         values = torch.tensor([totals.get(c, float("nan")) for c in LOSS_COLUMNS[1:4]], device=dev)
@@ -439,7 +449,7 @@ def _loop(run: TrainingRun) -> int:
                     run.optimizer,
                     run.lr_scheduler,
                     run.ema,
-                    {**run.state(), "wall_minutes": run.wall_minutes()[1]},
+                    {**run.state(), "wall_minutes": run.wall_minutes()[1], **scaler_state(accelerator)},
                     scratch_tokenizer,
                     section.checkpoints_total_limit,
                 )

@@ -34,7 +34,7 @@ from diffcxr_aug.data.dataset import CXRDataset
 from diffcxr_aug.data.manifest import Manifest
 from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.io import atomic_write_json
-from diffcxr_aug.runtime import resolve_device, resolve_mixed_precision
+from diffcxr_aug.runtime import autocast, resolve_device, resolve_mixed_precision
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +307,8 @@ def train_vae(
 
     ``mixed_precision``: ``auto`` (bf16 autocast on a GPU that has it and on a CPU with native bf16: on the
     2-core AVX512-BF16 machine a kl-f4 step at 64 px and batch 32 takes about half the fp32 time; see
-    ``bench/vae_precision.py``), ``no`` or ``bf16``. The loss and the optimiser stay in fp32.
+    ``bench/vae_precision.py``; fp16 on a GPU without bf16), ``no``, ``bf16`` or ``fp16`` (the loss scaled). The loss
+    and the optimiser stay in fp32.
 
     A folder ``out`` that already holds a VAE trained with the same settings (its ``metrics.json``) is loaded
     instead of trained again, so a rerun of an interrupted job does not redo the VAE.
@@ -355,6 +356,8 @@ def train_vae(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
     scheduler = one_cycle_schedule(optimizer, learning_rate, steps)
     sample_generator = torch.Generator(device=dev).manual_seed(seed)
+    # fp16 (a GPU without bf16) scales the loss so that small gradients do not underflow; bf16 and fp32 need not.
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     step, bar = 0, tqdm(total=steps, desc=f"training VAE {config}", disable=not progress, unit="step")
     vae.train()
     while step < steps:
@@ -363,16 +366,18 @@ def train_vae(
             if crop_size is not None and crop_size < size:
                 images = random_crops(images, crop_size, generator)
             x = _to_vae_input(images.to(dev), vae)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with autocast(dev, precision):
                 posterior = vae.encode(x).latent_dist
                 recon = vae.decode(posterior.sample(generator=sample_generator)).sample.float()
             loss_rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
             loss_kl = posterior.kl().float().mean() / math.prod(x.shape[1:])
             loss = loss_rec + kl_weight * loss_kl * math.prod(x.shape[1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             step += 1
             bar.update(1)
