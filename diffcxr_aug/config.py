@@ -60,7 +60,11 @@ class DataSection(Section):
         description="phantom: expected share of noisy images (laterals, inverted, ...); 0: clean",
     )
     size: int = Field(DEFAULT_IMAGE_SIZE, ge=32, le=1024, description="image side in pixels for the cache")
-    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    split_fractions: tuple[float, float, float] = Field(
+        (0.7, 0.1, 0.2),
+        description="patient shares of train, val and test: the phantom world's, and those of a real dataset's rows "
+        "without an official split",
+    )
     # csv adapter
     csv: Path | None = None
     image_col: str = "image"
@@ -179,6 +183,12 @@ class EvaluateSection(Section):
         description="autocast of every network evaluate runs (the reference classifier, the feature spaces): auto "
         "(bf16 on a GPU that has it, fp16 on one that has not, fp32 on a CPU), no, bf16, fp16 (a GPU)",
     )
+    min_label_support: int = Field(
+        1,
+        ge=1,
+        description="a label is scored (the reference classifier's real-test mAUC, faithfulness) only with this many "
+        "positives and negatives among the real test films",
+    )
 
     @field_validator("features")
     @classmethod
@@ -234,6 +244,19 @@ class AblationSection(Section):
         return self
 
 
+class SynthesizeSection(SynthesisSettings):
+    """The recipe's synthesize step: :class:`SynthesisSettings` for the images the classifiers use, and a set from
+    the test split's reports for judging the generator."""
+
+    held_out: int | None = Field(
+        None,
+        gt=0,
+        description="also sample this many images from the test split's reports, which the generator never saw, "
+        "into synthetic-held-out/: evaluate judges that set (against the real films those reports describe) "
+        "and no classifier trains on it",
+    )
+
+
 class Recipe(Section):
     """One whole experiment: the loop ``prepare -> filter -> train-generator -> synthesize -> train-classifier
     -> evaluate`` and the settings of each step."""
@@ -248,7 +271,7 @@ class Recipe(Section):
     vae: VAESettings = Field(default_factory=VAESettings)
     filter: FilterSettings = Field(default_factory=FilterSettings)
     generator: GeneratorSettings = Field(default_factory=GeneratorSettings)
-    synthesize: SynthesisSettings = Field(default_factory=SynthesisSettings)
+    synthesize: SynthesizeSection = Field(default_factory=SynthesizeSection)
     classifier: ClassifierSection = Field(default_factory=ClassifierSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     ablation: AblationSection | None = Field(

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from diffcxr_aug.cli import app
 from diffcxr_aug.data.manifest import read_manifest, write_manifest
 from diffcxr_aug.evaluation.fidelity import density_coverage, feature_distances, per_label_fidelity, precision_recall
+from diffcxr_aug.evaluation.judge import mask_labels, thin_labels
 from diffcxr_aug.evaluation.privacy import (
     _centred,
     aligned_similarity,
@@ -459,3 +460,38 @@ def test_evaluate_runs_its_networks_under_the_precision_asked_for(tmp_path):
     with pytest.raises(InputError, match="fp16 needs a GPU"):
         evaluate(real, synthetic, tmp_path / "fp16", device="cpu", epochs=1, mixed_precision="fp16")
     assert not (tmp_path / "fp16").exists()
+
+
+def test_a_judge_no_better_than_chance_withholds_what_depends_on_it(tmp_path):
+    # The reference classifier's labels are shuffled against the images, so it learns nothing a test film shows.
+    real = make_tiny_manifest(tmp_path / "real", n=48, size=32, seed=0).parent
+    manifest = read_manifest(real)
+    frame = manifest.frame.copy()
+    frame["Cardiomegaly"] = np.random.default_rng(1).permutation(frame["Cardiomegaly"].to_numpy())
+    write_manifest(frame, real)
+    other = make_tiny_manifest(tmp_path / "other", n=24, size=32, seed=7).parent
+    fresh = synthetic_like(other, tmp_path / "fresh", read_manifest(other).frame.index).parent
+    out = tmp_path / "eval"
+    args = ["evaluate", "--real", str(real), "--synthetic", f"fresh={fresh}", "--out", str(out)]
+    result = CliRunner().invoke(app, args + ["--epochs", "1", "--device", "cpu", "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    judge = report["judge"]
+    assert judge["better_than_chance"] is False and judge["ci95"][0] <= 0.5 <= judge["ci95"][1]
+    assert "includes chance" in judge["reason"] and judge["labels"] == ["Cardiomegaly"]
+    entry = report["synthetic"]["fresh"]
+    assert entry["fidelity"] is None and entry["faithfulness"] is None and entry["fidelity_per_label"] == {}
+    assert report["real_test"]["floor"] is None and report["metrics"] == {} and report["paired"] == []
+    assert report["feature_spaces"]["reference"]["note"].startswith("withheld")
+    assert entry["privacy"]["pixel"]["flagged"] >= 0  # pixel privacy does not use the judge: kept
+    md = (out / "report.md").read_text()
+    assert "It is no better than chance" in md and "No feature space that does not depend on it" in md
+    assert "FID (x" not in md and "faithfulness mAUC" not in md and "| fresh | 24 |" in md
+    assert "more clearly" not in md and "less clearly" not in md
+
+
+def test_thin_labels_are_not_scored():
+    y = np.array([[1, 0, 1], [0, 0, 1], [1, 1, np.nan], [0, 0, 0]], dtype=float)
+    assert thin_labels(y, ["a", "b", "c"], 2) == ["b", "c"] and thin_labels(y, ["a", "b", "c"], 1) == []
+    masked = mask_labels(y, ["a", "b", "c"], ["b"])
+    assert np.isnan(masked[:, 1]).all() and np.array_equal(masked[:, 0], y[:, 0]) and not np.isnan(y).all(axis=0)[1]

@@ -22,8 +22,15 @@ from diffcxr_aug.cli import app
 from diffcxr_aug.data.images import load_image, verify_image
 from diffcxr_aug.data.labeler import RuleLabeler
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
-from diffcxr_aug.data.manifest import read_manifest
-from diffcxr_aug.generator.prompts import balanced_prompt_rows, prevalence, prompt_rows, template_report
+from diffcxr_aug.data.manifest import read_manifest, write_manifest
+from diffcxr_aug.errors import InputError
+from diffcxr_aug.generator.prompts import (
+    balanced_prompt_rows,
+    load_prompt_pool,
+    prevalence,
+    prompt_rows,
+    template_report,
+)
 from diffcxr_aug.generator.settings import GeneratorSettings, SynthesisSettings
 from diffcxr_aug.generator.synthesis_plan import image_seed
 from diffcxr_aug.generator.synthesize import synthesize
@@ -312,3 +319,15 @@ def test_synthesize_defaults_to_label_prompts_for_a_generator_trained_on_labels(
     assert _prompt_source(tmp_path, SynthesisSettings()) == (data, True)
     (tmp_path / "training_info.json").write_text(json.dumps({"data": str(data), "section": {}}))
     assert _prompt_source(tmp_path, SynthesisSettings()) == (data, False)
+
+
+def test_prompt_split_draws_the_reports_of_that_split_only(tmp_path):
+    manifest = read_manifest(make_tiny_manifest(tmp_path / "tiny"))
+    for split in ("train", "val", "test"):
+        pool = load_prompt_pool(tmp_path / "tiny", split=split)
+        expected = manifest.split(split).frame
+        assert len(pool) == len(expected) and sorted(pool.frame["image"]) == sorted(expected["image_path"])
+    emptied = manifest.frame.assign(split=manifest.frame["split"].replace("test", "train"))
+    write_manifest(emptied, tmp_path / "tiny")
+    with pytest.raises(InputError, match="the test split is empty"):
+        load_prompt_pool(tmp_path / "tiny", split="test")

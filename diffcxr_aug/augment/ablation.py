@@ -248,10 +248,8 @@ def ablation_table(recipe: Recipe, arms: dict[str, Recipe], finished: dict[str, 
                 for space, body in spaces.items()
             }
             row["fid_notes"] = {space: body.get("note") for space, body in spaces.items() if "synthetic" not in body}
-            row["faithfulness"] = {
-                "mauc": entry["faithfulness"]["mauc"],
-                "ci95": entry["faithfulness"].get("mauc_ci95"),
-            }
+            faith = entry["faithfulness"] or {}  # None: withheld, the judge reads real films at chance
+            row["faithfulness"] = {"mauc": faith.get("mauc"), "ci95": faith.get("mauc_ci95")}
             if name != section.baseline:
                 p = paired.get((name, section.baseline)) or paired.get((section.baseline, name))
                 if p is not None and p.get("mauc_difference") is not None:
@@ -320,7 +318,8 @@ def ablation_markdown(table: dict[str, Any]) -> str:
         cells += [_fmt(r.get("fid", {}).get(s), 2) for s in spaces]
         faith = r.get("faithfulness", {})
         ci = faith.get("ci95")
-        cells.append("–" if not faith else f"{faith['mauc']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+        withheld = not faith or faith.get("mauc") is None
+        cells.append("–" if withheld else f"{faith['mauc']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
         p = faith.get("paired_vs_baseline")
         cells.append("–" if p is None else f"{p['difference']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]")
         for key in downstream:

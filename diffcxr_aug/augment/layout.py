@@ -31,6 +31,7 @@ def prepare_data(section: DataSection, out: Path, seed: int = 0) -> Path:
         seed=seed,
         n=section.n,
         noise_rate=section.noise_rate,
+        split_fractions=section.split_fractions,
         csv=section.csv,
         image_col=section.image_col,
         label_cols=section.label_cols,
@@ -57,6 +58,7 @@ def experiment_paths(recipe: Recipe) -> dict[str, Path]:
         "synthetic": root / "synthetic",
         "synthetic-dkim": root / "synthetic-dkim",
         "synthetic-dkim-balanced": root / "synthetic-dkim-balanced",
+        "synthetic-held-out": root / "synthetic-held-out",
         "ceiling": root / "ceiling",
         "classifiers": root / "classifiers",
         "evaluation": root / "evaluation",
@@ -123,6 +125,16 @@ def sampled_sets(recipe: Recipe) -> dict[str, SampledSet]:
     if "dkim-balanced" in dkim:
         sets["dkim-balanced"] = SampledSet("generator-dkim", "synthetic-dkim-balanced", balance)
     return sets
+
+
+def held_out_set(recipe: Recipe) -> SampledSet | None:
+    """The set ``synthesize.held_out`` asks for: the recipe's final generator (with ``generator.seeds``, the first
+    seed's) on the test split's reports, into ``synthetic-held-out/``; ``None`` when the recipe asks for none."""
+    if recipe.synthesize.held_out is None:
+        return None
+    seeds = recipe.generator.seeds
+    generator = f"generator-seed{seeds[0]}" if seeds else final_generator_key(recipe)
+    return SampledSet(generator, "synthetic-held-out", None)
 
 
 def classifier_synthetic(recipe: Recipe, paths: dict[str, Path]) -> dict[str, Path | dict[int, Path]]:
@@ -217,7 +229,11 @@ def final_generator(recipe: Recipe, paths: dict[str, Path]) -> Path:
 
 def evaluated_sets(recipe: Recipe, paths: dict[str, Path]) -> dict[str, Path]:
     """The sets the evaluate step judges in one report: ``synthetic`` (the synthesize step's set), or, when the
-    recipe samples several, each by its source name (so the report pairs stage 1 and stage 2 image for image)."""
+    recipe samples several, each by its source name (so the report pairs stage 1 and stage 2 image for image);
+    with ``synthesize.held_out``, the held-out set alone (``held-out``: images of reports the generator never saw,
+    beside the real test films they describe)."""
+    if held_out_set(recipe) is not None:
+        return {"held-out": paths["synthetic-held-out"]}
     sets = sampled_sets(recipe)
     if len(sets) == 1:
         return {"synthetic": paths["synthetic"]}

@@ -17,6 +17,7 @@ from diffcxr_aug.augment.layout import (
     evaluated_sets,
     experiment_paths,
     filter_section,
+    held_out_set,
     prepare_data,
     recipe_vae,
     recipe_vae_plan,
@@ -32,6 +33,7 @@ from diffcxr_aug.config import EvaluateSection, Recipe, write_resolved_recipe
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.evaluation.report import evaluate
 from diffcxr_aug.generator.noise_filter import run_filter
+from diffcxr_aug.generator.settings import SynthesisSettings
 from diffcxr_aug.generator.synthesize import synthesize
 from diffcxr_aug.generator.training import train_generator
 
@@ -52,12 +54,14 @@ _ADDED_LATER: dict[str, Any] = {
     "seeds": None,
     "drop_modalities": None,
     "gradient_checkpointing": False,
+    "held_out": None,
+    "prompt_split": "train",
 }
 
 
 # Keys added to one section after runs were recorded (older keys of the same name live in other sections), with the
 # value that reproduces what those runs did: evaluate ran in fp32, as `auto` does on a CPU.
-_ADDED_LATER_TO: dict[type, dict[str, Any]] = {EvaluateSection: {"mixed_precision": "auto"}}
+_ADDED_LATER_TO: dict[type, dict[str, Any]] = {EvaluateSection: {"mixed_precision": "auto", "min_label_support": 1}}
 
 
 def _dump(section: Any) -> dict[str, Any]:
@@ -120,7 +124,7 @@ GENERATOR_EXTENDABLE = frozenset(
     f"generator.{k}"
     for k in ("max_steps", "time_limit_minutes", "checkpoint_every", "checkpoints_total_limit", "sample_every")
 ) | frozenset({"generator.log_every", "generator.stage2_steps", "generator.dkim", "generator.seeds"})
-SYNTHESIZE_EXTENDABLE = frozenset({"synthesize.n", "synthesize.batch_size"}) | frozenset(
+SYNTHESIZE_EXTENDABLE = frozenset({"synthesize.n", "synthesize.batch_size", "synthesize.held_out"}) | frozenset(
     f"sets.{name}" for name in DKIM_SOURCES
 )
 CLASSIFIER_EXTENDABLE = frozenset(
@@ -184,19 +188,27 @@ def _synthesize_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str,
         section = section.model_copy(update={"prompts": paths["data"]})
 
     sets = sampled_sets(recipe)
+    held_out = held_out_set(recipe)
+    base = SynthesisSettings(**section.model_dump(exclude={"held_out"}))
 
     def run() -> None:
         for name, plan in sets.items():
             if len(sets) > 1:
                 logger.info("Synthesizing the %s set with %s into %s", name, paths[plan.generator], paths[plan.out])
-            job = section.model_copy(update={"balance": plan.balance})
+            job = base.model_copy(update={"balance": plan.balance})
             # Every set from the same prompts and noise (the recipe's seed), several generators included.
             synthesize(paths[plan.generator], paths[plan.out], job, device=recipe.device, seed=recipe.seed)
+        if held_out is not None:
+            logger.info(
+                "Synthesizing %d images from the test split's reports into %s", section.held_out, paths[held_out.out]
+            )
+            job = base.model_copy(update={"n": section.held_out, "prompt_split": "test", "balance": None})
+            synthesize(paths[held_out.generator], paths[held_out.out], job, device=recipe.device, seed=recipe.seed)
 
     settings = {"synthesize": _synthesis_dump(section, recipe.device), "seed": recipe.seed, "upstream": upstream}
     if len(sets) > 1:  # a recipe with one set keeps the settings (and the fingerprint) it always had
         settings["sets"] = {name: {"generator": p.generator, "balance": p.balance} for name, p in sets.items()}
-    outputs = [paths[plan.out] for plan in sets.values()]
+    outputs = [paths[plan.out] for plan in [*sets.values(), *([held_out] if held_out else [])]]
     done = [folder / "manifest.csv" for folder in outputs]
     # A set added later (another generator seed) extends the step, as the DKIM sets do.
     added = {f"sets.{name}" for name, plan in sets.items() if plan.generator_seed is not None}
@@ -237,6 +249,7 @@ def _evaluate_step(recipe: Recipe, paths: dict[str, Path], upstream: dict[str, s
             inception_weights=section.inception_weights,
             xrv_weights=section.xrv_weights,
             mixed_precision=section.mixed_precision,
+            min_label_support=section.min_label_support,
         )
 
     settings = {"evaluate": _dump(section), "seed": recipe.seed, "upstream": upstream}

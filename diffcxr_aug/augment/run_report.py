@@ -142,25 +142,42 @@ def _evaluation_section(root: Path, paths: dict[str, Path]) -> tuple[list[str], 
     if results is None:
         return lines + ["The evaluate step did not run.", ""], None
     floor, real_auc = results["real_test"]["floor"], results["real_test"]["faithfulness"]["mauc"]
+    judge = results.get("judge") or {"better_than_chance": True}
+    if not judge["better_than_chance"]:
+        return lines + [
+            f"The reference classifier reads the real test films at mAUC {real_auc:.3f}: no better than chance "
+            f"({judge['reason']}), so the numbers in its feature space and faithfulness are withheld; what remains "
+            f"is in [`{_link(paths['evaluation'] / 'report.md', root)}`]"
+            f"({_link(paths['evaluation'] / 'report.md', root)}).",
+            "",
+        ], results
     lines += [
         f"In the feature space of {results['feature_space']}; the full report is "
         f"[`{_link(paths['evaluation'] / 'report.md', root)}`]({_link(paths['evaluation'] / 'report.md', root)}).",
         "",
         "| set | images | FID | KID (x1000) | precision | recall | faithfulness mAUC [95% CI] |",
         "|---|---:|---:|---:|---:|---:|---|",
-        f"| real val vs real test (floor) | {floor['n_synthetic']} | {floor['fid']:.2f} | {1000 * floor['kid']:.2f} | "
-        f"{floor.get('precision', math.nan):.3f} | {floor.get('recall', math.nan):.3f} | {real_auc:.3f} (real test) |",
+        f"| real val vs real test (floor) | {floor['n_synthetic']} | {_num(floor['fid'], '.2f')} | "
+        f"{_num(floor['kid'], '.2f', 1000)} | {_num(floor.get('precision'))} | {_num(floor.get('recall'))} | "
+        f"{real_auc:.3f} (real test) |",
     ]
     for name, entry in results["synthetic"].items():
         fid, faith = entry["fidelity"], entry["faithfulness"]
         ci = faith.get("mauc_ci95")
         lines.append(
-            f"| {name} | {entry['n_images']} | {fid['fid']:.2f} | {1000 * fid['kid']:.2f} | "
-            f"{fid.get('precision', math.nan):.3f} | {fid.get('recall', math.nan):.3f} | {faith['mauc']:.3f}"
+            f"| {name} | {entry['n_images']} | {_num(fid['fid'], '.2f')} | {_num(fid['kid'], '.2f', 1000)} | "
+            f"{_num(fid.get('precision'))} | {_num(fid.get('recall'))} | {faith['mauc']:.3f}"
             + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
             + " |"
         )
     return lines + [""], results
+
+
+def _num(value: float | None, spec: str = ".3f", scale: float = 1.0) -> str:
+    """A number for a table cell; blank when it could not be computed (too few images for FID, say)."""
+    if value is None or math.isnan(value):
+        return ""
+    return format(scale * value, spec)
 
 
 def _classifier_tables(results: pd.DataFrame) -> list[str]:
@@ -231,18 +248,32 @@ def _meaning(filt: dict | None, evaluation: dict | None, results: pd.DataFrame |
 
 def _generator_sentence(evaluation: dict[str, Any]) -> str:
     name, entry = next(iter(evaluation["synthetic"].items()))
+    if entry["faithfulness"] is None:  # withheld: the judge reads real films no better than chance
+        return (
+            f"The evaluation cannot say how faithful or how realistic the {name} images are: its reference "
+            "classifier reads the real test films no better than chance."
+        )
     real_auc, floor = evaluation["real_test"]["faithfulness"]["mauc"], evaluation["real_test"]["floor"]
     faith, fid = entry["faithfulness"]["mauc"], entry["fidelity"]
     ci = entry["faithfulness"].get("mauc_ci95")
-    if ci and ci[0] <= real_auc <= ci[1]:
+    if not ci:  # too few images of a class to bootstrap: no comparison the numbers support
+        findings = f"with no interval to compare it to real test images' {real_auc:.3f}"
+    elif ci[0] <= real_auc <= ci[1]:
         findings = "as well as in real test images (whose mAUC lies inside the interval)"
     else:
         findings = f"{'less' if faith < real_auc else 'more'} clearly than in real test images ({real_auc:.3f})"
-    recall, floor_recall = fid.get("recall", math.nan), floor.get("recall", math.nan)
+    sentence = (
+        f"The reference classifier reads the reported findings in the {name} images at mAUC {faith:.3f}, {findings}"
+    )
+    if fid["fid"] is None or floor["fid"] is None:
+        return sentence + "; too few images for FID."
+    sentence += f"; their FID is {fid['fid']:.1f} against a real-to-real floor of {floor['fid']:.1f}"
+    recall, floor_recall = fid.get("recall"), floor.get("recall")
+    if recall is None or floor_recall is None:  # too few images for the nearest-neighbour balls
+        return sentence + "."
     return (
-        f"The reference classifier reads the reported findings in the {name} images at mAUC {faith:.3f}, {findings}; "
-        f"their FID is {fid['fid']:.1f} against a real-to-real floor of {floor['fid']:.1f}, and they cover "
-        f"{recall:.0%} of the real images' variety (recall; two real samples: {floor_recall:.0%})."
+        f"{sentence}, and they cover {recall:.0%} of the real images' variety (recall; two real samples: "
+        f"{floor_recall:.0%})."
     )
 
 

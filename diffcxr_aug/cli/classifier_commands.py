@@ -122,6 +122,10 @@ def evaluate(
             help=f"{' | '.join(get_args(MixedPrecision))}; {field_help(EvaluateSection, 'mixed_precision')}",
         ),
     ] = None,
+    min_label_support: Annotated[
+        int | None,
+        typer.Option("--min-label-support", help=field_help(EvaluateSection, "min_label_support")),
+    ] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
@@ -139,6 +143,7 @@ def evaluate(
         inception_weights=inception_weights,
         xrv_weights=xrv_weights,
         mixed_precision=mixed_precision,
+        min_label_support=min_label_support,
     )
     sets: dict[str, Path] = {}
     for item in synthetic:
@@ -167,5 +172,6 @@ def evaluate(
         inception_weights=section.inception_weights,
         xrv_weights=section.xrv_weights,
         mixed_precision=section.mixed_precision,
+        min_label_support=section.min_label_support,
     )
     typer.echo(f"wrote {path}")

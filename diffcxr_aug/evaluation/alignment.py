@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcxr_aug.data.manifest import Manifest
+from diffcxr_aug.generator.prompts import template_report
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,14 @@ def set_generator(folder: Path) -> Path | None:
         return None
     generator = json.loads(job.read_text(encoding="utf-8")).get("generator")
     return Path(generator) if generator else None
+
+
+def report_source(generator: Path) -> str:
+    """What a generator was conditioned on in training (``training_info.json``): ``report`` or ``labels``."""
+    info = Path(generator) / "training_info.json"
+    if not info.is_file():
+        return "report"
+    return json.loads(info.read_text(encoding="utf-8")).get("report_source", "report")
 
 
 def towers_folder(generator: Path) -> Path:
@@ -94,11 +103,13 @@ class AlignmentScorer:
             out.append(F.normalize(pooled.float(), dim=-1).cpu().numpy())
         return np.concatenate(out)
 
-    def score(self, manifest: Manifest, text_column: str, seed: int) -> dict[str, Any]:
-        """Matched and shuffled cosine similarities of a manifest's images and texts, and their difference."""
+    def score(self, manifest: Manifest, text_column: str, seed: int, texts: list[str] | None = None) -> dict[str, Any]:
+        """Matched and shuffled cosine similarities of a manifest's images and texts (its ``text_column``, or
+        ``texts`` row for row), and their difference."""
         images = self.images(manifest)
-        texts = self.texts(manifest.frame[text_column].fillna("").astype(str).tolist())
-        return alignment_summary(images, texts, seed)
+        if texts is None:
+            texts = manifest.frame[text_column].fillna("").astype(str).tolist()
+        return alignment_summary(images, self.texts(texts), seed)
 
 
 def alignment_summary(images: np.ndarray, texts: np.ndarray, seed: int = 0) -> dict[str, Any]:
@@ -139,7 +150,13 @@ def set_alignment(
     key = towers_folder(generator).resolve()
     if key not in aligners:
         scorer = AlignmentScorer(key, device)
-        aligners[key] = (scorer, scorer.score(real_test, "report", seed))
+        # The real films' text as the generator read it in training: their reports, or (a generator trained on
+        # label-only data) the template reports written from their labels, which the towers were aligned to.
+        texts = None
+        if report_source(key) == "labels":
+            labels = real_test.frame[real_test.label_names].to_dict("records")
+            texts = [template_report(row) for row in labels]
+        aligners[key] = (scorer, scorer.score(real_test, "report", seed, texts))
     scorer, real = aligners[key]
     text = "prompt" if "prompt" in manifest.frame.columns else "report"
     entry = {"generator": str(generator), "synthetic": scorer.score(manifest, text, seed), "real_test": real}

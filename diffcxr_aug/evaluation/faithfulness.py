@@ -54,6 +54,19 @@ def masked_auc(y_true: np.ndarray, y_score: np.ndarray, names: list[str]) -> dic
     return {"mauc": float(result.mauc), "per_label": per_label, "n_images": int(len(y_true))}
 
 
+def judge_labels(real: Manifest) -> list[str]:
+    """The labels the reference classifier learns: the CheXpert labels the manifest has, then any other label
+    column (a collection's own, e.g. ieee8023's COVID-19) with a positive and a negative in the train split."""
+    chexpert = [name for name in CHEXPERT_LABELS if name in real.label_names]
+    train = real.split("train").frame
+    others = [
+        name
+        for name in real.label_names
+        if name not in CHEXPERT_LABELS and (train[name] == 1).any() and (train[name] == 0).any()
+    ]
+    return chexpert + others or real.label_names
+
+
 def reference_classifier(
     real: Manifest,
     folder: Path,
@@ -161,7 +174,7 @@ def evaluate_faithfulness(
     out = Path(out)
     dev = resolve_device(device)
     real_manifest = read_manifest(real)
-    labels = [name for name in CHEXPERT_LABELS if name in real_manifest.label_names] or real_manifest.label_names
+    labels = judge_labels(real_manifest)
     model, config = reference_classifier(
         real_manifest,
         out / CLASSIFIER_DIR,

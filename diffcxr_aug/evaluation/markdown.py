@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from diffcxr_aug.evaluation.fidelity import PER_LABEL_MIN_IMAGES
+from diffcxr_aug.evaluation.judge import independent_spaces
 from diffcxr_aug.evaluation.privacy import COPIES_DIR
 
 
@@ -104,6 +105,51 @@ def _ci_text(entry: dict[str, Any]) -> str:
     return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
 
 
+def _judge_lines(results: dict[str, Any]) -> list[str]:
+    """What the reference classifier reads on the real test films, and, when that is chance, what is withheld."""
+    judge = results.get("judge")
+    if judge is None:  # a report written before the judge was checked
+        return []
+    ci = f" [{judge['ci95'][0]:.3f}, {judge['ci95'][1]:.3f}]" if judge["ci95"] else ""
+    scored = ", ".join(judge["labels"]) or "none"
+    lines = [
+        "",
+        f"Judge: the reference classifier reads the real test films at mAUC {judge['mauc']:.3f}{ci} over the labels "
+        f"with {judge['min_label_support']}+ positives and negatives there ({scored})"
+        + (f"; not scored: {', '.join(judge['not_scored'])}." if judge["not_scored"] else "."),
+    ]
+    if judge["better_than_chance"]:
+        return lines
+    spaces = independent_spaces(results)
+    others = (
+        f"The feature spaces that do not depend on it: {', '.join(spaces)} (below)."
+        if spaces
+        else "No feature space that does not depend on it was computed here (Inception and torchxrayvision need "
+        "their weights: evaluate.features with evaluate.inception_weights / xrv_weights)."
+    )
+    return lines + [
+        "",
+        f"**It is no better than chance: {judge['reason']}.** FID, KID, precision, recall, density and coverage in "
+        "its feature space, the per-label FIDs, faithfulness and the paired differences are withheld: in the "
+        f"space of a judge that cannot tell the findings apart, every set looks alike. {others}",
+    ]
+
+
+def _withheld_table(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "| set | images | possible copies (pixels) | GFLOPs / image |",
+        "|---|---|---|---|",
+    ]
+    for name, entry in results["synthetic"].items():
+        pixel = entry["privacy"]["pixel"]
+        lines.append(
+            f"| {name} | {entry['n_images']} | {pixel['flagged']} | "
+            f"{_fmt(entry['compute'].get('gflops_per_image'), 1)} |"
+        )
+    return lines
+
+
 def report_markdown(results: dict[str, Any]) -> str:
     """The human-readable report: one row per set, then the per-label faithfulness table."""
     floor = results["real_test"]["floor"]
@@ -114,7 +160,11 @@ def report_markdown(results: dict[str, Any]) -> str:
     ]
     if results.get("reference_note"):
         lines.append(f"Note: {results['reference_note']}.")
+    lines += _judge_lines(results)
     lines += _feature_space_lines(results)
+    if floor is None:  # withheld: the judge is no better than chance
+        lines += _withheld_table(results) + _faithfulness_per_label_lines(results) + _alignment_lines(results)
+        return "\n".join(lines + _compute_lines(results))
     lines += [
         "",
         "| set | images | FID | KID (x1000) | precision | recall | density | coverage | faithfulness mAUC "
@@ -170,13 +220,15 @@ def report_markdown(results: dict[str, Any]) -> str:
                 continue
             low, high = row["ci95"]
             lines.append(f"| {row['a']} - {row['b']} | {row['mauc_difference']:+.3f} | [{low:+.3f}, {high:+.3f}] |")
-    lines += [
-        "",
-        "## Faithfulness per label (ROC AUC)",
-        "",
-    ]
+    lines += _faithfulness_per_label_lines(results)
+    lines += _per_label_fid_lines(results) + _alignment_lines(results)
+    return "\n".join(lines + _compute_lines(results))
+
+
+def _faithfulness_per_label_lines(results: dict[str, Any]) -> list[str]:
+    lines = ["", "## Faithfulness per label (ROC AUC)", ""]
     sets = {"real test": results["real_test"]["faithfulness"]} | {
-        name: entry["faithfulness"] for name, entry in results["synthetic"].items()
+        name: entry["faithfulness"] for name, entry in results["synthetic"].items() if entry["faithfulness"]
     }
     labels = sorted({label for entry in sets.values() for label in entry["per_label"]})
     lines.append("| label | " + " | ".join(sets) + " |")
@@ -184,9 +236,11 @@ def report_markdown(results: dict[str, Any]) -> str:
     for label in labels:
         cells = [_fmt(entry["per_label"].get(label)) for entry in sets.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += _per_label_fid_lines(results) + _alignment_lines(results)
-    lines += ["", "## Compute", ""]
+    return lines
+
+
+def _compute_lines(results: dict[str, Any]) -> list[str]:
+    lines = ["", "## Compute", ""]
     for name, entry in results["synthetic"].items():
         lines.append(f"- **{name}**: `{json.dumps(entry['compute'], default=str)}`")
-    lines += ["", "Figures: " + ", ".join(f"`{Path(p).name}`" for p in results["figures"].values()), ""]
-    return "\n".join(lines)
+    return lines + ["", "Figures: " + ", ".join(f"`{Path(p).name}`" for p in results["figures"].values()), ""]

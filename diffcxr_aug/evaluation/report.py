@@ -44,7 +44,6 @@ import numpy as np
 
 from diffcxr_aug.classifiers.metrics import bootstrap_mauc_ci, paired_bootstrap_mauc_difference
 from diffcxr_aug.classifiers.models import load_classifier
-from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import Manifest, read_manifest
 from diffcxr_aug.errors import InputError
 from diffcxr_aug.evaluation.alignment import AlignmentScorer, set_alignment
@@ -53,11 +52,13 @@ from diffcxr_aug.evaluation.faithfulness import (
     CLASSIFIER_DIR,
     REFERENCE_EPOCHS,
     REFERENCE_MODEL,
+    judge_labels,
     masked_auc,
     reference_classifier,
 )
 from diffcxr_aug.evaluation.features import flat_metrics, space_fidelity
 from diffcxr_aug.evaluation.fidelity import embed, feature_distances, per_label_fidelity
+from diffcxr_aug.evaluation.judge import judge_verdict, mask_labels, thin_labels, withhold
 from diffcxr_aug.evaluation.markdown import report_markdown
 from diffcxr_aug.evaluation.privacy import (
     COPIES_DIR,
@@ -125,7 +126,7 @@ def paired_faithfulness(
 def _plot_per_label(results: dict[str, Any], path: Path) -> Path:
     plt = pyplot()
     sets = {"real test": results["real_test"]["faithfulness"]} | {
-        name: entry["faithfulness"] for name, entry in results["synthetic"].items()
+        name: entry["faithfulness"] for name, entry in results["synthetic"].items() if entry["faithfulness"]
     }
     labels = sorted({label for entry in sets.values() for label in entry["per_label"]})
     height = 0.8 / len(sets)
@@ -168,6 +169,7 @@ def evaluate(
     inception_weights: str | os.PathLike | None = None,
     xrv_weights: str | None = None,
     mixed_precision: str = "auto",
+    min_label_support: int = 1,
 ) -> Path:
     """Write ``OUT/report.json``, ``OUT/report.md`` and figures for one or more synthetic sets.
 
@@ -195,6 +197,10 @@ def evaluate(
             predictions, the feature spaces): ``auto`` (bf16 on a GPU that has it, fp16 on one that has not, fp32 on
             a CPU, so CPU numbers stay those of the fp32 records), ``no``, ``bf16`` or ``fp16``; the report records
             the precision used.
+        min_label_support: a label is scored (the judge's real-test mAUC, every set's faithfulness) only with this
+            many positives and negatives among the real test films; the report names the labels left out. When
+            the judge reads the real test films no better than chance (:mod:`.judge`), every number that depends on
+            it is withheld and the report says so.
 
     Returns:
         The path of ``report.json``.
@@ -221,7 +227,7 @@ def evaluate(
     dev = resolve_device(device)
     precision = resolve_mixed_precision(mixed_precision, dev)
 
-    labels = [name for name in CHEXPERT_LABELS if name in real_manifest.label_names] or real_manifest.label_names
+    labels = judge_labels(real_manifest)
     if classifier is not None:
         model, config = load_classifier(classifier, dev)
         model.eval()
@@ -267,7 +273,15 @@ def evaluate(
         key: pixel_images(m, config.image_size).to(dev) for key, m in (("train", train), ("test", reference["test"]))
     }
     held_out_pixels = aligned_similarity(pixels["test"], pixels["train"])[0]  # the pixel copy threshold's yardstick
-    test_auc = masked_auc(feats["test"][2], feats["test"][1], config.label_names)
+    names = config.label_names
+    thin = thin_labels(feats["test"][2], names, min_label_support)
+    y_test = mask_labels(feats["test"][2], names, thin)
+    test_auc = masked_auc(y_test, feats["test"][1], names) | _ci(y_test, feats["test"][1], seed)
+    verdict = judge_verdict(test_auc, min_label_support, thin)
+    if not verdict["better_than_chance"]:
+        logger.warning(
+            "The reference classifier is no better than chance: %s; its numbers are withheld", verdict["reason"]
+        )
     # One FID sample size for the floor and every set (FID's bias depends on it).
     fid_images = min([len(feats["val"][0])] + [len(m) for m in synthetic_manifests.values()])
     results: dict[str, Any] = {
@@ -276,6 +290,7 @@ def evaluate(
         "feature_space": f"{config.model} penultimate layer ({feats['test'][0].shape[1]} features)",
         "reference_note": clean_note,
         "mixed_precision": precision,
+        "judge": verdict,
         "real_test": {
             "n_images": len(reference["test"]),
             "faithfulness": test_auc,
@@ -287,6 +302,7 @@ def evaluate(
     aligners: dict[Path, tuple[AlignmentScorer, dict[str, Any]]] = {}
     for name, manifest in synthetic_manifests.items():
         f, s, y = embed(model, config, manifest, dev, desc=f"features: {name}", mixed_precision=precision)
+        y = mask_labels(y, names, thin)
         scored[name] = (s, y)
         priv = privacy(f, feats["train"][0], feats["test"][0])
         pixel = pixel_privacy(pixel_images(manifest, config.image_size).to(dev), pixels["train"], held_out_pixels)
@@ -314,6 +330,8 @@ def evaluate(
         }
         entry["alignment"] = set_alignment(sets[name], manifest, reference["test"], aligners, dev, seed)
         results["synthetic"][name] = entry
+        if not verdict["better_than_chance"]:
+            continue
         logger.info(
             "%s: FID %.2f (floor %.2f), KID %.4f, faithfulness mAUC %.3f (real test %.3f), %d possible copies",
             name,
@@ -344,8 +362,10 @@ def evaluate(
             xrv_weights,
             precision,
         )
-    results["metrics"] = flat_metrics(results["feature_spaces"])
     results["paired"] = paired_faithfulness(synthetic_manifests, scored, seed)
+    if not verdict["better_than_chance"]:
+        results = withhold(results)
+    results["metrics"] = flat_metrics(results["feature_spaces"])
     figures = {"faithfulness_per_label": str(_plot_per_label(results, out / PER_LABEL_PNG))}
     neighbours = plot_neighbours(pairs, out / NEIGHBOURS_PNG, config.image_size)
     if neighbours is not None:

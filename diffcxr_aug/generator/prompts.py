@@ -136,12 +136,14 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def load_prompt_pool(source: str | os.PathLike, labels_only: bool = False) -> PromptPool:
+def load_prompt_pool(source: str | os.PathLike, labels_only: bool = False, split: str = "train") -> PromptPool:
     """Read a prompt pool from a manifest, a CSV of reports or labels, or a text file of reports.
 
     Args:
         source: a manifest folder or file, a CSV or a ``.txt`` file (one report per line).
         labels_only: write every report from the labels (``--labels-from``), ignoring any report text.
+        split: the split of a manifest source the prompts come from (a manifest without that split: all its rows,
+            for ``train`` only; an empty ``val``/``test`` split is an error).
 
     Raises:
         MissingInputError: no such file or folder.
@@ -149,7 +151,7 @@ def load_prompt_pool(source: str | os.PathLike, labels_only: bool = False) -> Pr
     """
     path = Path(source)
     if path.is_dir() or labels_only:
-        return _from_manifest(resolve_manifest_path(path), labels_only)
+        return _from_manifest(resolve_manifest_path(path), labels_only, split)
     if not path.is_file():
         raise MissingInputError(f"--prompts {path}: no such file or folder")
     if path.suffix.lower() == ".txt":
@@ -160,15 +162,17 @@ def load_prompt_pool(source: str | os.PathLike, labels_only: bool = False) -> Pr
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise ManifestError(f"{path}: not a readable UTF-8 CSV ({err})") from err
     if all(column in frame.columns for column in CORE_COLUMNS):
-        return _from_manifest(path, labels_only=False)
+        return _from_manifest(path, labels_only=False, split=split)
     if "report" in frame.columns:
         return _from_reports(frame, path)
     return _from_labels(frame, path)
 
 
-def _from_manifest(path: Path, labels_only: bool) -> PromptPool:
+def _from_manifest(path: Path, labels_only: bool, split: str = "train") -> PromptPool:
     manifest = read_manifest(path)
-    pool = manifest.split("train")
+    pool = manifest.split(split)
+    if len(pool) == 0 and split != "train":
+        raise InputError(f"{path}: the {split} split is empty; there are no {split} reports to use as prompts")
     if len(pool) == 0:
         pool = manifest
     frame = pool.frame

@@ -247,6 +247,12 @@ class SynthesisSettings(Settings):
     labels_from: Path | None = Field(
         None, description="a manifest whose labels (not reports) are the prompts, as template reports; over prompts"
     )
+    prompt_split: Literal["train", "val", "test"] = Field(
+        "train",
+        description="the split of a manifest prompt source the prompts come from: train (what a classifier may train "
+        "on), or val / test (reports the generator never saw: for judging it, never for training a classifier "
+        "that is tested on them)",
+    )
     balance: float | None = Field(
         None,
         gt=0.0,

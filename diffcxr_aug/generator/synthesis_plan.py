@@ -129,7 +129,7 @@ class SynthesisPlan:
 def plan_job(generator: Path, section: SynthesisSettings, seed: int) -> tuple[SynthesisPlan, dict[str, Any]]:
     """The prompt order and the job record's settings (without the generator id, which process 0 adds)."""
     source, labels_only = _prompt_source(generator, section)
-    pool = load_prompt_pool(source, labels_only=labels_only)
+    pool = load_prompt_pool(source, labels_only=labels_only, split=section.prompt_split)
     if section.balance is None:
         rows = prompt_rows(len(pool), section.n, seed)
     else:
@@ -164,6 +164,8 @@ def plan_job(generator: Path, section: SynthesisSettings, seed: int) -> tuple[Sy
         "sampler_option": section.sampler,  # "sampler" is the scheduler class, in the record
         "mixed_precision": section.mixed_precision,
     }
+    if section.prompt_split != "train":  # job folders made before the option drew from train: no key, as then
+        job["prompt_split"] = section.prompt_split
     return SynthesisPlan(pool, rows, seed, section.shard_size, meta, knowledge, dkim_scale), job
 
 

@@ -37,7 +37,7 @@ from diffcxr_aug.data.manifest import (
     write_manifest,
     write_rejected,
 )
-from diffcxr_aug.data.splits import assign_patient_splits
+from diffcxr_aug.data.splits import DEFAULT_FRACTIONS, assign_patient_splits
 from diffcxr_aug.data.tables import DatasetLayoutError
 from diffcxr_aug.errors import ImageReadError
 from diffcxr_aug.types import DEFAULT_IMAGE_SIZE
@@ -200,7 +200,9 @@ def scan_images(
 # --- from candidates to manifest ---------------------------------------------------------------------
 
 
-def assign_splits(frame: pd.DataFrame, seed: int, fractions=(0.7, 0.1, 0.2)) -> np.ndarray:
+def assign_splits(
+    frame: pd.DataFrame, seed: int, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+) -> np.ndarray:
     """Official split where a row has one; the shared patient-level splitter for patients without one."""
     official = frame["split"].fillna("").astype(str) if "split" in frame.columns else pd.Series("", index=frame.index)
     splits = official.to_numpy(dtype=object).copy()
@@ -225,6 +227,7 @@ def index_dataset(
     progress: bool = True,
     workers: int | None = None,
     build_cache: bool = True,
+    split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
 ) -> Path:
     """Check, split and write a dataset's candidate rows as ``out/manifest.csv`` (+ ``rejected.csv``, cache).
 
@@ -235,6 +238,7 @@ def index_dataset(
         out: output folder.
         size: image side of the cache built at the end.
         seed: seed of the patient-level splitter.
+        split_fractions: patient shares of train, val and test for the rows without an official split.
         rejected: rows the adapter already rejected (``file``, ``reason``, ``source``); more are added.
         progress: progress bars.
         workers: decoding threads for the scan.
@@ -282,7 +286,7 @@ def index_dataset(
         raise DatasetLayoutError(
             f"no usable image among {len(candidates)} candidate rows; every row is in {reject_path} with its reason"
         )
-    frame["split"] = assign_splits(frame, seed)
+    frame["split"] = assign_splits(frame, seed, tuple(split_fractions))
     frame = frame.drop(columns=[SOURCE_COLUMN])
     columns = list(CORE_COLUMNS) + [c for c in frame.columns if c not in CORE_COLUMNS]
     manifest_path = write_manifest(frame[columns], out)

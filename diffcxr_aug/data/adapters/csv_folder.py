@@ -20,6 +20,7 @@ import pandas as pd
 from diffcxr_aug.data.adapters.common import SOURCE_COLUMN, index_dataset, normalize_view
 from diffcxr_aug.data.manifest import CORE_COLUMNS, META_PREFIX, REJECTED_NAME, RESERVED_COLUMNS, write_rejected
 from diffcxr_aug.data.reports import report_from_text
+from diffcxr_aug.data.splits import DEFAULT_FRACTIONS
 from diffcxr_aug.data.tables import DatasetLayoutError, read_table, require_columns
 from diffcxr_aug.errors import InputError, MissingInputError
 from diffcxr_aug.types import DEFAULT_IMAGE_SIZE
@@ -61,6 +62,7 @@ def prepare_csv(
     progress: bool = True,
     workers: int | None = None,
     build_cache: bool = True,
+    split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
 ) -> Path:
     """Index a folder of images described by a CSV into ``out/manifest.csv``, ``rejected.csv`` and the cache.
 
@@ -69,6 +71,7 @@ def prepare_csv(
         out: output folder.
         size: image side of the cache.
         seed: seed of the patient-level splitter.
+        split_fractions: patient shares of train, val and test for the rows without an official split.
         csv: the table (absolute, or relative to the working directory or to ``root``).
         image_col: column holding image paths.
         label_cols: label columns (a list or ``"A,B"``); their names become the manifest's label names.
@@ -158,4 +161,5 @@ def prepare_csv(
         progress=progress,
         workers=workers,
         build_cache=build_cache,
+        split_fractions=split_fractions,
     )

@@ -34,6 +34,7 @@ from diffcxr_aug.data.labeler import NO_FINDING, POSITIVE, SUPPORT_DEVICES, UNCE
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.manifest import META_PREFIX, REJECTED_NAME, write_rejected
 from diffcxr_aug.data.reports import clean_text
+from diffcxr_aug.data.splits import DEFAULT_FRACTIONS
 from diffcxr_aug.data.tables import DatasetLayoutError, find_table, read_table, require_columns
 from diffcxr_aug.errors import MissingInputError
 from diffcxr_aug.types import DEFAULT_IMAGE_SIZE
@@ -203,6 +204,7 @@ def prepare_ieee8023(
     progress: bool = True,
     workers: int | None = None,
     build_cache: bool = True,
+    split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
 ) -> Path:
     """Index the ieee8023 COVID-19 collection into ``out/manifest.csv``, ``rejected.csv`` and the image cache.
 
@@ -211,6 +213,7 @@ def prepare_ieee8023(
         out: output folder.
         size: image side of the cache.
         seed: seed of the patient-level splitter.
+        split_fractions: patient shares of train, val and test for the rows without an official split.
         progress: progress bars.
         workers: decoding threads for the image check.
         build_cache: build the ``size`` px image cache after writing the manifest (``False``: the first
@@ -311,4 +314,5 @@ def prepare_ieee8023(
         progress=progress,
         workers=workers,
         build_cache=build_cache,
+        split_fractions=split_fractions,
     )

@@ -38,6 +38,7 @@ from diffcxr_aug.data.adapters.common import SOURCE_COLUMN, index_dataset, norma
 from diffcxr_aug.data.images import is_dicom, load_image
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.reports import clean_text, format_report
+from diffcxr_aug.data.splits import DEFAULT_FRACTIONS
 from diffcxr_aug.data.tables import DatasetLayoutError, read_table, require_columns
 from diffcxr_aug.errors import ImageReadError, MissingInputError
 from diffcxr_aug.types import DEFAULT_IMAGE_SIZE
@@ -225,6 +226,7 @@ def prepare_iu_xray(
     progress: bool = True,
     workers: int | None = None,
     build_cache: bool = True,
+    split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
 ) -> Path:
     """Index IU X-ray into ``out/manifest.csv`` (one row per image), ``rejected.csv`` and the cache.
 
@@ -312,4 +314,5 @@ def prepare_iu_xray(
         progress=progress,
         workers=workers,
         build_cache=build_cache,
+        split_fractions=split_fractions,
     )

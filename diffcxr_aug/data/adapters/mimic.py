@@ -25,6 +25,7 @@ import pandas as pd
 from diffcxr_aug.data.adapters.common import SOURCE_COLUMN, index_dataset, meta_columns, normalize_view
 from diffcxr_aug.data.labels import CHEXPERT_LABELS
 from diffcxr_aug.data.reports import report_from_text
+from diffcxr_aug.data.splits import DEFAULT_FRACTIONS
 from diffcxr_aug.data.tables import DatasetLayoutError, find_table, read_table, require_columns
 from diffcxr_aug.errors import MissingInputError
 from diffcxr_aug.types import DEFAULT_IMAGE_SIZE
@@ -72,6 +73,7 @@ def prepare_mimic(
     progress: bool = True,
     workers: int | None = None,
     build_cache: bool = True,
+    split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
 ) -> Path:
     """Index MIMIC-CXR-JPG into ``out/manifest.csv`` (one row per JPEG), ``rejected.csv`` and the cache.
 
@@ -80,6 +82,7 @@ def prepare_mimic(
         out: output folder.
         size: image side of the cache.
         seed: seed of the patient-level splitter (only used for images the official split does not list).
+        split_fractions: patient shares of train, val and test for the rows without an official split.
         progress: progress bars.
         workers: decoding threads for the image check.
         build_cache: build the ``size`` px image cache after writing the manifest (``False``: the first
@@ -145,5 +148,12 @@ def prepare_mimic(
     candidates = pd.concat([candidates, extras], axis=1)
     candidates["meta_label_source"] = label_file
     return index_dataset(
-        candidates, out, size=size, seed=seed, progress=progress, workers=workers, build_cache=build_cache
+        candidates,
+        out,
+        size=size,
+        seed=seed,
+        progress=progress,
+        workers=workers,
+        build_cache=build_cache,
+        split_fractions=split_fractions,
     )

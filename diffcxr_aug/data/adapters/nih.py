@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from diffcxr_aug.data.adapters.common import SOURCE_COLUMN, index_dataset, meta_columns, normalize_view
 from diffcxr_aug.data.labels import CHEXPERT_LABELS, NIH_LABELS, NIH_TO_CHEXPERT
 from diffcxr_aug.data.manifest import Manifest, is_label_column
-from diffcxr_aug.data.splits import assign_patient_splits
+from diffcxr_aug.data.splits import DEFAULT_FRACTIONS, assign_patient_splits
 from diffcxr_aug.data.tables import DatasetLayoutError, read_table, require_columns
 from diffcxr_aug.errors import MissingInputError
 from diffcxr_aug.types import DEFAULT_IMAGE_SIZE
@@ -78,6 +78,7 @@ def prepare_nih(
     progress: bool = True,
     workers: int | None = None,
     build_cache: bool = True,
+    split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
 ) -> Path:
     """Index NIH ChestX-ray14 into ``out/manifest.csv`` with NIH's 14 labels, ``rejected.csv`` and the cache.
 
@@ -90,6 +91,7 @@ def prepare_nih(
         out: output folder.
         size: image side of the cache.
         seed: seed of the patient-level splitter.
+        split_fractions: patient shares of train, val and test for the rows without an official split.
         progress: progress bars.
         workers: decoding threads for the image check.
         build_cache: build the ``size`` px image cache after writing the manifest (``False``: the first
@@ -158,6 +160,7 @@ def prepare_nih(
         progress=progress,
         workers=workers,
         build_cache=build_cache,
+        split_fractions=split_fractions,
     )
 
 
