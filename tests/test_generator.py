@@ -100,6 +100,52 @@ def test_pipeline_loads_and_same_seed_gives_same_images(trained):
     assert len(pil) == 1 and pil[0].mode == "L" and pil[0].size == (32, 32)
 
 
+def test_prompt_reports_and_precomputed_embeds_give_the_same_images(trained):
+    pipe = DiffCXRPipeline.from_pretrained(trained["gen"])
+    pipe.set_progress_bar_config(disable=True)
+    reports = ["The heart is enlarged.", "Normal heart size. No pneumothorax."]
+
+    def sample(**kwargs) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return pipe(num_inference_steps=2, guidance_scale=2.0, generator=generator, output_type="pt", **kwargs).images
+
+    first = sample(prompt=reports)
+    assert torch.equal(first, sample(reports=reports))
+    embeds, mask = pipe.encode_text(reports, torch.device("cpu"))
+    assert torch.equal(first, sample(prompt_embeds=embeds, prompt_attention_mask=mask))
+    assert not torch.equal(first, sample(prompt_embeds=embeds.flip(0), prompt_attention_mask=mask))
+    with pytest.raises(ValueError, match="exactly one of prompt, reports and prompt_embeds"):
+        pipe(reports, prompt_embeds=embeds, num_inference_steps=1)
+    with pytest.raises(ValueError, match="exactly one"):
+        pipe(num_inference_steps=1)
+
+
+def test_callback_on_step_end_sees_every_step_and_may_replace_the_latents(trained):
+    pipe = DiffCXRPipeline.from_pretrained(trained["gen"])
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+
+    def record(pipeline, step, timestep, tensors):
+        seen.append((step, int(timestep), tuple(tensors["latents"].shape)))
+        return {}
+
+    kwargs = {"num_inference_steps": 3, "output_type": "pt"}
+    plain = pipe("The heart is enlarged.", generator=torch.Generator().manual_seed(0), **kwargs).images
+    watched = pipe("The heart is enlarged.", generator=torch.Generator().manual_seed(0), callback_on_step_end=record,
+                   **kwargs).images  # fmt: skip
+    assert [s for s, _, _ in seen] == [0, 1, 2] and torch.equal(plain, watched)
+    assert [t for _, t, _ in seen] == [int(t) for t in pipe.scheduler.timesteps]
+
+    def zero_at_the_end(pipeline, step, timestep, tensors):
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == 2 else {}
+
+    zeroed = pipe("The heart is enlarged.", callback_on_step_end=zero_at_the_end, **kwargs).images
+    decoded = pipe.to_output(pipe.decode_latents(torch.zeros(1, *seen[0][2][1:])), "pt")
+    assert torch.equal(zeroed, decoded)
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe("x", num_inference_steps=1, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["noise"])
+
+
 def test_pipeline_check_inputs(trained):
     pipe = DiffCXRPipeline.from_pretrained(trained["gen"])
     with pytest.raises(ValueError, match="num_inference_steps"):

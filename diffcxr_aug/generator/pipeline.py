@@ -21,7 +21,7 @@ device.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -120,6 +120,7 @@ class DiffCXRPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->token_squeeze->adapter->unet->vae"
     _optional_components = ["adapter"]
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -224,6 +225,45 @@ class DiffCXRPipeline(DiffusionPipeline):
         texts = ([""] * len(reports) + reports) if do_classifier_free_guidance else reports
         return self.encode_text(texts, device)
 
+    def _resolve_reports(
+        self,
+        prompt: str | list[str] | None,
+        reports: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        prompt_attention_mask: torch.Tensor | None,
+    ) -> list[str]:
+        """The reports to condition on (with ``prompt_embeds``: one empty placeholder per row, for the checks)."""
+        given = [name for name, value in (("prompt", prompt), ("reports", reports), ("prompt_embeds", prompt_embeds))
+                 if value is not None]  # fmt: skip
+        if len(given) != 1:
+            raise ValueError(f"Pass exactly one of prompt, reports and prompt_embeds; got {given or 'none'}")
+        if prompt_embeds is not None:
+            if prompt_embeds.ndim != 3:
+                raise ValueError(f"`prompt_embeds` must be (batch, tokens, dim), got {tuple(prompt_embeds.shape)}")
+            mask = prompt_attention_mask
+            if mask is not None and tuple(mask.shape) != tuple(prompt_embeds.shape[:2]):
+                raise ValueError(
+                    f"`prompt_attention_mask` has shape {tuple(mask.shape)}, expected {tuple(prompt_embeds.shape[:2])}"
+                )
+            return [""] * prompt_embeds.shape[0]
+        text = prompt if prompt is not None else reports
+        return [text] if isinstance(text, str) else text
+
+    def _given_embeds(
+        self, embeds: torch.Tensor, mask: torch.Tensor | None, device: torch.device, do_classifier_free_guidance: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Precomputed condition tokens, with the empty report's in front for guidance (as :meth:`encode_report`)."""
+        embeds = embeds.to(device=device, dtype=self.unet.dtype)
+        mask = None if mask is None else mask.to(device)
+        if not do_classifier_free_guidance:
+            return embeds, mask
+        uncond, uncond_mask = self.encode_text([""] * embeds.shape[0], device)
+        if mask is None and uncond_mask is None:
+            return torch.cat([uncond, embeds]), None
+        ones = torch.ones(embeds.shape[:2], dtype=torch.bool, device=device)
+        masks = [ones if m is None else m.to(device=device, dtype=torch.bool) for m in (uncond_mask, mask)]
+        return torch.cat([uncond, embeds]), torch.cat(masks)
+
     def knowledge_text(self, reports: list[str], labels: Sequence[Mapping[str, Any]] | Any | None = None) -> list[str]:
         """The knowledge text of each image, written with the adapter's templates and states from ``labels``
         (mappings or a DataFrame with CheXpert label columns) or, without labels, from the offline labeler's
@@ -274,7 +314,7 @@ class DiffCXRPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        reports: str | list[str],
+        prompt: str | list[str] | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 4.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -282,14 +322,23 @@ class DiffCXRPipeline(DiffusionPipeline):
         output_type: Literal["pil", "np", "pt"] = "pil",
         return_dict: bool = True,
         *,
+        reports: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
         labels: Mapping[str, Any] | Sequence[Mapping[str, Any]] | Any | None = None,
         knowledge: str | list[str] | None = None,
         dkim_scale: float = 1.0,
+        callback_on_step_end: Callable[[Any, int, Any, dict[str, torch.Tensor]], dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> DiffCXRPipelineOutput | tuple:
         """Generate one radiograph per report.
 
         Args:
-            reports: report text(s).
+            prompt: report text(s), as diffusers pipelines call their text (``reports=`` is the same argument).
+            reports: the report text(s), by the name this pipeline first gave them.
+            prompt_embeds, prompt_attention_mask: condition tokens computed before (``pipe.encode_text(reports,
+                device)``, ``(B, K, D)`` and ``(B, K)`` or ``None``), instead of ``prompt``: the tokens are reused
+                across calls; with a DKIM adapter, pass ``labels`` or ``knowledge`` too (there is no text to label).
             num_inference_steps: sampler steps.
             guidance_scale: classifier-free guidance weight w (``uncond + w * (cond - uncond)``); <= 1 turns
                 guidance off (one UNet pass per step instead of two). With the adapter, the unconditional
@@ -305,9 +354,21 @@ class DiffCXRPipeline(DiffusionPipeline):
             knowledge: DKIM only: the knowledge text itself, one per report. Without ``labels`` and
                 ``knowledge`` the adapter gets the knowledge of the reports' labels from the offline labeler.
             dkim_scale: weight of the adapter's residuals; 0 (or no adapter) gives stage 1's images exactly.
+            callback_on_step_end: called after every denoising step as ``callback(pipe, step, timestep, tensors)``
+                with the tensors named in ``callback_on_step_end_tensor_inputs`` (``latents``); a ``latents`` in
+                the dict it returns replaces the latents (diffusers' convention).
         """
         # 1. Check inputs
-        reports = [reports] if isinstance(reports, str) else reports
+        reports = self._resolve_reports(prompt, reports, prompt_embeds, prompt_attention_mask)
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown}: choose from {self._callback_tensor_inputs}"
+            )
+        if prompt_embeds is not None and self.adapter is not None and dkim_scale != 0 and labels is knowledge is None:
+            raise ValueError(
+                "With prompt_embeds there is no report text for the DKIM adapter's knowledge: pass labels or knowledge"
+            )
         labels = [labels] if isinstance(labels, Mapping) else labels
         knowledge = [knowledge] if isinstance(knowledge, str) else knowledge
         self.check_inputs(
@@ -326,7 +387,10 @@ class DiffCXRPipeline(DiffusionPipeline):
         use_adapter = self.adapter is not None and dkim_scale != 0
 
         # 2. Encode report
-        context, context_mask = self.encode_report(reports, device, do_cfg)
+        if prompt_embeds is None:
+            context, context_mask = self.encode_report(reports, device, do_cfg)
+        else:
+            context, context_mask = self._given_embeds(prompt_embeds, prompt_attention_mask, device, do_cfg)
 
         # 3. Encode knowledge (DKIM)
         if use_adapter:
@@ -341,7 +405,7 @@ class DiffCXRPipeline(DiffusionPipeline):
         latents = self.prepare_latents(len(reports), context.dtype, device, generator, latents)
 
         # 6. Denoising loop
-        for t in self.progress_bar(timesteps):
+        for step, t in enumerate(self.progress_bar(timesteps)):
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             residuals = {}
@@ -364,6 +428,9 @@ class DiffCXRPipeline(DiffusionPipeline):
                 noise_uncond, noise_cond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
             latents = self.scheduler.step(noise_pred, t, latents).prev_sample
+            if callback_on_step_end is not None:
+                tensors = {name: latents for name in callback_on_step_end_tensor_inputs}
+                latents = (callback_on_step_end(self, step, t, tensors) or {}).get("latents", latents)
 
         # 7. Decode
         images = self.to_output(self.decode_latents(latents), output_type)
