@@ -30,7 +30,7 @@ DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent
 INCLUDE = re.compile(r"^<!-- include: (?P<path>[^#\s]+)(?:#(?P<heading>[^>]+?))? -->$", re.M)
 # Pages the site never renders (mkdocs.yml's exclude_docs) need no include pass.
-NOT_PAGES = ("README.draft.md",)
+NOT_PAGES: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------------- markdown helpers

@@ -1,6 +1,6 @@
 """The documentation site and the Python API: the site builds with ``mkdocs build --strict``, its generated references
 cover every recipe key and every command, the entry points import from the package root with a docstring each, and
-the front-page draft's commands and Python example stay true."""
+the front page's links and Python example stay true."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 DOCS = REPO_ROOT / "docs"
-DRAFT = DOCS / "README.draft.md"
+README = REPO_ROOT / "README.md"
 CONSTANTS = {"CHEXPERT_LABELS", "NIH_LABELS", "__version__"}
 
 
@@ -175,30 +175,27 @@ def test_every_include_marker_names_a_record_that_exists():
         assert "<!-- include:" not in text
 
 
-# ------------------------------------------------------------------------------------------- the front page's draft
-def test_the_drafts_commands_are_the_readmes():
-    """The draft keeps the README's two commands unchanged (CI reads them, tests/test_readme.py checks them)."""
-    readme = _bash_blocks((REPO_ROOT / "README.md").read_text(encoding="utf-8"))
-    draft = _bash_blocks(DRAFT.read_text(encoding="utf-8"))
-    assert draft[:2] == readme[:2]
-
-
-def test_the_drafts_links_resolve():
-    text = DRAFT.read_text(encoding="utf-8")
+# ------------------------------------------------------------------------------------------------- the front page
+def test_the_front_pages_links_resolve():
+    text = README.read_text(encoding="utf-8")
     links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
     missing = [link for link in links if "://" not in link and not (REPO_ROOT / link).exists()]
     assert not missing, missing
 
 
+def test_the_front_page_is_a_page_not_a_notebook():
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 200
+
+
 @pytest.mark.usefixtures("one_thread")
-def test_the_drafts_python_example_runs_on_a_tiny_trained_pipeline(tmp_path, monkeypatch):
+def test_the_front_pages_python_example_runs_on_a_tiny_trained_pipeline(tmp_path, monkeypatch):
     """The front page's Python example, as written, on a tiny generator trained for one step in its folder."""
     import torch
 
     from diffcxr_aug import GeneratorSettings, train_generator
     from tests.conftest import make_tiny_manifest
 
-    code = re.search(r"```python\n(.*?)```", DRAFT.read_text(encoding="utf-8"), flags=re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S).group(1)
     folder = re.search(r'from_pretrained\("([^"]+)"\)', code).group(1)
     data = make_tiny_manifest(tmp_path / "data").parent
     settings = GeneratorSettings(
@@ -207,6 +204,6 @@ def test_the_drafts_python_example_runs_on_a_tiny_trained_pipeline(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     train_generator(data, tmp_path / folder, settings, device="cpu")
-    exec(compile(code, str(DRAFT), "exec"), {})
+    exec(compile(code, str(README), "exec"), {})
     saved = re.search(r'\.save\("([^"]+)"\)', code).group(1)
     assert (tmp_path / saved).stat().st_size > 0
