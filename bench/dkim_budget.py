@@ -48,7 +48,7 @@ from diffcxr_aug.io import atomic_write_json, atomic_write_text
 logger = logging.getLogger("dkim_budget")
 
 EDIT_FINDINGS = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Lung Lesion", "Edema", "Consolidation")
-# The findings stage 1 draws worst on the phantom world (docs/results/phantom128-v2): called out in the summary.
+# The findings stage 1 draws worst on the phantom world (docs/results/phantom128): called out in the summary.
 WORST_DRAWN = ("Pneumothorax", "Lung Lesion", "Pleural Effusion")
 BIG = 1_000_000  # --max-steps: the time limit stops every arm
 

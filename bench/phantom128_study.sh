@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's phantom-128 AVA-TLS study (docs/results/phantom128-v2), about 2.5 hours on 2 CPU cores, on the
+# The README's phantom-128 AVA-TLS study (docs/results/phantom128), about 2.5 hours on 2 CPU cores, on the
 # whole (unfiltered) manifest at guidance 3, as recipes/phantom-128.yaml stood before it added LNFS (the recipe's
 # own hour, LNFS included: bench/phantom128_recipe.sh):
 # - the generator (AVA-TLS on) as `train-generator --recipe recipes/phantom-128.yaml` trains it: its KL-VAE
