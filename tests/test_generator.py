@@ -727,3 +727,16 @@ def test_readme_accelerate_launch_forms_on_two_cpu_processes(trained, tmp_path):
     frame = read_manifest(synthetic).frame
     assert len(frame) == 10 and frame["meta_knowledge"].notna().all()
     assert all((synthetic / name).is_file() for name in frame["image_path"]), log[-2000:]
+
+
+def test_diffusers_own_loader_finds_the_pipeline_class(trained):
+    """A saved pipeline folder holds a pipeline.py naming the class, so diffusers' custom-pipeline loader returns the
+    package's own DiffCXRPipeline (not a copy) from the folder alone."""
+    from diffusers import DiffusionPipeline
+
+    folder = str(trained["gen"])
+    assert (trained["gen"] / "pipeline.py").is_file()
+    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)
+    assert type(pipe) is DiffCXRPipeline
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("The heart is enlarged.", num_inference_steps=1, output_type="pt").images.shape == (1, 1, 32, 32)

@@ -21,8 +21,10 @@ device.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -48,6 +50,7 @@ from diffcxr_aug.generator.knowledge import knowledge_texts
 from diffcxr_aug.generator.text_encoder import encode_tokens, tokenize
 from diffcxr_aug.generator.token_squeeze import TokenSqueeze
 from diffcxr_aug.generator.vae import decode, vae_downsample_factor
+from diffcxr_aug.io import atomic_write_text
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -104,6 +107,17 @@ def default_scheduler(training_scheduler: SchedulerMixin) -> DPMSolverMultistepS
     return sampler_scheduler("dpm-solver++", training_scheduler.config)
 
 
+# diffusers' custom-pipeline loader imports this file from a pipeline folder and takes the DiffusionPipeline subclass
+# it finds there; the class stays the package's own (no copy), so isinstance checks hold.
+CUSTOM_PIPELINE_FILE = "pipeline.py"
+CUSTOM_PIPELINE_SOURCE = (
+    '"""Lets diffusers load this folder: DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, '
+    'trust_remote_code=True)."""\n\n'
+    "from diffcxr_aug.generator.pipeline import DiffCXRPipeline\n\n"
+    '__all__ = ["DiffCXRPipeline"]\n'
+)
+
+
 class DiffCXRPipeline(DiffusionPipeline):
     """Report-to-CXR latent diffusion (Diff-CXR: text-conditioned LDM with AVA-TLS, and the DKIM adapter).
 
@@ -121,6 +135,13 @@ class DiffCXRPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->token_squeeze->adapter->unet->vae"
     _optional_components = ["adapter"]
     _callback_tensor_inputs = ["latents"]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, plus a ``pipeline.py`` that names this class, so that diffusers' own
+        loader finds it: ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder,
+        trust_remote_code=True)`` (the package must be installed; the file only imports it)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        atomic_write_text(Path(save_directory) / CUSTOM_PIPELINE_FILE, CUSTOM_PIPELINE_SOURCE)
 
     def __init__(
         self,
