@@ -97,3 +97,16 @@ def test_real_public_recipe_runs_every_step_on_real_films(tmp_path: Path):
         (f, m) for f in (0.2, 1.0) for m in ("real", "mix")
     } | {(0.0, "synthetic-only")}
     assert (out / "report.md").is_file()
+
+
+def test_the_montage_shows_only_films_anyone_may_reuse():
+    import importlib.util
+
+    path = REPO_ROOT / "bench" / "real_public_montage.py"
+    spec = importlib.util.spec_from_file_location("real_public_montage", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for licence in ("CC BY", "CC BY 4.0", "CC BY-SA 4.0", "CC BY 3.0", "Apache 2.0"):
+        assert module.reusable(licence), licence
+    for licence in ("CC BY-NC-SA", "CC BY-NC-ND 4.0", "CC BY-ND", "", None, "listed as authorized for everyone"):
+        assert not module.reusable(licence), licence
