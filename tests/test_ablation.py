@@ -61,20 +61,24 @@ def test_ablation_runs_arms_evaluates_them_together_and_tables_them(recipes_dir,
     assert rows["no-ava-tls"]["run"] is False and all(rows[a]["run"] for a in ("full", "no-dkim", "k4"))
     report = json.loads((out / "evaluation" / "report.json").read_text())
     assert set(report["synthetic"]) == {"full", "no-dkim", "k4"}
+    # At smoke size (120 films, 25 in test) the judge reads the real test films at chance (CI [0.22, 0.49]; 400
+    # films and 8 epochs do no better), so the reference space and faithfulness are withheld, in the table too.
+    assert report["judge"]["better_than_chance"] is False
+    for arm in ("full", "no-dkim", "k4"):
+        assert rows[arm]["faithfulness"] == {"mauc": None, "ci95": None} and rows[arm]["fid"]["reference"] is None
+        assert rows[arm]["fid_notes"]["reference"].startswith("withheld")
     for arm in ("no-dkim", "k4"):
-        paired = rows[arm]["faithfulness"]["paired_vs_baseline"]
-        assert paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1]
         down = rows[arm]["downstream"]["mix@0.5"]
         assert set(down["by_seed"]) == {"0", "1"} or set(down["by_seed"]) == {0, 1}
         base = rows["full"]["downstream"]["mix@0.5"]["by_seed"]
         expected = sum(down["by_seed"][s] - base[s] for s in down["by_seed"]) / 2
         assert down["paired_vs_baseline"]["mean"] == pytest.approx(expected)
-        assert rows[arm]["fid"]["reference"] == report["synthetic"][arm]["fidelity"]["fid"]
     assert rows["full"]["generator"]["stage"] == 2 and rows["no-dkim"]["generator"]["stage"] == 1
     assert rows["full"]["generator"]["steps"] == {"stage1": 4, "stage2": 2}
     assert rows["full"]["generator"]["gflops_per_denoising_step"] > 0
     md = (out / "ablation.md").read_text()
     assert "| no-ava-tls | generator.ava_tls: false | not run |" in md
+    assert "- FID (reference) not computed: withheld: the reference classifier is no better than chance" in md
     assert "| k4 | generator.num_tokens: 4, filter.enabled: false |" in md
     assert "filter" not in json.loads((out / "arms" / "k4" / "steps.json").read_text())
     records = tmp_path / "records"

@@ -248,6 +248,7 @@ def _results(out) -> pd.DataFrame:
     return pd.read_csv(out / "results.csv")
 
 
+@pytest.mark.integration  # whole sweeps through the CLI and a resume: 2-3 min on 2 cores
 def test_train_classifier_cli_real_then_synthetic_and_resume(tmp_path):
     data = make_tiny_manifest(tmp_path / "real", n=48).parent
     synthetic = make_tiny_manifest(tmp_path / "synth", n=24, seed=1).parent
