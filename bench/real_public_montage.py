@@ -2,8 +2,9 @@
 
     python bench/real_public_montage.py runs/real-public docs/results/real_public/montage.png [--rows 6]
 
-Reads the held-out set (``synthetic-held-out/``: images from the test split's notes, which the generator never saw)
-and shows, row by row, the note, the real test film it describes and the generated film. Only films whose licence
+Reads the held-out set (``synthetic-held-out/``: images from the test split's notes, which the generator never saw;
+``--set synthetic`` for the classifiers' set, from train-split notes) and shows, row by row, the note, the real film
+it describes and the generated film. Only films whose licence
 (the collection's ``license`` column, ``meta_license`` in the manifest) lets anyone reuse them are shown: CC BY
 (any version, not -NC or -ND) or Apache 2.0; each row's caption names the film's licence and source, so the montage
 can be published with its attributions. Also writes ``montage.csv`` beside the PNG (image, licence, DOI or URL).
@@ -20,6 +21,8 @@ import pandas as pd
 from diffcxr_aug.data.images import load_image
 from diffcxr_aug.data.manifest import read_manifest
 from diffcxr_aug.generator.figures import save_report_grid
+
+SOURCES = {"synthetic-held-out": "held-out real test films", "synthetic": "real training films"}
 
 
 def reusable(licence: object) -> bool:
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         real=real_images,
         captions=captions,
-        title="generated (right) from the notes of held-out real test films (middle)",
+        title=f"generated (right) from the notes of {SOURCES.get(args.set, 'real films')} (middle)",
     )
     columns = {"meta_prompt_image": "real_image", "licence": "licence", "image_path": "generated_image"}
     table = shown[list(columns)].rename(columns=columns)
