@@ -42,12 +42,17 @@ def scorable_labels(y_true: np.ndarray) -> np.ndarray:
     return ((y_true == 1).any(axis=0)) & ((y_true == 0).any(axis=0))
 
 
+def thin_label_mask(y_true: np.ndarray, min_support: int) -> np.ndarray:
+    """Per label (column), whether it has fewer than ``min_support`` positives or negatives among its known cells."""
+    y_true = np.asarray(y_true, dtype=np.float64)
+    return ((y_true == 1).sum(axis=0) < min_support) | ((y_true == 0).sum(axis=0) < min_support)
+
+
 def mask_thin_labels(y_true: np.ndarray, min_support: int) -> np.ndarray:
     """A copy of ``y_true`` in which every label with fewer than ``min_support`` positives or negatives among its
     known cells is unknown (NaN), so that it is not scored: with a handful of one class a label's AUC is noise."""
     y_true = np.array(y_true, dtype=np.float64)
-    thin = ((y_true == 1).sum(axis=0) < min_support) | ((y_true == 0).sum(axis=0) < min_support)
-    y_true[:, thin] = np.nan
+    y_true[:, thin_label_mask(y_true, min_support)] = np.nan
     return y_true
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from diffcxr_aug.classifiers.metrics import thin_label_mask
+
 # Below this the judge is too weak to name one set's images more faithful than another's, interval or not.
 JUDGE_MIN_MAUC = 0.6
 
@@ -22,9 +24,7 @@ JUDGE_MIN_MAUC = 0.6
 def thin_labels(y_test: np.ndarray, names: list[str], min_support: int) -> list[str]:
     """The labels with fewer than ``min_support`` positives or negatives among the real test split's known cells:
     their AUC is noise, so neither the judge nor any set is scored on them."""
-    y_test = np.asarray(y_test, dtype=np.float64)
-    positives, negatives = (y_test == 1).sum(axis=0), (y_test == 0).sum(axis=0)
-    return [name for k, name in enumerate(names) if positives[k] < min_support or negatives[k] < min_support]
+    return [name for name, thin in zip(names, thin_label_mask(y_test, min_support), strict=True) if thin]
 
 
 def mask_labels(y: np.ndarray, names: list[str], masked: list[str]) -> np.ndarray:
