@@ -25,6 +25,7 @@ from diffcxr_aug.augment.statistics import CELL, paired_gains, summarize
 from diffcxr_aug.augment.steps import StepLedger
 from diffcxr_aug.augment.sweep import FIGURE_NAME
 from diffcxr_aug.config import RESOLVED_RECIPE_NAME, Recipe
+from diffcxr_aug.evaluation.markdown import format_number
 from diffcxr_aug.io import atomic_write_text
 from diffcxr_aug.runtime import resolve_device
 
@@ -157,27 +158,22 @@ def _evaluation_section(root: Path, paths: dict[str, Path]) -> tuple[list[str], 
         "",
         "| set | images | FID | KID (x1000) | precision | recall | faithfulness mAUC [95% CI] |",
         "|---|---:|---:|---:|---:|---:|---|",
-        f"| real val vs real test (floor) | {floor['n_synthetic']} | {_num(floor['fid'], '.2f')} | "
-        f"{_num(floor['kid'], '.2f', 1000)} | {_num(floor.get('precision'))} | {_num(floor.get('recall'))} | "
+        f"| real val vs real test (floor) | {floor['n_synthetic']} | {format_number(floor['fid'], 2)} | "
+        f"{format_number(floor['kid'], 2, 1000)} | {format_number(floor.get('precision'))} | "
+        f"{format_number(floor.get('recall'))} | "
         f"{real_auc:.3f} (real test) |",
     ]
     for name, entry in results["synthetic"].items():
         fid, faith = entry["fidelity"], entry["faithfulness"]
         ci = faith.get("mauc_ci95")
         lines.append(
-            f"| {name} | {entry['n_images']} | {_num(fid['fid'], '.2f')} | {_num(fid['kid'], '.2f', 1000)} | "
-            f"{_num(fid.get('precision'))} | {_num(fid.get('recall'))} | {faith['mauc']:.3f}"
+            f"| {name} | {entry['n_images']} | {format_number(fid['fid'], 2)} | "
+            f"{format_number(fid['kid'], 2, 1000)} | "
+            f"{format_number(fid.get('precision'))} | {format_number(fid.get('recall'))} | {faith['mauc']:.3f}"
             + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
             + " |"
         )
     return lines + [""], results
-
-
-def _num(value: float | None, spec: str = ".3f", scale: float = 1.0) -> str:
-    """A number for a table cell; blank when it could not be computed (too few images for FID, say)."""
-    if value is None or math.isnan(value):
-        return ""
-    return format(scale * value, spec)
 
 
 def _classifier_tables(results: pd.DataFrame) -> list[str]:

@@ -94,10 +94,14 @@ def _alignment_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def format_number(value: Any, digits: int = 3, scale: float = 1.0) -> str:
+    """A number for a table cell (times ``scale``, e.g. KID x 1000); blank when it could not be computed."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    return f"{scale * value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+_fmt = format_number  # the short name the tables below use
 
 
 def _ci_text(entry: dict[str, Any]) -> str:
