@@ -192,6 +192,7 @@ def _classifier_tables(results: pd.DataFrame) -> list[str]:
             g = gains.loc[(r.model, r.real_frac, r.mode, r.source)]
             gain = f"{g.gain_mean:+.3f} ± {g.gain_std:.3f}"
             closed = "" if math.isnan(g.gap_closed) else f"{100 * g.gap_closed:.0f}%"
+            closed = closed if g.gap_outside_spread or not closed else f"{closed} (gap within the spread)"
         lines.append(
             (f"| {r.model} " if several else "")
             + f"| {r.real_frac:g} | {r.mode} | {r.source} | {r.n_real:.0f} | {r.n_synthetic:.0f} | {r.runs} | "
@@ -282,6 +283,8 @@ def _classifier_sentence(stats: pd.DataFrame, gains: pd.DataFrame) -> str:
     for r in gains[(gains["real_frac"] == frac) & (gains["mode"] == "mix")].itertuples():
         verdict = {1: "outside", -1: "below, outside", 0: "within"}[r.outside_spread]
         closed = "" if math.isnan(r.gap_closed) else f", {100 * r.gap_closed:.0f}% of the gap to all real"
+        if closed and not r.gap_outside_spread:  # a share of a gap inside the seed spread is noise
+            closed = ", all real itself not beyond the spread of real only"
         gain = f"{r.gain_mean:+.3f} ± {r.gain_std:.3f}"
         who = f"{r.source} images ({r.model})" if gains["model"].nunique() > 1 else f"{r.source} images"
         parts.append(f"{who} change mAUC by {gain} ({verdict} the seed spread{closed})")

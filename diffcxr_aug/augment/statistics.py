@@ -78,6 +78,7 @@ GAIN_COLUMNS = [
     "outside_spread",
     "kept_start",
     "gap_closed",
+    "gap_outside_spread",
     "gap_closed_std",
     "gap_closed_between_generators",
     "share_of_all_real",
@@ -105,7 +106,9 @@ def paired_gains(results: pd.DataFrame) -> pd.DataFrame:
     model on validation), ``gap_closed``: the share of the gap between real-only at this fraction and real-only at
     fraction 1.0 that the mode closes (ratio of the means), ``gap_closed_std``: the std of the same share computed
     run by run (each run against the same seed's two real-only runs), ``gap_closed_between_generators``: the std
-    of the per-generator shares, and ``share_of_all_real``: the mode's mean mAUC as a share of all real's.
+    of the per-generator shares, ``gap_outside_spread``: whether that gap itself lies outside the spread (all real's
+    mean minus its std above real-only's mean plus its std; where it does not, a share of it means nothing), and
+    ``share_of_all_real``: the mode's mean mAUC as a share of all real's.
     ``against`` is the real-only fraction compared with: the run's own, or 1.0 (all real) for ``synthetic-only``,
     which trains on no real image.
     """
@@ -131,6 +134,7 @@ def paired_gains(results: pd.DataFrame) -> pd.DataFrame:
         else:
             outside = 0
         gap = all_real - real_mean
+        all_real_std = stats["mauc_std"].get((model, 1.0, "real", NO_SOURCE), math.nan)
         rows.append(
             {
                 "model": model,
@@ -146,6 +150,7 @@ def paired_gains(results: pd.DataFrame) -> pd.DataFrame:
                 "outside_spread": outside,
                 "kept_start": int((group["best_epoch"] == 0).sum()) if "best_epoch" in group else 0,
                 "gap_closed": float((mode_mean - real_mean) / gap) if against < 1.0 and gap > 0 else math.nan,
+                "gap_outside_spread": bool(all_real - all_real_std > real_mean + real_std) if against < 1.0 else False,
                 "gap_closed_std": _std(shares),
                 "gap_closed_between_generators": _std(shares.groupby(generator).mean()),
                 "share_of_all_real": float(mode_mean / all_real) if all_real > 0 else math.nan,

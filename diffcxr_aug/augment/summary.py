@@ -87,7 +87,9 @@ def headline_markdown(results: pd.DataFrame) -> str:
         g = gains.loc[key]
         text = f"{g.gain_mean:+.3f} ± {g.gain_std:.3f}"
         closed = _gap_closed_text(g.gap_closed, g.gap_closed_std)
-        if closed:
+        if closed and not g.gap_outside_spread:  # a share of a gap inside the seed spread is noise
+            text += ", no gap to all real beyond the spread"
+        elif closed:
             text += f", {closed}"
         if key[2] == SYNTHETIC_ONLY:
             text += f", {_percent(g.share_of_all_real)} of all real"
@@ -194,6 +196,7 @@ def summary_markdown(results: pd.DataFrame, title: str = "", scored: str = "") -
                 closed = f"{_percent(r.share_of_all_real)} of all real"
             else:
                 closed = _gap_closed_text(r.gap_closed, r.gap_closed_std) or "n/a"
+                closed = closed if r.gap_outside_spread or closed == "n/a" else f"{closed} (gap within the spread)"
             kept = f"{r.kept_start}/{r.pairs}" if r.mode == "pretrain-finetune" else "–"
             pairs = f"{r.pairs} runs, {r.generators} generators" if r.generators > 1 else f"{r.pairs} seeds"
             gain = f"{r.gain_mean:+.3f} ± {r.gain_std:.3f} ({pairs})"
