@@ -114,7 +114,9 @@ def plot_sweep(
             if len(models) > 1:
                 ax.set_title(f"{model}: {ax.get_title()}", fontsize=10)
         row[0].set_ylabel("test mAUC (mean ± std over runs)")
-    runs = int(stats["count"].max()) if len(stats) else 0
+    # Points pool different numbers of runs (a generated cell pools generators x seeds, real only the seeds alone).
+    counts = sorted(set(stats["count"].astype(int)))
+    runs = " or ".join(str(c) for c in counts) if counts else "0"
     fig.suptitle(title or f"mAUC vs real fraction ({runs} runs a point)", fontsize=11)
     fig.tight_layout()
     return save_figure(fig, path)
