@@ -213,6 +213,11 @@ def test_the_headline_recipe_runs_every_generator_classifier_fraction_mode_and_s
     tables = headline_markdown(scored_view(read_results(out / "classifiers" / "results.csv"), "truth"))
     assert "| classifier |" in tables and "generators ±" in tables
     assert tables.strip() in (out / "classifiers" / "summary.md").read_text()
+    # The run report describes each generator's image set (there is no plain synthetic/ folder here).
+    report = (out / "report.md").read_text().split("## Generated images")[1].split("\n## ")[0]
+    assert "did not run" not in report
+    for g in (0, 1):
+        assert f"`synthetic-seed{g}/`: " in report and f"](synthetic-seed{g}/preview.png)" in report
 
 
 @pytest.mark.integration

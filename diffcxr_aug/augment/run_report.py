@@ -121,19 +121,29 @@ def _filter_section(root: Path, paths: dict[str, Path]) -> tuple[list[str], dict
 
 
 def _generated_section(root: Path, paths: dict[str, Path]) -> list[str]:
+    """One paragraph (and the preview) per image set synthesize wrote: the plain set, one per generator seed, DKIM's
+    and the held-out notes' sets."""
     lines = ["## Generated images", ""]
-    job = _read_json(paths["synthetic"] / "synthesis.json")
-    preview = paths["synthetic"] / "preview.png"
-    if job is None:
+    sets = [(key, paths[key]) for key in paths if key.startswith("synthetic")]
+    jobs = [(key, folder, _read_json(folder / "synthesis.json")) for key, folder in sets]
+    jobs = [(key, folder, job) for key, folder, job in jobs if job is not None]
+    if not jobs:
         return lines + ["The synthesize step did not run.", ""]
-    rate = job.get("images_per_second")
+    for key, folder, job in jobs:
+        rate = job.get("images_per_second")
+        name = f"`{folder.name}/`: " if len(jobs) > 1 else ""
+        lines.append(
+            f"{name}{job.get('n')} images, {job.get('steps')} sampler steps, guidance {job.get('guidance')}"
+            + (f", {rate:.2f} images/s on {job.get('device')}" if rate else "")
+            + "."
+        )
+        preview = folder / "preview.png"
+        if preview.is_file():
+            lines += ["", f"![{key}: generated images beside their reports and real images]({_link(preview, root)})"]
+        lines.append("")
     lines.append(
-        f"{job.get('n')} images, {job.get('steps')} sampler steps, guidance {job.get('guidance')}"
-        + (f", {rate:.2f} images/s on {job.get('device')}" if rate else "")
-        + ". Each row: the report (left), the real image it was written for (middle), the generated image (right)."
+        "Each preview row: the report (left), the real image it was written for (middle), the generated image (right)."
     )
-    if preview.is_file():
-        lines += ["", f"![generated images beside their reports and real images]({_link(preview, root)})"]
     return lines + [""]
 
 
