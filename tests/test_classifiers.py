@@ -354,6 +354,34 @@ def test_two_worker_processes_give_the_rows_one_process_gives(tmp_path):
     assert json.loads((pretrain / "history.json").read_text())  # finished, so the runs that share it read it
 
 
+def test_a_second_model_added_by_a_later_call_gets_its_own_run_folders(tmp_path):
+    """A sweep of test_resnet extended by a call naming only resnet10t: the new model's runs (and its synthetic-only
+    stage, shared by name) go in runs/resnet10t/, never into the first model's run folders, whose files stay as they
+    were; the folder remembers which model sits at runs/ for every later call."""
+    from diffcxr_aug.augment.results import read_results
+    from diffcxr_aug.augment.sweep import load_sweep_settings, run_sweep
+    from diffcxr_aug.config import ClassifierSection
+
+    data = make_tiny_manifest(tmp_path / "real", n=32).parent
+    synthetic = make_tiny_manifest(tmp_path / "synth", n=16, seed=1).parent
+    section = ClassifierSection(
+        model="test_resnet", real_fracs=[1.0], modes=["real", "synthetic-only"], seeds=[0], epochs=1,
+        batch_size=8, image_size=32, mixed_precision="no", n_bootstrap=10,
+    )  # fmt: skip
+    out = tmp_path / "sweep"
+    run_sweep(data, out, section, synthetic=synthetic, progress=False)
+    runs = out / "runs"
+    first = {p.relative_to(runs): p.read_bytes() for p in sorted(runs.rglob("*")) if p.is_file()}
+    assert runs.joinpath("frac1_real_seed0", "test_scores.csv").is_file() and not (runs / "resnet10t").exists()
+    section = section.model_copy(update={"model": "resnet10t"})
+    results = read_results(run_sweep(data, out, section, synthetic=synthetic, progress=False))
+    assert sorted(results["model"]) == ["resnet10t", "resnet10t", "test_resnet", "test_resnet"]
+    assert {p: (runs / p).read_bytes() for p in first} == first
+    assert (runs / "resnet10t" / "frac1_real_seed0" / "test_scores.csv").is_file()
+    assert json.loads((runs / "resnet10t" / "pretrain_seed0" / "history.json").read_text())
+    assert load_sweep_settings(out)["runs_root_model"] == "test_resnet"
+
+
 def test_train_classifier_cli_nih_label_set(tmp_path):
     tiny = make_tiny_manifest(tmp_path / "tiny", n=24)
     effusion = ["1" if i % 3 == 0 else "0" for i in range(24)]

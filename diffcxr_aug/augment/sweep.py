@@ -163,6 +163,20 @@ def _check_same_settings(path: Path, settings: dict) -> dict:
     return settings
 
 
+def _root_model(path: Path, models: list[str]) -> str | None:
+    """The model whose runs sit directly in ``runs/`` (every other model's in ``runs/MODEL/``), fixed by the folder's
+    first sweep so that a later call with other models never writes into its run folders: that sweep's only model,
+    or ``None`` (each model in its own folder) when it ran several. Read from ``sweep.json``."""
+    if not path.is_file():
+        return models[0] if len(models) == 1 else None
+    before = json.loads(path.read_text(encoding="utf-8"))
+    if "runs_root_model" in before:
+        return before["runs_root_model"]
+    first = before.get("classifier", {}).get("model")  # a sweep.json from before the key: its call's models
+    first = first if isinstance(first, list) else [first]
+    return first[0] if len(first) == 1 else None
+
+
 def models_of(section: ClassifierSection) -> list[str]:
     """The sweep's classifiers: ``classifier.model``, one name or a list."""
     return section.model if isinstance(section.model, list) else [section.model]
@@ -264,7 +278,8 @@ def run_sweep(
         "data_config": {model: d.data_config for model, d in sweep_data.items()},
         "classifier": section.model_dump(mode="json"),
     }
-    settings = _check_same_settings(out / "sweep.json", settings)
+    root_model = _root_model(out / "sweep.json", models)
+    settings = {**_check_same_settings(out / "sweep.json", settings), "runs_root_model": root_model}
     atomic_write_json(out / "sweep.json", settings)
     title = f"{', '.join(models)} on {Path(first.train.source).parent.name}"
 
@@ -274,7 +289,7 @@ def run_sweep(
     logger.info(
         "Sweep: %d runs planned, %d already in %s, %d to do", len(plan), len(plan) - len(todo), results_path, len(todo)
     )
-    context = SweepContext(data=Path(data), out=out, section=section, how=how, several_models=len(models) > 1)
+    context = SweepContext(data=Path(data), out=out, section=section, how=how, root_model=root_model)
     bar = tqdm(total=len(todo), desc="sweep", disable=not progress, unit="run")
     for row in run_all(todo, context, sweep_data):
         frame = append_result(results_path, row, sweep_data[row["model"]].columns)

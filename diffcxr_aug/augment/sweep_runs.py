@@ -179,7 +179,7 @@ class SweepContext:
     out: Path
     section: ClassifierSection
     how: RunSettings
-    several_models: bool
+    root_model: str | None  # the model whose runs sit directly in runs/ (the others in runs/MODEL/)
 
 
 def execute_run(run: SweepRun, context: SweepContext, d: SweepData, synthetic: dict) -> dict[str, Any]:
@@ -197,7 +197,7 @@ def execute_run(run: SweepRun, context: SweepContext, d: SweepData, synthetic: d
         subset = d.train.subset(d.train.frame.index[:0])
     else:
         subset = sample_real_fraction(d.train, run.real_frac, run.seed, d.label_names)
-    runs_dir = context.out / "runs" / (run.model if context.several_models else "")
+    runs_dir = context.out / "runs" / ("" if run.model == context.root_model else run.model)
     logger.info(
         "Run %s (%s): %d real + %d synthetic images",
         run.name,
