@@ -43,12 +43,15 @@ def test_readme_headline_tables_are_those_of_the_committed_results():
     from diffcxr_aug.augment.results import read_results, scored_view
     from diffcxr_aug.augment.summary import headline_markdown
 
-    recipe = yaml.safe_load((REPO_ROOT / "recipes" / "dkim-phantom128.yaml").read_text())
-    results = read_results(REPO_ROOT / "docs" / "results" / "dkim_phantom128" / "results.csv")
-    assert {"generated", "dkim", "dkim-balanced", "ceiling"} == set(results["source"]) - {"none"}
+    record = REPO_ROOT / "docs" / "results" / "augment_phantom128"
+    recipe = yaml.safe_load((REPO_ROOT / "recipes" / "augment-phantom128.yaml").read_text())
+    results = read_results(record / "results.csv")
+    assert {"generated", "ceiling"} == set(results["source"]) - {"none"}
+    assert set(results["model"]) == set(recipe["classifier"]["model"])
     assert set(results["seed"]) == set(recipe["classifier"]["seeds"])
+    assert set(results["generator_seed"].dropna()) == set(recipe["generator"]["seeds"])
     tables = headline_markdown(scored_view(results, recipe["classifier"]["metric"]))
     readme = (REPO_ROOT / "README.md").read_text()
     assert tables.strip() in readme
-    summary = (REPO_ROOT / "docs" / "results" / "dkim_phantom128" / "summary.md").read_text()
+    summary = (record / "summary.md").read_text()
     assert tables.strip() in summary
