@@ -30,11 +30,13 @@ def _percent(value: float) -> str:
     return f"{100 * value:.0f}%"
 
 
-def _gap_closed_text(gap_closed: float, gap_closed_std: float) -> str:
-    """``74% ± 8%`` (the share of the gap closed, ± its run-by-run std when known); ``""`` when there is no gap."""
+def _gap_closed_text(gap_closed: float, gap_closed_std: float, gap_outside_spread: bool = True) -> str:
+    """``74% ± 8%`` (the share of the gap closed, ± its run-by-run std when known), marked when that gap itself lies
+    inside the seed spread (so the share is noise); ``""`` when there is no gap."""
     if math.isnan(gap_closed):
         return ""
-    return _percent(gap_closed) + ("" if math.isnan(gap_closed_std) else f" ± {_percent(gap_closed_std)}")
+    text = _percent(gap_closed) + ("" if math.isnan(gap_closed_std) else f" ± {_percent(gap_closed_std)}")
+    return text if gap_outside_spread else f"{text} (gap within the spread)"
 
 
 def _spread_words(results: pd.DataFrame) -> str:
@@ -195,8 +197,7 @@ def summary_markdown(results: pd.DataFrame, title: str = "", scored: str = "") -
             if r.mode == SYNTHETIC_ONLY:
                 closed = f"{_percent(r.share_of_all_real)} of all real"
             else:
-                closed = _gap_closed_text(r.gap_closed, r.gap_closed_std) or "n/a"
-                closed = closed if r.gap_outside_spread or closed == "n/a" else f"{closed} (gap within the spread)"
+                closed = _gap_closed_text(r.gap_closed, r.gap_closed_std, r.gap_outside_spread) or "n/a"
             kept = f"{r.kept_start}/{r.pairs}" if r.mode == "pretrain-finetune" else "–"
             pairs = f"{r.pairs} runs, {r.generators} generators" if r.generators > 1 else f"{r.pairs} seeds"
             gain = f"{r.gain_mean:+.3f} ± {r.gain_std:.3f} ({pairs})"
