@@ -68,3 +68,57 @@ def test_every_step_runs_at_forty_films(bench, tmp_path):
     assert results["lnfs"]["images"] == 38 and results["generator"]["steps"] == 2
     assert results["classifier-loading"]["images"] == results["generator"]["train_images"]
     assert all(row["seconds"] >= 0 and row["peak_rss_mib"] > 0 for row in report["steps"])
+
+
+def _run_record(folder, n, cache_speedup=2.0):
+    """A ``mimic_scale.json`` whose every step takes 5 s plus 10 ms a film (the cache's 2-worker build
+    ``cache_speedup`` times faster than its 1-worker one) and holds memory flat."""
+    import json
+
+    steps = []
+    for step in ["layout", "prepare", "cache-w1", "cache-w2", "latent-store", "lnfs", "generator", "synthesize"]:
+        seconds = 5 + 0.01 * n
+        if step == "cache-w2":
+            seconds /= cache_speedup
+        if step in ("generator", "synthesize"):
+            seconds = 30.0
+        steps.append({"step": step, "seconds": seconds, "peak_rss_mib": 900.0, "peak_anon_mib": 500.0})
+    folder.mkdir(parents=True)
+    record = {"n": n, "machine": {"cpus": 2}, "date": "2026-12-08 03:00", "steps": steps}
+    (folder / "mimic_scale.json").write_text(json.dumps(record))
+    return folder
+
+
+@pytest.fixture
+def growth_script(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))
+    return importlib.import_module("mimic_scale_growth")
+
+
+def test_growth_fits_each_step_and_projects_the_target(growth_script, tmp_path):
+    folders = [_run_record(tmp_path / str(n), n) for n in (10_000, 30_000, 100_000)]
+    result = growth_script.main([*map(str, folders), "--target", "400000", "--out", str(tmp_path / "growth.md")])
+    steps = result["steps"]
+    a, b = steps["latent-store"]["fit"]
+    assert a == pytest.approx(5) and b == pytest.approx(0.01)
+    # 5 s of fixed cost over 10k films against 100k films: time per film 1.05 -> 1.005 s / 1,000 films.
+    assert steps["latent-store"]["time_ratio"] == pytest.approx(10.05 / 10.5)
+    assert steps["generator"]["time_ratio"] == pytest.approx(1.0)  # fixed work: seconds, not seconds a film
+    assert steps["lnfs"]["anon_ratio"] == pytest.approx(1.0)
+    assert steps["latent-store"]["estimate_s"] == pytest.approx(4005)
+    # The layout, and the cache build the later steps do not read, stay out of the total on this machine.
+    assert steps["layout"]["estimate_s"] is None and steps["cache-w1"]["estimate_s"] is None
+    assert result["total_s"] == pytest.approx(4005 * 3 + 4005 / 2 + 2 * 30)
+    # A 2x cache speedup from 1 to 2 workers is a parallel share of 1: 16 cores build the cache 16x faster than
+    # one, the steps that ran on both cores here 8x faster; LNFS and the fixed work stay as measured.
+    assert result["parallel_share"] == pytest.approx(1.0)
+    assert steps["cache-w1"]["estimate_cores_s"] == pytest.approx(4005 / 16)
+    assert steps["latent-store"]["estimate_cores_s"] == pytest.approx(4005 / 8)
+    assert steps["lnfs"]["estimate_cores_s"] == pytest.approx(4005)
+    assert "**" in (tmp_path / "growth.md").read_text()
+
+
+def test_growth_needs_two_sizes(growth_script, tmp_path):
+    folder = _run_record(tmp_path / "one", 10_000)
+    with pytest.raises(SystemExit, match="two or more different N"):
+        growth_script.main([str(folder)])
