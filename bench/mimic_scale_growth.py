@@ -55,7 +55,7 @@ def step_table(runs: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, floa
     """``{step: {n: row}}`` for the steps every run measured, in the order of the first run."""
     by_run = [{row["step"]: row for row in run["steps"]} for run in runs]
     common = [step for step in by_run[0] if all(step in rows for rows in by_run)]
-    return {step: {run["n"]: rows[step] for run, rows in zip(runs, by_run)} for step in common}
+    return {step: {run["n"]: rows[step] for run, rows in zip(runs, by_run, strict=True)} for step in common}
 
 
 def fit(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
@@ -90,7 +90,7 @@ def growth(runs: list[dict[str, Any]], target: int = MIMIC_FILMS, cores: int = 1
         seconds = [rows[n]["seconds"] for n in sizes]
         a, b = fit(sizes, seconds)
         fixed = step in FIXED_WORK
-        per = [s if fixed else 1000 * s / n for s, n in zip(seconds, sizes)]
+        per = [s if fixed else 1000 * s / n for s, n in zip(seconds, sizes, strict=True)]
         here = max(a + b * target, 0.0)
         # The steps below read the last cache built here (all the cores); on more cores the one build is the
         # 1-worker build projected.
@@ -105,7 +105,7 @@ def growth(runs: list[dict[str, Any]], target: int = MIMIC_FILMS, cores: int = 1
         else:  # ran on all the cores here
             scaled = here * amdahl(cores) / amdahl(here_cores)
         steps[step] = {
-            "per_1000": dict(zip(sizes, per)),
+            "per_1000": dict(zip(sizes, per, strict=True)),
             "time_ratio": per[-1] / per[0] if per[0] > 0 else float("nan"),
             "rss_mib": {n: rows[n]["peak_rss_mib"] for n in sizes},
             "anon_mib": {n: rows[n]["peak_anon_mib"] for n in sizes},

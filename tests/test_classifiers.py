@@ -462,9 +462,10 @@ def test_a_gap_to_all_real_inside_the_seed_spread_gets_no_share():
     # would be noise (here 600%), so the tables say the gap is within the spread instead.
     results = _fake_results()
     noise = results["seed"].map({0: -0.02, 1: 0.0, 2: 0.02})
-    results.loc[results["mode"] == "real", "mauc"] = np.where(
-        results.loc[results["mode"] == "real", "real_frac"] == 1.0, 0.605, 0.60
-    ) + noise[results["mode"] == "real"]
+    results.loc[results["mode"] == "real", "mauc"] = (
+        np.where(results.loc[results["mode"] == "real", "real_frac"] == 1.0, 0.605, 0.60)
+        + noise[results["mode"] == "real"]
+    )
     results.loc[results["mode"] == "mix", "mauc"] = 0.63 + noise[results["mode"] == "mix"]
     gains = paired_gains(results).set_index("mode")
     assert gains.loc["mix", "gap_closed"] == pytest.approx(6.0)
