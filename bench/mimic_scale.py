@@ -14,7 +14,8 @@
 2. ``prepare``: ``prepare mimic-cxr`` (:func:`~diffcxr_aug.data.adapters.mimic.prepare_mimic`, ``--workers``
    decoding threads) into ``DIR/prepared/``, without its closing cache build (timed next, as its own step).
 3. ``cache-wK``: the ``--cache-size`` px image cache built from scratch with K worker processes, for each K of
-   ``--cache-workers`` (the last one stays for the steps below).
+   ``--cache-workers`` (the last one stays for the steps below). Each build first evicts the films from the page
+   cache (``posix_fadvise``), so every K reads them from disk as a first build does (``--warm-page-cache``: not).
 4. ``latent-store``: :func:`~diffcxr_aug.generator.latent_store.open_latent_store` of the whole manifest with an
    untrained ``--vae`` from the registry (``kl-f8``: 256 px -> 4 x 32 x 32, the SD geometry at a small width;
    seeded, saved to ``DIR/vae``). Untrained is enough: what is measured is the data path, and a VAE of this
@@ -36,7 +37,8 @@ counts the pages it shared with the step's process when it was started), peak
 anonymous memory (RSS less file-backed and shared pages, sampled every 0.2 s over the process and its
 descendants, summed: the memory beyond the memory maps), and the disk written (``DIR``'s allocated size after
 minus before). Prints a table and writes ``DIR/mimic_scale.json`` and ``DIR/mimic_scale.md``; then checks that
-both planted films are in ``prepared/rejected.csv`` by name (exit status 1 if not).
+both planted films are in ``prepared/rejected.csv`` by name (exit status 1 if not). ``--steps`` reruns some steps:
+their rows replace those of an earlier record of the same N, the others are kept, each row with when it ran.
 
 The films are smaller than MIMIC's (about 2,500 x 3,000 px): decoding cost grows with the pixels, so the cache
 step's time per film at ``--side 1024`` is a lower bound for the real JPEGs (``--side 2560`` writes films of the
@@ -398,18 +400,32 @@ def step_functions(args: argparse.Namespace) -> dict[str, Callable[[], dict[str,
     return functions
 
 
-def _clear_before(name: str, out: Path, cache_size: int) -> None:
+def _clear_before(name: str, out: Path, cache_size: int, cold: bool = True) -> None:
     """A build step measures a build: remove what an earlier run of it left (the layout keeps a matching one), before
-    the disk is measured."""
+    the disk is measured. With ``cold``, a cache build first evicts the films from the page cache, so that every
+    worker count reads them from disk as a first build of real films would (MIMIC-CXR-JPG's 570 GB never sit in
+    memory); otherwise whichever build ran first would pay the reads for the others."""
     cache = out / PREPARED_DIR / "cache"
     if name in STEP_OUTPUTS:
         shutil.rmtree(out / STEP_OUTPUTS[name], ignore_errors=True)
     elif name.startswith("cache-w"):
         for path in cache.glob(f"images_{cache_size}_*"):
             path.unlink()
+        if cold:
+            evict_from_page_cache(_manifest(out).image_paths())
     elif name == "latent-store":
         for path in cache.glob("latents_*"):
             path.unlink()
+
+
+def evict_from_page_cache(paths: list[Path]) -> None:
+    """Drop the files' clean pages from the kernel's page cache (``posix_fadvise`` DONTNEED: no root needed)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------- measuring
@@ -510,7 +526,10 @@ def disk_usage(folder: Path) -> int:
 def _child_command(args: argparse.Namespace, name: str, record: Path) -> list[str]:
     command = [sys.executable, str(Path(__file__).resolve()), "--run-step", name, "--record", str(record)]
     for key, value in vars(args).items():
-        if key in ("run_step", "record", "steps", "in_process") or value is None:
+        if key in ("run_step", "record", "steps", "in_process") or value is None or value is False:
+            continue
+        if value is True:
+            command.append(f"--{key.replace('_', '-')}")
             continue
         flag = f"--{key.replace('_', '-')}"
         command += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
@@ -519,7 +538,7 @@ def _child_command(args: argparse.Namespace, name: str, record: Path) -> list[st
 
 def run_step(args: argparse.Namespace, name: str, function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """One step (in a fresh process unless ``--in-process``) with its disk written."""
-    _clear_before(name, args.out, args.cache_size)
+    _clear_before(name, args.out, args.cache_size, cold=not args.warm_page_cache)
     before = disk_usage(args.out)
     if args.in_process:
         row = measure(function)
@@ -556,15 +575,33 @@ def _note(name: str, result: dict[str, Any]) -> str:
 
 def markdown_table(rows: list[dict[str, Any]], n: int) -> str:
     lines = [
-        "| step | seconds | s / 1,000 films | peak RSS MiB | peak anon MiB | disk written MiB | note |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| step | seconds | s / 1,000 films | peak RSS MiB | peak anon MiB | disk written MiB | note | measured |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['step']} | {row['seconds']:.1f} | {1000 * row['seconds'] / n:.2f} | {row['peak_rss_mib']:.0f} | "
-            f"{row['peak_anon_mib']:.0f} | {row['disk_written_mib']:.1f} | {_note(row['step'], row['result'])} |"
+            f"{row['peak_anon_mib']:.0f} | {row['disk_written_mib']:.1f} | {_note(row['step'], row['result'])} | "
+            f"{row.get('measured_at', '')} |"
         )
     return "\n".join(lines)
+
+
+def _step_rank(name: str) -> tuple[int, int]:
+    """Position of a step in :data:`STEPS` (``cache-wK``: at ``cache``, by K)."""
+    if name.startswith("cache-w"):
+        return STEPS.index("cache"), int(name.removeprefix("cache-w"))
+    return STEPS.index(name), 0
+
+
+def merge_rows(record: Path, n: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with the rows of the steps they do not rerun kept from an earlier record of the same N (a rerun of
+    some steps replaces just their rows; each row says when it was measured), in step order."""
+    if not record.is_file() or json.loads(record.read_text())["n"] != n:
+        return rows
+    merged = {row["step"]: row for row in json.loads(record.read_text())["steps"]}
+    merged.update({row["step"]: row for row in rows})
+    return sorted(merged.values(), key=lambda row: _step_rank(row["step"]))
 
 
 def check_planted(out: Path) -> dict[str, bool]:
@@ -596,6 +633,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads a step (default torch's; 1 on a busy machine)"
     )
+    parser.add_argument(
+        "--warm-page-cache",
+        action="store_true",
+        help="do not evict the films from the page cache before each cache build (default: evict; a cold first build)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", nargs="+", default=None, help=f"a subset of {', '.join(STEPS)}")
     parser.add_argument("--in-process", action="store_true", help="run the steps in this process (smoke tests)")
@@ -625,7 +667,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base = "cache" if name.startswith("cache-w") else name
         if base not in chosen:
             continue
-        rows.append(run_step(args, name, function))
+        rows.append({**run_step(args, name, function), "measured_at": time.strftime("%Y-%m-%d %H:%M")})
         print(f"{name}: {rows[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
     import torch
 
@@ -634,10 +676,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": sys.platform},
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "run_step"},
-        "steps": rows,
+        "steps": merge_rows(args.out / "mimic_scale.json", args.n, rows),
     }
+    rows = report["steps"]
+    earlier = args.out / "mimic_scale.json"
     if {"layout", "prepare"} <= chosen:
         report["planted_rejected"] = check_planted(args.out)
+    elif earlier.is_file() and "planted_rejected" in json.loads(earlier.read_text()):
+        report["planted_rejected"] = json.loads(earlier.read_text())["planted_rejected"]
     table = markdown_table(rows, args.n)
     (args.out / "mimic_scale.json").write_text(json.dumps(report, indent=2, default=str))
     heading = f"# bench/mimic_scale.py --n {args.n} ({report['date']}, {os.cpu_count()} CPUs)\n\n"

@@ -1,9 +1,10 @@
 """How every step of ``bench/mimic_scale.py`` grows with N: its runs at several N side by side, a linear fit of each
 step's seconds, and from it an estimate for MIMIC-CXR-JPG's 377,110 films.
 
-    python bench/mimic_scale_growth.py DIR [DIR ...] [--target 377110] [--cores 16] [--out FILE.md]
+    python bench/mimic_scale_growth.py RUN [RUN ...] [--target 377110] [--cores 16] [--out FILE.md]
 
-Each ``DIR`` is the ``--out`` of one ``bench/mimic_scale.py`` run (its ``mimic_scale.json``); give at least two N.
+Each ``RUN`` is the ``--out`` folder of one ``bench/mimic_scale.py`` run or its ``mimic_scale.json`` (or a copy of
+it, as in ``docs/results/mimic_scale/``); give at least two N.
 Prints (and with ``--out`` writes) markdown:
 
 1. Per step and N: seconds per 1,000 films, peak RSS and peak anonymous memory (MiB), and the ratios of the largest
@@ -37,12 +38,13 @@ NOT_SCALED = ("lnfs", *FIXED_WORK)  # kept as measured on more cores
 
 
 def read_runs(folders: list[Path]) -> list[dict[str, Any]]:
-    """The ``mimic_scale.json`` of each folder, sorted by N; refuses two runs of one N or a single run."""
+    """The ``mimic_scale.json`` of each folder (or each JSON file given), sorted by N; refuses two runs of one N or a
+    single run."""
     runs = []
     for folder in folders:
-        path = folder / "mimic_scale.json"
+        path = folder if folder.suffix == ".json" else folder / "mimic_scale.json"
         if not path.is_file():
-            raise SystemExit(f"{path}: not found; give the --out folders of bench/mimic_scale.py runs")
+            raise SystemExit(f"{path}: not found; give the --out folders of bench/mimic_scale.py runs or their JSON")
         runs.append(json.loads(path.read_text()))
     runs.sort(key=lambda run: run["n"])
     sizes = [run["n"] for run in runs]
@@ -174,7 +176,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", type=Path, nargs="+", help="--out folders of bench/mimic_scale.py runs")
+    parser.add_argument("folders", type=Path, nargs="+", help="bench/mimic_scale.py --out folders or their JSON")
     parser.add_argument("--target", type=int, default=MIMIC_FILMS, help="films to estimate for")
     parser.add_argument("--cores", type=int, default=16, help="cores of the machine to project to")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")

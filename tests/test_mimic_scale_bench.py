@@ -44,6 +44,16 @@ def test_the_layout_is_mimic_cxr_jpg_and_prepare_rejects_the_planted_films(bench
     assert results["cache-w2"] == {"workers": 2, "shape": [12, 64, 64]}
     assert "| cache-w2 |" in (out / "mimic_scale.md").read_text()
 
+    # Rerunning one step replaces its row and keeps the others (and the planted check) from the first record.
+    again = bench.main(
+        ["--n", "14", "--out", str(out), *SMALL[:-4], "--cache-workers", "2", "--in-process", "--steps", "cache"]
+    )
+    assert [row["step"] for row in again["steps"]] == ["layout", "prepare", "cache-w1", "cache-w2"]
+    first = {row["step"]: row for row in report["steps"]}
+    assert again["steps"][0] == first["layout"] and again["steps"][2] == first["cache-w1"]
+    assert again["steps"][3]["seconds"] != first["cache-w2"]["seconds"]
+    assert again["planted_rejected"] == {"corrupt": True, "truncated": True}
+
 
 @pytest.mark.integration
 def test_every_step_runs_at_forty_films(bench, tmp_path):
@@ -97,6 +107,7 @@ def growth_script(monkeypatch):
 
 def test_growth_fits_each_step_and_projects_the_target(growth_script, tmp_path):
     folders = [_run_record(tmp_path / str(n), n) for n in (10_000, 30_000, 100_000)]
+    folders[0] = folders[0] / "mimic_scale.json"  # a run's JSON is read as well as its folder
     result = growth_script.main([*map(str, folders), "--target", "400000", "--out", str(tmp_path / "growth.md")])
     steps = result["steps"]
     a, b = steps["latent-store"]["fit"]
