@@ -594,12 +594,12 @@ def _step_rank(name: str) -> tuple[int, int]:
     return STEPS.index(name), 0
 
 
-def merge_rows(record: Path, n: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` with the rows of the steps they do not rerun kept from an earlier record of the same N (a rerun of
+def merge_rows(earlier: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with the rows of the steps they do not rerun kept from ``earlier``, a record of the same N (a rerun of
     some steps replaces just their rows; each row says when it was measured), in step order."""
-    if not record.is_file() or json.loads(record.read_text())["n"] != n:
+    if earlier is None:
         return rows
-    merged = {row["step"]: row for row in json.loads(record.read_text())["steps"]}
+    merged = {row["step"]: row for row in earlier["steps"]}
     merged.update({row["step"]: row for row in rows})
     return sorted(merged.values(), key=lambda row: _step_rank(row["step"]))
 
@@ -671,19 +671,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name}: {rows[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
     import torch
 
+    record = args.out / "mimic_scale.json"
+    earlier = json.loads(record.read_text()) if record.is_file() else None
+    if earlier is not None and earlier["n"] != args.n:
+        earlier = None  # another N's record: nothing of it carries over
     report = {
         "n": args.n,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": sys.platform},
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "run_step"},
-        "steps": merge_rows(args.out / "mimic_scale.json", args.n, rows),
+        "steps": merge_rows(earlier, rows),
     }
     rows = report["steps"]
-    earlier = args.out / "mimic_scale.json"
     if {"layout", "prepare"} <= chosen:
         report["planted_rejected"] = check_planted(args.out)
-    elif earlier.is_file() and "planted_rejected" in json.loads(earlier.read_text()):
-        report["planted_rejected"] = json.loads(earlier.read_text())["planted_rejected"]
+    elif earlier is not None and "planted_rejected" in earlier:
+        report["planted_rejected"] = earlier["planted_rejected"]
     table = markdown_table(rows, args.n)
     (args.out / "mimic_scale.json").write_text(json.dumps(report, indent=2, default=str))
     heading = f"# bench/mimic_scale.py --n {args.n} ({report['date']}, {os.cpu_count()} CPUs)\n\n"

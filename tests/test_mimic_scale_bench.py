@@ -15,11 +15,16 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _bench_script(monkeypatch, name: str):
+    """A ``bench/`` script as a module; by name from ``bench/`` on the path, so that its spawned workers import it
+    too."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))
+    return importlib.import_module(name)
+
+
 @pytest.fixture
 def bench(monkeypatch):
-    """The script as a module; by name from ``bench/`` on the path, so that its spawned workers import it too."""
-    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))
-    return importlib.import_module("mimic_scale")
+    return _bench_script(monkeypatch, "mimic_scale")
 
 
 SMALL = ["--side", "128", "--pool", "3", "--cache-size", "64", "--cache-workers", "1", "2", "--in-process"]
@@ -101,8 +106,7 @@ def _run_record(folder, n, cache_speedup=2.0):
 
 @pytest.fixture
 def growth_script(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))
-    return importlib.import_module("mimic_scale_growth")
+    return _bench_script(monkeypatch, "mimic_scale_growth")
 
 
 def test_growth_fits_each_step_and_projects_the_target(growth_script, tmp_path):
